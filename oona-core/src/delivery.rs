@@ -1,0 +1,208 @@
+//! Deliveries and how they are settled.
+//!
+//! A [`Delivery`] is one message handed to one consumer. The consumer settles
+//! it with [`Delivery::ack`], [`Delivery::nack`] or [`Delivery::reject`]. The
+//! core turns that [`Outcome`] into a [`Settlement`] with the rules in
+//! [`crate::rules`] (attempt counting, dead-lettering after the last attempt)
+//! and hands the settlement to the transport's [`Settle`], which maps it onto
+//! its broker. A delivery dropped unsettled is **not** acked: the broker hands
+//! it out again after the ack deadline.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use tracing::Instrument as _;
+
+use crate::envelope::Envelope;
+use crate::error::Result;
+use crate::rules;
+use crate::topic::{Name, Topic};
+
+/// What the consumer says about a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: never deliver it again to this group.
+    Ack,
+    /// Failed: deliver it again, after `delay` when given. On the last
+    /// attempt it is dead-lettered instead.
+    Nack {
+        /// Wait at least this long before redelivering.
+        delay: Option<Duration>,
+    },
+    /// Cannot ever succeed: dead-letter it now with this reason.
+    Reject {
+        /// Why; stored with the dead letter.
+        reason: String,
+    },
+}
+
+/// What the transport must do, decided by the core from an [`Outcome`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Remove the message from the group's pending set.
+    Ack,
+    /// Make the message deliverable again after `delay`, counting an attempt.
+    Redeliver {
+        /// Zero means at once.
+        delay: Duration,
+    },
+    /// Publish `dead_letter` (already built by [`rules::dead_letter`]) to its
+    /// topic, then ack the original. Both or neither where the broker allows.
+    DeadLetter {
+        /// The envelope to publish to the dead-letter topic.
+        dead_letter: Box<Envelope>,
+        /// Why, also inside `dead_letter`'s headers.
+        reason: String,
+    },
+}
+
+/// The transport's side of one delivery.
+///
+/// Called at most once. Returns when the transport has accepted the
+/// settlement; a transport may batch it with others (one XACK for many ids),
+/// in which case [`crate::Transport::close`] flushes what is still queued.
+#[async_trait]
+pub trait Settle: Send + Sync + 'static {
+    /// Carry out the settlement.
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()>;
+}
+
+/// Facts about a delivery that transports fill in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeliveryInfo {
+    /// 1 on first delivery, +1 on every redelivery to the group.
+    pub attempt: u32,
+    /// The subscription's `max_attempts`.
+    pub max_attempts: u32,
+    /// The consumer group.
+    pub group: Name,
+    /// Where dead letters go.
+    pub dead_letter: Topic,
+    /// The broker's position of the message (stream id, partition/offset,
+    /// message id), when it has one.
+    pub position: Option<String>,
+}
+
+impl DeliveryInfo {
+    /// Facts for a delivery under `subscription`.
+    pub fn new(subscription: &crate::Subscription, attempt: u32, position: Option<String>) -> Self {
+        DeliveryInfo {
+            attempt,
+            max_attempts: subscription.max_attempts,
+            group: subscription.group.clone(),
+            dead_letter: subscription.dead_letter.clone(),
+            position,
+        }
+    }
+}
+
+/// One message handed to one consumer.
+pub struct Delivery {
+    envelope: Envelope,
+    info: DeliveryInfo,
+    settler: Option<Box<dyn Settle>>,
+}
+
+impl Delivery {
+    /// Made by transports.
+    pub fn new(envelope: Envelope, info: DeliveryInfo, settler: Box<dyn Settle>) -> Self {
+        Delivery {
+            envelope,
+            info,
+            settler: Some(settler),
+        }
+    }
+
+    /// The message.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// 1 on first delivery, +1 on every redelivery.
+    pub fn attempt(&self) -> u32 {
+        self.info.attempt
+    }
+
+    /// Facts about this delivery.
+    pub fn info(&self) -> &DeliveryInfo {
+        &self.info
+    }
+
+    /// Whether a nack now would dead-letter instead of redelivering.
+    pub fn is_last_attempt(&self) -> bool {
+        self.info.attempt >= self.info.max_attempts
+    }
+
+    /// Done with it.
+    pub async fn ack(self) -> Result<()> {
+        self.settle(Outcome::Ack).await
+    }
+
+    /// Failed; deliver again (after `delay`), or dead-letter on the last
+    /// attempt.
+    pub async fn nack(self, delay: Option<Duration>) -> Result<()> {
+        self.settle(Outcome::Nack { delay }).await
+    }
+
+    /// Cannot succeed: dead-letter now.
+    pub async fn reject(self, reason: impl Into<String>) -> Result<()> {
+        self.settle(Outcome::Reject {
+            reason: reason.into(),
+        })
+        .await
+    }
+
+    /// Settle with an outcome.
+    pub async fn settle(mut self, outcome: Outcome) -> Result<()> {
+        let settlement = rules::settle(&self.envelope, &self.info, outcome);
+        let span = tracing::debug_span!(
+            "oona.settle",
+            topic = %self.envelope.topic,
+            event_id = %self.envelope.event_id,
+            group = %self.info.group,
+            attempt = self.info.attempt,
+            settlement = rules::settlement_name(&settlement),
+        );
+        match self.settler.take() {
+            Some(s) => s.settle(settlement).instrument(span).await,
+            // Only reachable if settle were called twice, which `self` by
+            // value prevents.
+            None => Err(crate::Error::new(
+                crate::ErrorKind::AlreadySettled,
+                "delivery already settled",
+            )),
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if self.settler.is_some() {
+            tracing::debug!(
+                topic = %self.envelope.topic,
+                event_id = %self.envelope.event_id,
+                "delivery dropped unsettled; it will be redelivered after the ack deadline"
+            );
+        }
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("envelope", &self.envelope)
+            .field("info", &self.info)
+            .field("settled", &self.settler.is_none())
+            .finish()
+    }
+}
+
+/// The stream a subscription yields.
+///
+/// An `Err` item reports a problem: after a temporary one (connection lost
+/// and being re-established) the stream goes on; after a permanent one it
+/// ends. The stream ends (`None`) when the transport is closed.
+pub type DeliveryStream = BoxStream<'static, Result<Delivery>>;

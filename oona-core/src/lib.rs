@@ -1,0 +1,26 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod config;
+pub mod delivery;
+pub mod envelope;
+pub mod error;
+// pub mod memory;
+pub mod rules;
+pub mod subscription;
+pub mod topic;
+pub mod transport;
+pub mod wire;
+
+pub use codec::{Codec, Json};
+pub use config::{ConnectUrl, Driver};
+pub use delivery::{Delivery, DeliveryInfo, DeliveryStream, Outcome, Settle, Settlement};
+pub use envelope::{
+    header, ContentType, Envelope, EnvelopeBuilder, EventId, Headers, Priority, Timestamp,
+};
+pub use error::{Error, ErrorKind, Result};
+pub use subscription::{StartPosition, Subscription};
+pub use topic::{Name, PolicySet, Retention, Topic, TopicPolicy};
+pub use transport::{Capabilities, Health, HealthStatus, Receipt, Transport};

@@ -1,0 +1,204 @@
+//! The [`Transport`] contract every backend implements.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::delivery::DeliveryStream;
+use crate::envelope::{Envelope, EventId};
+use crate::error::Result;
+use crate::subscription::Subscription;
+use crate::topic::{Topic, TopicPolicy};
+
+/// A message broker behind Oona's delivery semantics.
+///
+/// # Contract
+///
+/// - **publish** returns once the broker has durably accepted the message
+///   (as durable as the broker is configured to be); an `Err` means it may or
+///   may not have been stored, and a retry may duplicate it (at-least-once).
+///   Before any I/O it calls [`crate::rules::check_publish`]; a topic that does
+///   not exist yet is created with its plane's [`TopicPolicy`].
+/// - **publish_batch** publishes in order; transports that can do it in one
+///   round trip must. Receipts come back in input order.
+/// - **subscribe** joins (creating if needed) the consumer group of the
+///   [`Subscription`] and yields [`crate::Delivery`]s. Each message reaches one
+///   consumer of a group; every group sees every message. Unsettled
+///   deliveries come back after the ack deadline with `attempt + 1`.
+///   Settlements follow [`crate::rules`]; an entry that is no envelope is
+///   dead-lettered with a decode reason and the stream goes on.
+/// - **close** stops subscriptions (their streams end), flushes queued
+///   settlements and publishes, and releases connections. Calls after close
+///   fail with [`crate::ErrorKind::Closed`].
+///
+/// Object safe: use it as `Arc<dyn Transport>`.
+#[async_trait]
+pub trait Transport: fmt::Debug + Send + Sync + 'static {
+    /// Short name: `memory`, `redis`, `kafka`, `pulsar`.
+    fn name(&self) -> &'static str;
+
+    /// What this transport can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Create the topic if missing and apply `policy` (retention, limits).
+    /// Idempotent.
+    async fn ensure_topic(&self, topic: &Topic, policy: &TopicPolicy) -> Result<()>;
+
+    /// Publish one message.
+    async fn publish(&self, envelope: Envelope) -> Result<Receipt>;
+
+    /// Publish several messages, in order. The default publishes one by one.
+    async fn publish_batch(&self, envelopes: Vec<Envelope>) -> Result<Vec<Receipt>> {
+        let mut receipts = Vec::with_capacity(envelopes.len());
+        for e in envelopes {
+            receipts.push(self.publish(e).await?);
+        }
+        Ok(receipts)
+    }
+
+    /// Start consuming.
+    async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream>;
+
+    /// Delete a topic and its groups (tests and tooling).
+    async fn delete_topic(&self, topic: &Topic) -> Result<()>;
+
+    /// Check the broker is reachable.
+    async fn health(&self) -> Health;
+
+    /// Stop, flush and release. Idempotent.
+    async fn close(&self) -> Result<()>;
+}
+
+/// What a transport supports; the conformance suite leaves out (and names)
+/// the cases a transport declares it cannot do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Several consumers of one group share the work.
+    pub competing_consumers: bool,
+    /// [`Subscription::key_ordered`] is honoured.
+    pub key_ordered_competing: bool,
+    /// Nack delays are honoured (not just immediate redelivery).
+    pub nack_delay: bool,
+    /// [`crate::StartPosition::At`] is honoured.
+    pub start_at_time: bool,
+    /// [`crate::StartPosition::Earliest`] replays all retained history.
+    pub replay: bool,
+    /// Retention policies are applied on the broker.
+    pub retention: bool,
+    /// Largest payload the transport accepts, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            competing_consumers: true,
+            key_ordered_competing: false,
+            nack_delay: true,
+            start_at_time: true,
+            replay: true,
+            retention: true,
+            max_payload_bytes: TopicPolicy::DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+impl Capabilities {
+    /// Set [`Capabilities::key_ordered_competing`].
+    pub fn with_key_ordered_competing(mut self, yes: bool) -> Self {
+        self.key_ordered_competing = yes;
+        self
+    }
+    /// Set [`Capabilities::nack_delay`].
+    pub fn with_nack_delay(mut self, yes: bool) -> Self {
+        self.nack_delay = yes;
+        self
+    }
+    /// Set [`Capabilities::start_at_time`].
+    pub fn with_start_at_time(mut self, yes: bool) -> Self {
+        self.start_at_time = yes;
+        self
+    }
+    /// Set [`Capabilities::retention`].
+    pub fn with_retention(mut self, yes: bool) -> Self {
+        self.retention = yes;
+        self
+    }
+    /// Set [`Capabilities::max_payload_bytes`].
+    pub fn with_max_payload_bytes(mut self, n: usize) -> Self {
+        self.max_payload_bytes = n;
+        self
+    }
+}
+
+/// Where a published message landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Receipt {
+    /// The message's id.
+    pub event_id: EventId,
+    /// Its topic.
+    pub topic: Topic,
+    /// The broker's position (stream id, `partition/offset`, message id).
+    pub position: Option<String>,
+}
+
+impl Receipt {
+    /// Made by transports.
+    pub fn new(event_id: EventId, topic: Topic, position: Option<String>) -> Self {
+        Receipt {
+            event_id,
+            topic,
+            position,
+        }
+    }
+}
+
+/// Coarse health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthStatus {
+    /// Working.
+    Up,
+    /// Working with problems (reconnecting, slow).
+    Degraded,
+    /// Not working.
+    Down,
+}
+
+/// The result of [`Transport::health`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Health {
+    /// Up, degraded or down.
+    pub status: HealthStatus,
+    /// The transport's name.
+    pub transport: &'static str,
+    /// What was seen, for humans.
+    pub detail: String,
+    /// Time of the check's round trip, when one was made.
+    pub round_trip: Option<Duration>,
+}
+
+impl Health {
+    /// Made by transports.
+    pub fn new(
+        status: HealthStatus,
+        transport: &'static str,
+        detail: impl Into<String>,
+        round_trip: Option<Duration>,
+    ) -> Self {
+        Health {
+            status,
+            transport,
+            detail: detail.into(),
+            round_trip,
+        }
+    }
+
+    /// Whether the status is [`HealthStatus::Up`].
+    pub fn is_up(&self) -> bool {
+        self.status == HealthStatus::Up
+    }
+}
