@@ -62,9 +62,9 @@ where
     }
 
     fn encode(&self, value: &T) -> Result<Bytes> {
-        serde_json::to_vec(value).map(Bytes::from).map_err(|e| {
-            Error::new(ErrorKind::Encode, format!("JSON encode: {e}")).with_source(e)
-        })
+        serde_json::to_vec(value)
+            .map(Bytes::from)
+            .map_err(|e| Error::new(ErrorKind::Encode, format!("JSON encode: {e}")).with_source(e))
     }
 
     fn decode(&self, envelope: &Envelope) -> Result<T> {

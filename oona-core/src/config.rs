@@ -17,6 +17,9 @@ use futures::future::BoxFuture;
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::Transport;
 
+/// A transport's connect function: from a parsed URL to a live transport.
+pub type ConnectFn = fn(ConnectUrl) -> BoxFuture<'static, Result<Arc<dyn Transport>>>;
+
 /// A transport's entry point, registered with the facade.
 #[derive(Clone, Copy)]
 pub struct Driver {
@@ -25,7 +28,7 @@ pub struct Driver {
     /// URL schemes it serves (`redis`, `rediss`).
     pub schemes: &'static [&'static str],
     /// Connect from a parsed URL.
-    pub connect: fn(ConnectUrl) -> BoxFuture<'static, Result<Arc<dyn Transport>>>,
+    pub connect: ConnectFn,
 }
 
 impl std::fmt::Debug for Driver {

@@ -40,7 +40,11 @@ impl EventId {
         if id.is_empty() || id.len() > Self::MAX_LEN {
             return Err(Error::new(
                 ErrorKind::Decode,
-                format!("event_id must be 1 to {} bytes, got {}", Self::MAX_LEN, id.len()),
+                format!(
+                    "event_id must be 1 to {} bytes, got {}",
+                    Self::MAX_LEN,
+                    id.len()
+                ),
             ));
         }
         Ok(EventId(id))
@@ -192,7 +196,9 @@ impl<'de> Deserialize<'de> for Timestamp {
 
 /// Message priority. The prototype routes `Normal` traffic as `Emergency`
 /// when queue depth passes a threshold; transports may use it for routing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// Background traffic.
@@ -271,7 +277,13 @@ impl ContentType {
     /// Whether the payload is JSON (`application/json` or any `+json` type),
     /// ignoring parameters such as `; charset=utf-8`.
     pub fn is_json(&self) -> bool {
-        let essence = self.0.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = self
+            .0
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         essence == Self::JSON || essence.ends_with("+json")
     }
 }
@@ -392,7 +404,11 @@ impl Envelope {
     pub fn approx_size(&self) -> usize {
         self.payload.len()
             + self.sender_id.len()
-            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
             + 128
     }
 }
@@ -501,8 +517,13 @@ mod tests {
     #[test]
     fn builder_fills_id_time_and_trace() {
         let t = Topic::new("system.events.epoch").unwrap();
-        let e = Envelope::builder(t.clone(), "{}").sender_id("tolaria").build();
-        assert!(e.event_id.as_uuid().is_some_and(|u| u.get_version_num() == 4));
+        let e = Envelope::builder(t.clone(), "{}")
+            .sender_id("tolaria")
+            .build();
+        assert!(e
+            .event_id
+            .as_uuid()
+            .is_some_and(|u| u.get_version_num() == 4));
         assert_eq!(e.trace_id.as_deref().map(str::len), Some(32));
         assert!(e.timestamp.elapsed() < Duration::from_secs(5));
         assert_eq!(e.topic, t);
@@ -515,7 +536,10 @@ mod tests {
         let e = Envelope::builder(Topic::new("a.b").unwrap(), "")
             .traceparent(tp)
             .build();
-        assert_eq!(e.trace_id.as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(
+            e.trace_id.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
         assert_eq!(e.header(header::TRACEPARENT), Some(tp));
     }
 
@@ -528,7 +552,10 @@ mod tests {
         let now = Timestamp::now();
         assert_eq!(Timestamp::parse_rfc3339(&now.to_rfc3339()).unwrap(), now);
         assert_eq!(Timestamp::from_unix_millis(1500).unix_millis(), 1500);
-        assert_eq!(Timestamp::parse_rfc3339("yesterday").unwrap_err().kind(), ErrorKind::Decode);
+        assert_eq!(
+            Timestamp::parse_rfc3339("yesterday").unwrap_err().kind(),
+            ErrorKind::Decode
+        );
     }
 
     #[test]
@@ -540,7 +567,12 @@ mod tests {
 
     #[test]
     fn priority_names() {
-        for p in [Priority::Low, Priority::Normal, Priority::High, Priority::Emergency] {
+        for p in [
+            Priority::Low,
+            Priority::Normal,
+            Priority::High,
+            Priority::Emergency,
+        ] {
             assert_eq!(Priority::parse(p.as_str()).unwrap(), p);
         }
         assert!(Priority::parse("urgent").is_err());

@@ -7,7 +7,7 @@ pub mod config;
 pub mod delivery;
 pub mod envelope;
 pub mod error;
-// pub mod memory;
+pub mod memory;
 pub mod rules;
 pub mod subscription;
 pub mod topic;

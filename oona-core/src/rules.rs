@@ -85,9 +85,15 @@ pub fn dead_letter(envelope: &Envelope, info: &DeliveryInfo, reason: &str) -> En
     dl.topic = info.dead_letter.clone();
     let h = &mut dl.headers;
     h.insert(header::DLQ_REASON.into(), reason.to_string());
-    h.insert(header::DLQ_ORIGINAL_TOPIC.into(), envelope.topic.to_string());
+    h.insert(
+        header::DLQ_ORIGINAL_TOPIC.into(),
+        envelope.topic.to_string(),
+    );
     h.insert(header::DLQ_GROUP.into(), info.group.to_string());
-    h.insert(header::DLQ_ATTEMPTS.into(), info.attempt.min(info.max_attempts).to_string());
+    h.insert(
+        header::DLQ_ATTEMPTS.into(),
+        info.attempt.min(info.max_attempts).to_string(),
+    );
     h.insert(header::DLQ_AT.into(), Timestamp::now().to_rfc3339());
     if let Some(pos) = &info.position {
         h.insert(header::DLQ_ORIGINAL_POSITION.into(), pos.clone());
@@ -162,7 +168,11 @@ impl DeadLetterInfo {
 
 /// Checks every transport makes before any I/O of a publish: the payload
 /// limit of the topic's policy and of the transport.
-pub fn check_publish(envelope: &Envelope, policies: &PolicySet, transport_max: usize) -> Result<()> {
+pub fn check_publish(
+    envelope: &Envelope,
+    policies: &PolicySet,
+    transport_max: usize,
+) -> Result<()> {
     policies
         .for_topic(&envelope.topic)
         .check_payload(&envelope.topic, envelope.payload.len())?;
@@ -188,19 +198,33 @@ mod tests {
     fn info(attempt: u32, max: u32) -> (Envelope, DeliveryInfo) {
         let t = Topic::new("control.kasmina.commands").unwrap();
         let sub = Subscription::new(t.clone(), Name::new("kasmina").unwrap()).max_attempts(max);
-        let env = Envelope::builder(t, "{}").sender_id("tamiyo").header("a", "b").build();
+        let env = Envelope::builder(t, "{}")
+            .sender_id("tamiyo")
+            .header("a", "b")
+            .build();
         (env, DeliveryInfo::new(&sub, attempt, Some("1-0".into())))
     }
 
     #[test]
     fn nack_redelivers_until_the_last_attempt() {
         let (e, i) = info(1, 3);
-        assert_eq!(settle(&e, &i, Outcome::Nack { delay: None }), Settlement::Redeliver { delay: Duration::ZERO });
-        let d = Some(Duration::from_millis(250));
-        assert_eq!(settle(&e, &i, Outcome::Nack { delay: d }), Settlement::Redeliver { delay: d.unwrap() });
+        assert_eq!(
+            settle(&e, &i, Outcome::Nack { delay: None }),
+            Settlement::Redeliver {
+                delay: Duration::ZERO
+            }
+        );
+        let d = Duration::from_millis(250);
+        assert_eq!(
+            settle(&e, &i, Outcome::Nack { delay: Some(d) }),
+            Settlement::Redeliver { delay: d }
+        );
         let (e, i) = info(3, 3);
         match settle(&e, &i, Outcome::Nack { delay: None }) {
-            Settlement::DeadLetter { dead_letter, reason } => {
+            Settlement::DeadLetter {
+                dead_letter,
+                reason,
+            } => {
                 assert_eq!(reason, "max attempts reached (3 of 3); last: nacked");
                 assert_eq!(dead_letter.topic.as_str(), "control.kasmina.commands.dlq");
                 let dli = DeadLetterInfo::parse(&dead_letter).unwrap();
@@ -217,8 +241,17 @@ mod tests {
     fn reject_dead_letters_at_once_and_ack_acks() {
         let (e, i) = info(1, 5);
         assert_eq!(settle(&e, &i, Outcome::Ack), Settlement::Ack);
-        match settle(&e, &i, Outcome::Reject { reason: "bad command".into() }) {
-            Settlement::DeadLetter { dead_letter, reason } => {
+        match settle(
+            &e,
+            &i,
+            Outcome::Reject {
+                reason: "bad command".into(),
+            },
+        ) {
+            Settlement::DeadLetter {
+                dead_letter,
+                reason,
+            } => {
                 assert_eq!(reason, "bad command");
                 assert_eq!(dead_letter.header(header::DLQ_REASON), Some("bad command"));
                 assert_eq!(dead_letter.event_id, e.event_id);
@@ -243,7 +276,13 @@ mod tests {
         let (_, i) = info(1, 3);
         let t = Topic::new("control.kasmina.commands").unwrap();
         let err = Error::new(ErrorKind::Decode, "entry has no \"event_id\" field");
-        let (dl, reason) = poison_dead_letter(&t, Bytes::from_static(b"{\"foo\":\"bar\"}"), ContentType::json(), &err, &i);
+        let (dl, reason) = poison_dead_letter(
+            &t,
+            Bytes::from_static(b"{\"foo\":\"bar\"}"),
+            ContentType::json(),
+            &err,
+            &i,
+        );
         assert!(reason.starts_with("decode: "));
         assert_eq!(&dl.payload[..], b"{\"foo\":\"bar\"}");
         assert_eq!(DeadLetterInfo::parse(&dl).unwrap().original.topic, t);
@@ -253,8 +292,14 @@ mod tests {
     fn publish_checks() {
         let t = Topic::new("telemetry.seed.health").unwrap();
         let env = Envelope::builder(t, vec![0u8; 100]).build();
-        let p = PolicySet::default().with_plane("telemetry", TopicPolicy::new(Retention::Indefinite).with_max_payload_bytes(99));
-        assert_eq!(check_publish(&env, &p, 1000).unwrap_err().kind(), ErrorKind::PayloadTooLarge);
+        let p = PolicySet::default().with_plane(
+            "telemetry",
+            TopicPolicy::new(Retention::Indefinite).with_max_payload_bytes(99),
+        );
+        assert_eq!(
+            check_publish(&env, &p, 1000).unwrap_err().kind(),
+            ErrorKind::PayloadTooLarge
+        );
         assert!(check_publish(&env, &PolicySet::default(), 1000).is_ok());
         assert!(check_publish(&env, &PolicySet::default(), 99).is_err());
     }

@@ -118,12 +118,19 @@ fn validate_topic(name: &str) -> Result<()> {
     }
     let segments: Vec<&str> = name.split('.').collect();
     if segments.len() < 2 {
-        return Err(invalid(name, "it has one segment; a plane and at least one more segment are required"));
+        return Err(invalid(
+            name,
+            "it has one segment; a plane and at least one more segment are required",
+        ));
     }
     if segments.len() > Topic::MAX_SEGMENTS {
         return Err(invalid(
             name,
-            format!("it has {} segments, over {}", segments.len(), Topic::MAX_SEGMENTS),
+            format!(
+                "it has {} segments, over {}",
+                segments.len(),
+                Topic::MAX_SEGMENTS
+            ),
         ));
     }
     for (i, seg) in segments.iter().enumerate() {
@@ -145,10 +152,7 @@ fn validate_topic(name: &str) -> Result<()> {
             .chars()
             .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-'))
         {
-            return Err(invalid(
-                name,
-                format!("{which} {seg:?} contains {bad:?}"),
-            ));
+            return Err(invalid(name, format!("{which} {seg:?} contains {bad:?}")));
         }
     }
     Ok(())
@@ -215,7 +219,10 @@ impl Name {
         if name.is_empty() || name.len() > Self::MAX_LEN {
             return Err(Error::new(
                 ErrorKind::InvalidName,
-                format!("invalid name {name:?}: must be 1 to {} bytes", Self::MAX_LEN),
+                format!(
+                    "invalid name {name:?}: must be 1 to {} bytes",
+                    Self::MAX_LEN
+                ),
             ));
         }
         if let Some(bad) = name
@@ -376,9 +383,18 @@ impl Default for PolicySet {
         let p = |r| TopicPolicy::new(r);
         PolicySet {
             planes: vec![
-                ("telemetry".into(), p(Retention::For(Duration::from_secs(72 * HOUR)))),
-                ("control".into(), p(Retention::For(Duration::from_secs(30 * DAY)))),
-                ("system".into(), p(Retention::For(Duration::from_secs(30 * DAY)))),
+                (
+                    "telemetry".into(),
+                    p(Retention::For(Duration::from_secs(72 * HOUR))),
+                ),
+                (
+                    "control".into(),
+                    p(Retention::For(Duration::from_secs(30 * DAY))),
+                ),
+                (
+                    "system".into(),
+                    p(Retention::For(Duration::from_secs(30 * DAY))),
+                ),
                 ("innovation".into(), p(Retention::Indefinite)),
             ],
             default: p(Retention::For(Duration::from_secs(7 * DAY))),
@@ -449,11 +465,20 @@ mod tests {
         let cases = [
             ("", "empty"),
             ("telemetry", "one segment"),
-            ("Telemetry.seed.health", "the plane \"Telemetry\" starts with 'T'"),
+            (
+                "Telemetry.seed.health",
+                "the plane \"Telemetry\" starts with 'T'",
+            ),
             ("telemetry..health", "segment 2 is empty"),
-            ("telemetry.seed.he alth", "segment 3 \"he alth\" contains ' '"),
+            (
+                "telemetry.seed.he alth",
+                "segment 3 \"he alth\" contains ' '",
+            ),
             ("telemetry.seed.health/x", "contains '/'"),
-            ("telemetry.9seed.health", "segment 2 \"9seed\" starts with '9'"),
+            (
+                "telemetry.9seed.health",
+                "segment 2 \"9seed\" starts with '9'",
+            ),
             ("a.b.c.d.e.f.g.h.i", "9 segments"),
         ];
         for (name, why) in cases {
@@ -462,7 +487,10 @@ mod tests {
             assert!(err.to_string().contains(why), "{name:?}: {err}");
         }
         let long = format!("telemetry.{}", "x".repeat(195));
-        assert!(Topic::new(long).unwrap_err().to_string().contains("over 200"));
+        assert!(Topic::new(long)
+            .unwrap_err()
+            .to_string()
+            .contains("over 200"));
     }
 
     #[test]
@@ -499,13 +527,29 @@ mod tests {
     fn retention_by_plane() {
         let p = PolicySet::default();
         let r = |t: &str| p.for_topic(&Topic::new(t).unwrap()).retention;
-        assert_eq!(r("telemetry.seed.health"), Retention::For(Duration::from_secs(72 * 3600)));
-        assert_eq!(r("control.kasmina.commands"), Retention::For(Duration::from_secs(30 * 86400)));
-        assert_eq!(r("system.events.epoch"), Retention::For(Duration::from_secs(30 * 86400)));
+        assert_eq!(
+            r("telemetry.seed.health"),
+            Retention::For(Duration::from_secs(72 * 3600))
+        );
+        assert_eq!(
+            r("control.kasmina.commands"),
+            Retention::For(Duration::from_secs(30 * 86400))
+        );
+        assert_eq!(
+            r("system.events.epoch"),
+            Retention::For(Duration::from_secs(30 * 86400))
+        );
         assert_eq!(r("innovation.field_reports"), Retention::Indefinite);
-        assert_eq!(r("compilation.blueprint.submitted"), Retention::For(Duration::from_secs(7 * 86400)));
+        assert_eq!(
+            r("compilation.blueprint.submitted"),
+            Retention::For(Duration::from_secs(7 * 86400))
+        );
         let p = p.with_default(TopicPolicy::new(Retention::Indefinite));
-        assert_eq!(p.for_topic(&Topic::new("oona.kernels.ready").unwrap()).retention, Retention::Indefinite);
+        assert_eq!(
+            p.for_topic(&Topic::new("oona.kernels.ready").unwrap())
+                .retention,
+            Retention::Indefinite
+        );
         assert_eq!(Retention::Indefinite.as_millis_or_minus_one(), -1);
     }
 

@@ -81,8 +81,9 @@ pub fn encode(env: &Envelope) -> Vec<(String, String)> {
 }
 
 fn utf8<'a>(what: &str, b: &'a [u8]) -> Result<&'a str> {
-    std::str::from_utf8(b)
-        .map_err(|e| Error::new(ErrorKind::Decode, format!("field {what:?} is not UTF-8")).with_source(e))
+    std::str::from_utf8(b).map_err(|e| {
+        Error::new(ErrorKind::Decode, format!("field {what:?} is not UTF-8")).with_source(e)
+    })
 }
 
 /// Rebuild an envelope from its fields and payload. `read_from` is the topic
@@ -116,7 +117,8 @@ where
             name::TIMESTAMP => timestamp = Some(Timestamp::parse_rfc3339(v)?),
             name::TOPIC => {
                 topic = Some(Topic::new(v).map_err(|e| {
-                    Error::new(ErrorKind::Decode, "field \"topic\" is not a valid topic").with_source(e)
+                    Error::new(ErrorKind::Decode, "field \"topic\" is not a valid topic")
+                        .with_source(e)
                 })?)
             }
             name::TRACE_ID => trace_id = Some(v.to_string()),
@@ -132,7 +134,12 @@ where
             }
         }
     }
-    let missing = |f: &str| Error::new(ErrorKind::Decode, format!("entry has no {f:?} field: not an Oona envelope"));
+    let missing = |f: &str| {
+        Error::new(
+            ErrorKind::Decode,
+            format!("entry has no {f:?} field: not an Oona envelope"),
+        )
+    };
     Ok(Envelope {
         event_id: event_id.ok_or_else(|| missing(name::EVENT_ID))?,
         sender_id: sender_id.ok_or_else(|| missing(name::SENDER_ID))?,
@@ -163,12 +170,20 @@ mod tests {
             .schema_id("esper.KasminaControlCommand/1")
             .content_type(ContentType::PROTOBUF)
             .priority(Priority::Emergency)
-            .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
             .header("x", "")
             .build();
         let f = encode(&e);
         assert!(f.iter().any(|(k, v)| k == "h.x" && v.is_empty()));
-        let back = decode(f.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())), e.payload.clone(), &t).unwrap();
+        let back = decode(
+            f.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+            e.payload.clone(),
+            &t,
+        )
+        .unwrap();
         assert_eq!(back, e);
     }
 
@@ -186,7 +201,11 @@ mod tests {
     fn minimal_entry_from_a_foreign_producer() {
         let t = Topic::new("a.b").unwrap();
         let e = decode(
-            [("event_id", "1"), ("sender_id", "py"), ("timestamp", "2025-01-01T00:00:00+00:00")],
+            [
+                ("event_id", "1"),
+                ("sender_id", "py"),
+                ("timestamp", "2025-01-01T00:00:00+00:00"),
+            ],
             Bytes::from_static(b"{}"),
             &t,
         )

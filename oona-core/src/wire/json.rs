@@ -104,8 +104,8 @@ struct InFlat<'a> {
 
 /// Encode an envelope to its canonical JSON document.
 pub fn encode(env: &Envelope) -> Result<Vec<u8>> {
-    let inline = env.content_type.is_json()
-        && serde_json::from_slice::<&RawValue>(&env.payload).is_ok();
+    let inline =
+        env.content_type.is_json() && serde_json::from_slice::<&RawValue>(&env.payload).is_ok();
     let b64;
     let payload: &RawValue = if inline {
         // Checked just above; re-borrowing avoids copying the payload.
@@ -134,7 +134,8 @@ pub fn encode(env: &Envelope) -> Result<Vec<u8>> {
         },
         payload,
     };
-    serde_json::to_vec(&doc).map_err(|e| Error::new(ErrorKind::Encode, "envelope JSON").with_source(e))
+    serde_json::to_vec(&doc)
+        .map_err(|e| Error::new(ErrorKind::Encode, "envelope JSON").with_source(e))
 }
 
 /// Decode a canonical (or flat prototype) JSON document that names its topic.
@@ -215,13 +216,16 @@ mod tests {
 
     #[test]
     fn json_payload_is_inline_and_byte_exact() {
-        let e = Envelope::builder(topic("system.events.epoch"), r#"{"epoch": 3,  "loss":0.25}"#)
-            .sender_id("tolaria")
-            .key("run-1")
-            .correlation_id("c-1")
-            .schema_id("esper.EpochEvent/1")
-            .header("tenant", "a")
-            .build();
+        let e = Envelope::builder(
+            topic("system.events.epoch"),
+            r#"{"epoch": 3,  "loss":0.25}"#,
+        )
+        .sender_id("tolaria")
+        .key("run-1")
+        .correlation_id("c-1")
+        .schema_id("esper.EpochEvent/1")
+        .header("tenant", "a")
+        .build();
         let bytes = encode(&e).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["payload"]["epoch"], 3);
@@ -264,7 +268,10 @@ mod tests {
         assert_eq!(e.event_id.as_str(), "uuid-v4-string");
         assert_eq!(e.sender_id, "Urza-API-Service");
         assert_eq!(e.timestamp.to_rfc3339(), "2025-07-07T09:55:13Z");
-        assert_eq!(e.trace_id.as_deref(), Some("trace-id-for-a-specific-request"));
+        assert_eq!(
+            e.trace_id.as_deref(),
+            Some("trace-id-for-a-specific-request")
+        );
         assert_eq!(e.topic.as_str(), "compilation.blueprint.submitted");
         let p: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
         assert_eq!(p["submitted_by"], "human_developer");
@@ -289,7 +296,10 @@ mod tests {
         "health_metrics_by_seed": { "0": {"chunk_variance": 0.1} }
       }
     }"#;
-        assert!(decode(doc.as_bytes()).unwrap_err().to_string().contains("no \"topic\""));
+        assert!(decode(doc.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("no \"topic\""));
         let e = decode_on(&topic("telemetry.seed.health"), doc.as_bytes()).unwrap();
         assert_eq!(e.sender_id, "tamiyo-controller-instance-1");
         assert_eq!(e.topic.as_str(), "telemetry.seed.health");
@@ -299,7 +309,12 @@ mod tests {
 
     #[test]
     fn garbage_is_a_decode_error() {
-        for bad in [&b"\xff\xfe"[..], b"[]", b"{\"payload\": 1}", b"{\"envelope\": {\"event_id\": \"x\"}}"] {
+        for bad in [
+            &b"\xff\xfe"[..],
+            b"[]",
+            b"{\"payload\": 1}",
+            b"{\"envelope\": {\"event_id\": \"x\"}}",
+        ] {
             assert_eq!(decode(bad).unwrap_err().kind(), ErrorKind::Decode);
         }
     }

@@ -1,0 +1,1 @@
+//! Oona benches: see `benches/`.
