@@ -1,0 +1,373 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use oona_core::{Error, ErrorKind, Retention, Topic, Transport};
+
+pub mod cases;
+pub mod proxy;
+mod support;
+
+pub use support::{random_topic, CaseResult};
+
+/// What the suite needs from a transport's test; implemented in each
+/// transport crate's `tests/conformance.rs`.
+///
+/// Only [`Fixture::name`] and [`Fixture::connect`] are required. The hooks
+/// with defaults answer [`ErrorKind::Unsupported`]; a case that needs one
+/// is then reported as *left out* (ignored, with the reason), never as
+/// passed.
+#[async_trait]
+pub trait Fixture: Send + Sync + 'static {
+    /// Transport name for output (`memory`, `redis7`, ...).
+    fn name(&self) -> String;
+
+    /// A new, independent client (own connections) to the broker under test.
+    async fn connect(&self) -> oona_core::Result<Arc<dyn Transport>>;
+
+    /// Write raw bytes (not an envelope) to `topic` with the broker's own
+    /// client, as a foreign producer would. Used by the poison case.
+    async fn write_raw(&self, topic: &Topic, raw: &[u8]) -> oona_core::Result<()> {
+        let _ = (topic, raw);
+        Err(unsupported("write_raw"))
+    }
+
+    /// Cut every connection of clients made by [`Fixture::connect`] (a
+    /// [`proxy::TcpProxy`] cut, or a broker stop). Until
+    /// [`Fixture::restore_connections`], new connections must fail too.
+    async fn cut_connections(&self) -> oona_core::Result<()> {
+        Err(unsupported("cut_connections"))
+    }
+
+    /// Undo [`Fixture::cut_connections`].
+    async fn restore_connections(&self) -> oona_core::Result<()> {
+        Err(unsupported("restore_connections"))
+    }
+
+    /// The retention the broker actually applies to `topic`, read with the
+    /// broker's own client or admin API (not through the transport).
+    async fn applied_retention(&self, topic: &Topic) -> oona_core::Result<Retention> {
+        let _ = topic;
+        Err(unsupported("applied_retention"))
+    }
+
+    /// Time and size knobs of the cases.
+    fn timing(&self) -> Timing {
+        Timing::default()
+    }
+}
+
+fn unsupported(hook: &str) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        format!("the fixture does not implement {hook}"),
+    )
+}
+
+/// Time and size knobs of the cases. Start from [`Timing::default`] and
+/// change what a slow broker needs.
+///
+/// Time bounds are checked both ways: a redelivery after a nack delay or an
+/// ack deadline must not come *before* the bound (less [`Timing::early`]),
+/// and must come within the bound plus [`Timing::margin`] times
+/// [`Timing::slack`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Timing {
+    /// Ack deadline of the subscriptions in the cases that wait for it
+    /// (default 1 s).
+    pub ack_deadline: Duration,
+    /// Nack delay asked for in the nack-delay case (default 500 ms).
+    pub nack_delay: Duration,
+    /// How late an expected delivery may be after its bound (default 2 s).
+    pub margin: Duration,
+    /// How early a delayed redelivery may come, for clock granularity
+    /// (default 20 ms).
+    pub early: Duration,
+    /// Multiplies every wait and margin, for slow brokers (default 1.0).
+    pub slack: f64,
+    /// How long the cases wait for messages that must arrive (default 10 s).
+    pub receive_timeout: Duration,
+    /// How long the cases watch for messages that must *not* arrive
+    /// (default 300 ms; deadline-based checks add the ack deadline).
+    pub quiet: Duration,
+    /// Messages in the round-trip case (default 1000).
+    pub round_trip_messages: usize,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            ack_deadline: Duration::from_secs(1),
+            nack_delay: Duration::from_millis(500),
+            margin: Duration::from_secs(2),
+            early: Duration::from_millis(20),
+            slack: 1.0,
+            receive_timeout: Duration::from_secs(10),
+            quiet: Duration::from_millis(300),
+            round_trip_messages: 1000,
+        }
+    }
+}
+
+impl Timing {
+    /// Set [`Timing::ack_deadline`].
+    pub fn with_ack_deadline(mut self, d: Duration) -> Self {
+        self.ack_deadline = d;
+        self
+    }
+    /// Set [`Timing::nack_delay`].
+    pub fn with_nack_delay(mut self, d: Duration) -> Self {
+        self.nack_delay = d;
+        self
+    }
+    /// Set [`Timing::margin`].
+    pub fn with_margin(mut self, d: Duration) -> Self {
+        self.margin = d;
+        self
+    }
+    /// Set [`Timing::early`].
+    pub fn with_early(mut self, d: Duration) -> Self {
+        self.early = d;
+        self
+    }
+    /// Set [`Timing::slack`] (at least 1.0 makes sense).
+    pub fn with_slack(mut self, slack: f64) -> Self {
+        self.slack = slack;
+        self
+    }
+    /// Set [`Timing::receive_timeout`].
+    pub fn with_receive_timeout(mut self, d: Duration) -> Self {
+        self.receive_timeout = d;
+        self
+    }
+    /// Set [`Timing::quiet`].
+    pub fn with_quiet(mut self, d: Duration) -> Self {
+        self.quiet = d;
+        self
+    }
+    /// Set [`Timing::round_trip_messages`].
+    pub fn with_round_trip_messages(mut self, n: usize) -> Self {
+        self.round_trip_messages = n;
+        self
+    }
+
+    /// `d` scaled by [`Timing::slack`].
+    pub fn scaled(&self, d: Duration) -> Duration {
+        d.mul_f64(self.slack.max(0.0))
+    }
+    /// The scaled margin.
+    pub fn late(&self) -> Duration {
+        self.scaled(self.margin)
+    }
+    /// The scaled receive timeout.
+    pub fn wait(&self) -> Duration {
+        self.scaled(self.receive_timeout)
+    }
+    /// The scaled quiet period.
+    pub fn quiet_for(&self) -> Duration {
+        self.scaled(self.quiet)
+    }
+}
+
+/// Why a case did not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaseError {
+    /// The transport broke the contract (or the broker failed).
+    Failed(String),
+    /// The case cannot run on this transport: a capability it lacks or a
+    /// fixture hook it does not implement. Reported as ignored with the
+    /// reason, never as passed.
+    LeftOut(String),
+}
+
+impl fmt::Display for CaseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CaseError::Failed(m) => f.write_str(m),
+            CaseError::LeftOut(m) => write!(f, "left out: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for CaseError {}
+
+/// A boxed case future.
+pub type CaseFuture<'a> = Pin<Box<dyn Future<Output = CaseResult> + Send + 'a>>;
+
+/// One case of the suite.
+#[derive(Clone, Copy)]
+pub struct Case {
+    /// The trial name (`round_trip`, ...).
+    pub name: &'static str,
+    /// Cuts connections or otherwise disturbs every client of the fixture,
+    /// so it runs alone (the other cases wait).
+    pub exclusive: bool,
+    /// Runs the case.
+    pub run: for<'a> fn(&'a dyn Fixture) -> CaseFuture<'a>,
+}
+
+impl fmt::Debug for Case {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Case")
+            .field("name", &self.name)
+            .field("exclusive", &self.exclusive)
+            .finish()
+    }
+}
+
+/// Every case of the suite, in order.
+pub fn all_cases() -> Vec<Case> {
+    cases::ALL.to_vec()
+}
+
+/// Whether `OONA_TEST_REQUIRE=1`: a missing broker URL fails the run
+/// instead of leaving every case out.
+pub fn broker_required() -> bool {
+    std::env::var("OONA_TEST_REQUIRE").is_ok_and(|v| v.trim() == "1")
+}
+
+/// The broker URL from `env_var` (e.g. `OONA_TEST_REDIS_URL`), if set and
+/// not empty. [`run_with_env`] decides what a missing one means (see
+/// [`broker_required`]).
+pub fn required_url(env_var: &str) -> Option<String> {
+    std::env::var(env_var)
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Run the suite against the broker named by `env_var`: one line in a
+/// transport's `tests/conformance.rs`.
+///
+/// - `env_var` set: `make(url)` builds the fixture (inside the suite's tokio
+///   runtime, so it may bind a [`proxy::TcpProxy`] or spawn tasks) and every
+///   case runs.
+/// - not set, `OONA_TEST_REQUIRE=1`: every case fails, naming the variable.
+/// - not set otherwise: every case is reported as ignored,
+///   `left out: no broker: set <env_var>`.
+pub fn run_with_env<F, M>(env_var: &str, make: M) -> ExitCode
+where
+    F: Fixture,
+    M: FnOnce(String) -> F,
+{
+    let args = Arguments::from_args();
+    match required_url(env_var) {
+        Some(url) => {
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return setup_failed(&args, &format!("tokio runtime: {e}")),
+            };
+            let fixture = {
+                let _guard = rt.enter();
+                make(url)
+            };
+            run_on(args, rt, fixture)
+        }
+        None if broker_required() => setup_failed(
+            &args,
+            &format!("{env_var} is not set and OONA_TEST_REQUIRE=1: the broker is required"),
+        ),
+        None => {
+            let reason = format!("left out: no broker: set {env_var}");
+            let trials = cases::ALL
+                .iter()
+                .map(|c| {
+                    let reason = reason.clone();
+                    Trial::ignorable_test(c.name, move || Ok(Completion::ignored_with(reason)))
+                        .with_kind(env_var_kind(env_var))
+                })
+                .collect();
+            libtest_mimic::run(&args, trials).exit_code()
+        }
+    }
+}
+
+/// Run the suite against `fixture` (e.g. the memory transport, which needs
+/// no broker).
+pub fn run<F: Fixture>(fixture: F) -> ExitCode {
+    let args = Arguments::from_args();
+    match runtime() {
+        Ok(rt) => run_on(args, rt, fixture),
+        Err(e) => setup_failed(&args, &format!("tokio runtime: {e}")),
+    }
+}
+
+fn env_var_kind(env_var: &str) -> String {
+    // OONA_TEST_REDIS_URL -> redis
+    env_var
+        .trim_start_matches("OONA_TEST_")
+        .trim_end_matches("_URL")
+        .to_ascii_lowercase()
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+}
+
+fn setup_failed(args: &Arguments, why: &str) -> ExitCode {
+    let trials = cases::ALL
+        .iter()
+        .map(|c| {
+            let why = why.to_string();
+            Trial::test(c.name, move || Err(Failed::from(why)))
+        })
+        .collect();
+    libtest_mimic::run(args, trials).exit_code()
+}
+
+fn run_on<F: Fixture>(args: Arguments, rt: tokio::runtime::Runtime, fixture: F) -> ExitCode {
+    let rt = Arc::new(rt);
+    let fixture: Arc<dyn Fixture> = Arc::new(fixture);
+    // Exclusive cases (connection cuts) take the write side; the others
+    // share the read side and run in parallel.
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let kind = fixture.name();
+    let trials = cases::ALL
+        .iter()
+        .map(|case| {
+            let case = *case;
+            let rt = Arc::clone(&rt);
+            let fixture = Arc::clone(&fixture);
+            let gate = Arc::clone(&gate);
+            Trial::ignorable_test(case.name, move || {
+                let result = rt.block_on(async move {
+                    if case.exclusive {
+                        let _held = gate.write().await;
+                        (case.run)(fixture.as_ref()).await
+                    } else {
+                        let _held = gate.read().await;
+                        (case.run)(fixture.as_ref()).await
+                    }
+                });
+                match result {
+                    Ok(()) => Ok(Completion::Completed),
+                    Err(CaseError::LeftOut(why)) => {
+                        Ok(Completion::ignored_with(format!("left out: {why}")))
+                    }
+                    Err(CaseError::Failed(msg)) => Err(Failed::from(msg)),
+                }
+            })
+            .with_kind(kind.clone())
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    // Shut down without waiting for tasks a broken transport may leave
+    // behind, so a failing run still ends.
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.shutdown_timeout(Duration::from_secs(1));
+    }
+    conclusion.exit_code()
+}
