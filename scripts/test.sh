@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The test command (README.md; `.ci/run` calls exactly this).
+#
+#   bash scripts/test.sh
+#
+# 1. formatting and lints: cargo fmt --check, cargo clippy -D warnings;
+# 2. starts the real brokers with scripts/brokers.sh (installing what a fresh
+#    machine lacks) unless their OONA_TEST_*_URL are already set, and stops
+#    the ones it started on exit;
+# 3. every test of the workspace with every feature, the conformance suite
+#    against memory:// and each broker among them, with OONA_TEST_REQUIRE=1
+#    so a missing broker fails the run instead of being skipped;
+# 4. the main job, `esper_pipeline`, on memory:// and on Redis.
+#
+# OONA_TEST_BROKERS overrides the broker list (default: every supported one).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export OONA_TEST_REQUIRE="${OONA_TEST_REQUIRE:-1}"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+# Toolchain components a minimal rustup install may lack.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    step "installing rustfmt and clippy"
+    rustup component add rustfmt clippy
+fi
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+BROKERS="${OONA_TEST_BROKERS:-redis redis8}"
+step "brokers: $BROKERS"
+STARTED=()
+cleanup() {
+    if [ "${#STARTED[@]}" -gt 0 ]; then
+        bash scripts/brokers.sh down "${STARTED[@]}" || true
+    fi
+}
+trap cleanup EXIT
+for b in $BROKERS; do
+    var="OONA_TEST_$(echo "$b" | tr '[:lower:]' '[:upper:]')_URL"
+    if [ -n "${!var:-}" ]; then
+        echo "using $var=${!var}" >&2
+        continue
+    fi
+    bash scripts/brokers.sh up "$b"
+    STARTED+=("$b")
+done
+if [ -f "$TARGET/brokers.env" ]; then
+    set -a
+    # shellcheck disable=SC1091
+    . "$TARGET/brokers.env"
+    set +a
+fi
+
+step "cargo test (workspace, all features)"
+cargo test --workspace --all-features
+
+step "main job on memory://"
+OONA_URL=memory:// cargo run -q -p oona --example esper_pipeline --all-features
+if [ -n "${OONA_TEST_REDIS_URL:-}" ]; then
+    step "main job on $OONA_TEST_REDIS_URL"
+    OONA_URL="$OONA_TEST_REDIS_URL" cargo run -q -p oona --example esper_pipeline --all-features
+fi
+step "all tests passed"
