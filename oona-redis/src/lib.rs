@@ -1,0 +1,604 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use oona_core::{
+    rules, Capabilities, ConnectUrl, DeliveryStream, Driver, Envelope, Error, ErrorKind, Health,
+    HealthStatus, Receipt, Result, Retention, StartPosition, Subscription, Topic, TopicPolicy,
+    Transport,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Value;
+use tokio_util::sync::CancellationToken;
+
+mod acker;
+mod config;
+mod scripts;
+mod sub;
+mod wire;
+
+pub use config::RedisConfig;
+
+/// The transport's name.
+pub const NAME: &str = "redis";
+
+/// The driver the `oona` facade registers for `redis://` and `rediss://`.
+pub const DRIVER: Driver = Driver {
+    name: NAME,
+    schemes: &["redis", "rediss"],
+    connect: connect_driver,
+};
+
+fn connect_driver(url: ConnectUrl) -> BoxFuture<'static, Result<Arc<dyn Transport>>> {
+    Box::pin(async move {
+        let config = RedisConfig::from_connect_url(url)?;
+        let t = RedisTransport::connect(config).await?;
+        Ok(Arc::new(t) as Arc<dyn Transport>)
+    })
+}
+
+/// Largest payload the transport accepts (Redis's own bulk string limit is
+/// 512 MiB; topic policies usually limit it far lower).
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024 * 1024;
+
+/// Hash fields of a topic's policy record `<prefix><topic>:policy`.
+pub mod policy_field {
+    /// Retention in milliseconds, `-1` for indefinite.
+    pub const RETENTION_MS: &str = "retention_ms";
+    /// Largest payload in bytes.
+    pub const MAX_PAYLOAD_BYTES: &str = "max_payload_bytes";
+}
+
+/// Oona on Redis Streams. Cheap to clone (all clones share connections).
+#[derive(Clone)]
+pub struct RedisTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTransport")
+            .field("addr", &self.inner.cfg.connection.addr.to_string())
+            .field("prefix", &self.inner.cfg.prefix)
+            .field("closed", &self.inner.closed.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) cfg: RedisConfig,
+    client: redis::Client,
+    pub(crate) conn: ConnectionManager,
+    /// Topics whose policy this client has recorded in Redis, with the
+    /// retention it applies on XADD.
+    recorded: Mutex<HashMap<Topic, Option<u64>>>,
+    /// Policies given to `ensure_topic`, over the plane defaults.
+    overrides: Mutex<HashMap<Topic, TopicPolicy>>,
+    pub(crate) acker: acker::Acker,
+    pub(crate) closed: AtomicBool,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) claim: redis::Script,
+    pub(crate) nack: redis::Script,
+    pub(crate) renew: redis::Script,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+pub(crate) fn redis_error(e: redis::RedisError, what: &str) -> Error {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.kind() == redis::ErrorKind::AuthenticationFailed {
+        ErrorKind::Unauthenticated
+    } else if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::BusyLoadingError | redis::ErrorKind::TryAgain
+        )
+    {
+        ErrorKind::Connection
+    } else {
+        ErrorKind::Broker
+    };
+    let temporary = kind.default_temporary()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::BusyLoadingError | redis::ErrorKind::TryAgain
+        );
+    Error::new(kind, what.to_string())
+        .with_source(e)
+        .with_transport(NAME)
+        .set_temporary(temporary)
+}
+
+fn closed_error() -> Error {
+    Error::new(ErrorKind::Closed, "the Redis transport is closed").with_transport(NAME)
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn retention_ms(r: Retention) -> Option<u64> {
+    r.duration()
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1))
+}
+
+impl RedisTransport {
+    /// Connect from a URL (see [`RedisConfig::from_url`]).
+    pub async fn connect_url(url: &str) -> Result<Self> {
+        Self::connect(RedisConfig::from_url(url)?).await
+    }
+
+    /// Connect with `config`. Fails when Redis cannot be reached.
+    pub async fn connect(config: RedisConfig) -> Result<Self> {
+        if matches!(config.connection.addr, redis::ConnectionAddr::TcpTls { .. }) {
+            // rustls needs a process-wide crypto provider; an error only
+            // means one is installed already.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = redis::Client::open(config.connection.clone()).map_err(|e| {
+            redis_error(e, "invalid Redis connection settings").set_temporary(false)
+        })?;
+        let conn = manager(&client, &config, config.response_timeout).await?;
+        let inner = Arc::new(Inner {
+            acker: acker::Acker::start(conn.clone()),
+            cfg: config,
+            client,
+            conn,
+            recorded: Mutex::new(HashMap::new()),
+            overrides: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            cancel: CancellationToken::new(),
+            claim: redis::Script::new(scripts::CLAIM),
+            nack: redis::Script::new(scripts::NACK),
+            renew: redis::Script::new(scripts::RENEW),
+        });
+        if !inner.cfg.housekeeping.is_zero() {
+            tokio::spawn(housekeeping(
+                Arc::downgrade(&inner),
+                inner.cancel.clone(),
+                inner.cfg.housekeeping,
+            ));
+        }
+        Ok(RedisTransport { inner })
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.cfg
+    }
+
+    /// The stream key of `topic`: `<prefix><topic>`.
+    pub fn stream_key(&self, topic: &Topic) -> String {
+        self.inner.stream_key(topic)
+    }
+
+    /// The key of `topic`'s policy record: `<prefix><topic>:policy`, a hash
+    /// with the fields of [`policy_field`].
+    pub fn policy_key(&self, topic: &Topic) -> String {
+        self.inner.policy_key(topic)
+    }
+
+    /// Enforce retention now on every topic recorded under this prefix
+    /// (XTRIM MINID, exact); returns the number of entries removed. Runs by
+    /// itself every [`RedisConfig::housekeeping`].
+    pub async fn housekeep(&self) -> Result<u64> {
+        self.inner.check_open()?;
+        self.inner.housekeep().await
+    }
+}
+
+async fn manager(
+    client: &redis::Client,
+    cfg: &RedisConfig,
+    response_timeout: Duration,
+) -> Result<ConnectionManager> {
+    let mc = ConnectionManagerConfig::new()
+        .set_connection_timeout(cfg.connect_timeout)
+        .set_response_timeout(response_timeout)
+        .set_number_of_retries(2)
+        .set_max_delay(500);
+    client
+        .get_connection_manager_with_config(mc)
+        .await
+        .map_err(|e| {
+            redis_error(
+                e,
+                &format!("cannot connect to Redis at {}", cfg.connection.addr),
+            )
+        })
+}
+
+async fn housekeeping(inner: Weak<Inner>, cancel: CancellationToken, every: Duration) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        if let Err(e) = inner.housekeep().await {
+            tracing::debug!(error = %e, "housekeeping failed; retrying next round");
+        }
+    }
+}
+
+impl Inner {
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            Err(closed_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn stream_key(&self, topic: &Topic) -> String {
+        format!("{}{}", self.cfg.prefix, topic)
+    }
+
+    fn policy_key(&self, topic: &Topic) -> String {
+        format!("{}{}:policy", self.cfg.prefix, topic)
+    }
+
+    pub(crate) fn delayed_key(&self, topic: &Topic, group: &str) -> String {
+        format!("{}{}:delayed:{}", self.cfg.prefix, topic, group)
+    }
+
+    fn topics_key(&self) -> String {
+        format!("{}_topics", self.cfg.prefix)
+    }
+
+    fn policy_for(&self, topic: &Topic) -> TopicPolicy {
+        if let Ok(o) = self.overrides.lock() {
+            if let Some(p) = o.get(topic) {
+                return p.clone();
+            }
+        }
+        self.cfg.policies.for_topic(topic).clone()
+    }
+
+    fn check_publish(&self, env: &Envelope) -> Result<()> {
+        rules::check_publish(env, &self.cfg.policies, MAX_PAYLOAD_BYTES)
+            .and_then(|()| {
+                self.policy_for(&env.topic)
+                    .check_payload(&env.topic, env.payload.len())
+            })
+            .map_err(|e| e.with_transport(NAME))
+    }
+
+    /// The MINID for an XADD to `topic`, adding the policy record to `pipe`
+    /// when this client has not written it yet. Returns whether it did.
+    pub(crate) fn prepare_topic(
+        &self,
+        pipe: &mut redis::Pipeline,
+        topic: &Topic,
+    ) -> (Option<u64>, bool) {
+        let known = self
+            .recorded
+            .lock()
+            .ok()
+            .and_then(|r| r.get(topic).copied());
+        let (retention, added) = match known {
+            Some(r) => (r, false),
+            None => {
+                let policy = self.policy_for(topic);
+                self.add_policy_record(pipe, topic, &policy);
+                (retention_ms(policy.retention), true)
+            }
+        };
+        (retention.map(|ms| now_ms().saturating_sub(ms)), added)
+    }
+
+    fn add_policy_record(&self, pipe: &mut redis::Pipeline, topic: &Topic, policy: &TopicPolicy) {
+        pipe.cmd("HSET")
+            .arg(self.policy_key(topic))
+            .arg(policy_field::RETENTION_MS)
+            .arg(policy.retention.as_millis_or_minus_one())
+            .arg(policy_field::MAX_PAYLOAD_BYTES)
+            .arg(policy.max_payload_bytes)
+            .ignore();
+        pipe.cmd("SADD")
+            .arg(self.topics_key())
+            .arg(topic.as_str())
+            .ignore();
+    }
+
+    pub(crate) fn mark_recorded(&self, topic: &Topic) {
+        let retention = retention_ms(self.policy_for(topic).retention);
+        if let Ok(mut r) = self.recorded.lock() {
+            r.insert(topic.clone(), retention);
+        }
+    }
+
+    /// Publish one or more envelopes in one round trip; receipts in order.
+    async fn publish_all(&self, envelopes: Vec<Envelope>) -> Result<Vec<Receipt>> {
+        self.check_open()?;
+        for env in &envelopes {
+            self.check_publish(env)?;
+        }
+        let mut pipe = redis::pipe();
+        let mut new_topics: Vec<Topic> = Vec::new();
+        let mut min_ids: HashMap<&Topic, Option<u64>> = HashMap::new();
+        for env in &envelopes {
+            let min_id = match min_ids.get(&env.topic) {
+                Some(m) => *m,
+                None => {
+                    let (m, added) = self.prepare_topic(&mut pipe, &env.topic);
+                    if added {
+                        new_topics.push(env.topic.clone());
+                    }
+                    min_ids.insert(&env.topic, m);
+                    m
+                }
+            };
+            wire::xadd(&mut pipe, &self.stream_key(&env.topic), min_id, env);
+        }
+        let mut conn = self.conn.clone();
+        let ids: Vec<Value> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error(e, "XADD failed"))?;
+        for t in &new_topics {
+            self.mark_recorded(t);
+        }
+        if ids.len() != envelopes.len() {
+            return Err(Error::new(
+                ErrorKind::Broker,
+                format!("{} replies to {} XADDs", ids.len(), envelopes.len()),
+            )
+            .with_transport(NAME));
+        }
+        Ok(envelopes
+            .into_iter()
+            .zip(ids)
+            .map(|(env, id)| Receipt::new(env.event_id, env.topic, wire::as_string(&id)))
+            .collect())
+    }
+
+    async fn housekeep(&self) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        let topics: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.topics_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error(e, "SMEMBERS failed"))?;
+        let topics: Vec<Topic> = topics
+            .into_iter()
+            .filter_map(|t| Topic::new(t).ok())
+            .collect();
+        if topics.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for t in &topics {
+            pipe.cmd("HGET")
+                .arg(self.policy_key(t))
+                .arg(policy_field::RETENTION_MS);
+        }
+        let retentions: Vec<Option<i64>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error(e, "HGET of topic policies failed"))?;
+        let now = now_ms();
+        let mut trim = redis::pipe();
+        let mut n = 0;
+        for (t, r) in topics.iter().zip(retentions) {
+            if let Some(ms) = r.filter(|ms| *ms > 0) {
+                let cutoff = now.saturating_sub(u64::try_from(ms).unwrap_or(0));
+                trim.cmd("XTRIM")
+                    .arg(self.stream_key(t))
+                    .arg("MINID")
+                    .arg(cutoff);
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        let removed: Vec<u64> = trim
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| redis_error(e, "XTRIM failed"))?;
+        Ok(removed.into_iter().sum())
+    }
+}
+
+/// The id after which a new group starts reading.
+fn start_id(start: StartPosition) -> String {
+    match start {
+        StartPosition::Latest => "$".into(),
+        StartPosition::Earliest => "0".into(),
+        StartPosition::At(ts) => match ts.unix_millis() {
+            0 => "0".into(),
+            // Stream ids are `<ms>-<seq>`: start after every id of the
+            // previous millisecond, so entries at or after `ts` are read.
+            ms => format!("{}-{}", ms - 1, u64::MAX),
+        },
+    }
+}
+
+#[async_trait]
+impl Transport for RedisTransport {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        // key_ordered_competing: not implemented (one stream per topic, no
+        // key-hashed partitions), so declared false.
+        Capabilities::default()
+            .with_key_ordered_competing(false)
+            .with_max_payload_bytes(MAX_PAYLOAD_BYTES)
+    }
+
+    async fn ensure_topic(&self, topic: &Topic, policy: &TopicPolicy) -> Result<()> {
+        self.inner.check_open()?;
+        if let Ok(mut o) = self.inner.overrides.lock() {
+            o.insert(topic.clone(), policy.clone());
+        }
+        let mut pipe = redis::pipe();
+        self.inner.add_policy_record(&mut pipe, topic, policy);
+        if let Some(ms) = retention_ms(policy.retention) {
+            pipe.cmd("XTRIM")
+                .arg(self.inner.stream_key(topic))
+                .arg("MINID")
+                .arg("~")
+                .arg(now_ms().saturating_sub(ms))
+                .ignore();
+        }
+        let mut conn = self.inner.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| redis_error(e, "recording the topic policy failed"))?;
+        self.inner.mark_recorded(topic);
+        Ok(())
+    }
+
+    async fn publish(&self, envelope: Envelope) -> Result<Receipt> {
+        let mut r = self.inner.publish_all(vec![envelope]).await?;
+        r.pop().ok_or_else(|| {
+            Error::new(ErrorKind::Internal, "no receipt for a publish").with_transport(NAME)
+        })
+    }
+
+    async fn publish_batch(&self, envelopes: Vec<Envelope>) -> Result<Vec<Receipt>> {
+        if envelopes.is_empty() {
+            self.inner.check_open()?;
+            return Ok(Vec::new());
+        }
+        self.inner.publish_all(envelopes).await
+    }
+
+    async fn subscribe(&self, mut subscription: Subscription) -> Result<DeliveryStream> {
+        self.inner.check_open()?;
+        let cfg = &self.inner.cfg;
+        if subscription.prefetch == Subscription::DEFAULT_PREFETCH {
+            if let Some(p) = cfg.default_prefetch {
+                subscription.prefetch = p;
+            }
+        }
+        if subscription.ack_deadline == Subscription::DEFAULT_ACK_DEADLINE {
+            if let Some(d) = cfg.default_ack_deadline {
+                subscription.ack_deadline = d;
+            }
+        }
+        if subscription.max_attempts == Subscription::DEFAULT_MAX_ATTEMPTS {
+            if let Some(n) = cfg.default_max_attempts {
+                subscription.max_attempts = n;
+            }
+        }
+        let inner = &self.inner;
+        let key = inner.stream_key(&subscription.topic);
+        let mut conn = inner.conn.clone();
+        // Record the policies so housekeeping trims this topic and its dead
+        // letters even if this process never publishes to them.
+        let mut pipe = redis::pipe();
+        let (_, a) = inner.prepare_topic(&mut pipe, &subscription.topic);
+        let (_, b) = inner.prepare_topic(&mut pipe, &subscription.dead_letter);
+        if a || b {
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| redis_error(e, "recording the topic policy failed"))?;
+            inner.mark_recorded(&subscription.topic);
+            inner.mark_recorded(&subscription.dead_letter);
+        }
+        sub::create_group(
+            &mut conn,
+            &key,
+            subscription.group.as_str(),
+            &start_id(subscription.start),
+        )
+        .await?;
+        let read_conn = manager(
+            &inner.client,
+            cfg,
+            cfg.block + cfg.response_timeout,
+        )
+        .await?;
+        Ok(sub::start(Arc::clone(&self.inner), subscription, read_conn))
+    }
+
+    async fn delete_topic(&self, topic: &Topic) -> Result<()> {
+        self.inner.check_open()?;
+        let inner = &self.inner;
+        let key = inner.stream_key(topic);
+        let mut conn = inner.conn.clone();
+        let groups: Vec<String> = match redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&key)
+            .query_async::<Value>(&mut conn)
+            .await
+        {
+            Ok(v) => sub::group_names(&v),
+            // No such stream: nothing to list.
+            Err(e) if e.kind() == redis::ErrorKind::ResponseError => Vec::new(),
+            Err(e) => return Err(redis_error(e, "XINFO GROUPS failed")),
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(&key).arg(inner.policy_key(topic)).ignore();
+        for g in &groups {
+            pipe.cmd("DEL").arg(inner.delayed_key(topic, g)).ignore();
+        }
+        pipe.cmd("SREM")
+            .arg(inner.topics_key())
+            .arg(topic.as_str())
+            .ignore();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| redis_error(e, "deleting the topic failed"))?;
+        if let Ok(mut r) = inner.recorded.lock() {
+            r.remove(topic);
+        }
+        if let Ok(mut o) = inner.overrides.lock() {
+            o.remove(topic);
+        }
+        Ok(())
+    }
+
+    async fn health(&self) -> Health {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Health::new(HealthStatus::Down, NAME, "closed", None);
+        }
+        let started = Instant::now();
+        let mut conn = self.inner.conn.clone();
+        match redis::cmd("PING").query_async::<String>(&mut conn).await {
+            Ok(_) => Health::new(
+                HealthStatus::Up,
+                NAME,
+                format!("PING answered by {}", self.inner.cfg.connection.addr),
+                Some(started.elapsed()),
+            ),
+            Err(e) => Health::new(
+                HealthStatus::Down,
+                NAME,
+                format!("PING to {} failed: {e}", self.inner.cfg.connection.addr),
+                None,
+            ),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.inner.cancel.cancel();
+        self.inner.acker.flush(true).await;
+        Ok(())
+    }
+}

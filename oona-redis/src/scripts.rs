@@ -1,0 +1,77 @@
+//! Lua scripts that must be atomic on the server.
+//!
+//! Redelivery state lives in Redis, never only in a process: the pending
+//! entries list (PEL) of the consumer group holds every unsettled entry with
+//! its delivery counter, and the per-group sorted set
+//! `<prefix><topic>:delayed:<group>` holds "not before" times of nacked
+//! entries (score: server time in ms). Times come from the server's `TIME`
+//! so clocks of clients never matter.
+
+/// Claim what is due for `consumer`: first delayed nacks whose time has
+/// come (whoever holds them), then entries idle past the ack deadline that
+/// are not parked by a delayed nack. Returns `[[id, fields, count], ...]`,
+/// `count` being the delivery counter after this claim (the attempt).
+///
+/// KEYS: stream, delayed zset. ARGV: group, consumer, min idle ms, count.
+pub(crate) const CLAIM: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local group, me, min_idle, want = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local out, n = {}, 0
+local function take(id, count, idle)
+  local c = redis.call('XCLAIM', KEYS[1], group, me, idle, id)
+  if c[1] and c[1][2] then
+    n = n + 1
+    out[n] = {c[1][1], c[1][2], count + 1}
+  elseif c[1] then
+    -- trimmed away while pending: nothing left to deliver
+    redis.call('XACK', KEYS[1], group, id)
+  end
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, want)
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[2], id)
+  local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+  if p[1] then take(id, p[1][4], 0) end
+end
+if n < want then
+  local parked = redis.call('ZCARD', KEYS[2])
+  local pend = redis.call('XPENDING', KEYS[1], group, 'IDLE', min_idle, '-', '+', want - n + parked)
+  for _, p in ipairs(pend) do
+    if n >= want then break end
+    if not redis.call('ZSCORE', KEYS[2], p[1]) then take(p[1], p[4], min_idle) end
+  end
+end
+return out
+"#;
+
+/// Nack of an entry held by `consumer`: park it until `now + delay`, when a
+/// claim pass of any consumer of the group hands it out again. Returns 1,
+/// or 0 when the entry is no longer pending for this consumer (it was
+/// claimed by another one after the ack deadline, or settled).
+///
+/// KEYS: stream, delayed zset. ARGV: group, consumer, id, delay ms.
+pub(crate) const NACK: &str = r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[3])
+return 1
+"#;
+
+/// Immediate nack of an entry held by `consumer`: claim it again for the
+/// same consumer (the delivery counter goes up by one) and return
+/// `[[id, fields, count]]`; `[]` when the entry was trimmed away, `0` when
+/// it is no longer pending for this consumer.
+///
+/// KEYS: stream, delayed zset. ARGV: group, consumer, id.
+pub(crate) const RENEW: &str = r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[3])
+local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])
+if c[1] and c[1][2] then return {{c[1][1], c[1][2], p[1][4] + 1}} end
+if c[1] then redis.call('XACK', KEYS[1], ARGV[1], ARGV[3]) end
+return {}
+"#;

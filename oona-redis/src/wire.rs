@@ -1,0 +1,217 @@
+//! Stream entries <-> envelopes, and reading raw Redis replies.
+
+use bytes::Bytes;
+use oona_core::wire::fields;
+use oona_core::{Envelope, Error, ErrorKind, Result, Topic};
+use redis::Value;
+
+/// Field holding the payload bytes.
+pub(crate) const PAYLOAD: &str = "payload";
+
+/// One stream entry as read: its id and its fields in order.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub id: String,
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Append `XADD key [MINID ~ cutoff] * <fields> payload <bytes>` to `pipe`.
+pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, min_id: Option<u64>, env: &Envelope) {
+    let cmd = pipe.cmd("XADD").arg(key);
+    if let Some(min) = min_id {
+        cmd.arg("MINID").arg("~").arg(min);
+    }
+    cmd.arg("*");
+    for (k, v) in fields::encode(env) {
+        cmd.arg(k).arg(v);
+    }
+    cmd.arg(PAYLOAD).arg(env.payload.as_ref());
+}
+
+/// The envelope of an entry read from `topic`.
+pub(crate) fn decode(entry: &Entry, topic: &Topic) -> Result<Envelope> {
+    let mut payload = None;
+    let mut rest = Vec::with_capacity(entry.fields.len());
+    for (k, v) in &entry.fields {
+        if k.as_slice() == PAYLOAD.as_bytes() {
+            payload = Some(Bytes::copy_from_slice(v));
+        } else {
+            rest.push((k.as_slice(), v.as_slice()));
+        }
+    }
+    let env = fields::decode(rest, payload.clone().unwrap_or_default(), topic)?;
+    if payload.is_none() {
+        return Err(Error::new(
+            ErrorKind::Decode,
+            "entry has no \"payload\" field: not an Oona envelope",
+        ));
+    }
+    Ok(env)
+}
+
+/// The raw fields of an entry as a JSON object (for poison dead letters);
+/// values that are not UTF-8 are written with replacement characters.
+pub(crate) fn raw_json(entry: &Entry) -> Bytes {
+    let mut map = serde_json::Map::new();
+    for (k, v) in &entry.fields {
+        map.insert(
+            String::from_utf8_lossy(k).into_owned(),
+            serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
+        );
+    }
+    Bytes::from(serde_json::Value::Object(map).to_string())
+}
+
+fn bad(what: &str, v: &Value) -> Error {
+    Error::new(
+        ErrorKind::Broker,
+        format!("unexpected Redis reply for {what}: {v:?}"),
+    )
+    .with_transport(crate::NAME)
+}
+
+pub(crate) fn as_bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.as_bytes()),
+        _ => None,
+    }
+}
+
+pub(crate) fn as_string(v: &Value) -> Option<String> {
+    as_bytes(v).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+pub(crate) fn as_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => as_bytes(other).and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()),
+    }
+}
+
+fn as_seq(v: &Value) -> Option<&[Value]> {
+    match v {
+        Value::Array(a) | Value::Set(a) => Some(a),
+        _ => None,
+    }
+}
+
+/// `[id, [f, v, f, v, ...]]`; fields `Nil` for a deleted entry (`None`).
+pub(crate) fn parse_entry(v: &Value) -> Result<Option<Entry>> {
+    let parts = as_seq(v).ok_or_else(|| bad("stream entry", v))?;
+    let id = parts
+        .first()
+        .and_then(as_string)
+        .ok_or_else(|| bad("stream entry id", v))?;
+    let flat = match parts.get(1) {
+        None | Some(Value::Nil) | Some(Value::Boolean(false)) => return Ok(None),
+        Some(Value::Map(m)) => {
+            let mut fields = Vec::with_capacity(m.len());
+            for (k, val) in m {
+                let k = as_bytes(k).ok_or_else(|| bad("field name", k))?;
+                let val = as_bytes(val).ok_or_else(|| bad("field value", val))?;
+                fields.push((k.to_vec(), val.to_vec()));
+            }
+            return Ok(Some(Entry { id, fields }));
+        }
+        Some(f) => as_seq(f).ok_or_else(|| bad("entry fields", f))?,
+    };
+    let mut fields = Vec::with_capacity(flat.len() / 2);
+    for pair in flat.chunks(2) {
+        let [k, val] = pair else {
+            return Err(bad("entry fields (odd count)", v));
+        };
+        let k = as_bytes(k).ok_or_else(|| bad("field name", k))?;
+        let val = as_bytes(val).ok_or_else(|| bad("field value", val))?;
+        fields.push((k.to_vec(), val.to_vec()));
+    }
+    Ok(Some(Entry { id, fields }))
+}
+
+/// The entries of an XREADGROUP reply on one stream (`Nil` on timeout).
+pub(crate) fn parse_xreadgroup(v: &Value) -> Result<Vec<Entry>> {
+    let streams: Vec<&Value> = match v {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Map(m) => m.iter().map(|(_, entries)| entries).collect(),
+        other => as_seq(other)
+            .ok_or_else(|| bad("XREADGROUP", other))?
+            .iter()
+            .map(|s| as_seq(s).and_then(|kv| kv.get(1)).unwrap_or(&Value::Nil))
+            .collect(),
+    };
+    let mut out = Vec::new();
+    for entries in streams {
+        let Some(entries) = as_seq(entries) else {
+            continue;
+        };
+        for e in entries {
+            if let Some(entry) = parse_entry(e)? {
+                out.push(entry);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The reply of the claim script: `[[id, fields, count], ...]`.
+pub(crate) fn parse_claimed(v: &Value) -> Result<Vec<(Entry, u32)>> {
+    let items = as_seq(v).ok_or_else(|| bad("claim script", v))?;
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let parts = as_seq(item).ok_or_else(|| bad("claimed entry", item))?;
+        let count = parts
+            .get(2)
+            .and_then(as_int)
+            .ok_or_else(|| bad("claimed entry count", item))?;
+        let entry_value = Value::Array(parts.iter().take(2).cloned().collect());
+        if let Some(entry) = parse_entry(&entry_value)? {
+            out.push((entry, u32::try_from(count.max(1)).unwrap_or(u32::MAX)));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_xreadgroup_and_decodes() {
+        let t = Topic::new("telemetry.seed.health").unwrap();
+        let env = Envelope::builder(t.clone(), vec![0u8, 255, 7])
+            .sender_id("s")
+            .header("a", "b")
+            .build();
+        let mut flat = Vec::new();
+        for (k, v) in fields::encode(&env) {
+            flat.push(Value::BulkString(k.into_bytes()));
+            flat.push(Value::BulkString(v.into_bytes()));
+        }
+        flat.push(Value::BulkString(b"payload".to_vec()));
+        flat.push(Value::BulkString(env.payload.to_vec()));
+        let reply = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"oona:telemetry.seed.health".to_vec()),
+            Value::Array(vec![Value::Array(vec![
+                Value::BulkString(b"1-0".to_vec()),
+                Value::Array(flat),
+            ])]),
+        ])]);
+        let entries = parse_xreadgroup(&reply).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].id, "1-0");
+        assert_eq!(decode(&entries[0], &t).unwrap(), env);
+        assert!(parse_xreadgroup(&Value::Nil).unwrap().is_empty());
+    }
+
+    #[test]
+    fn junk_is_a_decode_error_and_json_keeps_it() {
+        let t = Topic::new("a.b").unwrap();
+        let e = Entry {
+            id: "1-0".into(),
+            fields: vec![(b"foo".to_vec(), b"bar".to_vec())],
+        };
+        assert_eq!(decode(&e, &t).unwrap_err().kind(), ErrorKind::Decode);
+        assert_eq!(&raw_json(&e)[..], br#"{"foo":"bar"}"#);
+    }
+}
