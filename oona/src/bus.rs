@@ -1,0 +1,519 @@
+//! The typed layer: [`Bus`] publishes values and yields decoded deliveries.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::StreamExt as _;
+use oona_core::{
+    Codec, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Health, Json,
+    PolicySet, Priority, Receipt, Result, Subscription, Topic, Transport,
+};
+use tracing::Instrument as _;
+
+use crate::runner::Runner;
+
+/// Anything that names a topic: a [`Topic`] or a string, validated before
+/// any I/O (an invalid name is an [`ErrorKind::InvalidTopic`] error).
+pub trait IntoTopic {
+    /// The validated topic.
+    fn into_topic(self) -> Result<Topic>;
+}
+
+impl IntoTopic for Topic {
+    fn into_topic(self) -> Result<Topic> {
+        Ok(self)
+    }
+}
+impl IntoTopic for &Topic {
+    fn into_topic(self) -> Result<Topic> {
+        Ok(self.clone())
+    }
+}
+impl IntoTopic for &str {
+    fn into_topic(self) -> Result<Topic> {
+        Topic::new(self)
+    }
+}
+impl IntoTopic for String {
+    fn into_topic(self) -> Result<Topic> {
+        Topic::new(self)
+    }
+}
+impl IntoTopic for &String {
+    fn into_topic(self) -> Result<Topic> {
+        Topic::new(self.as_str())
+    }
+}
+
+/// A transport with a sender identity and topic policies: the handle
+/// services publish and consume through.
+///
+/// Cheap to clone (two `Arc`s and a string).
+#[derive(Clone)]
+pub struct Bus {
+    transport: Arc<dyn Transport>,
+    sender_id: Arc<str>,
+    policies: Arc<PolicySet>,
+}
+
+impl fmt::Debug for Bus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bus")
+            .field("transport", &self.transport.name())
+            .field("sender_id", &self.sender_id)
+            .finish()
+    }
+}
+
+impl Bus {
+    /// The sender id used until [`Bus::with_sender_id`] sets one.
+    pub const DEFAULT_SENDER_ID: &'static str = "oona";
+
+    /// Wrap a transport, with sender id [`Bus::DEFAULT_SENDER_ID`] and the
+    /// platform's default [`PolicySet`].
+    pub fn new(transport: Arc<dyn Transport>) -> Self {
+        Bus {
+            transport,
+            sender_id: Arc::from(Self::DEFAULT_SENDER_ID),
+            policies: Arc::new(PolicySet::default()),
+        }
+    }
+
+    /// Publish as `sender_id` (`tamiyo-controller-1`).
+    pub fn with_sender_id(mut self, sender_id: impl Into<String>) -> Self {
+        self.sender_id = Arc::from(sender_id.into());
+        self
+    }
+
+    /// Use these topic policies for [`Bus::ensure_topic`] and the payload
+    /// check before publishing.
+    pub fn with_policies(mut self, policies: PolicySet) -> Self {
+        self.policies = Arc::new(policies);
+        self
+    }
+
+    /// The transport underneath.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    /// Who this bus publishes as.
+    pub fn sender_id(&self) -> &str {
+        &self.sender_id
+    }
+
+    /// The topic policies.
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// Publish `value` to `topic` as JSON.
+    pub async fn publish<T>(&self, topic: impl IntoTopic, value: &T) -> Result<Receipt>
+    where
+        Json: Codec<T>,
+    {
+        self.message(topic, value).send().await
+    }
+
+    /// Publish `value` to `topic` with `codec`.
+    pub async fn publish_with<T, C>(
+        &self,
+        codec: &C,
+        topic: impl IntoTopic,
+        value: &T,
+    ) -> Result<Receipt>
+    where
+        C: Codec<T>,
+    {
+        self.message_with(codec, topic, value).send().await
+    }
+
+    /// Start a JSON message with options (key, correlation id, headers...);
+    /// finish with [`MessageBuilder::send`].
+    pub fn message<'a, T>(
+        &'a self,
+        topic: impl IntoTopic,
+        value: &'a T,
+    ) -> MessageBuilder<'a, T, Json>
+    where
+        Json: Codec<T>,
+    {
+        MessageBuilder::new(self, &Json, topic.into_topic(), value)
+    }
+
+    /// Start a message encoded with `codec`.
+    pub fn message_with<'a, T, C>(
+        &'a self,
+        codec: &'a C,
+        topic: impl IntoTopic,
+        value: &'a T,
+    ) -> MessageBuilder<'a, T, C>
+    where
+        C: Codec<T>,
+    {
+        MessageBuilder::new(self, codec, topic.into_topic(), value)
+    }
+
+    /// Publish a ready envelope. An empty `sender_id` is filled with this
+    /// bus's. The payload is checked against the topic's policy before any
+    /// I/O.
+    pub async fn publish_envelope(&self, mut envelope: Envelope) -> Result<Receipt> {
+        if envelope.sender_id.is_empty() {
+            envelope.sender_id = self.sender_id.to_string();
+        }
+        self.policies
+            .for_topic(&envelope.topic)
+            .check_payload(&envelope.topic, envelope.payload.len())?;
+        let span = tracing::debug_span!(
+            "oona.publish",
+            topic = %envelope.topic,
+            event_id = %envelope.event_id,
+            transport = self.transport.name(),
+        );
+        self.transport.publish(envelope).instrument(span).await
+    }
+
+    /// Publish several envelopes in order (one round trip where the
+    /// transport can).
+    pub async fn publish_envelopes(&self, mut envelopes: Vec<Envelope>) -> Result<Vec<Receipt>> {
+        for e in &mut envelopes {
+            if e.sender_id.is_empty() {
+                e.sender_id = self.sender_id.to_string();
+            }
+            self.policies
+                .for_topic(&e.topic)
+                .check_payload(&e.topic, e.payload.len())?;
+        }
+        let span = tracing::debug_span!(
+            "oona.publish",
+            count = envelopes.len(),
+            transport = self.transport.name(),
+        );
+        self.transport
+            .publish_batch(envelopes)
+            .instrument(span)
+            .await
+    }
+
+    /// Create `topic` if missing, with its plane's policy.
+    pub async fn ensure_topic(&self, topic: impl IntoTopic) -> Result<()> {
+        let topic = topic.into_topic()?;
+        let policy = self.policies.for_topic(&topic).clone();
+        self.transport.ensure_topic(&topic, &policy).await
+    }
+
+    /// Raw, undecoded deliveries.
+    pub async fn subscribe_raw(&self, subscription: Subscription) -> Result<DeliveryStream> {
+        self.transport.subscribe(subscription).await
+    }
+
+    /// Deliveries decoded from JSON into `T`. A payload that does not
+    /// decode is rejected (dead-lettered with the decode error as reason)
+    /// and skipped, never dropped.
+    pub async fn subscribe<T>(
+        &self,
+        subscription: Subscription,
+    ) -> Result<TypedSubscription<T, Json>>
+    where
+        Json: Codec<T>,
+    {
+        self.subscribe_with(Json, subscription).await
+    }
+
+    /// Deliveries decoded with `codec`; see [`Bus::subscribe`].
+    pub async fn subscribe_with<T, C>(
+        &self,
+        codec: C,
+        subscription: Subscription,
+    ) -> Result<TypedSubscription<T, C>>
+    where
+        C: Codec<T>,
+    {
+        let stream = self.transport.subscribe(subscription).await?;
+        Ok(TypedSubscription {
+            stream,
+            codec,
+            _t: PhantomData,
+        })
+    }
+
+    /// A handler runner for `subscription`, decoding JSON into `T`.
+    pub fn runner<T>(&self, subscription: Subscription) -> Runner<T, Json>
+    where
+        Json: Codec<T>,
+        T: Send + 'static,
+    {
+        Runner::new(self.clone(), subscription, Json)
+    }
+
+    /// A handler runner decoding with `codec`.
+    pub fn runner_with<T, C>(&self, codec: C, subscription: Subscription) -> Runner<T, C>
+    where
+        C: Codec<T>,
+        T: Send + 'static,
+    {
+        Runner::new(self.clone(), subscription, codec)
+    }
+
+    /// Run `handler` on `subscription` with the runner defaults (one
+    /// message at a time) until the transport closes the stream. For
+    /// concurrency and graceful shutdown use [`Bus::runner`].
+    pub async fn run<T, H>(
+        &self,
+        subscription: Subscription,
+        handler: H,
+    ) -> Result<crate::RunSummary>
+    where
+        Json: Codec<T>,
+        T: Send + 'static,
+        H: crate::Handler<T>,
+    {
+        self.runner(subscription).run(handler).await
+    }
+
+    /// The transport's health.
+    pub async fn health(&self) -> Health {
+        self.transport.health().await
+    }
+
+    /// Close the transport (streams end, queued settlements are flushed).
+    pub async fn close(&self) -> Result<()> {
+        self.transport.close().await
+    }
+}
+
+/// A message being built; see [`Bus::message`].
+#[must_use = "a message is only published by .send().await"]
+pub struct MessageBuilder<'a, T, C> {
+    bus: &'a Bus,
+    codec: &'a C,
+    topic: Result<Topic>,
+    value: &'a T,
+    key: Option<String>,
+    correlation_id: Option<String>,
+    traceparent: Option<String>,
+    priority: Option<Priority>,
+    schema_id: Option<String>,
+    headers: Vec<(String, String)>,
+}
+
+impl<'a, T, C: Codec<T>> MessageBuilder<'a, T, C> {
+    fn new(bus: &'a Bus, codec: &'a C, topic: Result<Topic>, value: &'a T) -> Self {
+        MessageBuilder {
+            bus,
+            codec,
+            topic,
+            value,
+            key: None,
+            correlation_id: None,
+            traceparent: None,
+            priority: None,
+            schema_id: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// Partition / ordering key: messages with one key keep their order.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+    /// Correlation id (ties a reply to its request).
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+    /// Continue a W3C trace (`traceparent` header; sets the trace id).
+    pub fn traceparent(mut self, tp: impl Into<String>) -> Self {
+        self.traceparent = Some(tp.into());
+        self
+    }
+    /// Priority (default normal).
+    pub fn priority(mut self, p: Priority) -> Self {
+        self.priority = Some(p);
+        self
+    }
+    /// Override the schema id the codec gives.
+    pub fn schema_id(mut self, id: impl Into<String>) -> Self {
+        self.schema_id = Some(id.into());
+        self
+    }
+    /// Add a header. Names starting with `oona-` are reserved: sending such
+    /// a message fails with [`ErrorKind::ConfigInvalid`].
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Encode and build the envelope without publishing it.
+    pub fn build(self) -> Result<Envelope> {
+        let topic = self.topic?;
+        let payload = self.codec.encode(self.value)?;
+        let mut b = Envelope::builder(topic, payload)
+            .sender_id(self.bus.sender_id.to_string())
+            .content_type(self.codec.content_type());
+        if let Some(s) = self.schema_id.or_else(|| self.codec.schema_id()) {
+            b = b.schema_id(s);
+        }
+        if let Some(k) = self.key {
+            b = b.key(k);
+        }
+        if let Some(c) = self.correlation_id {
+            b = b.correlation_id(c);
+        }
+        if let Some(tp) = self.traceparent {
+            b = b.traceparent(tp);
+        }
+        if let Some(p) = self.priority {
+            b = b.priority(p);
+        }
+        for (k, v) in self.headers {
+            if k.starts_with(oona_core::header::RESERVED_PREFIX) {
+                return Err(Error::new(
+                    ErrorKind::ConfigInvalid,
+                    format!(
+                        "header `{k}`: names starting with `{}` are reserved for Oona",
+                        oona_core::header::RESERVED_PREFIX
+                    ),
+                ));
+            }
+            b = b.header(k, v);
+        }
+        Ok(b.build())
+    }
+
+    /// Encode and publish.
+    pub async fn send(self) -> Result<Receipt> {
+        let bus = self.bus;
+        let envelope = self.build()?;
+        bus.publish_envelope(envelope).await
+    }
+}
+
+/// A delivery with its payload decoded. Settle it with
+/// [`TypedDelivery::ack`], [`TypedDelivery::nack`] or
+/// [`TypedDelivery::reject`]; dropped unsettled it comes back after the ack
+/// deadline.
+#[derive(Debug)]
+pub struct TypedDelivery<T> {
+    value: T,
+    delivery: Delivery,
+}
+
+impl<T> TypedDelivery<T> {
+    /// The decoded payload.
+    pub fn value(&self) -> &T {
+        &self.value
+    }
+    /// The envelope (metadata and raw payload).
+    pub fn envelope(&self) -> &Envelope {
+        self.delivery.envelope()
+    }
+    /// 1 on first delivery, +1 on every redelivery.
+    pub fn attempt(&self) -> u32 {
+        self.delivery.attempt()
+    }
+    /// Facts about this delivery (group, max attempts, position...).
+    pub fn info(&self) -> &DeliveryInfo {
+        self.delivery.info()
+    }
+    /// Split into the value and the raw delivery (which still needs settling).
+    pub fn into_parts(self) -> (T, Delivery) {
+        (self.value, self.delivery)
+    }
+    /// Done with it.
+    pub async fn ack(self) -> Result<()> {
+        self.delivery.ack().await
+    }
+    /// Failed; deliver again after `delay` (dead-lettered on the last attempt).
+    pub async fn nack(self, delay: Option<Duration>) -> Result<()> {
+        self.delivery.nack(delay).await
+    }
+    /// Cannot succeed: dead-letter now with `reason`.
+    pub async fn reject(self, reason: impl Into<String>) -> Result<()> {
+        self.delivery.reject(reason).await
+    }
+}
+
+/// Decoded deliveries of one subscription; see [`Bus::subscribe`].
+pub struct TypedSubscription<T, C = Json> {
+    stream: DeliveryStream,
+    codec: C,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T, C> fmt::Debug for TypedSubscription<T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TypedSubscription")
+            .field("type", &std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+impl<T, C: Codec<T>> TypedSubscription<T, C> {
+    /// The next decoded delivery; `None` when the stream has ended.
+    ///
+    /// A payload that does not decode is rejected with the decode error as
+    /// reason and skipped. If that rejection itself fails, the error is
+    /// returned (the message stays unsettled and comes back after the ack
+    /// deadline).
+    pub async fn next(&mut self) -> Option<Result<TypedDelivery<T>>> {
+        loop {
+            let delivery = match self.stream.next().await? {
+                Ok(d) => d,
+                Err(e) => return Some(Err(e)),
+            };
+            match decode(&self.codec, delivery).await {
+                Ok(Some(td)) => return Some(Ok(td)),
+                Ok(None) => continue,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// As a `Stream`.
+    pub fn into_stream(self) -> BoxStream<'static, Result<TypedDelivery<T>>>
+    where
+        T: Send + 'static,
+        C: 'static,
+    {
+        futures::stream::unfold(self, |mut s| async move {
+            let item = s.next().await?;
+            Some((item, s))
+        })
+        .boxed()
+    }
+}
+
+/// Decode a delivery; on failure reject it with the reason and return
+/// `Ok(None)`.
+pub(crate) async fn decode<T, C: Codec<T>>(
+    codec: &C,
+    delivery: Delivery,
+) -> Result<Option<TypedDelivery<T>>> {
+    match codec.decode(delivery.envelope()) {
+        Ok(value) => Ok(Some(TypedDelivery { value, delivery })),
+        Err(e) => {
+            tracing::warn!(
+                topic = %delivery.envelope().topic,
+                event_id = %delivery.envelope().event_id,
+                error = %e,
+                "oona: payload does not decode; dead-lettering"
+            );
+            delivery.reject(decode_reason(&e)).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// The dead-letter reason of a decode failure.
+pub(crate) fn decode_reason(e: &Error) -> String {
+    if e.kind() == ErrorKind::Decode {
+        format!("decode: {}", e.message())
+    } else {
+        format!("decode: {e}")
+    }
+}

@@ -1,0 +1,214 @@
+//! Message handlers and their errors.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use oona_core::{DeliveryInfo, Envelope, ErrorKind};
+
+/// What a handler returns.
+pub type HandlerResult = Result<(), HandlerError>;
+
+/// A message handed to a handler: the decoded value and its envelope.
+///
+/// The runner settles the delivery from the handler's result; the handler
+/// never acks by itself.
+#[derive(Debug, Clone)]
+pub struct Incoming<T> {
+    value: T,
+    envelope: Envelope,
+    info: DeliveryInfo,
+}
+
+impl<T> Incoming<T> {
+    pub(crate) fn new(value: T, envelope: Envelope, info: DeliveryInfo) -> Self {
+        Incoming {
+            value,
+            envelope,
+            info,
+        }
+    }
+    /// The decoded payload.
+    pub fn value(&self) -> &T {
+        &self.value
+    }
+    /// The envelope (event id, sender, timestamp, trace, key, headers, raw
+    /// payload).
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+    /// 1 on first delivery, +1 on every redelivery.
+    pub fn attempt(&self) -> u32 {
+        self.info.attempt
+    }
+    /// Whether a temporary failure now dead-letters instead of retrying.
+    pub fn is_last_attempt(&self) -> bool {
+        self.info.attempt >= self.info.max_attempts
+    }
+    /// Facts about the delivery (group, max attempts, position...).
+    pub fn info(&self) -> &DeliveryInfo {
+        &self.info
+    }
+    /// The payload, dropping the metadata.
+    pub fn into_value(self) -> T {
+        self.value
+    }
+    /// The payload and its envelope.
+    pub fn into_parts(self) -> (T, Envelope) {
+        (self.value, self.envelope)
+    }
+}
+
+/// Why a handler failed, and so what happens to the message.
+///
+/// - [`HandlerError::temporary`]: nack; the message comes back (after the
+///   error's delay, or the runner's backoff) until `max_attempts`, then it is
+///   dead-lettered.
+/// - [`HandlerError::permanent`]: reject; dead-lettered now with this error
+///   as the reason.
+///
+/// Any `std::error::Error` converts with `?`: an [`oona_core::Error`] is
+/// permanent when its kind is a data error (decode, encode, invalid topic or
+/// name, payload too large, bad config) or a handler error marked permanent;
+/// a `serde_json::Error` is permanent; anything else is temporary (retried,
+/// then dead-lettered, never dropped).
+pub struct HandlerError {
+    permanent: bool,
+    delay: Option<Duration>,
+    message: String,
+}
+
+impl HandlerError {
+    /// A failure worth retrying: the message is nacked.
+    pub fn temporary(message: impl Into<String>) -> Self {
+        HandlerError {
+            permanent: false,
+            delay: None,
+            message: message.into(),
+        }
+    }
+
+    /// A failure worth retrying after `delay`.
+    pub fn retry_after(message: impl Into<String>, delay: Duration) -> Self {
+        HandlerError {
+            permanent: false,
+            delay: Some(delay),
+            message: message.into(),
+        }
+    }
+
+    /// A failure retrying cannot fix: the message is dead-lettered now with
+    /// `message` as the reason.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        HandlerError {
+            permanent: true,
+            delay: None,
+            message: message.into(),
+        }
+    }
+
+    /// Whether the message is dead-lettered at once.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+
+    /// The redelivery delay asked for, if any.
+    pub fn delay(&self) -> Option<Duration> {
+        self.delay
+    }
+
+    /// The message (the dead-letter reason when permanent).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("permanent", &self.permanent)
+            .field("delay", &self.delay)
+            .field("message", &self.message)
+            .finish()
+    }
+}
+
+// HandlerError deliberately does not implement std::error::Error, so this
+// blanket conversion (anyhow-style) does not collide with `From<T> for T`.
+impl<E> From<E> for HandlerError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn from(e: E) -> Self {
+        let any: &dyn std::any::Any = &e;
+        let permanent = if let Some(oe) = any.downcast_ref::<oona_core::Error>() {
+            match oe.kind() {
+                ErrorKind::Handler => !oe.is_temporary(),
+                ErrorKind::Decode
+                | ErrorKind::Encode
+                | ErrorKind::InvalidTopic
+                | ErrorKind::InvalidName
+                | ErrorKind::PayloadTooLarge
+                | ErrorKind::ConfigInvalid => true,
+                _ => false,
+            }
+        } else {
+            any.is::<serde_json::Error>()
+        };
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            let s_text = s.to_string();
+            if !message.contains(&s_text) {
+                message.push_str(": ");
+                message.push_str(&s_text);
+            }
+            source = s.source();
+        }
+        HandlerError {
+            permanent,
+            delay: None,
+            message,
+        }
+    }
+}
+
+/// Handles messages of type `T`. Implemented for every
+/// `Fn(Incoming<T>) -> impl Future<Output = HandlerResult>`, so an async
+/// closure or `fn` works:
+///
+/// ```
+/// use oona::{HandlerError, HandlerResult, Incoming};
+///
+/// async fn on_report(msg: Incoming<serde_json::Value>) -> HandlerResult {
+///     if msg.value().get("layer").is_none() {
+///         return Err(HandlerError::permanent("report without a layer"));
+///     }
+///     Ok(())
+/// }
+/// # fn assert_handler<H: oona::Handler<serde_json::Value>>(_: H) {}
+/// # assert_handler(on_report);
+/// ```
+pub trait Handler<T>: Send + Sync + 'static {
+    /// The future of one call.
+    type Future: Future<Output = HandlerResult> + Send + 'static;
+    /// Handle one message.
+    fn call(&self, msg: Incoming<T>) -> Self::Future;
+}
+
+impl<T, F, Fut> Handler<T> for F
+where
+    F: Fn(Incoming<T>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    type Future = Fut;
+    fn call(&self, msg: Incoming<T>) -> Fut {
+        self(msg)
+    }
+}

@@ -1,0 +1,23 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod bus;
+pub mod handler;
+pub mod registry;
+pub mod runner;
+
+// Everything of the core (envelope, topics, delivery, the Transport
+// contract, codecs, wire forms, the memory transport) under `oona::`.
+pub use oona_core::*;
+
+/// The core crate itself, for paths like `oona::oona_core::wire`.
+pub use oona_core;
+
+pub use bus::{Bus, IntoTopic, MessageBuilder, TypedDelivery, TypedSubscription};
+pub use handler::{Handler, HandlerError, HandlerResult, Incoming};
+pub use registry::{
+    connect, connect_with, drivers, env_url, find_driver, from_env, KnownScheme, DEFAULT_URL,
+    ENV_URL, KNOWN_SCHEMES,
+};
+pub use runner::{shard_for_key, RunHandle, RunSummary, Runner, Shutdown, StopReason};

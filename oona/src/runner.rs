@@ -1,0 +1,577 @@
+//! The handler runner: consume a subscription, call a handler, settle.
+//!
+//! | handler result | settlement |
+//! |---|---|
+//! | `Ok(())` | ack |
+//! | [`HandlerError::temporary`] | nack (after the error's delay, else the runner's backoff); on the last attempt the core dead-letters it |
+//! | [`HandlerError::permanent`] | reject: dead-lettered now, the error as reason |
+//! | payload does not decode | reject with reason `decode: ...` (the handler is not called) |
+//! | the handler panics | reject with reason `handler panicked: ...` |
+//!
+//! **Panics are rejected, not nacked**: a panic is almost always a bug that
+//! the same input triggers again, so retrying only delays the dead letter
+//! and hides the panic message. The dead letter keeps the original envelope
+//! intact, so the message can be replayed once the bug is fixed.
+//!
+//! **Concurrency.** With [`Runner::concurrency`]`(n)` at most `n` handler
+//! calls run at once. Messages with a key go to one of `n` sequential
+//! workers chosen by [`shard_for_key`], so messages with the same key are
+//! handled one after the other in delivery order; messages without a key run
+//! on any free slot. Each worker queues at most one message beyond the one
+//! it is handling; when a key's worker is that far behind, the runner waits
+//! for it before taking more deliveries (bounded memory over throughput).
+//! A nacked message comes back later, after its successors: at-least-once
+//! redelivery cannot keep order across retries.
+//!
+//! **Graceful shutdown.** When the [`Shutdown`] token fires the runner stops
+//! taking deliveries from the stream, lets every delivery it already took
+//! finish and settle (settlements are awaited, so they have reached the
+//! transport), drops the stream and returns a [`RunSummary`]. Deliveries the
+//! transport prefetched but the runner never took stay unsettled and are
+//! redelivered by the broker to another consumer after the ack deadline.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use futures::StreamExt as _;
+use oona_core::{Codec, Delivery, DeliveryStream, Error, ErrorKind, Outcome, Result, Subscription};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::Instrument as _;
+
+use crate::bus::{decode_reason, Bus};
+use crate::handler::{Handler, HandlerError, Incoming};
+
+/// A shutdown signal shared by any number of runners.
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    /// A signal not yet fired.
+    pub fn new() -> Self {
+        Shutdown {
+            tx: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    /// Fire it: every runner watching it stops taking work. Idempotent.
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    /// Whether it has fired.
+    pub fn is_triggered(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Wait until it fires.
+    pub async fn triggered(&self) {
+        let mut rx = self.tx.subscribe();
+        // The sender lives as long as `self`, so this only returns once true.
+        let _ = rx.wait_for(|fired| *fired).await;
+    }
+}
+
+/// Why a runner stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StopReason {
+    /// It has not stopped (a [`RunHandle::stats`] snapshot).
+    #[default]
+    Running,
+    /// The [`Shutdown`] token fired.
+    Shutdown,
+    /// The delivery stream ended (transport closed, or a permanent stream
+    /// error; see [`RunSummary::last_stream_error`]).
+    StreamEnded,
+}
+
+/// What a runner did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunSummary {
+    /// Deliveries taken from the stream.
+    pub received: u64,
+    /// Acked (handler returned `Ok`).
+    pub acked: u64,
+    /// Nacked (temporary failure), including those dead-lettered because it
+    /// was their last attempt.
+    pub nacked: u64,
+    /// Rejected (permanent failure, decode failure, panic).
+    pub rejected: u64,
+    /// Sent to the dead-letter topic: every reject plus every nack on a last
+    /// attempt.
+    pub dead_lettered: u64,
+    /// Rejected because the payload did not decode (also in `rejected`).
+    pub decode_failures: u64,
+    /// Handler panics (also in `rejected`).
+    pub panics: u64,
+    /// Settlements the transport refused; those messages are unsettled and
+    /// come back after the ack deadline.
+    pub settle_errors: u64,
+    /// Errors the delivery stream reported.
+    pub stream_errors: u64,
+    /// The last of them.
+    pub last_stream_error: Option<String>,
+    /// Why the runner stopped.
+    pub stop: StopReason,
+}
+
+impl RunSummary {
+    /// Deliveries settled (acked, nacked or rejected).
+    pub fn settled(&self) -> u64 {
+        self.acked + self.nacked + self.rejected
+    }
+}
+
+impl fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "received {} acked {} nacked {} rejected {} dead-lettered {} (decode {}, panics {}, settle errors {}, stream errors {})",
+            self.received,
+            self.acked,
+            self.nacked,
+            self.rejected,
+            self.dead_lettered,
+            self.decode_failures,
+            self.panics,
+            self.settle_errors,
+            self.stream_errors
+        )
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    acked: AtomicU64,
+    nacked: AtomicU64,
+    rejected: AtomicU64,
+    dead_lettered: AtomicU64,
+    decode_failures: AtomicU64,
+    panics: AtomicU64,
+    settle_errors: AtomicU64,
+    stream_errors: AtomicU64,
+    last_stream_error: Mutex<Option<String>>,
+}
+
+impl Counters {
+    fn snapshot(&self, stop: StopReason) -> RunSummary {
+        let g = |a: &AtomicU64| a.load(Ordering::Acquire);
+        RunSummary {
+            received: g(&self.received),
+            acked: g(&self.acked),
+            nacked: g(&self.nacked),
+            rejected: g(&self.rejected),
+            dead_lettered: g(&self.dead_lettered),
+            decode_failures: g(&self.decode_failures),
+            panics: g(&self.panics),
+            settle_errors: g(&self.settle_errors),
+            stream_errors: g(&self.stream_errors),
+            last_stream_error: self
+                .last_stream_error
+                .lock()
+                .map(|g| g.clone())
+                .unwrap_or_else(|p| p.into_inner().clone()),
+            stop,
+        }
+    }
+}
+
+fn inc(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::AcqRel);
+}
+
+/// The worker a message with `key` goes to among `shards` workers
+/// (FNV-1a of the key, modulo `shards`; stable across runs and builds).
+pub fn shard_for_key(key: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Truncation is fine: the result is < shards, which is a usize.
+    (h % shards.max(1) as u64) as usize
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    base: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn delay(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(30);
+        self.base.saturating_mul(1u32 << exp).min(self.max)
+    }
+}
+
+/// Runs a handler over a subscription; made by [`Bus::runner`].
+#[must_use = "a runner does nothing until .run() or .start()"]
+pub struct Runner<T, C> {
+    bus: Bus,
+    subscription: Subscription,
+    codec: C,
+    concurrency: usize,
+    shutdown: Shutdown,
+    backoff: Option<Backoff>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T, C> fmt::Debug for Runner<T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runner")
+            .field("subscription", &self.subscription)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+impl<T, C> Runner<T, C>
+where
+    C: Codec<T>,
+    T: Send + 'static,
+{
+    pub(crate) fn new(bus: Bus, subscription: Subscription, codec: C) -> Self {
+        Runner {
+            bus,
+            subscription,
+            codec,
+            concurrency: 1,
+            shutdown: Shutdown::new(),
+            backoff: None,
+            _t: PhantomData,
+        }
+    }
+
+    /// Run at most `n` handler calls at once (default 1; at least 1).
+    /// Per-key order is kept; see the [module docs](self).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Stop when `shutdown` fires (share one token across runners to stop a
+    /// whole service). Each runner has its own token otherwise.
+    pub fn shutdown_on(mut self, shutdown: Shutdown) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// Delay redelivery after a temporary failure without its own delay:
+    /// `base * 2^(attempt-1)`, at most `max`. Default: no delay.
+    pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff = Some(Backoff { base, max });
+        self
+    }
+
+    /// Subscribe and run until shutdown or the end of the stream.
+    pub async fn run<H: Handler<T>>(self, handler: H) -> Result<RunSummary> {
+        let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
+        let counters = Arc::new(Counters::default());
+        let stop = drive(
+            stream,
+            Arc::new(self.codec),
+            Arc::new(handler),
+            self.concurrency,
+            self.backoff,
+            counters.clone(),
+            self.shutdown,
+        )
+        .await;
+        Ok(counters.snapshot(stop))
+    }
+
+    /// Subscribe (so the consumer group exists when this returns), then run
+    /// in a background task. Stop it with [`RunHandle::shutdown`].
+    pub async fn start<H: Handler<T>>(self, handler: H) -> Result<RunHandle> {
+        let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
+        let counters = Arc::new(Counters::default());
+        let task = tokio::spawn(drive(
+            stream,
+            Arc::new(self.codec),
+            Arc::new(handler),
+            self.concurrency,
+            self.backoff,
+            counters.clone(),
+            self.shutdown.clone(),
+        ));
+        Ok(RunHandle {
+            shutdown: self.shutdown,
+            counters,
+            task,
+        })
+    }
+}
+
+/// A runner running in the background; see [`Runner::start`].
+#[derive(Debug)]
+pub struct RunHandle {
+    shutdown: Shutdown,
+    counters: Arc<Counters>,
+    task: tokio::task::JoinHandle<StopReason>,
+}
+
+impl fmt::Debug for Counters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.snapshot(StopReason::Running), f)
+    }
+}
+
+impl RunHandle {
+    /// Counts so far.
+    pub fn stats(&self) -> RunSummary {
+        self.counters.snapshot(StopReason::Running)
+    }
+
+    /// The runner's shutdown token.
+    pub fn shutdown_token(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Whether the runner has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stop taking work, finish in-flight handlers and their settlements,
+    /// and return the summary.
+    pub async fn shutdown(self) -> Result<RunSummary> {
+        self.shutdown.trigger();
+        self.join().await
+    }
+
+    /// Wait for the runner to stop by itself (stream ended or token fired
+    /// elsewhere).
+    pub async fn join(self) -> Result<RunSummary> {
+        let stop = self
+            .task
+            .await
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("runner task failed: {e}")))?;
+        Ok(self.counters.snapshot(stop))
+    }
+}
+
+struct Ctx<T, C, H> {
+    codec: Arc<C>,
+    handler: Arc<H>,
+    backoff: Option<Backoff>,
+    counters: Arc<Counters>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T, C, H> Clone for Ctx<T, C, H> {
+    fn clone(&self) -> Self {
+        Ctx {
+            codec: self.codec.clone(),
+            handler: self.handler.clone(),
+            backoff: self.backoff,
+            counters: self.counters.clone(),
+            _t: PhantomData,
+        }
+    }
+}
+
+async fn drive<T, C, H>(
+    mut stream: DeliveryStream,
+    codec: Arc<C>,
+    handler: Arc<H>,
+    concurrency: usize,
+    backoff: Option<Backoff>,
+    counters: Arc<Counters>,
+    shutdown: Shutdown,
+) -> StopReason
+where
+    T: Send + 'static,
+    C: Codec<T>,
+    H: Handler<T>,
+{
+    let ctx: Ctx<T, C, H> = Ctx {
+        codec,
+        handler,
+        backoff,
+        counters: counters.clone(),
+        _t: PhantomData,
+    };
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = JoinSet::new();
+    // Keyed messages: one sequential worker per shard, so a key's messages
+    // are handled in delivery order. Capacity 1 keeps what the runner holds
+    // (and must finish on shutdown) small.
+    let mut shards = Vec::new();
+    if concurrency > 1 {
+        for _ in 0..concurrency {
+            let (tx, mut rx) = mpsc::channel::<Delivery>(1);
+            let ctx = ctx.clone();
+            let slots = slots.clone();
+            tasks.spawn(async move {
+                while let Some(d) = rx.recv().await {
+                    // The semaphore is never closed; an error cannot happen,
+                    // and if it did, running unbounded beats losing work.
+                    let _permit = slots.acquire().await;
+                    process(&ctx, d).await;
+                }
+            });
+            shards.push(tx);
+        }
+    }
+
+    let stop = loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.triggered() => break StopReason::Shutdown,
+            next = stream.next() => next,
+        };
+        let delivery = match next {
+            None => break StopReason::StreamEnded,
+            Some(Err(e)) => {
+                inc(&counters.stream_errors);
+                tracing::warn!(error = %e, temporary = e.is_temporary(), "oona: delivery stream error");
+                if let Ok(mut last) = counters.last_stream_error.lock() {
+                    *last = Some(e.to_string());
+                }
+                continue;
+            }
+            Some(Ok(d)) => d,
+        };
+        inc(&counters.received);
+        if concurrency == 1 {
+            process(&ctx, delivery).await;
+            continue;
+        }
+        // Reap finished keyless tasks so the set does not grow.
+        while tasks.try_join_next().is_some() {}
+        if let Some(key) = delivery.envelope().key.as_deref() {
+            let shard = shard_for_key(key, concurrency);
+            if let Err(mpsc::error::SendError(d)) = shards[shard].send(delivery).await {
+                // The worker is gone (cannot happen: it only exits when its
+                // sender is dropped); handle it here rather than lose it.
+                process(&ctx, d).await;
+            }
+        } else {
+            let permit = slots.clone().acquire_owned().await;
+            let ctx = ctx.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                process(&ctx, delivery).await;
+            });
+        }
+    };
+    // Finish in-flight work: close the shard queues (workers drain them and
+    // exit) and wait for every task. Their settlements are awaited inside.
+    drop(shards);
+    while tasks.join_next().await.is_some() {}
+    // Only now let the transport know this consumer is gone.
+    drop(stream);
+    stop
+}
+
+async fn process<T, C, H>(ctx: &Ctx<T, C, H>, delivery: Delivery)
+where
+    T: Send + 'static,
+    C: Codec<T>,
+    H: Handler<T>,
+{
+    let env = delivery.envelope();
+    let span = tracing::info_span!(
+        "oona.deliver",
+        topic = %env.topic,
+        event_id = %env.event_id,
+        group = %delivery.info().group,
+        attempt = delivery.attempt(),
+        outcome = tracing::field::Empty,
+    );
+    async move {
+        let counters = &ctx.counters;
+        let outcome = match ctx.codec.decode(delivery.envelope()) {
+            Err(e) => {
+                inc(&counters.decode_failures);
+                tracing::warn!(error = %e, "oona: payload does not decode; dead-lettering");
+                Outcome::Reject {
+                    reason: decode_reason(&e),
+                }
+            }
+            Ok(value) => {
+                let incoming =
+                    Incoming::new(value, delivery.envelope().clone(), delivery.info().clone());
+                let handler = ctx.handler.clone();
+                // Calling inside the future also catches a panic in `call`
+                // itself, before it returns its future.
+                let result = AssertUnwindSafe(async move { handler.call(incoming).await })
+                    .catch_unwind()
+                    .await;
+                match result {
+                    Ok(Ok(())) => Outcome::Ack,
+                    Ok(Err(e)) => outcome_of(&e, delivery.attempt(), ctx.backoff),
+                    Err(panic) => {
+                        inc(&counters.panics);
+                        let msg = panic_message(panic.as_ref());
+                        tracing::error!(panic = %msg, "oona: handler panicked; dead-lettering");
+                        Outcome::Reject {
+                            reason: format!("handler panicked: {msg}"),
+                        }
+                    }
+                }
+            }
+        };
+        let last = delivery.is_last_attempt();
+        let (name, counter, dead) = match &outcome {
+            Outcome::Ack => ("ack", &counters.acked, false),
+            Outcome::Nack { .. } => ("nack", &counters.nacked, last),
+            Outcome::Reject { .. } => ("reject", &counters.rejected, true),
+        };
+        tracing::Span::current().record("outcome", name);
+        match delivery.settle(outcome).await {
+            Ok(()) => {
+                inc(counter);
+                if dead {
+                    inc(&counters.dead_lettered);
+                }
+            }
+            Err(e) => {
+                inc(&counters.settle_errors);
+                tracing::warn!(error = %e, "oona: settlement failed; the broker will redeliver after the ack deadline");
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn outcome_of(e: &HandlerError, attempt: u32, backoff: Option<Backoff>) -> Outcome {
+    if e.is_permanent() {
+        tracing::warn!(error = %e, "oona: handler failed permanently; dead-lettering");
+        Outcome::Reject {
+            reason: e.message().to_string(),
+        }
+    } else {
+        tracing::debug!(error = %e, "oona: handler failed; nacking");
+        Outcome::Nack {
+            delay: e.delay().or_else(|| backoff.map(|b| b.delay(attempt))),
+        }
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}

@@ -1,0 +1,54 @@
+//! Helpers shared by the facade's tests (memory transport, one private
+//! broker per test so tests running in parallel never see each other).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use oona::rules::DeadLetterInfo;
+use oona::{Bus, Name, RunHandle, RunSummary, Subscription, Topic};
+
+/// A bus on a fresh, uniquely named memory broker.
+pub async fn bus() -> Bus {
+    let url = format!("memory://t{}", uuid::Uuid::new_v4().simple());
+    Bus::new(oona::connect(&url).await.unwrap()).with_sender_id("oona-test")
+}
+
+pub fn topic(s: &str) -> Topic {
+    Topic::new(s).unwrap()
+}
+
+pub fn sub(t: &Topic, group: &str) -> Subscription {
+    Subscription::new(t.clone(), Name::new(group).unwrap())
+}
+
+/// Guard against a hang: the waits below poll counters, and a broken
+/// runner would otherwise block the test forever.
+pub const GUARD: Duration = Duration::from_secs(20);
+
+/// Wait until `f` holds for the runner's counters.
+pub async fn wait_stats(h: &RunHandle, f: impl Fn(&RunSummary) -> bool) {
+    let ok = tokio::time::timeout(GUARD, async {
+        while !f(&h.stats()) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    assert!(ok.is_ok(), "condition never held; stats: {}", h.stats());
+}
+
+/// Read `n` dead letters from `dlq` (a stream subscribed before they were
+/// produced).
+pub async fn read_dead_letters(stream: &mut oona::DeliveryStream, n: usize) -> Vec<DeadLetterInfo> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let d = tokio::time::timeout(GUARD, stream.next())
+            .await
+            .expect("dead letter did not arrive")
+            .expect("stream ended")
+            .unwrap();
+        out.push(DeadLetterInfo::parse(d.envelope()).expect("not a dead letter"));
+        d.ack().await.unwrap();
+    }
+    out
+}
