@@ -17,9 +17,9 @@ use oona_core::{
 use rand::Rng;
 
 use crate::support::{
-    check, diff, duplicates, expect_delivery, expect_quiet, failed, group, hook, is_kind,
-    kind_of, left_out, next_within, publish, random_suffix, same_envelope, subscribe,
-    take_acking, Context, Cx,
+    check, diff, duplicates, expect_delivery, expect_quiet, failed, group, hook, is_kind, kind_of,
+    left_out, next_within, publish, random_suffix, same_envelope, subscribe, take_acking, Context,
+    Cx,
 };
 use crate::{Case, CaseError, CaseFuture, CaseResult, Fixture};
 
@@ -127,13 +127,17 @@ fn check_dead_letter(
         "dead letter names group {:?}, expected {group}",
         info.group
     );
-    check!(info.at.is_some(), "dead letter has no valid {} header", header::DLQ_AT);
+    check!(
+        info.at.is_some(),
+        "dead letter has no valid {} header",
+        header::DLQ_AT
+    );
     same_envelope(original, &info.original, "original inside the dead letter")
 }
 
 // ---------------------------------------------------------------- 1
 
-/// 1. Round trip: [`crate::Timing::round_trip_messages`] (1000) varied
+/// Case 1: Round trip: [`crate::Timing::round_trip_messages`] (1000) varied
 /// envelopes — JSON, binary with every byte value, empty, JSON-typed bytes
 /// that are not JSON, every priority, optional fields set and unset,
 /// unicode, nanosecond timestamps — arrive exactly once, attempt 1, with
@@ -240,17 +244,28 @@ async fn round_trip_in(cx: &Cx<'_>) -> CaseResult {
     check!(dups.is_empty(), "delivered more than once: {dups:?}");
     for (env, attempt) in &got {
         let Some(expected) = by_id.get(env.event_id.as_str()) else {
-            return Err(failed(format!("delivered an event never published: {env:?}")));
+            return Err(failed(format!(
+                "delivered an event never published: {env:?}"
+            )));
         };
-        check!(*attempt == 1, "event {} came with attempt {attempt}, expected 1", env.event_id);
+        check!(
+            *attempt == 1,
+            "event {} came with attempt {attempt}, expected 1",
+            env.event_id
+        );
         same_envelope(expected, env, "round trip")?;
     }
-    expect_quiet(&mut stream, cx.t.quiet_for(), "after all round-trip messages").await
+    expect_quiet(
+        &mut stream,
+        cx.t.quiet_for(),
+        "after all round-trip messages",
+    )
+    .await
 }
 
 // ---------------------------------------------------------------- 16
 
-/// 16. Trace context and headers: W3C `traceparent` / `tracestate`, a
+/// Case 16: Trace context and headers: W3C `traceparent` / `tracestate`, a
 /// foreign trace id, and many headers (empty, long, unicode, multi-line
 /// values) round-trip exactly, through a delivery and through a dead
 /// letter.
@@ -271,7 +286,10 @@ async fn trace_context_and_headers_in(cx: &Cx<'_>) -> CaseResult {
     let mut b = Envelope::builder(topic.clone(), "{\"traced\":true}")
         .sender_id("tamiyo-controller-1")
         .traceparent(tp)
-        .header(header::TRACESTATE, "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE")
+        .header(
+            header::TRACESTATE,
+            "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
+        )
         .header("x-empty", "")
         .header("x-long", "v".repeat(4096))
         .header("x-unicode", "Grüße ✓ 😀")
@@ -326,7 +344,7 @@ async fn trace_context_and_headers_in(cx: &Cx<'_>) -> CaseResult {
 
 // ---------------------------------------------------------------- 2
 
-/// 2. No ack, consumer dropped: the delivery and its stream are dropped
+/// Case 2: No ack, consumer dropped: the delivery and its stream are dropped
 /// unsettled; another consumer of the same group (its own client) gets the
 /// same envelope with attempt 2, not before the ack deadline and within it
 /// plus the margin; once acked it does not come back.
@@ -344,7 +362,11 @@ async fn redeliver_after_ack_deadline_in(cx: &Cx<'_>) -> CaseResult {
     publish(&a, e.clone()).await?;
     let d1 = expect_delivery(&mut sa, cx.t.wait(), "the first delivery").await?;
     let handed_out = Instant::now();
-    check!(d1.attempt() == 1, "first delivery has attempt {}", d1.attempt());
+    check!(
+        d1.attempt() == 1,
+        "first delivery has attempt {}",
+        d1.attempt()
+    );
     same_envelope(&e, d1.envelope(), "first delivery")?;
     // The consumer dies: nothing settled.
     drop(d1);
@@ -363,15 +385,24 @@ async fn redeliver_after_ack_deadline_in(cx: &Cx<'_>) -> CaseResult {
         after + cx.t.early >= deadline,
         "redelivered after {after:?}, before the ack deadline of {deadline:?}"
     );
-    check!(d2.attempt() == 2, "redelivery has attempt {}, expected 2", d2.attempt());
+    check!(
+        d2.attempt() == 2,
+        "redelivery has attempt {}, expected 2",
+        d2.attempt()
+    );
     same_envelope(&e, d2.envelope(), "redelivery")?;
     d2.ack().await.ctx("ack")?;
-    expect_quiet(&mut sb, deadline + cx.t.quiet_for(), "acked message came back").await
+    expect_quiet(
+        &mut sb,
+        deadline + cx.t.quiet_for(),
+        "acked message came back",
+    )
+    .await
 }
 
 // ---------------------------------------------------------------- 3
 
-/// 3a. Nack without delay redelivers at once (long before the 30 s ack
+/// Case 3a: Nack without delay redelivers at once (long before the 30 s ack
 /// deadline) with attempt + 1 and the same envelope; after the ack, nothing
 /// more comes.
 pub async fn nack_redelivers(fx: &dyn Fixture) -> CaseResult {
@@ -402,7 +433,7 @@ async fn nack_redelivers_in(cx: &Cx<'_>) -> CaseResult {
     expect_quiet(&mut s, cx.t.quiet_for(), "acked after two nacks").await
 }
 
-/// 3b. Nack with a delay: the redelivery (attempt 2) does not come before
+/// Case 3b: Nack with a delay: the redelivery (attempt 2) does not come before
 /// the delay and comes within it plus the margin. Left out when the
 /// transport declares `nack_delay = false`.
 pub async fn nack_delay_respected(fx: &dyn Fixture) -> CaseResult {
@@ -421,7 +452,11 @@ async fn nack_delay_respected_in(cx: &Cx<'_>) -> CaseResult {
     let e = simple(&topic, 1);
     publish(&c, e.clone()).await?;
     let d = expect_delivery(&mut s, cx.t.wait(), "the first delivery").await?;
-    check!(d.attempt() == 1, "first delivery has attempt {}", d.attempt());
+    check!(
+        d.attempt() == 1,
+        "first delivery has attempt {}",
+        d.attempt()
+    );
     let nacked = Instant::now();
     d.nack(Some(delay)).await.ctx("nack with delay")?;
     let d2 = expect_delivery(&mut s, delay + cx.t.late(), "the delayed redelivery").await?;
@@ -430,7 +465,11 @@ async fn nack_delay_respected_in(cx: &Cx<'_>) -> CaseResult {
         after + cx.t.early >= delay,
         "redelivered {after:?} after a nack with delay {delay:?}"
     );
-    check!(d2.attempt() == 2, "redelivery has attempt {}, expected 2", d2.attempt());
+    check!(
+        d2.attempt() == 2,
+        "redelivery has attempt {}, expected 2",
+        d2.attempt()
+    );
     same_envelope(&e, d2.envelope(), "delayed redelivery")?;
     d2.ack().await.ctx("ack")?;
     expect_quiet(&mut s, cx.t.quiet_for(), "acked after a delayed nack").await
@@ -438,7 +477,7 @@ async fn nack_delay_respected_in(cx: &Cx<'_>) -> CaseResult {
 
 // ---------------------------------------------------------------- 4
 
-/// 4a. Dead letter after max attempts: nacked on attempts 1, 2, 3 of 3, the
+/// Case 4a: Dead letter after max attempts: nacked on attempts 1, 2, 3 of 3, the
 /// message lands once on `<topic>.dlq` with reason `max attempts reached
 /// (3 of 3); last: nacked`, attempts 3, the group, and the original
 /// envelope exactly; it is not delivered again on the topic.
@@ -489,11 +528,16 @@ async fn dead_letter_after_max_attempts_in(cx: &Cx<'_>) -> CaseResult {
         "\"max attempts reached (3 of 3); last: nacked\"",
     )?;
     dl.ack().await.ctx("ack dead letter")?;
-    expect_quiet(&mut s, cx.t.quiet_for(), "dead-lettered message redelivered").await?;
+    expect_quiet(
+        &mut s,
+        cx.t.quiet_for(),
+        "dead-lettered message redelivered",
+    )
+    .await?;
     expect_quiet(&mut dl_stream, cx.t.quiet_for(), "a second dead letter").await
 }
 
-/// 4b. Dead letter after the ack deadline expires on the last attempt:
+/// Case 4b: Dead letter after the ack deadline expires on the last attempt:
 /// with max attempts 2, two deliveries left unsettled past the deadline
 /// make one dead letter, reason mentioning the expired deadline, attempts
 /// 2, and no third delivery.
@@ -543,7 +587,7 @@ async fn dead_letter_after_deadline_expiry_in(cx: &Cx<'_>) -> CaseResult {
     expect_quiet(&mut dl_stream, cx.t.quiet_for(), "a second dead letter").await
 }
 
-/// 4c. Reject dead-letters at once (attempt 1) with the caller's reason and
+/// Case 4c: Reject dead-letters at once (attempt 1) with the caller's reason and
 /// the original envelope, and is never redelivered (checked past the ack
 /// deadline).
 pub async fn reject_dead_letters_at_once(fx: &dyn Fixture) -> CaseResult {
@@ -586,7 +630,10 @@ struct Received {
 
 impl Received {
     fn ids(&self) -> Vec<&str> {
-        self.all.iter().map(|(_, e, _)| e.event_id.as_str()).collect()
+        self.all
+            .iter()
+            .map(|(_, e, _)| e.event_id.as_str())
+            .collect()
     }
 }
 
@@ -616,8 +663,8 @@ async fn consume_all(
                 if lock(&done_at).is_some_and(|t| now >= t + quiet) {
                     return Ok(());
                 }
-                let Some(d) = next_within(&mut s, Duration::from_millis(50), &mut transient)
-                    .await?
+                let Some(d) =
+                    next_within(&mut s, Duration::from_millis(50), &mut transient).await?
                 else {
                     continue;
                 };
@@ -683,7 +730,7 @@ fn exactly_once(sent: &[Envelope], got: &Received, who: &str) -> CaseResult {
     Ok(())
 }
 
-/// 5. Competing consumers: three consumers (own clients) in one group; 90
+/// Case 5: Competing consumers: three consumers (own clients) in one group; 90
 /// messages; each message to exactly one member, the union is everything,
 /// attempt 1. Left out when the transport declares no competing consumers.
 pub async fn competing_consumers(fx: &dyn Fixture) -> CaseResult {
@@ -695,7 +742,9 @@ async fn competing_consumers_in(cx: &Cx<'_>) -> CaseResult {
     let g = group("compete");
     let p = cx.client().await?;
     if !p.capabilities().competing_consumers {
-        return Err(left_out("the transport declares competing_consumers = false"));
+        return Err(left_out(
+            "the transport declares competing_consumers = false",
+        ));
     }
     let mut streams = Vec::new();
     for _ in 0..3 {
@@ -708,7 +757,7 @@ async fn competing_consumers_in(cx: &Cx<'_>) -> CaseResult {
     exactly_once(&sent, &got, "competing group")
 }
 
-/// 6. Independent groups: three groups (own clients) each see every one of
+/// Case 6: Independent groups: three groups (own clients) each see every one of
 /// 50 messages exactly once.
 pub async fn independent_groups(fx: &dyn Fixture) -> CaseResult {
     with_cx!(fx, independent_groups_in)
@@ -733,7 +782,9 @@ async fn independent_groups_in(cx: &Cx<'_>) -> CaseResult {
         })
         .collect();
     for (i, t) in tasks.into_iter().enumerate() {
-        let got = t.await.map_err(|e| failed(format!("consumer task: {e}")))??;
+        let got = t
+            .await
+            .map_err(|e| failed(format!("consumer task: {e}")))??;
         exactly_once(&sent, &got, &format!("group {i}"))?;
     }
     Ok(())
@@ -792,12 +843,13 @@ async fn publish_keyed(
         }));
     }
     for t in tasks {
-        t.await.map_err(|e| failed(format!("publisher task: {e}")))??;
+        t.await
+            .map_err(|e| failed(format!("publisher task: {e}")))??;
     }
     Ok(publishers * keys_per_pub * per_key)
 }
 
-/// 7. Per-key order under concurrent publishers: four publishers (own
+/// Case 7: Per-key order under concurrent publishers: four publishers (own
 /// clients) publish 25 numbered messages on each of their four keys at the
 /// same time; one consumer sees every key's messages exactly once and in
 /// order.
@@ -815,7 +867,11 @@ async fn per_key_order_in(cx: &Cx<'_>) -> CaseResult {
     let mut next: BTreeMap<String, usize> = BTreeMap::new();
     for (env, attempt) in &got {
         let (k, seq) = parse_keyed(env)?;
-        check!(*attempt == 1, "event {} has attempt {attempt}", env.event_id);
+        check!(
+            *attempt == 1,
+            "event {} has attempt {attempt}",
+            env.event_id
+        );
         let want = next.entry(k.clone()).or_insert(0);
         check!(
             seq == *want,
@@ -830,7 +886,7 @@ async fn per_key_order_in(cx: &Cx<'_>) -> CaseResult {
     expect_quiet(&mut s, cx.t.quiet_for(), "after all keyed messages").await
 }
 
-/// 7b. Per-key order across competing consumers (`key_ordered`): three
+/// Case 7b: Per-key order across competing consumers (`key_ordered`): three
 /// consumers share a group; a key's next message is never handed out
 /// before the previous one is settled. Left out when the transport declares
 /// `key_ordered_competing = false`.
@@ -880,15 +936,20 @@ async fn key_ordered_competing_in(cx: &Cx<'_>) -> CaseResult {
                 if now >= hard || done_at.is_some_and(|t: Instant| now >= t + quiet) {
                     return Ok::<(), CaseError>(());
                 }
-                let Some(d) = next_within(&mut s, Duration::from_millis(50), &mut transient).await?
+                let Some(d) =
+                    next_within(&mut s, Duration::from_millis(50), &mut transient).await?
                 else {
-                    if count.load(std::sync::atomic::Ordering::SeqCst) >= total && done_at.is_none() {
+                    if count.load(std::sync::atomic::Ordering::SeqCst) >= total && done_at.is_none()
+                    {
                         done_at = Some(Instant::now());
                     }
                     continue;
                 };
                 let (k, seq) = parse_keyed(d.envelope())?;
-                lock(&log).entry(k.clone()).or_default().push(Event::Received(seq));
+                lock(&log)
+                    .entry(k.clone())
+                    .or_default()
+                    .push(Event::Received(seq));
                 // Hold it a little so a broken transport has time to hand
                 // the key's next message to another consumer.
                 let pause = rand::thread_rng().gen_range(0..6);
@@ -905,7 +966,8 @@ async fn key_ordered_competing_in(cx: &Cx<'_>) -> CaseResult {
         }
     }
     for t in tasks {
-        t.await.map_err(|e| failed(format!("consumer task: {e}")))??;
+        t.await
+            .map_err(|e| failed(format!("consumer task: {e}")))??;
     }
     let log = std::mem::take(&mut *lock(&log));
     check!(log.len() == keys, "saw {} keys of {keys}", log.len());
@@ -923,7 +985,7 @@ async fn key_ordered_competing_in(cx: &Cx<'_>) -> CaseResult {
 
 // ---------------------------------------------------------------- 8
 
-/// 8a. A new group starting from `Earliest` replays the retained history
+/// Case 8a: A new group starting from `Earliest` replays the retained history
 /// (five messages published before it existed), then gets new messages.
 /// Left out when the transport declares `replay = false`.
 pub async fn earliest_replays_history(fx: &dyn Fixture) -> CaseResult {
@@ -941,7 +1003,11 @@ async fn earliest_replays_history_in(cx: &Cx<'_>) -> CaseResult {
         publish(&c, e.clone()).await?;
     }
     let reader = cx.client().await?;
-    let mut s = subscribe(&reader, sub(&topic, &group("replay")).ack_deadline(LONG_DEADLINE)).await?;
+    let mut s = subscribe(
+        &reader,
+        sub(&topic, &group("replay")).ack_deadline(LONG_DEADLINE),
+    )
+    .await?;
     let got = take_acking(&mut s, 5, cx.t.wait(), "replayed history").await?;
     let got = Received {
         all: got.into_iter().map(|(e, a)| (0, e, a)).collect(),
@@ -959,7 +1025,7 @@ async fn earliest_replays_history_in(cx: &Cx<'_>) -> CaseResult {
     expect_quiet(&mut s, cx.t.quiet_for(), "after replay").await
 }
 
-/// 8b. A new group starting from `Latest` does not see history: only the
+/// Case 8b: A new group starting from `Latest` does not see history: only the
 /// three messages published after it subscribed.
 pub async fn latest_skips_history(fx: &dyn Fixture) -> CaseResult {
     with_cx!(fx, latest_skips_history_in)
@@ -988,10 +1054,15 @@ async fn latest_skips_history_in(cx: &Cx<'_>) -> CaseResult {
         all: got.into_iter().map(|(e, a)| (0, e, a)).collect(),
     };
     exactly_once(&fresh, &got, "latest")?;
-    expect_quiet(&mut s, cx.t.quiet_for(), "history replayed to a Latest group").await
+    expect_quiet(
+        &mut s,
+        cx.t.quiet_for(),
+        "history replayed to a Latest group",
+    )
+    .await
 }
 
-/// 8c. A new group starting `At(t)` gets exactly the messages published
+/// Case 8c: A new group starting `At(t)` gets exactly the messages published
 /// after `t` (three), none of the three before. Left out when the
 /// transport declares `start_at_time = false`.
 pub async fn start_at_time(fx: &dyn Fixture) -> CaseResult {
@@ -1029,12 +1100,17 @@ async fn start_at_time_in(cx: &Cx<'_>) -> CaseResult {
         all: got.into_iter().map(|(e, a)| (0, e, a)).collect(),
     };
     exactly_once(&after, &got, "start at time")?;
-    expect_quiet(&mut s, cx.t.quiet_for(), "message from before the start instant").await
+    expect_quiet(
+        &mut s,
+        cx.t.quiet_for(),
+        "message from before the start instant",
+    )
+    .await
 }
 
 // ---------------------------------------------------------------- 9
 
-/// 9. Acked messages are not redelivered after a consumer restart: a
+/// Case 9: Acked messages are not redelivered after a consumer restart: a
 /// consumer acks 10 of 20 and closes; a new consumer (new client) in the
 /// group gets exactly the other 10 (those the first held unsettled come
 /// back after the ack deadline) and none of the acked ones, even after the
@@ -1096,7 +1172,7 @@ async fn acked_not_redelivered_after_restart_in(cx: &Cx<'_>) -> CaseResult {
 
 // ---------------------------------------------------------------- 10
 
-/// 10. Concurrent publishers and subscribers: four publishers (own
+/// Case 10: Concurrent publishers and subscribers: four publishers (own
 /// clients) publish 100 messages each at once while a three-member group
 /// and a one-member group consume; each group gets all 400 exactly once.
 pub async fn concurrent_publishers_and_subscribers(fx: &dyn Fixture) -> CaseResult {
@@ -1106,7 +1182,11 @@ pub async fn concurrent_publishers_and_subscribers(fx: &dyn Fixture) -> CaseResu
 async fn concurrent_publishers_and_subscribers_in(cx: &Cx<'_>) -> CaseResult {
     let topic = cx.topic("telemetry")?;
     let probe = cx.client().await?;
-    let members = if probe.capabilities().competing_consumers { 3 } else { 1 };
+    let members = if probe.capabilities().competing_consumers {
+        3
+    } else {
+        1
+    };
     let (ga, gb) = (group("busy-a"), group("busy-b"));
     let mut a_streams = Vec::new();
     for _ in 0..members {
@@ -1138,17 +1218,24 @@ async fn concurrent_publishers_and_subscribers_in(cx: &Cx<'_>) -> CaseResult {
     }
     let mut sent = Vec::new();
     for t in pubs {
-        sent.extend(t.await.map_err(|e| failed(format!("publisher task: {e}")))??);
+        sent.extend(
+            t.await
+                .map_err(|e| failed(format!("publisher task: {e}")))??,
+        );
     }
-    let a = consume_a.await.map_err(|e| failed(format!("consumers: {e}")))??;
-    let b = consume_b.await.map_err(|e| failed(format!("consumers: {e}")))??;
+    let a = consume_a
+        .await
+        .map_err(|e| failed(format!("consumers: {e}")))??;
+    let b = consume_b
+        .await
+        .map_err(|e| failed(format!("consumers: {e}")))??;
     exactly_once(&sent, &a, "group with competing members")?;
     exactly_once(&sent, &b, "single-member group")
 }
 
 // ---------------------------------------------------------------- 11
 
-/// 11. Close: after `close()` every stream of the client ends (`None`),
+/// Case 11: Close: after `close()` every stream of the client ends (`None`),
 /// publish and subscribe fail with `Closed`, a second close is fine, and
 /// the acks issued just before close are effective: a new client in the
 /// same group gets nothing back, even past the ack deadline.
@@ -1160,7 +1247,11 @@ async fn stream_ends(s: &mut DeliveryStream, within: Duration, what: &str) -> Ca
     let until = tokio::time::Instant::now() + within;
     loop {
         match tokio::time::timeout_at(until, s.next()).await {
-            Err(_) => return Err(failed(format!("{what}: stream still open {within:?} after close"))),
+            Err(_) => {
+                return Err(failed(format!(
+                    "{what}: stream still open {within:?} after close"
+                )))
+            }
             Ok(None) => return Ok(()),
             // A final "closed" error before the end is acceptable.
             Ok(Some(Err(e))) if is_kind(&e, ErrorKind::Closed) => {}
@@ -1217,7 +1308,7 @@ async fn close_ends_streams_and_flushes_acks_in(cx: &Cx<'_>) -> CaseResult {
 
 // ---------------------------------------------------------------- 12
 
-/// 12. Reconnect: while 200 messages are published (retrying temporary
+/// Case 12: Reconnect: while 200 messages are published (retrying temporary
 /// errors) and consumed on the same streams, every connection is cut and
 /// restored. Every message whose publish succeeded is delivered
 /// (duplicates are allowed and counted); the stream survives. Runs alone.
@@ -1315,7 +1406,9 @@ async fn reconnect_after_cut_in(cx: &Cx<'_>) -> CaseResult {
         return restored.and(Err(failed("restore_connections failed")));
     }
 
-    let published = publisher.await.map_err(|e| failed(format!("publisher: {e}")));
+    let published = publisher
+        .await
+        .map_err(|e| failed(format!("publisher: {e}")));
     let (ok_ids, retries) = match published.and_then(|r| r) {
         Ok(v) => v,
         Err(e) => {
@@ -1364,7 +1457,7 @@ async fn reconnect_after_cut_in(cx: &Cx<'_>) -> CaseResult {
 
 // ---------------------------------------------------------------- 13
 
-/// 13a. Invalid topic names are refused with `InvalidTopic` (and group
+/// Case 13a: Invalid topic names are refused with `InvalidTopic` (and group
 /// names with `InvalidName`) before anything reaches a transport, and the
 /// edges of the grammar (8 segments, 200 bytes, `_` and `-`) work on the
 /// broker end to end.
@@ -1429,7 +1522,7 @@ async fn invalid_topic_names_in(cx: &Cx<'_>) -> CaseResult {
     Ok(())
 }
 
-/// 13b. Oversized payloads: one byte over the limit (the smaller of the
+/// Case 13b: Oversized payloads: one byte over the limit (the smaller of the
 /// plane policy and the transport's `max_payload_bytes`) fails at once with
 /// `PayloadTooLarge` and stores nothing; exactly at the limit is accepted
 /// and round-trips byte for byte.
@@ -1491,7 +1584,7 @@ async fn oversized_payload_rejected_in(cx: &Cx<'_>) -> CaseResult {
 
 // ---------------------------------------------------------------- 14
 
-/// 14. Poison input: raw bytes that are no envelope, written with the
+/// Case 14: Poison input: raw bytes that are no envelope, written with the
 /// broker's own client, are not handed to the consumer; they go to the
 /// dead-letter topic once, with a `decode` reason, the group, attempts 1,
 /// the topic, and the raw bytes in the payload; the consumer goes on with
@@ -1509,7 +1602,10 @@ async fn poison_goes_to_dead_letter_in(cx: &Cx<'_>) -> CaseResult {
     let mut dl_stream = subscribe(&c, sub(&dlq, &group("poison-reader"))).await?;
     let mut s = subscribe(&c, sub(&topic, &g).ack_deadline(LONG_DEADLINE)).await?;
     let marker = format!("conformance poison {} is not an envelope", random_suffix());
-    hook(cx.fx.write_raw(&topic, marker.as_bytes()).await, "write_raw")?;
+    hook(
+        cx.fx.write_raw(&topic, marker.as_bytes()).await,
+        "write_raw",
+    )?;
     let good = simple(&topic, 1);
     publish(&c, good.clone()).await?;
 
@@ -1521,16 +1617,28 @@ async fn poison_goes_to_dead_letter_in(cx: &Cx<'_>) -> CaseResult {
     let dl = expect_delivery(&mut dl_stream, cx.t.wait(), "the poison's dead letter").await?;
     let env = dl.envelope().clone();
     dl.ack().await.ctx("ack dead letter")?;
-    check!(env.topic == dlq, "dead letter on {}, expected {dlq}", env.topic);
-    let info = DeadLetterInfo::parse(&env)
-        .ok_or_else(|| failed(format!("not a dead letter: {env:?}")))?;
+    check!(
+        env.topic == dlq,
+        "dead letter on {}, expected {dlq}",
+        env.topic
+    );
+    let info =
+        DeadLetterInfo::parse(&env).ok_or_else(|| failed(format!("not a dead letter: {env:?}")))?;
     check!(
         info.reason.starts_with("decode"),
         "poison dead-letter reason {:?} does not start with \"decode\"",
         info.reason
     );
-    check!(info.group == g.as_str(), "poison dead letter names group {:?}", info.group);
-    check!(info.attempts == 1, "poison dead letter says {} attempts, expected 1", info.attempts);
+    check!(
+        info.group == g.as_str(),
+        "poison dead letter names group {:?}",
+        info.group
+    );
+    check!(
+        info.attempts == 1,
+        "poison dead letter says {} attempts, expected 1",
+        info.attempts
+    );
     check!(
         info.original.topic == topic,
         "poison dead letter's original topic {}, expected {topic}",
@@ -1553,7 +1661,7 @@ async fn poison_goes_to_dead_letter_in(cx: &Cx<'_>) -> CaseResult {
 
 // ---------------------------------------------------------------- 15
 
-/// 15. Retention is applied on the broker, read back with the broker's own
+/// Case 15: Retention is applied on the broker, read back with the broker's own
 /// client: topics created by publishing on each plane get the default
 /// policy of their plane (telemetry 72 h, control and system 30 days,
 /// innovation indefinite, others 7 days); `ensure_topic` applies an
@@ -1569,7 +1677,13 @@ async fn retention_applied_in(cx: &Cx<'_>) -> CaseResult {
         return Err(left_out("the transport declares retention = false"));
     }
     let policies = PolicySet::default();
-    for plane in ["telemetry", "control", "system", "innovation", "compilation"] {
+    for plane in [
+        "telemetry",
+        "control",
+        "system",
+        "innovation",
+        "compilation",
+    ] {
         let t = cx.topic(plane)?;
         publish(&c, simple(&t, 0)).await?;
         let applied = hook(cx.fx.applied_retention(&t).await, "applied_retention")?;

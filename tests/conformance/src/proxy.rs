@@ -107,8 +107,8 @@ impl TcpProxy {
             match listen(self.inner.addr) {
                 Ok(listener) => {
                     st.cut = false;
-                    let handle = tokio::spawn(accept_loop(Arc::clone(&self.inner), listener))
-                        .abort_handle();
+                    let handle =
+                        tokio::spawn(accept_loop(Arc::clone(&self.inner), listener)).abort_handle();
                     st.accept = Some(handle);
                     return Ok(());
                 }

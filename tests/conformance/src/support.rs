@@ -171,9 +171,7 @@ pub(crate) async fn next_within(
             Ok(None) => return Err(failed("the delivery stream ended unexpectedly")),
             Ok(Some(Ok(d))) => return Ok(Some(d)),
             Ok(Some(Err(e))) if e.is_temporary() => *transient += 1,
-            Ok(Some(Err(e))) => {
-                return Err(failed(format!("the delivery stream failed: {e}")))
-            }
+            Ok(Some(Err(e))) => return Err(failed(format!("the delivery stream failed: {e}"))),
         }
     }
 }
@@ -276,7 +274,26 @@ pub(crate) fn diff(expected: &Envelope, got: &Envelope) -> String {
     field!(content_type);
     field!(schema_id);
     field!(priority);
-    field!(headers);
+    if expected.headers != got.headers {
+        let _ = write!(out, " headers:");
+        for (k, v) in &expected.headers {
+            match got.headers.get(k) {
+                None => {
+                    let _ = write!(out, " {k:?} missing,");
+                }
+                Some(g) if g != v => {
+                    let _ = write!(out, " {k:?}: expected {}, got {},", short(v), short(g));
+                }
+                Some(_) => {}
+            }
+        }
+        for (k, v) in &got.headers {
+            if !expected.headers.contains_key(k) {
+                let _ = write!(out, " unexpected {k:?} = {},", short(v));
+            }
+        }
+        out.push(';');
+    }
     if expected.payload != got.payload {
         let first = expected
             .payload
@@ -298,10 +315,24 @@ pub(crate) fn diff(expected: &Envelope, got: &Envelope) -> String {
     out
 }
 
+/// A value for messages, cut to 80 characters.
+fn short(v: &str) -> String {
+    if v.chars().count() <= 80 {
+        format!("{v:?}")
+    } else {
+        let head: String = v.chars().take(80).collect();
+        format!("{head:?}... ({} bytes)", v.len())
+    }
+}
+
 /// Fail unless `got` equals `expected` in every field.
 pub(crate) fn same_envelope(expected: &Envelope, got: &Envelope, what: &str) -> CaseResult {
     let d = diff(expected, got);
-    check!(d.is_empty(), "{what}: envelope {} changed:{d}", expected.event_id);
+    check!(
+        d.is_empty(),
+        "{what}: envelope {} changed:{d}",
+        expected.event_id
+    );
     Ok(())
 }
 

@@ -1,0 +1,303 @@
+//! The suite must catch broken transports. Each test wraps the real memory
+//! transport in one deliberate fault (a "mutant") and checks that the case
+//! meant to notice it fails — so a green run of the suite means something.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use oona_conformance::{cases, CaseError, Fixture, Timing};
+use oona_core::memory::MemoryTransport;
+use oona_core::{
+    Capabilities, Delivery, DeliveryStream, Envelope, Health, Receipt, Result, Settle, Settlement,
+    StartPosition, Subscription, Topic, TopicPolicy, Transport,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// Deliveries carry an extra header.
+    ExtraHeader,
+    /// Every 50th publish answers Ok without storing anything.
+    LosePublishes,
+    /// Acks are dropped (the delivery is never settled).
+    AckIgnored,
+    /// Nack delays are ignored.
+    NackDelayIgnored,
+    /// Attempts are always reported as 1.
+    AttemptAlwaysOne,
+    /// Reject acks instead of dead-lettering.
+    RejectAcks,
+    /// The stream ends at the first error.
+    StreamEndsOnError,
+    /// Close does nothing.
+    CloseIgnored,
+    /// Claims a 1000-byte limit but does not enforce it.
+    LimitNotEnforced,
+    /// Latest groups start from earliest.
+    LatestIsEarliest,
+}
+
+#[derive(Debug)]
+struct Mutant {
+    inner: Arc<dyn Transport>,
+    fault: Fault,
+    publishes: std::sync::atomic::AtomicUsize,
+}
+
+struct Forward(Delivery);
+
+#[async_trait]
+impl Settle for Forward {
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()> {
+        let d = self.0;
+        match settlement {
+            Settlement::Ack => d.ack().await,
+            Settlement::Redeliver { delay } if delay.is_zero() => d.nack(None).await,
+            Settlement::Redeliver { delay } => d.nack(Some(delay)).await,
+            // The inner delivery decides again from its own attempt count.
+            Settlement::DeadLetter { reason, .. } if reason.starts_with("max attempts") => {
+                d.nack(None).await
+            }
+            Settlement::DeadLetter { reason, .. } => d.reject(reason).await,
+        }
+    }
+}
+
+struct Dropped;
+
+#[async_trait]
+impl Settle for Dropped {
+    async fn settle(self: Box<Self>, _: Settlement) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn wrap(fault: Fault, d: Delivery) -> Delivery {
+    let mut env = d.envelope().clone();
+    let mut info = d.info().clone();
+    if fault == Fault::ExtraHeader {
+        env.headers.insert("x-mutant".into(), "1".into());
+    }
+    if fault == Fault::AttemptAlwaysOne {
+        info.attempt = 1;
+    }
+    Delivery::new(env, info, Box::new(MutantSettle { fault, d }))
+}
+
+struct MutantSettle {
+    fault: Fault,
+    d: Delivery,
+}
+
+#[async_trait]
+impl Settle for MutantSettle {
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()> {
+        let settlement = match (self.fault, settlement) {
+            (Fault::AckIgnored, Settlement::Ack) => {
+                return Box::new(Dropped).settle(Settlement::Ack).await
+            }
+            (Fault::NackDelayIgnored, Settlement::Redeliver { .. }) => Settlement::Redeliver {
+                delay: Duration::ZERO,
+            },
+            (Fault::RejectAcks, Settlement::DeadLetter { reason, .. })
+                if !reason.starts_with("max attempts") =>
+            {
+                Settlement::Ack
+            }
+            (_, s) => s,
+        };
+        Box::new(Forward(self.d)).settle(settlement).await
+    }
+}
+
+#[async_trait]
+impl Transport for Mutant {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn capabilities(&self) -> Capabilities {
+        let c = self.inner.capabilities();
+        if self.fault == Fault::LimitNotEnforced {
+            c.with_max_payload_bytes(1000)
+        } else {
+            c
+        }
+    }
+    async fn ensure_topic(&self, topic: &Topic, policy: &TopicPolicy) -> Result<()> {
+        self.inner.ensure_topic(topic, policy).await
+    }
+    async fn publish(&self, envelope: Envelope) -> Result<Receipt> {
+        let n = self
+            .publishes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.fault == Fault::LosePublishes && n % 50 == 49 {
+            return Ok(Receipt::new(envelope.event_id, envelope.topic, None));
+        }
+        self.inner.publish(envelope).await
+    }
+    async fn subscribe(&self, mut subscription: Subscription) -> Result<DeliveryStream> {
+        if self.fault == Fault::LatestIsEarliest && subscription.start == StartPosition::Latest {
+            subscription = subscription.start(StartPosition::Earliest);
+        }
+        let fault = self.fault;
+        let s = self.inner.subscribe(subscription).await?;
+        if fault == Fault::StreamEndsOnError {
+            return Ok(s
+                .take_while(|r| futures::future::ready(r.is_ok()))
+                .map(move |r| r.map(|d| wrap(fault, d)))
+                .boxed());
+        }
+        Ok(s.map(move |r| r.map(|d| wrap(fault, d))).boxed())
+    }
+    async fn delete_topic(&self, topic: &Topic) -> Result<()> {
+        self.inner.delete_topic(topic).await
+    }
+    async fn health(&self) -> Health {
+        self.inner.health().await
+    }
+    async fn close(&self) -> Result<()> {
+        if self.fault == Fault::CloseIgnored {
+            return Ok(());
+        }
+        self.inner.close().await
+    }
+}
+
+struct MutantFixture {
+    broker: MemoryTransport,
+    fault: Fault,
+}
+
+#[async_trait]
+impl Fixture for MutantFixture {
+    fn name(&self) -> String {
+        format!("memory-{:?}", self.fault)
+    }
+    async fn connect(&self) -> Result<Arc<dyn Transport>> {
+        Ok(Arc::new(Mutant {
+            inner: Arc::new(self.broker.connect_same()),
+            fault: self.fault,
+            publishes: Default::default(),
+        }))
+    }
+    async fn cut_connections(&self) -> Result<()> {
+        self.broker.set_offline(true);
+        Ok(())
+    }
+    async fn restore_connections(&self) -> Result<()> {
+        self.broker.set_offline(false);
+        Ok(())
+    }
+    // Short waits: a mutant is caught by a wrong answer or a missing
+    // delivery, so nothing here needs the default patience.
+    fn timing(&self) -> Timing {
+        Timing::default()
+            .with_ack_deadline(Duration::from_millis(400))
+            .with_nack_delay(Duration::from_millis(400))
+            .with_margin(Duration::from_millis(800))
+            .with_receive_timeout(Duration::from_secs(2))
+            .with_quiet(Duration::from_millis(200))
+            .with_round_trip_messages(200)
+    }
+}
+
+async fn must_fail(fault: Fault, case: &str) {
+    let case = cases::ALL
+        .iter()
+        .find(|c| c.name == case)
+        .unwrap_or_else(|| panic!("no case named {case}"));
+    let fx = MutantFixture {
+        broker: MemoryTransport::new(),
+        fault,
+    };
+    match (case.run)(&fx).await {
+        Err(CaseError::Failed(why)) => eprintln!("{fault:?} caught by {}: {why}", case.name),
+        other => panic!("{fault:?} was not caught by {}: {other:?}", case.name),
+    }
+}
+
+macro_rules! caught {
+    ($test:ident, $fault:expr, $case:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            must_fail($fault, stringify!($case)).await;
+        }
+    };
+}
+
+caught!(
+    extra_header_fails_round_trip,
+    Fault::ExtraHeader,
+    round_trip
+);
+caught!(
+    extra_header_fails_trace_case,
+    Fault::ExtraHeader,
+    trace_context_and_headers
+);
+caught!(
+    lost_publishes_fail_round_trip,
+    Fault::LosePublishes,
+    round_trip
+);
+caught!(
+    lost_publishes_fail_concurrency_case,
+    Fault::LosePublishes,
+    concurrent_publishers_and_subscribers
+);
+caught!(
+    ignored_acks_fail_restart_case,
+    Fault::AckIgnored,
+    acked_not_redelivered_after_restart
+);
+caught!(
+    ignored_acks_fail_close_case,
+    Fault::AckIgnored,
+    close_ends_streams_and_flushes_acks
+);
+caught!(
+    ignored_acks_fail_redelivery_case,
+    Fault::AckIgnored,
+    redeliver_after_ack_deadline
+);
+caught!(
+    ignored_nack_delay_fails,
+    Fault::NackDelayIgnored,
+    nack_delay_respected
+);
+caught!(
+    wrong_attempts_fail_redelivery_case,
+    Fault::AttemptAlwaysOne,
+    redeliver_after_ack_deadline
+);
+caught!(
+    wrong_attempts_fail_nack_case,
+    Fault::AttemptAlwaysOne,
+    nack_redelivers
+);
+caught!(
+    reject_as_ack_fails,
+    Fault::RejectAcks,
+    reject_dead_letters_at_once
+);
+caught!(
+    stream_ending_on_error_fails_reconnect,
+    Fault::StreamEndsOnError,
+    reconnect_after_cut
+);
+caught!(
+    ignored_close_fails,
+    Fault::CloseIgnored,
+    close_ends_streams_and_flushes_acks
+);
+caught!(
+    unenforced_limit_fails,
+    Fault::LimitNotEnforced,
+    oversized_payload_rejected
+);
+caught!(
+    latest_as_earliest_fails,
+    Fault::LatestIsEarliest,
+    latest_skips_history
+);
