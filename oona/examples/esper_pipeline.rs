@@ -1,1 +1,686 @@
-fn main() {}
+//! The Esper flows of the platform spec, end to end over Oona.
+//!
+//! ```text
+//! Urza ──compilation.blueprint.submitted──▶ Tezzeret ×3 (one group, competing)
+//!                                             │  bad blueprint ─▶ .dlq (reason)
+//!      ◀──compilation.blueprint.compiled─────┘
+//! Kasmina ──telemetry.seed.health──▶ Tamiyo (group, 4 concurrent, per-seed order)
+//!                                 └─▶ Nissa  (group, sees every report too)
+//! DLQ auditor ◀── compilation.blueprint.submitted.dlq
+//! ```
+//!
+//! Runs over `oona::from_env()`: `memory://` unless `OONA_URL` says
+//! otherwise (`OONA_URL=redis://127.0.0.1:6379/0 cargo run --example
+//! esper_pipeline --features redis`). Every run uses fresh consumer groups
+//! starting at the latest position and tags its messages with a run id, so
+//! reruns against a persistent broker count only their own messages.
+//!
+//! Prints a summary table and exits non-zero if any count does not add up.
+//! `RUST_LOG=oona=debug` shows the `oona.publish` / `oona.deliver` spans.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use oona::rules::DeadLetterInfo;
+use oona::{
+    Bus, Envelope, HandlerError, HandlerResult, Incoming, Name, RunSummary, Shutdown, Subscription,
+    Topic,
+};
+use serde::{Deserialize, Serialize};
+
+// Payloads, defined locally for now (oona-contracts will provide them).
+
+/// Urza → Tezzeret: a blueprint to compile.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct BlueprintSubmitted {
+    blueprint_id: String,
+    name: String,
+    /// The operators of the blueprint's graph, in order.
+    ops: Vec<String>,
+    submitted_by: String,
+}
+
+/// Tezzeret → Urza: the compiled kernel's metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct BlueprintCompiled {
+    blueprint_id: String,
+    kernel_id: String,
+    compiled_by: String,
+    op_count: usize,
+}
+
+/// Kasmina → Tamiyo, Nissa: one seed's health at the end of a step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LayerHealthReport {
+    layer_id: u32,
+    seed_id: u32,
+    /// Per-seed sequence number, to check per-key order on arrival.
+    seq: u64,
+    epoch: u32,
+    health: f64,
+    loss: f64,
+}
+
+const SUBMITTED: &str = "compilation.blueprint.submitted";
+const COMPILED: &str = "compilation.blueprint.compiled";
+const HEALTH: &str = "telemetry.seed.health";
+
+/// Header carrying this run's id; messages of other runs are acked and
+/// ignored.
+const RUN_HEADER: &str = "esper-run";
+
+const BLUEPRINTS: u64 = 300;
+const INVALID_EVERY: u64 = 25; // unsupported op → permanent failure → DLQ
+const FLAKY_EVERY: u64 = 40; // first attempt times out → nack → retried
+const LAYERS: u32 = 8;
+const SEEDS_PER_LAYER: u32 = 5;
+const STEPS: u64 = 125; // reports per seed: 8 × 5 × 125 = 5,000
+const TEZZERET_WORKERS: usize = 3;
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// What one consumer saw.
+#[derive(Default)]
+struct Seen {
+    handled: AtomicU64,
+    foreign: AtomicU64,
+    unique: Mutex<HashSet<String>>,
+    latencies: Mutex<Vec<Duration>>,
+    last_seq: Mutex<HashMap<String, u64>>,
+    order_violations: AtomicU64,
+}
+
+impl Seen {
+    /// Record a delivery of this run; false if it belongs to another run.
+    fn record(&self, env: &Envelope, run: &str) -> bool {
+        if env.header(RUN_HEADER) != Some(run) {
+            self.foreign.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let latency = env.timestamp.elapsed();
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        lock(&self.latencies).push(latency);
+        lock(&self.unique).insert(env.event_id.to_string());
+        true
+    }
+
+    /// Check the per-key sequence.
+    fn check_order(&self, key: &str, seq: u64) {
+        let mut last = lock(&self.last_seq);
+        if let Some(prev) = last.insert(key.to_string(), seq) {
+            if seq <= prev {
+                self.order_violations.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn unique(&self) -> u64 {
+        lock(&self.unique).len() as u64
+    }
+
+    fn percentiles(&self) -> (Duration, Duration) {
+        let mut v = lock(&self.latencies).clone();
+        if v.is_empty() {
+            return (Duration::ZERO, Duration::ZERO);
+        }
+        v.sort_unstable();
+        let at = |p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
+        (at(50), at(99))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn sub(topic: &Topic, group: &str, consumer: Option<String>) -> oona::Result<Subscription> {
+    let mut s = Subscription::new(topic.clone(), Name::new(group)?).max_attempts(3);
+    if let Some(c) = consumer {
+        s = s.consumer(Name::new(c)?);
+    }
+    Ok(s)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run().await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("esper_pipeline: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> oona::Result<bool> {
+    let url = oona::env_url();
+    let transport = oona::from_env().await?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let bus = Bus::new(transport);
+    let submitted = Topic::new(SUBMITTED)?;
+    let compiled = Topic::new(COMPILED)?;
+    let health = Topic::new(HEALTH)?;
+    let dlq = submitted.dead_letter();
+    for t in [&submitted, &compiled, &health, &dlq] {
+        bus.ensure_topic(t).await?;
+    }
+    let group = |name: &str| format!("{name}-{run_id}");
+    let shutdown = Shutdown::new();
+
+    // --- Consumers first: fresh groups start at "latest", so they must
+    // exist before anything is published.
+
+    // Tezzeret: several workers in one group; each blueprint goes to one.
+    let tezzeret_seen = Arc::new(Seen::default());
+    let per_worker: Arc<Vec<AtomicU64>> =
+        Arc::new((0..TEZZERET_WORKERS).map(|_| AtomicU64::new(0)).collect());
+    let mut tezzeret = Vec::new();
+    for w in 0..TEZZERET_WORKERS {
+        let worker_bus = bus.clone().with_sender_id(format!("tezzeret-{w}"));
+        let (seen, per_worker, run) = (tezzeret_seen.clone(), per_worker.clone(), run_id.clone());
+        let compiled = compiled.clone();
+        let handle = bus
+            .runner::<BlueprintSubmitted>(sub(
+                &submitted,
+                &group("tezzeret"),
+                Some(format!("tezzeret-{run_id}-{w}")),
+            )?)
+            .concurrency(2)
+            .shutdown_on(shutdown.clone())
+            .start(move |msg: Incoming<BlueprintSubmitted>| {
+                let (seen, per_worker, run) = (seen.clone(), per_worker.clone(), run.clone());
+                let (bus, compiled) = (worker_bus.clone(), compiled.clone());
+                async move { compile(msg, &bus, &compiled, &seen, &per_worker[w], &run).await }
+            })
+            .await?;
+        tezzeret.push(handle);
+    }
+
+    // Urza: collects compiled kernels.
+    let urza_seen = Arc::new(Seen::default());
+    let urza = {
+        let (seen, run) = (urza_seen.clone(), run_id.clone());
+        bus.runner::<BlueprintCompiled>(sub(&compiled, &group("urza"), None)?)
+            .shutdown_on(shutdown.clone())
+            .start(move |msg: Incoming<BlueprintCompiled>| {
+                let (seen, run) = (seen.clone(), run.clone());
+                async move {
+                    seen.record(msg.envelope(), &run);
+                    Ok(())
+                }
+            })
+            .await?
+    };
+
+    // Tamiyo and Nissa: two groups, each sees every health report. Tamiyo
+    // runs 4 handlers at once and still sees each seed's reports in order.
+    let tamiyo_seen = Arc::new(Seen::default());
+    let nissa_seen = Arc::new(Seen::default());
+    let mut observers = Vec::new();
+    for (name, seen, concurrency) in [("tamiyo", &tamiyo_seen, 4), ("nissa", &nissa_seen, 1)] {
+        let (seen, run) = (seen.clone(), run_id.clone());
+        let handle = bus
+            .runner::<LayerHealthReport>(sub(&health, &group(name), None)?)
+            .concurrency(concurrency)
+            .shutdown_on(shutdown.clone())
+            .start(move |msg: Incoming<LayerHealthReport>| {
+                let (seen, run) = (seen.clone(), run.clone());
+                async move {
+                    if seen.record(msg.envelope(), &run) {
+                        let key = msg.envelope().key.clone().unwrap_or_default();
+                        seen.check_order(&key, msg.value().seq);
+                    }
+                    Ok(())
+                }
+            })
+            .await?;
+        observers.push((name, handle));
+    }
+
+    // The dead-letter auditor reads the DLQ directly.
+    let mut dead_letters = bus
+        .subscribe_raw(sub(&dlq, &group("dlq-auditor"), None)?)
+        .await?;
+
+    // --- Publish: Urza's submissions and Kasmina's telemetry, concurrently.
+    let started = Instant::now();
+    let urza_bus = bus.clone().with_sender_id("urza-1");
+    let kasmina_bus = bus.clone().with_sender_id("kasmina-1");
+    let (submissions, reports) = tokio::join!(
+        publish_blueprints(&urza_bus, &submitted, &run_id),
+        publish_health(&kasmina_bus, &health, &run_id),
+    );
+    let (submissions, reports) = (submissions?, reports?);
+    let publish_time = started.elapsed();
+
+    let invalid = (1..=BLUEPRINTS).filter(|i| i % INVALID_EVERY == 0).count() as u64;
+    let flaky = (1..=BLUEPRINTS)
+        .filter(|i| i % FLAKY_EVERY == 0 && i % INVALID_EVERY != 0)
+        .count() as u64;
+    let valid = BLUEPRINTS - invalid;
+    let expected_dead = invalid + 1; // + the malformed submission
+
+    // --- Read the dead letters while the rest drains.
+    let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut dead_read = 0u64;
+    let until = started + DEADLINE;
+    while dead_read < expected_dead {
+        let next = tokio::time::timeout_at(until.into(), dead_letters.next()).await;
+        let Ok(Some(item)) = next else { break };
+        let d = item?;
+        if let Some(info) = DeadLetterInfo::parse(d.envelope()) {
+            if info.original.header(RUN_HEADER) == Some(run_id.as_str()) {
+                dead_read += 1;
+                let what = serde_json::from_slice::<BlueprintSubmitted>(&info.original.payload)
+                    .map(|b| b.blueprint_id)
+                    .unwrap_or_else(|_| format!("event {}", info.original.event_id));
+                // Drop the per-message event id so equal failures group.
+                let mut reason = info.reason.clone();
+                if let Some(start) = reason.find(" (event ") {
+                    if let Some(len) = reason[start..].find(')') {
+                        reason.replace_range(start..start + len + 1, "");
+                    }
+                }
+                reasons.entry(reason).or_default().push(what);
+            }
+        }
+        d.ack().await?;
+    }
+
+    // --- Wait for every consumer to catch up, then shut down gracefully.
+    let total_reports = reports;
+    let caught_up = || {
+        let tz: RunSummary = sum(tezzeret.iter().map(|h| h.stats()));
+        tz.acked >= valid
+            && tz.rejected >= expected_dead
+            && urza_seen.unique() >= valid
+            && tamiyo_seen.unique() >= total_reports
+            && nissa_seen.unique() >= total_reports
+    };
+    while !caught_up() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let wall = started.elapsed();
+    shutdown.trigger();
+    let mut tz_summaries = Vec::new();
+    for h in tezzeret {
+        tz_summaries.push(h.join().await?);
+    }
+    let tz = sum(tz_summaries.into_iter());
+    let urza_summary = urza.join().await?;
+    let mut obs = Vec::new();
+    for (name, h) in observers {
+        obs.push((name, h.join().await?));
+    }
+    drop(dead_letters);
+
+    // --- Report.
+    println!();
+    println!("Esper pipeline over {} (run {run_id})", redact(&url));
+    println!();
+    let line = "-".repeat(122);
+    println!(
+        "{:<36} {:<9} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
+        "topic",
+        "from",
+        "group (consumers)",
+        "published",
+        "handled",
+        "nacked",
+        "dead",
+        "p50",
+        "p99"
+    );
+    println!("{line}");
+    let (p50, p99) = tezzeret_seen.percentiles();
+    println!(
+        "{:<36} {:<9} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
+        SUBMITTED,
+        "urza",
+        format!("tezzeret ({TEZZERET_WORKERS} competing)"),
+        submissions,
+        tz.acked,
+        tz.nacked,
+        tz.dead_lettered,
+        ms(p50),
+        ms(p99)
+    );
+    let (p50, p99) = urza_seen.percentiles();
+    println!(
+        "{:<36} {:<9} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
+        COMPILED,
+        "tezzeret",
+        "urza",
+        tz.acked,
+        urza_summary.acked,
+        urza_summary.nacked,
+        urza_summary.dead_lettered,
+        ms(p50),
+        ms(p99)
+    );
+    for ((name, s), seen) in obs.iter().zip([&tamiyo_seen, &nissa_seen]) {
+        let (p50, p99) = seen.percentiles();
+        let label = if *name == "tamiyo" {
+            "tamiyo (4 concurrent)".to_string()
+        } else {
+            name.to_string()
+        };
+        println!(
+            "{:<36} {:<9} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
+            HEALTH,
+            "kasmina",
+            label,
+            reports,
+            s.acked,
+            s.nacked,
+            s.dead_lettered,
+            ms(p50),
+            ms(p99)
+        );
+    }
+    println!(
+        "{:<36} {:<9} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
+        dlq.as_str(),
+        "oona",
+        "dlq-auditor",
+        tz.dead_lettered,
+        dead_read,
+        "-",
+        "-",
+        "-",
+        "-"
+    );
+    println!("{line}");
+    let split: Vec<String> = per_worker
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("tezzeret-{i}: {}", n.load(Ordering::Relaxed)))
+        .collect();
+    println!(
+        "Tezzeret workers (competing, compiled):  {}",
+        split.join(", ")
+    );
+    println!("Flaky blueprints retried after a nack:   {flaky} (attempt 2 succeeded)");
+    println!("Dead letters by reason:");
+    for (reason, items) in &reasons {
+        let shown: Vec<&str> = items.iter().take(4).map(String::as_str).collect();
+        let more = if items.len() > 4 {
+            format!(", +{} more", items.len() - 4)
+        } else {
+            String::new()
+        };
+        println!(
+            "  {:>3} × {reason}  [{}{more}]",
+            items.len(),
+            shown.join(", ")
+        );
+    }
+    let delivered = tz.settled()
+        + urza_summary.settled()
+        + obs.iter().map(|(_, s)| s.settled()).sum::<u64>()
+        + dead_read;
+    let published = submissions + tz.acked + reports;
+    println!(
+        "Published {published} messages in {} ms; {delivered} deliveries settled in {} ms: {:.0} deliveries/s",
+        publish_time.as_millis(),
+        wall.as_millis(),
+        delivered as f64 / wall.as_secs_f64().max(1e-9)
+    );
+    let foreign: u64 = [&tezzeret_seen, &urza_seen, &tamiyo_seen, &nissa_seen]
+        .iter()
+        .map(|s| s.foreign.load(Ordering::Relaxed))
+        .sum();
+    if foreign > 0 {
+        println!("Ignored {foreign} messages of other runs.");
+    }
+
+    // --- Do the counts add up?
+    let mut problems = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            problems.push(what);
+        }
+    };
+    check(
+        submissions == BLUEPRINTS + 1,
+        format!(
+            "published {submissions} submissions, expected {}",
+            BLUEPRINTS + 1
+        ),
+    );
+    check(
+        tezzeret_seen.unique() == valid,
+        format!(
+            "tezzeret compiled {} distinct blueprints, expected {valid}",
+            tezzeret_seen.unique()
+        ),
+    );
+    check(
+        tz.acked == valid,
+        format!("tezzeret acked {}, expected {valid}", tz.acked),
+    );
+    check(
+        tz.nacked == flaky,
+        format!("tezzeret nacked {}, expected {flaky}", tz.nacked),
+    );
+    check(
+        tz.rejected == expected_dead && tz.dead_lettered == expected_dead,
+        format!(
+            "tezzeret dead-lettered {}, expected {expected_dead}",
+            tz.dead_lettered
+        ),
+    );
+    check(
+        tz.decode_failures == 1,
+        format!("{} decode failures, expected 1", tz.decode_failures),
+    );
+    check(
+        dead_read == expected_dead,
+        format!("read {dead_read} dead letters, expected {expected_dead}"),
+    );
+    check(
+        reasons.keys().any(|r| r.starts_with("decode: ")),
+        "no decode dead letter".into(),
+    );
+    check(
+        reasons.keys().any(|r| r.contains("unsupported op")),
+        "no unsupported-op dead letter".into(),
+    );
+    check(
+        urza_seen.unique() == valid,
+        format!(
+            "urza received {} compiled kernels, expected {valid}",
+            urza_seen.unique()
+        ),
+    );
+    for (name, seen) in [("tamiyo", &tamiyo_seen), ("nissa", &nissa_seen)] {
+        check(
+            seen.unique() == reports,
+            format!(
+                "{name} saw {} health reports, expected {reports}",
+                seen.unique()
+            ),
+        );
+        let v = seen.order_violations.load(Ordering::Relaxed);
+        check(v == 0, format!("{name}: {v} per-seed order violations"));
+    }
+    for s in [&tz, &urza_summary]
+        .into_iter()
+        .chain(obs.iter().map(|(_, s)| s))
+    {
+        check(
+            s.settle_errors == 0 && s.panics == 0,
+            format!("settle errors or panics: {s}"),
+        );
+    }
+    let used_workers = per_worker
+        .iter()
+        .filter(|n| n.load(Ordering::Relaxed) > 0)
+        .count();
+    check(
+        used_workers > 1,
+        format!("only {used_workers} tezzeret worker did any work"),
+    );
+
+    if problems.is_empty() {
+        println!("OK: every count adds up (graceful shutdown: all runners stopped with nothing in flight).");
+        Ok(true)
+    } else {
+        for p in &problems {
+            println!("FAILED: {p}");
+        }
+        Ok(false)
+    }
+}
+
+/// Tezzeret's handler: "compile" a blueprint and announce the kernel.
+async fn compile(
+    msg: Incoming<BlueprintSubmitted>,
+    bus: &Bus,
+    compiled: &Topic,
+    seen: &Seen,
+    worker_count: &AtomicU64,
+    run: &str,
+) -> HandlerResult {
+    if msg.envelope().header(RUN_HEADER) != Some(run) {
+        seen.foreign.fetch_add(1, Ordering::Relaxed);
+        return Ok(());
+    }
+    let bp = msg.value();
+    if let Some(op) = bp.ops.iter().find(|op| op.as_str() == "quantum_conv") {
+        return Err(HandlerError::permanent(format!("unsupported op '{op}'")));
+    }
+    if bp.name.ends_with("-flaky") && msg.attempt() == 1 {
+        return Err(HandlerError::temporary("artifact store timed out"));
+    }
+    // The "compilation": a stable digest of the graph.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bp.ops.iter().flat_map(|o| o.bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let kernel = BlueprintCompiled {
+        blueprint_id: bp.blueprint_id.clone(),
+        kernel_id: format!("krn-{h:016x}"),
+        compiled_by: bus.sender_id().to_string(),
+        op_count: bp.ops.len(),
+    };
+    // A failed publish is an oona::Error; `?` makes it a temporary
+    // failure (nack) unless it is a data error.
+    bus.message(compiled, &kernel)
+        .key(&bp.blueprint_id)
+        .correlation_id(msg.envelope().event_id.to_string())
+        .header(RUN_HEADER, run)
+        .send()
+        .await?;
+    seen.record(msg.envelope(), run);
+    worker_count.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+async fn publish_blueprints(bus: &Bus, topic: &Topic, run: &str) -> oona::Result<u64> {
+    let ops = ["conv2d", "batch_norm", "relu", "residual_add", "linear"];
+    let mut n = 0;
+    for i in 1..=BLUEPRINTS {
+        let mut bp_ops: Vec<String> = ops
+            .iter()
+            .take(2 + (i as usize % 4))
+            .map(|s| s.to_string())
+            .collect();
+        let mut name = format!("bp-{i}");
+        if i % INVALID_EVERY == 0 {
+            bp_ops.push("quantum_conv".into());
+        } else if i % FLAKY_EVERY == 0 {
+            name.push_str("-flaky");
+        }
+        let bp = BlueprintSubmitted {
+            blueprint_id: format!("bp-{run}-{i:04}"),
+            name,
+            ops: bp_ops,
+            submitted_by: "urza-api".into(),
+        };
+        bus.message(topic, &bp)
+            .key(&bp.blueprint_id)
+            .header(RUN_HEADER, run)
+            .send()
+            .await?;
+        n += 1;
+    }
+    // A submission whose payload is not a BlueprintSubmitted: the runner
+    // dead-letters it with a decode reason instead of dropping it.
+    let malformed = Envelope::builder(topic.clone(), r#"{"blueprint_id": 42}"#)
+        .header(RUN_HEADER, run)
+        .build();
+    bus.publish_envelope(malformed).await?;
+    Ok(n + 1)
+}
+
+async fn publish_health(bus: &Bus, topic: &Topic, run: &str) -> oona::Result<u64> {
+    let mut n = 0;
+    let mut batch = Vec::with_capacity(200);
+    for step in 0..STEPS {
+        for layer in 0..LAYERS {
+            for seed in 0..SEEDS_PER_LAYER {
+                let report = LayerHealthReport {
+                    layer_id: layer,
+                    seed_id: seed,
+                    seq: step,
+                    epoch: (step / 25) as u32,
+                    health: 1.0 - (step as f64 / STEPS as f64) * 0.1,
+                    loss: 2.0 / (1.0 + step as f64),
+                };
+                let env = bus
+                    .message(topic, &report)
+                    .key(format!("layer-{layer}/seed-{seed}"))
+                    .header(RUN_HEADER, run)
+                    .build()?;
+                batch.push(env);
+                if batch.len() == 200 {
+                    n += bus
+                        .publish_envelopes(std::mem::take(&mut batch))
+                        .await?
+                        .len() as u64;
+                }
+            }
+        }
+    }
+    if !batch.is_empty() {
+        n += bus.publish_envelopes(batch).await?.len() as u64;
+    }
+    Ok(n)
+}
+
+fn sum(it: impl Iterator<Item = RunSummary>) -> RunSummary {
+    it.fold(RunSummary::default(), |mut a, s| {
+        a.received += s.received;
+        a.acked += s.acked;
+        a.nacked += s.nacked;
+        a.rejected += s.rejected;
+        a.dead_lettered += s.dead_lettered;
+        a.decode_failures += s.decode_failures;
+        a.panics += s.panics;
+        a.settle_errors += s.settle_errors;
+        a.stream_errors += s.stream_errors;
+        a
+    })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn redact(url: &str) -> String {
+    oona::ConnectUrl::parse(url)
+        .map(|u| u.redacted())
+        .unwrap_or_else(|_| url.to_string())
+}
