@@ -1,0 +1,903 @@
+//! Subscriptions: a consumer-group member per [`Subscription`], manual
+//! offset commits of settled messages, and a retry topic per group for
+//! nacks and expired ack deadlines.
+//!
+//! One task per subscription owns the `StreamConsumer`. It tracks every
+//! offset it has read per partition; a settlement marks its offset done,
+//! and the committed offset of a partition only moves past a contiguous run
+//! of settled offsets, so a later ack never commits past an earlier
+//! unsettled message. Commits go out every `commit_interval`, and
+//! synchronously when partitions are revoked and on close.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use oona_core::{
+    rules, ContentType, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Name,
+    Result, Settle, Settlement, StartPosition, Subscription, Topic,
+};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::headers::{self, name as hname};
+use crate::transport::{closed_error, kafka_error, Inner, NAME};
+
+/// Segment of retry topic names: `<topic>.__retry.<group>`. No Oona topic
+/// can contain it (segments start with a letter), so retry topics never
+/// collide with user topics.
+pub(crate) const RETRY_SEGMENT: &str = "__retry";
+
+/// The retry topic of `group` on `topic`.
+pub fn retry_topic(topic: &Topic, group: &Name) -> String {
+    let name = format!("{topic}.{RETRY_SEGMENT}.{group}");
+    if name.len() <= 249 {
+        return name;
+    }
+    // Kafka names stop at 249 bytes: a stable hash stands in for a long group.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in group.as_str().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{topic}.{RETRY_SEGMENT}.{h:016x}")
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Unix milliseconds of a tokio instant.
+fn unix_ms_at(at: Instant) -> u64 {
+    let now = Instant::now();
+    if at > now {
+        unix_ms_now() + (at - now).as_millis() as u64
+    } else {
+        unix_ms_now()
+    }
+}
+
+#[derive(Default)]
+struct Part {
+    epoch: u64,
+    /// Offsets read and not yet committed; `true` once settled.
+    pending: BTreeMap<i64, bool>,
+    /// Next offset to commit (one past the last contiguous settled one).
+    commit: Option<i64>,
+    dirty: bool,
+}
+
+impl Part {
+    fn settle(&mut self, offset: i64) {
+        if let Some(s) = self.pending.get_mut(&offset) {
+            *s = true;
+        }
+        while let Some((&o, &true)) = self.pending.first_key_value() {
+            self.pending.pop_first();
+            self.commit = Some(o + 1);
+            self.dirty = true;
+        }
+    }
+}
+
+struct InFlight {
+    kafka_topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    epoch: u64,
+    deadline: Instant,
+    envelope: Envelope,
+    attempt: u32,
+    position: String,
+    /// A republish (retry or dead letter) is under way.
+    busy: bool,
+}
+
+#[derive(Default)]
+struct State {
+    parts: HashMap<(Arc<str>, i32), Part>,
+    inflight: HashMap<u64, InFlight>,
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
+    next_id: u64,
+    next_epoch: u64,
+    /// The loop has ended: settlements can no longer be committed.
+    ended: bool,
+}
+
+impl State {
+    fn track(&mut self, topic: &Arc<str>, partition: i32, offset: i64) -> u64 {
+        let next_epoch = &mut self.next_epoch;
+        let part = self
+            .parts
+            .entry((Arc::clone(topic), partition))
+            .or_insert_with(|| {
+                *next_epoch += 1;
+                Part {
+                    epoch: *next_epoch,
+                    ..Part::default()
+                }
+            });
+        part.pending.insert(offset, false);
+        part.epoch
+    }
+
+    fn current(&self, topic: &Arc<str>, partition: i32, epoch: u64) -> bool {
+        self.parts
+            .get(&(Arc::clone(topic), partition))
+            .is_some_and(|p| p.epoch == epoch)
+    }
+
+    /// Remove a delivery and mark its offset settled.
+    fn finish(&mut self, id: u64) {
+        if let Some(f) = self.inflight.remove(&id) {
+            if let Some(p) = self
+                .parts
+                .get_mut(&(Arc::clone(&f.kafka_topic), f.partition))
+            {
+                if p.epoch == f.epoch {
+                    p.settle(f.offset);
+                }
+            }
+        }
+    }
+
+    /// Offsets to commit: of every dirty partition, or of `only`.
+    fn commits(&mut self, only: Option<&TopicPartitionList>) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), part) in self.parts.iter_mut() {
+            if !part.dirty {
+                continue;
+            }
+            if let Some(only) = only {
+                if only.find_partition(t, *p).is_none() {
+                    continue;
+                }
+            }
+            if let Some(c) = part.commit {
+                if tpl.add_partition_offset(t, *p, Offset::Offset(c)).is_ok() {
+                    part.dirty = false;
+                }
+            }
+        }
+        tpl
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the loop when a settlement frees a slot.
+    wake: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is plain data; a panic elsewhere must not wedge it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+    /// Told when the member gets its first assignment.
+    assigned: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            let tx = self.assigned.lock().ok().and_then(|mut t| t.take());
+            if let Some(tx) = tx {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else {
+            return;
+        };
+        // Commit what is settled before the partitions go to another
+        // member, then forget them: later settlements of their deliveries
+        // can no longer be committed by us (the new owner redelivers them).
+        let tpl = {
+            let mut st = self.shared.lock();
+            let tpl = st.commits(Some(revoked));
+            for e in revoked.elements() {
+                st.parts.remove(&(Arc::from(e.topic()), e.partition()));
+            }
+            tpl
+        };
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                tracing::warn!(error = %e, "kafka: commit on partition revoke failed");
+            }
+        }
+    }
+}
+
+/// What a republish task does.
+enum Republish {
+    /// To the retry topic as attempt `attempt + 1`, not before the instant
+    /// (Unix ms); dead-lettered instead if that exceeds `max_attempts`.
+    Retry { not_before: u64 },
+    /// To the dead-letter topic.
+    DeadLetter(Box<Envelope>),
+}
+
+#[derive(Clone)]
+struct Ctl {
+    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+    sub: Arc<Subscription>,
+    retry: Arc<str>,
+}
+
+impl Ctl {
+    async fn republish(
+        &self,
+        envelope: &Envelope,
+        attempt: u32,
+        position: &str,
+        what: Republish,
+    ) -> Result<()> {
+        match what {
+            Republish::DeadLetter(dl) => self.inner.publish_dead_letter(&dl).await,
+            Republish::Retry { not_before } => {
+                let next = attempt + 1;
+                let info = DeliveryInfo::new(&self.sub, next, Some(position.to_string()));
+                if let Some((dl, reason)) = rules::exceeded_attempts(envelope, &info) {
+                    tracing::debug!(%reason, "kafka: dead-lettering");
+                    return self.inner.publish_dead_letter(&dl).await;
+                }
+                self.inner
+                    .publish_envelope(
+                        &self.retry,
+                        envelope,
+                        &[
+                            (hname::ATTEMPT, next.to_string()),
+                            (hname::NOT_BEFORE, not_before.to_string()),
+                        ],
+                    )
+                    .await
+                    .map(|_| ())
+            }
+        }
+    }
+
+    /// Republish delivery `id` in the background, then settle its offset.
+    /// On failure it is handed back to the deadline timer, retried in 1 s.
+    fn spawn_republish(&self, id: u64, what: Republish) {
+        let ctl = self.clone();
+        tokio::spawn(async move {
+            let (env, attempt, position) = {
+                let st = ctl.shared.lock();
+                match st.inflight.get(&id) {
+                    Some(f) => (f.envelope.clone(), f.attempt, f.position.clone()),
+                    None => return,
+                }
+            };
+            let res = ctl.republish(&env, attempt, &position, what).await;
+            let mut st = ctl.shared.lock();
+            match res {
+                Ok(()) => st.finish(id),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka: republish failed; retrying");
+                    let at = Instant::now() + Duration::from_secs(1);
+                    if let Some(f) = st.inflight.get_mut(&id) {
+                        f.busy = false;
+                        f.deadline = at;
+                    }
+                    st.deadlines.push(Reverse((at, id)));
+                }
+            }
+            drop(st);
+            ctl.shared.wake.notify_one();
+        });
+    }
+}
+
+struct KafkaSettle {
+    ctl: Ctl,
+    id: u64,
+}
+
+#[async_trait]
+impl Settle for KafkaSettle {
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()> {
+        let ctl = &self.ctl;
+        let (env, attempt, position) = {
+            let mut st = ctl.shared.lock();
+            if st.ended {
+                return Err(closed_error());
+            }
+            let Some(f) = st.inflight.get_mut(&self.id) else {
+                // Its ack deadline passed (it was redelivered) or its
+                // partition moved to another member, which redelivers it.
+                tracing::debug!("kafka: settlement of an expired or revoked delivery ignored");
+                return Ok(());
+            };
+            if f.busy {
+                return Ok(());
+            }
+            if matches!(settlement, Settlement::Ack) {
+                st.finish(self.id);
+                drop(st);
+                ctl.shared.wake.notify_one();
+                return Ok(());
+            }
+            f.busy = true;
+            (f.envelope.clone(), f.attempt, f.position.clone())
+        };
+        let what = match settlement {
+            Settlement::Redeliver { delay } => Republish::Retry {
+                not_before: unix_ms_now() + delay.as_millis() as u64,
+            },
+            Settlement::DeadLetter { dead_letter, .. } => Republish::DeadLetter(dead_letter),
+            // Handled above.
+            Settlement::Ack => Republish::Retry { not_before: 0 },
+        };
+        let res = ctl.republish(&env, attempt, &position, what).await;
+        let mut st = ctl.shared.lock();
+        match res {
+            Ok(()) => st.finish(self.id),
+            Err(_) => {
+                if let Some(f) = st.inflight.get_mut(&self.id) {
+                    f.busy = false;
+                }
+            }
+        }
+        drop(st);
+        ctl.shared.wake.notify_one();
+        res
+    }
+}
+
+/// A decoded record waiting to be handed out.
+struct Ready {
+    kafka_topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    epoch: u64,
+    envelope: Envelope,
+    attempt: u32,
+    position: String,
+}
+
+/// Resolve the start position of a group that has no committed offsets
+/// yet, and commit it, so the group starts where the subscription says
+/// whenever its members join.
+fn prepare_group(inner: &Inner, sub: &Subscription) -> Result<()> {
+    let topic = sub.topic.as_str();
+    let timeout = Timeout::After(inner.opts.timeout);
+    let mut cfg = inner.opts.client_config();
+    cfg.set("group.id", sub.group.as_str())
+        .set("enable.auto.commit", "false");
+    let c: BaseConsumer = cfg
+        .create()
+        .map_err(|e| kafka_error("create consumer", e))?;
+    let md = c
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| kafka_error("fetch metadata", e))?;
+    let n = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n as i32 {
+        tpl.add_partition(topic, p);
+    }
+    let committed = c
+        .committed_offsets(tpl.clone(), timeout)
+        .map_err(|e| kafka_error("read committed offsets", e))?;
+    if committed
+        .elements()
+        .iter()
+        .any(|e| matches!(e.offset(), Offset::Offset(_)))
+    {
+        return Ok(()); // An existing group resumes where it is.
+    }
+    let mut start = TopicPartitionList::new();
+    match sub.start {
+        // auto.offset.reset=earliest does it.
+        StartPosition::Earliest => return Ok(()),
+        StartPosition::Latest => {
+            for p in 0..n as i32 {
+                let (_, high) = c
+                    .fetch_watermarks(topic, p, timeout)
+                    .map_err(|e| kafka_error("read end offsets", e))?;
+                let _ = start.add_partition_offset(topic, p, Offset::Offset(high));
+            }
+        }
+        StartPosition::At(t) => {
+            let mut q = TopicPartitionList::new();
+            for p in 0..n as i32 {
+                let _ = q.add_partition_offset(topic, p, Offset::Offset(t.unix_millis() as i64));
+            }
+            let found = c
+                .offsets_for_times(q, timeout)
+                .map_err(|e| kafka_error("offsets for time", e))?;
+            for e in found.elements() {
+                let o = match e.offset() {
+                    Offset::Offset(o) => o,
+                    // Nothing at or after the time: start at the end.
+                    _ => {
+                        c.fetch_watermarks(topic, e.partition(), timeout)
+                            .map_err(|e| kafka_error("read end offsets", e))?
+                            .1
+                    }
+                };
+                let _ = start.add_partition_offset(topic, e.partition(), Offset::Offset(o));
+            }
+        }
+    }
+    if start.count() > 0 {
+        c.commit(&start, CommitMode::Sync)
+            .map_err(|e| kafka_error("commit start offsets", e))?;
+    }
+    Ok(())
+}
+
+/// Start a subscription: its stream and the task behind it.
+pub(crate) async fn start(
+    inner: Arc<Inner>,
+    sub: Subscription,
+) -> Result<(DeliveryStream, tokio::task::JoinHandle<()>)> {
+    inner.ensure(&sub.topic).await?;
+    let retry = retry_topic(&sub.topic, &sub.group);
+    let policy = inner.opts.policies.for_topic(&sub.topic).clone();
+    inner.ensure_kafka_topic(&retry, &policy).await?;
+    {
+        let inner = Arc::clone(&inner);
+        let sub = sub.clone();
+        tokio::task::spawn_blocking(move || prepare_group(&inner, &sub))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("start task: {e}")))??;
+    }
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State::default()),
+        wake: Notify::new(),
+    });
+    let o = &inner.opts;
+    let mut cfg = o.client_config();
+    let max_poll = (sub.ack_deadline * 2).max(Duration::from_secs(300));
+    cfg.set("group.id", sub.group.as_str())
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set(
+            "session.timeout.ms",
+            o.session_timeout.as_millis().to_string(),
+        )
+        .set("heartbeat.interval.ms", o.heartbeat.as_millis().to_string())
+        .set("fetch.wait.max.ms", o.fetch_wait.as_millis().to_string())
+        .set("max.poll.interval.ms", max_poll.as_millis().to_string());
+    let (assigned_tx, assigned_rx) = tokio::sync::oneshot::channel();
+    let consumer: StreamConsumer<Ctx> = cfg
+        .create_with_context(Ctx {
+            shared: Arc::clone(&shared),
+            assigned: Mutex::new(Some(assigned_tx)),
+        })
+        .map_err(|e| kafka_error("create consumer", e))?;
+    consumer
+        .subscribe(&[sub.topic.as_str(), &retry])
+        .map_err(|e| kafka_error("subscribe", e))?;
+    let (tx, rx) = mpsc::channel(sub.prefetch.max(1));
+    let ctl = Ctl {
+        inner: Arc::clone(&inner),
+        shared,
+        sub: Arc::new(sub),
+        retry: Arc::from(retry.as_str()),
+    };
+    let shutdown = inner.shutdown.subscribe();
+    let join_timeout = ctl.inner.opts.timeout;
+    let task = tokio::spawn(run(ctl, consumer, tx, shutdown));
+    // Return once this member holds its share of the group, so that what
+    // is published next is not first handed to a member about to lose
+    // the partition (which would deliver it twice).
+    match tokio::time::timeout(join_timeout, assigned_rx).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err(closed_error()),
+        Err(_) => {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!("kafka: joining consumer group took over {join_timeout:?}"),
+            )
+            .with_transport(NAME))
+        }
+    }
+    let stream =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|d| (d, rx)) })
+            .boxed();
+    Ok((stream, task))
+}
+
+async fn run(
+    ctl: Ctl,
+    consumer: StreamConsumer<Ctx>,
+    out: mpsc::Sender<Result<Delivery>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let main_topic: Arc<str> = Arc::from(ctl.sub.topic.as_str());
+    let prefetch = ctl.sub.prefetch.max(1);
+    let mut ready: VecDeque<Ready> = VecDeque::new();
+    let mut delayed: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
+    let mut delayed_items: HashMap<u64, Ready> = HashMap::new();
+    let mut delayed_seq = 0u64;
+    let mut paused = false;
+    let mut draining = false;
+    let mut commit_tick = tokio::time::interval(ctl.inner.opts.commit_interval);
+    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if *shutdown.borrow() {
+        return finish(ctl, consumer, out).await;
+    }
+    loop {
+        // Hand out what is ready while there is room.
+        if !draining {
+            let now_ms = unix_ms_now();
+            while let Some(Reverse((at, seq))) = delayed.peek().copied() {
+                if at > now_ms {
+                    break;
+                }
+                delayed.pop();
+                if let Some(r) = delayed_items.remove(&seq) {
+                    ready.push_back(r);
+                }
+            }
+            loop {
+                let room = ctl.shared.lock().inflight.len() < prefetch;
+                if !room {
+                    break;
+                }
+                let Some(r) = ready.pop_front() else { break };
+                if let Some(d) = hand_out(&ctl, r) {
+                    if out.try_send(Ok(d)).is_err() {
+                        // Cannot happen while in-flight <= capacity, but a
+                        // delivery that cannot be handed out simply expires.
+                        tracing::debug!("kafka: delivery channel full");
+                    }
+                }
+            }
+        }
+        // Flow control: stop fetching while a prefetch worth is buffered.
+        let buffered = ready.len() + delayed_items.len();
+        if !paused && buffered >= prefetch {
+            if let Ok(a) = consumer.assignment() {
+                paused = consumer.pause(&a).is_ok();
+            }
+        } else if paused && buffered < prefetch / 2 + 1 {
+            if let Ok(a) = consumer.assignment() {
+                paused = consumer.resume(&a).is_err();
+            }
+        }
+        let next_timer = {
+            let st = ctl.shared.lock();
+            let d = st.deadlines.peek().map(|Reverse((at, _))| *at);
+            let w = delayed.peek().map(|Reverse((ms, _))| {
+                Instant::now() + Duration::from_millis(ms.saturating_sub(unix_ms_now()))
+            });
+            match (d, w) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        };
+        let sleep_until = next_timer.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            _ = out.closed(), if !draining => {
+                draining = true;
+                drain(&ctl);
+            }
+            m = consumer.recv(), if !draining => match m {
+                Ok(m) => on_message(&ctl, &main_topic, &m, &mut ready, &mut delayed, &mut delayed_items, &mut delayed_seq),
+                Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+            },
+            _ = ctl.shared.wake.notified() => {}
+            _ = tokio::time::sleep_until(sleep_until) => expire(&ctl),
+            _ = commit_tick.tick() => commit(&ctl, &consumer, CommitMode::Async),
+        }
+        if draining {
+            if ctl.shared.lock().inflight.is_empty() {
+                break;
+            }
+            // Keep the group membership alive while republishes finish.
+            commit(&ctl, &consumer, CommitMode::Async);
+        }
+    }
+    finish(ctl, consumer, out).await;
+}
+
+fn on_message(
+    ctl: &Ctl,
+    main_topic: &Arc<str>,
+    m: &BorrowedMessage<'_>,
+    ready: &mut VecDeque<Ready>,
+    delayed: &mut BinaryHeap<Reverse<(u64, u64)>>,
+    delayed_items: &mut HashMap<u64, Ready>,
+    delayed_seq: &mut u64,
+) {
+    let kafka_topic: Arc<str> = if m.topic() == &**main_topic {
+        Arc::clone(main_topic)
+    } else {
+        Arc::clone(&ctl.retry)
+    };
+    let (partition, offset) = (m.partition(), m.offset());
+    let position = if Arc::ptr_eq(&kafka_topic, main_topic) {
+        format!("{partition}/{offset}")
+    } else {
+        format!("{kafka_topic}/{partition}/{offset}")
+    };
+    let epoch = ctl.shared.lock().track(&kafka_topic, partition, offset);
+    let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
+    match headers::decode(m.headers(), payload.clone(), &ctl.sub.topic) {
+        Ok((envelope, internal)) => {
+            let r = Ready {
+                kafka_topic,
+                partition,
+                offset,
+                epoch,
+                envelope,
+                attempt: internal.attempt.unwrap_or(1).max(1),
+                position,
+            };
+            match internal.not_before {
+                Some(at) if at > unix_ms_now() => {
+                    *delayed_seq += 1;
+                    delayed.push(Reverse((at, *delayed_seq)));
+                    delayed_items.insert(*delayed_seq, r);
+                }
+                _ => ready.push_back(r),
+            }
+        }
+        Err(err) => {
+            // Not an envelope: dead-letter the raw value with the reason.
+            let ct = m
+                .headers()
+                .and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == hname::CONTENT_TYPE)
+                        .and_then(|h| h.value)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .map(ContentType::new)
+                })
+                .unwrap_or_else(|| ContentType::new(ContentType::OCTET_STREAM));
+            let info = DeliveryInfo::new(&ctl.sub, 1, Some(position.clone()));
+            let (dl, reason) = rules::poison_dead_letter(&ctl.sub.topic, payload, ct, &err, &info);
+            tracing::warn!(%reason, position, "kafka: record is not an envelope; dead-lettering");
+            let id = register(
+                ctl,
+                kafka_topic,
+                partition,
+                offset,
+                epoch,
+                dl.clone(),
+                1,
+                position,
+                true,
+            );
+            ctl.spawn_republish(id, Republish::DeadLetter(Box::new(dl)));
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn register(
+    ctl: &Ctl,
+    kafka_topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    epoch: u64,
+    envelope: Envelope,
+    attempt: u32,
+    position: String,
+    busy: bool,
+) -> u64 {
+    let deadline = Instant::now() + ctl.sub.ack_deadline;
+    let mut st = ctl.shared.lock();
+    st.next_id += 1;
+    let id = st.next_id;
+    st.inflight.insert(
+        id,
+        InFlight {
+            kafka_topic,
+            partition,
+            offset,
+            epoch,
+            deadline,
+            envelope,
+            attempt,
+            position,
+            busy,
+        },
+    );
+    if !busy {
+        st.deadlines.push(Reverse((deadline, id)));
+    }
+    id
+}
+
+/// Turn a ready record into a delivery, unless its partition was revoked
+/// meanwhile (the new owner delivers it) or it is past its last attempt.
+fn hand_out(ctl: &Ctl, r: Ready) -> Option<Delivery> {
+    if !ctl
+        .shared
+        .lock()
+        .current(&r.kafka_topic, r.partition, r.epoch)
+    {
+        return None;
+    }
+    let info = DeliveryInfo::new(&ctl.sub, r.attempt, Some(r.position.clone()));
+    if let Some((dl, reason)) = rules::exceeded_attempts(&r.envelope, &info) {
+        tracing::debug!(%reason, "kafka: dead-lettering");
+        let id = register(
+            ctl,
+            r.kafka_topic,
+            r.partition,
+            r.offset,
+            r.epoch,
+            r.envelope,
+            r.attempt,
+            r.position,
+            true,
+        );
+        ctl.spawn_republish(id, Republish::DeadLetter(Box::new(dl)));
+        return None;
+    }
+    let id = register(
+        ctl,
+        r.kafka_topic,
+        r.partition,
+        r.offset,
+        r.epoch,
+        r.envelope.clone(),
+        r.attempt,
+        r.position,
+        false,
+    );
+    Some(Delivery::new(
+        r.envelope,
+        info,
+        Box::new(KafkaSettle {
+            ctl: ctl.clone(),
+            id,
+        }),
+    ))
+}
+
+/// Deliveries past their ack deadline come back: republished to the retry
+/// topic as the next attempt (or dead-lettered after the last).
+fn expire(ctl: &Ctl) {
+    let now = Instant::now();
+    let mut due = Vec::new();
+    {
+        let mut st = ctl.shared.lock();
+        while let Some(Reverse((at, id))) = st.deadlines.peek().copied() {
+            if at > now {
+                break;
+            }
+            st.deadlines.pop();
+            let stale = match st.inflight.get(&id) {
+                Some(f) if f.busy || f.deadline != at => continue,
+                Some(f) => !st.current(&f.kafka_topic, f.partition, f.epoch),
+                None => continue,
+            };
+            if stale {
+                // Its partition moved on; the new owner redelivers it.
+                st.inflight.remove(&id);
+                continue;
+            }
+            if let Some(f) = st.inflight.get_mut(&id) {
+                f.busy = true;
+                due.push(id);
+            }
+        }
+    }
+    for id in due {
+        tracing::debug!("kafka: ack deadline passed; redelivering");
+        ctl.spawn_republish(
+            id,
+            Republish::Retry {
+                not_before: unix_ms_now(),
+            },
+        );
+    }
+}
+
+/// The stream was dropped: nobody will settle what is in flight, so each
+/// delivery is republished as its next attempt, due at its ack deadline,
+/// and the member can leave the group now instead of after the deadline.
+fn drain(ctl: &Ctl) {
+    let mut todo = Vec::new();
+    {
+        let mut st = ctl.shared.lock();
+        let mut stale = Vec::new();
+        for (id, f) in st.inflight.iter() {
+            if f.busy {
+                continue;
+            }
+            if !st.current(&f.kafka_topic, f.partition, f.epoch) {
+                stale.push(*id);
+            } else {
+                todo.push((*id, unix_ms_at(f.deadline)));
+            }
+        }
+        for id in stale {
+            st.inflight.remove(&id);
+        }
+        for (id, _) in &todo {
+            if let Some(f) = st.inflight.get_mut(id) {
+                f.busy = true;
+            }
+        }
+    }
+    for (id, not_before) in todo {
+        ctl.spawn_republish(id, Republish::Retry { not_before });
+    }
+}
+
+fn commit(ctl: &Ctl, consumer: &StreamConsumer<Ctx>, mode: CommitMode) {
+    let tpl = ctl.shared.lock().commits(None);
+    if tpl.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        tracing::warn!(error = %e, "kafka: offset commit failed; retried with the next one");
+        // Mark them dirty again so the next tick retries.
+        let mut st = ctl.shared.lock();
+        for e in tpl.elements() {
+            if let Some(p) = st.parts.get_mut(&(Arc::from(e.topic()), e.partition())) {
+                p.dirty = true;
+            }
+        }
+    }
+}
+
+async fn finish(ctl: Ctl, consumer: StreamConsumer<Ctx>, out: mpsc::Sender<Result<Delivery>>) {
+    // The stream ends now; settlements still in flight are refused from
+    // here on, and what was settled is committed before leaving the group.
+    drop(out);
+    // Republishes under way (nacks, expiries) settle their offsets when
+    // done; wait for them so their offsets are committed too.
+    let until = Instant::now() + ctl.inner.opts.timeout;
+    loop {
+        let busy = ctl.shared.lock().inflight.values().any(|f| f.busy);
+        if !busy || Instant::now() >= until {
+            break;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(20), ctl.shared.wake.notified()).await;
+    }
+    let tpl = {
+        let mut st = ctl.shared.lock();
+        st.ended = true;
+        st.commits(None)
+    };
+    tokio::task::spawn_blocking(move || {
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                tracing::warn!(error = %e, "kafka: final offset commit failed");
+            }
+        }
+        consumer.unsubscribe();
+        drop(consumer);
+    })
+    .await
+    .unwrap_or_else(|e| tracing::warn!(error = %e, "kafka: consumer close task failed"));
+    let _ = NAME;
+}

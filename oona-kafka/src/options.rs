@@ -1,0 +1,293 @@
+//! `kafka://` URL options.
+
+use std::time::Duration;
+
+use oona_core::{ConnectUrl, Error, ErrorKind, PolicySet, Result};
+use rdkafka::ClientConfig;
+
+/// Everything the URL says, with defaults filled in.
+#[derive(Debug, Clone)]
+pub struct KafkaOptions {
+    /// `host:port` list (bootstrap servers).
+    pub brokers: Vec<String>,
+    /// `client_id` (default `oona`).
+    pub client_id: String,
+    /// `partitions` of created topics (default 3).
+    pub partitions: i32,
+    /// `replication` factor of created topics (default 1).
+    pub replication: i32,
+    /// `linger` of the producer (default 0 ms: librdkafka still batches what
+    /// queues up while a request is in flight).
+    pub linger: Duration,
+    /// `idempotence` of the producer (default true).
+    pub idempotence: bool,
+    /// `session_timeout` of consumer groups (default 10 s).
+    pub session_timeout: Duration,
+    /// `heartbeat` interval (default a third of the session timeout).
+    pub heartbeat: Duration,
+    /// `fetch_wait`: longest a fetch waits for data (default 100 ms).
+    pub fetch_wait: Duration,
+    /// `commit_interval`: settled offsets are committed at most this often
+    /// (default 100 ms), and always on revoke and close.
+    pub commit_interval: Duration,
+    /// `timeout` of admin calls and publishes (default 30 s).
+    pub timeout: Duration,
+    /// Security settings passed to librdkafka.
+    pub security: Vec<(&'static str, String)>,
+    /// Retention and payload limits by plane.
+    pub policies: PolicySet,
+}
+
+impl Default for KafkaOptions {
+    fn default() -> Self {
+        KafkaOptions {
+            brokers: vec!["127.0.0.1:9092".into()],
+            client_id: "oona".into(),
+            partitions: 3,
+            replication: 1,
+            linger: Duration::ZERO,
+            idempotence: true,
+            session_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_millis(3333),
+            fetch_wait: Duration::from_millis(100),
+            commit_interval: Duration::from_millis(100),
+            timeout: Duration::from_secs(30),
+            security: Vec::new(),
+            policies: PolicySet::default(),
+        }
+    }
+}
+
+fn invalid(msg: String) -> Error {
+    Error::new(ErrorKind::ConfigInvalid, msg)
+}
+
+impl KafkaOptions {
+    /// Read a `kafka://host:port[,host:port]?key=value` URL. Unknown keys
+    /// are an error naming them.
+    ///
+    /// Keys: `client_id`, `partitions`, `replication`, `linger`,
+    /// `idempotence`, `session_timeout`, `heartbeat`, `fetch_wait`,
+    /// `commit_interval`, `timeout`, `tls`, `tls_ca`, `tls_cert`, `tls_key`,
+    /// `tls_key_password`, `sasl_mechanism` (user and password from the
+    /// URL's user info), `brokers` (more `host:port`s, comma-separated).
+    pub fn from_url(mut url: ConnectUrl) -> Result<Self> {
+        if url.scheme() != "kafka" {
+            return Err(invalid(format!(
+                "kafka transport: unsupported scheme {:?} (use kafka://)",
+                url.scheme()
+            )));
+        }
+        let mut o = KafkaOptions::default();
+        let u = url.url().clone();
+        let host = u
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .unwrap_or("127.0.0.1");
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = u.port().unwrap_or(9092);
+        o.brokers = vec![if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }];
+        if let Some(more) = url.take::<String>("brokers")? {
+            for b in more.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+                if !b.contains(':') {
+                    return Err(invalid(format!(
+                        "query parameter `brokers`: {b:?} is not host:port"
+                    )));
+                }
+                o.brokers.push(b.to_string());
+            }
+        }
+        if let Some(v) = url.take::<String>("client_id")? {
+            o.client_id = v;
+        }
+        if let Some(v) = url.take::<i32>("partitions")? {
+            if v < 1 {
+                return Err(invalid(
+                    "query parameter `partitions`: must be at least 1".into(),
+                ));
+            }
+            o.partitions = v;
+        }
+        if let Some(v) = url.take::<i32>("replication")? {
+            if v < 1 && v != -1 {
+                return Err(invalid(
+                    "query parameter `replication`: must be at least 1 (or -1 for the broker default)".into(),
+                ));
+            }
+            o.replication = v;
+        }
+        if let Some(v) = url.take_duration("linger")? {
+            o.linger = v;
+        }
+        if let Some(v) = url.take_bool("idempotence")? {
+            o.idempotence = v;
+        }
+        if let Some(v) = url.take_duration("session_timeout")? {
+            o.session_timeout = v;
+            o.heartbeat = v / 3;
+        }
+        if let Some(v) = url.take_duration("heartbeat")? {
+            o.heartbeat = v;
+        }
+        if let Some(v) = url.take_duration("fetch_wait")? {
+            o.fetch_wait = v;
+        }
+        if let Some(v) = url.take_duration("commit_interval")? {
+            o.commit_interval = v;
+        }
+        if let Some(v) = url.take_duration("timeout")? {
+            o.timeout = v;
+        }
+        let tls = url.take_bool("tls")?;
+        let mut tls_files = false;
+        for (key, rd) in [
+            ("tls_ca", "ssl.ca.location"),
+            ("tls_cert", "ssl.certificate.location"),
+            ("tls_key", "ssl.key.location"),
+            ("tls_key_password", "ssl.key.password"),
+        ] {
+            if let Some(v) = url.take::<String>(key)? {
+                tls_files = true;
+                o.security.push((rd, v));
+            }
+        }
+        let tls = match tls {
+            Some(false) if tls_files => {
+                return Err(invalid(
+                    "query parameter `tls`: false, but TLS files are given".into(),
+                ))
+            }
+            Some(t) => t,
+            None => tls_files,
+        };
+        let mechanism = url.take::<String>("sasl_mechanism")?;
+        let user = percent_decode(u.username());
+        let password = u.password().map(percent_decode);
+        let sasl = match (mechanism, user.is_empty()) {
+            (Some(m), false) => {
+                let m = m.to_ascii_uppercase();
+                if !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&m.as_str()) {
+                    return Err(invalid(format!(
+                        "query parameter `sasl_mechanism`: {m:?} (use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)"
+                    )));
+                }
+                Some(m)
+            }
+            (None, false) => Some("PLAIN".to_string()),
+            (Some(_), true) => {
+                return Err(invalid(
+                    "query parameter `sasl_mechanism` needs a user and password in the URL (kafka://user:password@host:port)".into(),
+                ))
+            }
+            (None, true) => None,
+        };
+        let protocol = match (tls, sasl.is_some()) {
+            (false, false) => "plaintext",
+            (true, false) => "ssl",
+            (false, true) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        };
+        o.security.push(("security.protocol", protocol.into()));
+        if let Some(m) = sasl {
+            o.security.push(("sasl.mechanism", m));
+            o.security.push(("sasl.username", user));
+            o.security
+                .push(("sasl.password", password.unwrap_or_default()));
+        }
+        url.finish()?;
+        Ok(o)
+    }
+
+    /// Settings every client shares.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.brokers.join(","))
+            .set("client.id", &self.client_id)
+            // librdkafka logs through its own channel; quiet below warnings.
+            .set("log_level", "4")
+            .set("socket.nagle.disable", "true")
+            .set("reconnect.backoff.ms", "50")
+            .set("reconnect.backoff.max.ms", "1000");
+        for (k, v) in &self.security {
+            c.set(*k, v);
+        }
+        c
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    // User info is percent-encoded in URLs; decode %XX sequences.
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<KafkaOptions> {
+        KafkaOptions::from_url(ConnectUrl::parse(s)?)
+    }
+
+    #[test]
+    fn defaults_and_hosts() {
+        let o = parse("kafka://127.0.0.1:19092").unwrap();
+        assert_eq!(o.brokers, vec!["127.0.0.1:19092"]);
+        assert_eq!(o.partitions, 3);
+        let o = parse("kafka://a:1?brokers=b:2,c:3&partitions=1&linger=5ms").unwrap();
+        assert_eq!(o.brokers, vec!["a:1", "b:2", "c:3"]);
+        assert_eq!(o.partitions, 1);
+        assert_eq!(o.linger, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn unknown_and_bad_keys_are_named() {
+        let e = parse("kafka://a:1?partitons=2").unwrap_err();
+        assert!(e.to_string().contains("`partitons`"), "{e}");
+        let e = parse("kafka://a:1?partitions=0").unwrap_err();
+        assert!(e.to_string().contains("`partitions`"), "{e}");
+        let e = parse("kafka://a:1?sasl_mechanism=PLAIN").unwrap_err();
+        assert!(e.to_string().contains("user"), "{e}");
+        let e = parse("kafka://u:p@a:1?sasl_mechanism=GSSAPI").unwrap_err();
+        assert!(e.to_string().contains("`sasl_mechanism`"), "{e}");
+    }
+
+    #[test]
+    fn security_settings() {
+        let o =
+            parse("kafka://alice:s%40cret@a:1?sasl_mechanism=scram-sha-512&tls=true&client_id=x")
+                .unwrap();
+        let get = |k: &str| {
+            o.security
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get("security.protocol").as_deref(), Some("sasl_ssl"));
+        assert_eq!(get("sasl.mechanism").as_deref(), Some("SCRAM-SHA-512"));
+        assert_eq!(get("sasl.username").as_deref(), Some("alice"));
+        assert_eq!(get("sasl.password").as_deref(), Some("s@cret"));
+        assert_eq!(o.client_id, "x");
+        let o = parse("kafka://a:1?tls_ca=/etc/ca.pem").unwrap();
+        assert!(o.security.contains(&("security.protocol", "ssl".into())));
+        assert!(parse("kafka://a:1?tls=false&tls_ca=/x").is_err());
+    }
+}

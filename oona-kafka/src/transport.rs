@@ -1,0 +1,507 @@
+//! [`KafkaTransport`]: publish, topics, health and close.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use oona_core::{
+    rules, Capabilities, DeliveryStream, Envelope, Error, ErrorKind, Health, HealthStatus, Receipt,
+    Result, Retention, Subscription, Topic, TopicPolicy, Transport,
+};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::headers;
+use crate::options::KafkaOptions;
+
+pub(crate) const NAME: &str = "kafka";
+
+/// Largest payload accepted: the default 1 MiB policy limit; the producer's
+/// `message.max.bytes` leaves room for headers above it.
+const MAX_PAYLOAD: usize = TopicPolicy::DEFAULT_MAX_PAYLOAD;
+
+/// The Kafka transport. Cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct KafkaTransport {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) opts: KafkaOptions,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    ensured: Mutex<HashSet<String>>,
+    closed: AtomicBool,
+    pub(crate) shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransport")
+            .field("brokers", &self.inner.opts.brokers)
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Map a librdkafka error to an Oona error.
+pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
+    let code = e.rdkafka_error_code();
+    let kind = match code {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge)
+        | Some(RDKafkaErrorCode::InvalidMessageSize) => ErrorKind::PayloadTooLarge,
+        Some(RDKafkaErrorCode::MessageTimedOut)
+        | Some(RDKafkaErrorCode::OperationTimedOut)
+        | Some(RDKafkaErrorCode::RequestTimedOut) => ErrorKind::Timeout,
+        Some(RDKafkaErrorCode::BrokerTransportFailure)
+        | Some(RDKafkaErrorCode::AllBrokersDown)
+        | Some(RDKafkaErrorCode::Resolve)
+        | Some(RDKafkaErrorCode::NetworkException) => ErrorKind::Connection,
+        Some(RDKafkaErrorCode::SaslAuthenticationFailed)
+        | Some(RDKafkaErrorCode::Authentication)
+        | Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+        | Some(RDKafkaErrorCode::GroupAuthorizationFailed) => ErrorKind::Unauthenticated,
+        Some(RDKafkaErrorCode::QueueFull) => ErrorKind::ResourceExhausted,
+        _ => ErrorKind::Broker,
+    };
+    let temporary = kind != ErrorKind::PayloadTooLarge && kind != ErrorKind::Unauthenticated;
+    Error::new(kind, format!("{what}: {e}"))
+        .with_source(e)
+        .with_transport(NAME)
+        .set_temporary(temporary)
+}
+
+pub(crate) fn closed_error() -> Error {
+    Error::new(ErrorKind::Closed, "kafka transport is closed").with_transport(NAME)
+}
+
+impl KafkaTransport {
+    /// Connect with the given options: creates the producer and admin
+    /// clients and checks the brokers answer.
+    pub async fn connect(opts: KafkaOptions) -> Result<Self> {
+        let mut pc = opts.client_config();
+        pc.set("acks", "all")
+            .set("enable.idempotence", opts.idempotence.to_string())
+            .set("linger.ms", opts.linger.as_millis().to_string())
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("message.max.bytes", (MAX_PAYLOAD + 256 * 1024).to_string())
+            .set("message.timeout.ms", opts.timeout.as_millis().to_string());
+        let producer: FutureProducer =
+            pc.create().map_err(|e| kafka_error("create producer", e))?;
+        let admin: AdminClient<DefaultClientContext> = opts
+            .client_config()
+            .create()
+            .map_err(|e| kafka_error("create admin client", e))?;
+        let (shutdown, _) = watch::channel(false);
+        let t = KafkaTransport {
+            inner: Arc::new(Inner {
+                opts,
+                producer,
+                admin,
+                ensured: Mutex::new(HashSet::new()),
+                closed: AtomicBool::new(false),
+                shutdown,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        let wait = t.inner.opts.timeout.min(Duration::from_secs(10));
+        t.inner.metadata(None, wait).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                format!(
+                    "kafka brokers {} did not answer: {e}",
+                    t.inner.opts.brokers.join(",")
+                ),
+            )
+            .with_transport(NAME)
+        })?;
+        Ok(t)
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &KafkaOptions {
+        &self.inner.opts
+    }
+
+    /// The `retention.ms` the broker applies to a topic, read with the
+    /// admin client (`DescribeConfigs`).
+    pub async fn applied_retention(&self, topic: &str) -> Result<Retention> {
+        let ms = self.inner.retention_ms(topic).await?;
+        match ms {
+            Some(ms) if ms < 0 => Ok(Retention::Indefinite),
+            Some(ms) => Ok(Retention::For(Duration::from_millis(ms as u64))),
+            None => Err(Error::new(
+                ErrorKind::Broker,
+                format!("topic {topic} has no retention.ms in its config"),
+            )
+            .with_transport(NAME)),
+        }
+    }
+}
+
+impl Inner {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn admin_opts(&self) -> AdminOptions {
+        AdminOptions::new().operation_timeout(Some(Timeout::After(self.opts.timeout)))
+    }
+
+    /// Topic metadata, fetched off the async runtime (librdkafka blocks).
+    pub(crate) async fn metadata(
+        &self,
+        topic: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Vec<(String, usize)>> {
+        let producer = self.producer.clone();
+        let topic = topic.map(str::to_string);
+        tokio::task::spawn_blocking(move || {
+            let md = producer
+                .client()
+                .fetch_metadata(topic.as_deref(), Timeout::After(timeout))
+                .map_err(|e| kafka_error("fetch metadata", e))?;
+            Ok(md
+                .topics()
+                .iter()
+                .filter(|t| t.error().is_none())
+                .map(|t| (t.name().to_string(), t.partitions().len()))
+                .collect())
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("metadata task: {e}")))?
+    }
+
+    async fn retention_ms(&self, topic: &str) -> Result<Option<i64>> {
+        let res = self
+            .admin
+            .describe_configs([&ResourceSpecifier::Topic(topic)], &self.admin_opts())
+            .await
+            .map_err(|e| kafka_error("describe topic config", e))?;
+        for r in res {
+            let r = r.map_err(|e| {
+                Error::new(ErrorKind::Broker, format!("describe {topic}: {e:?}"))
+                    .with_transport(NAME)
+            })?;
+            if let Some(v) = r.get("retention.ms").and_then(|e| e.value.clone()) {
+                return v.parse().map(Some).map_err(|_| {
+                    Error::new(
+                        ErrorKind::Broker,
+                        format!("topic {topic}: retention.ms {v:?} is not a number"),
+                    )
+                    .with_transport(NAME)
+                });
+            }
+        }
+        Ok(None)
+    }
+
+    /// Create a Kafka topic (any legal Kafka name) with `policy` unless this
+    /// client already did; an existing topic gets its retention set.
+    pub(crate) async fn ensure_kafka_topic(&self, name: &str, policy: &TopicPolicy) -> Result<()> {
+        if self
+            .ensured
+            .lock()
+            .map(|s| s.contains(name))
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        let retention = policy.retention.as_millis_or_minus_one().to_string();
+        let nt = NewTopic::new(
+            name,
+            self.opts.partitions,
+            TopicReplication::Fixed(self.opts.replication),
+        )
+        .set("retention.ms", &retention);
+        let res = self
+            .admin
+            .create_topics([&nt], &self.admin_opts())
+            .await
+            .map_err(|e| kafka_error("create topic", e))?;
+        for r in res {
+            match r {
+                Ok(_) => {}
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    // Someone else made it: make its retention the policy's.
+                    if self.retention_ms(name).await?.map(|v| v.to_string())
+                        != Some(retention.clone())
+                    {
+                        let ac = AlterConfig::new(ResourceSpecifier::Topic(name))
+                            .set("retention.ms", &retention);
+                        let out = self
+                            .admin
+                            .alter_configs([&ac], &self.admin_opts())
+                            .await
+                            .map_err(|e| kafka_error("alter topic config", e))?;
+                        for o in out {
+                            o.map_err(|(_, code)| {
+                                Error::new(
+                                    ErrorKind::Broker,
+                                    format!("set retention.ms of {name}: {code}"),
+                                )
+                                .with_transport(NAME)
+                            })?;
+                        }
+                    }
+                }
+                Err((t, code)) => {
+                    return Err(
+                        Error::new(ErrorKind::Broker, format!("create topic {t}: {code}"))
+                            .with_transport(NAME),
+                    )
+                }
+            }
+        }
+        // Wait until the metadata shows the topic so the first produce or
+        // subscribe does not race its creation.
+        let deadline = Instant::now() + self.opts.timeout;
+        loop {
+            let md = self.metadata(Some(name), Duration::from_secs(5)).await?;
+            if md.iter().any(|(n, p)| n == name && *p > 0) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("topic {name} not visible in metadata after creation"),
+                )
+                .with_transport(NAME));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Ok(mut s) = self.ensured.lock() {
+            s.insert(name.to_string());
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn ensure(&self, topic: &Topic) -> Result<()> {
+        let policy = self.opts.policies.for_topic(topic).clone();
+        self.ensure_kafka_topic(topic.as_str(), &policy).await
+    }
+
+    /// Send one record and wait for the broker's acknowledgement.
+    pub(crate) async fn send(
+        &self,
+        kafka_topic: &str,
+        key: Option<&str>,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> Result<(i32, i64)> {
+        let mut rec = FutureRecord::<str, [u8]>::to(kafka_topic)
+            .payload(payload)
+            .headers(headers);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        self.producer
+            .send(rec, Timeout::After(self.opts.timeout))
+            .await
+            .map(|d| (d.partition, d.offset))
+            .map_err(|(e, _)| kafka_error(&format!("publish to {kafka_topic}"), e))
+    }
+
+    /// Publish an envelope (to its own topic), with internal headers.
+    pub(crate) async fn publish_envelope(
+        &self,
+        kafka_topic: &str,
+        env: &Envelope,
+        extra: &[(&str, String)],
+    ) -> Result<(i32, i64)> {
+        let hs = headers::encode(env, extra);
+        self.send(kafka_topic, env.key.as_deref(), &env.payload, hs)
+            .await
+    }
+
+    /// Publish a dead letter to its topic, creating the topic if needed.
+    pub(crate) async fn publish_dead_letter(&self, dl: &Envelope) -> Result<()> {
+        self.ensure(&dl.topic).await?;
+        self.publish_envelope(dl.topic.as_str(), dl, &[]).await?;
+        Ok(())
+    }
+
+    fn check(&self, env: &Envelope) -> Result<()> {
+        if self.is_closed() {
+            return Err(closed_error());
+        }
+        rules::check_publish(env, &self.opts.policies, MAX_PAYLOAD)
+            .map_err(|e| e.with_transport(NAME))
+    }
+}
+
+fn position(p: (i32, i64)) -> Option<String> {
+    Some(format!("{}/{}", p.0, p.1))
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+            .with_key_ordered_competing(false)
+            .with_nack_delay(true)
+            .with_start_at_time(true)
+            .with_retention(true)
+            .with_max_payload_bytes(MAX_PAYLOAD)
+    }
+
+    async fn ensure_topic(&self, topic: &Topic, policy: &TopicPolicy) -> Result<()> {
+        if self.inner.is_closed() {
+            return Err(closed_error());
+        }
+        // An explicit call re-applies the policy even if this client made
+        // the topic before.
+        if let Ok(mut s) = self.inner.ensured.lock() {
+            s.remove(topic.as_str());
+        }
+        self.inner.ensure_kafka_topic(topic.as_str(), policy).await
+    }
+
+    async fn publish(&self, envelope: Envelope) -> Result<Receipt> {
+        self.inner.check(&envelope)?;
+        self.inner.ensure(&envelope.topic).await?;
+        let pos = self
+            .inner
+            .publish_envelope(envelope.topic.as_str(), &envelope, &[])
+            .await?;
+        Ok(Receipt::new(
+            envelope.event_id,
+            envelope.topic,
+            position(pos),
+        ))
+    }
+
+    async fn publish_batch(&self, envelopes: Vec<Envelope>) -> Result<Vec<Receipt>> {
+        for e in &envelopes {
+            self.inner.check(e)?;
+        }
+        let mut topics: Vec<&Topic> = envelopes.iter().map(|e| &e.topic).collect();
+        topics.sort();
+        topics.dedup();
+        for t in topics {
+            self.inner.ensure(t).await?;
+        }
+        // All records are queued before any is awaited, so librdkafka sends
+        // them in as few requests as it can; the idempotent producer keeps
+        // their order per partition.
+        let sends = envelopes
+            .iter()
+            .map(|e| self.inner.publish_envelope(e.topic.as_str(), e, &[]));
+        let results = futures::future::join_all(sends).await;
+        let mut receipts = Vec::with_capacity(envelopes.len());
+        for (e, r) in envelopes.into_iter().zip(results) {
+            let pos = r?;
+            receipts.push(Receipt::new(e.event_id, e.topic, position(pos)));
+        }
+        Ok(receipts)
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
+        if self.inner.is_closed() {
+            return Err(closed_error());
+        }
+        let (stream, task) = crate::consumer::start(Arc::clone(&self.inner), subscription).await?;
+        if let Ok(mut tasks) = self.inner.tasks.lock() {
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(task);
+        }
+        Ok(stream)
+    }
+
+    async fn delete_topic(&self, topic: &Topic) -> Result<()> {
+        if self.inner.is_closed() {
+            return Err(closed_error());
+        }
+        // The topic, and the retry topics of its groups.
+        let prefix = format!("{}.{}", topic.as_str(), crate::consumer::RETRY_SEGMENT);
+        let all = self.inner.metadata(None, self.inner.opts.timeout).await?;
+        let mut names: Vec<String> = all
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n == topic.as_str() || n.starts_with(&prefix))
+            .collect();
+        if names.is_empty() {
+            names.push(topic.to_string());
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let res = self
+            .inner
+            .admin
+            .delete_topics(&refs, &self.inner.admin_opts())
+            .await
+            .map_err(|e| kafka_error("delete topic", e))?;
+        if let Ok(mut s) = self.inner.ensured.lock() {
+            for n in &names {
+                s.remove(n);
+            }
+        }
+        for r in res {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((t, code)) => {
+                    return Err(
+                        Error::new(ErrorKind::Broker, format!("delete topic {t}: {code}"))
+                            .with_transport(NAME),
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn health(&self) -> Health {
+        if self.inner.is_closed() {
+            return Health::new(HealthStatus::Down, NAME, "closed", None);
+        }
+        let start = Instant::now();
+        match self.inner.metadata(None, Duration::from_secs(5)).await {
+            Ok(_) => Health::new(
+                HealthStatus::Up,
+                NAME,
+                format!("brokers {} answer", self.inner.opts.brokers.join(",")),
+                Some(start.elapsed()),
+            ),
+            Err(e) => Health::new(HealthStatus::Down, NAME, e.to_string(), None),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        // Subscriptions stop, commit what is settled and leave their groups.
+        let _ = self.inner.shutdown.send(true);
+        let tasks: Vec<JoinHandle<()>> = self
+            .inner
+            .tasks
+            .lock()
+            .map(|mut t| t.drain(..).collect())
+            .unwrap_or_default();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.opts.timeout;
+        tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("flush task: {e}")))?
+            .map_err(|e| kafka_error("flush on close", e))?;
+        Ok(())
+    }
+}
