@@ -171,6 +171,7 @@ impl Bus {
             "oona.publish",
             topic = %envelope.topic,
             event_id = %envelope.event_id,
+            sender = %envelope.sender_id,
             transport = self.transport.name(),
         );
         self.transport.publish(envelope).instrument(span).await

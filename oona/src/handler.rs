@@ -212,3 +212,42 @@ where
         self(msg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv<E: std::error::Error + Send + Sync + 'static>(e: E) -> HandlerError {
+        e.into()
+    }
+
+    #[test]
+    fn errors_convert_by_class() {
+        use oona_core::Error;
+        assert!(conv(Error::new(ErrorKind::Decode, "bad bytes")).is_permanent());
+        assert!(conv(Error::new(ErrorKind::InvalidTopic, "x")).is_permanent());
+        assert!(!conv(Error::new(ErrorKind::Connection, "reset")).is_permanent());
+        assert!(!conv(Error::new(ErrorKind::Closed, "closed")).is_permanent());
+        assert!(conv(Error::permanent("no such seed")).is_permanent());
+        assert!(!conv(Error::temporary("busy")).is_permanent());
+        let json = serde_json::from_str::<u32>("\"x\"").unwrap_err();
+        assert!(conv(json).is_permanent());
+        let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "slow disk");
+        let h = conv(io);
+        assert!(!h.is_permanent());
+        assert_eq!(h.message(), "slow disk");
+        // The source chain ends up in the message (it becomes the DLQ reason).
+        let e = Error::new(ErrorKind::Decode, "payload")
+            .with_source(std::io::Error::other("truncated"));
+        assert_eq!(conv(e).message(), "decode: payload: truncated");
+    }
+
+    #[test]
+    fn constructors() {
+        let e = HandlerError::retry_after("later", Duration::from_millis(5));
+        assert!(!e.is_permanent());
+        assert_eq!(e.delay(), Some(Duration::from_millis(5)));
+        assert!(HandlerError::permanent("no").is_permanent());
+        assert_eq!(HandlerError::temporary("t").delay(), None);
+    }
+}
