@@ -148,6 +148,13 @@ pub async fn round_trip(fx: &dyn Fixture) -> CaseResult {
 
 fn varied(topic: &Topic, i: usize, rng: &mut impl Rng) -> Envelope {
     let (payload, ct): (Vec<u8>, &str) = match i % 5 {
+        // JSON as producers write it: the literal `null`, whitespace and a
+        // trailing newline around a document, escapes, unicode.
+        0 if i % 20 == 0 => (b"null".to_vec(), "application/json"),
+        0 if i % 20 == 10 => (
+            format!(" {{\"i\": {i}}}\n").into_bytes(),
+            "application/json",
+        ),
         0 => (
             format!("{{\"i\":{i},\"s\":\"é ✓ \\u0000 😀\",\"n\":[1, 2.5e3, null]}}").into_bytes(),
             "application/json",

@@ -173,6 +173,11 @@ impl Timing {
     pub fn wait(&self) -> Duration {
         self.scaled(self.receive_timeout)
     }
+    /// Longest a whole case may take before it is failed as hung: 12 receive
+    /// timeouts plus 6 ack deadlines, scaled.
+    pub fn case_limit(&self) -> Duration {
+        self.scaled(self.receive_timeout * 12 + self.ack_deadline * 6)
+    }
     /// The scaled quiet period.
     pub fn quiet_for(&self) -> Duration {
         self.scaled(self.quiet)
@@ -265,7 +270,13 @@ where
         Some(url) => {
             let rt = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => return setup_failed(&args, &format!("tokio runtime: {e}")),
+                Err(e) => {
+                    return setup_failed(
+                        &args,
+                        &env_var_kind(env_var),
+                        &format!("tokio runtime: {e}"),
+                    )
+                }
             };
             let fixture = {
                 let _guard = rt.enter();
@@ -275,6 +286,7 @@ where
         }
         None if broker_required() => setup_failed(
             &args,
+            &env_var_kind(env_var),
             &format!("{env_var} is not set and OONA_TEST_REQUIRE=1: the broker is required"),
         ),
         None => {
@@ -298,7 +310,7 @@ pub fn run<F: Fixture>(fixture: F) -> ExitCode {
     let args = Arguments::from_args();
     match runtime() {
         Ok(rt) => run_on(args, rt, fixture),
-        Err(e) => setup_failed(&args, &format!("tokio runtime: {e}")),
+        Err(e) => setup_failed(&args, &fixture.name(), &format!("tokio runtime: {e}")),
     }
 }
 
@@ -317,12 +329,12 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn setup_failed(args: &Arguments, why: &str) -> ExitCode {
+fn setup_failed(args: &Arguments, kind: &str, why: &str) -> ExitCode {
     let trials = cases::ALL
         .iter()
         .map(|c| {
             let why = why.to_string();
-            Trial::test(c.name, move || Err(Failed::from(why)))
+            Trial::test(c.name, move || Err(Failed::from(why))).with_kind(kind)
         })
         .collect();
     libtest_mimic::run(args, trials).exit_code()
@@ -343,13 +355,22 @@ fn run_on<F: Fixture>(args: Arguments, rt: tokio::runtime::Runtime, fixture: F) 
             let fixture = Arc::clone(&fixture);
             let gate = Arc::clone(&gate);
             Trial::ignorable_test(case.name, move || {
+                let limit = fixture.timing().case_limit();
                 let result = rt.block_on(async move {
+                    let run = async {
+                        match tokio::time::timeout(limit, (case.run)(fixture.as_ref())).await {
+                            Ok(r) => r,
+                            Err(_) => Err(CaseError::Failed(format!(
+                                "the case did not finish within {limit:?} (hung transport?)"
+                            ))),
+                        }
+                    };
                     if case.exclusive {
                         let _held = gate.write().await;
-                        (case.run)(fixture.as_ref()).await
+                        run.await
                     } else {
                         let _held = gate.read().await;
-                        (case.run)(fixture.as_ref()).await
+                        run.await
                     }
                 });
                 match result {

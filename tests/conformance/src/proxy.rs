@@ -12,8 +12,8 @@
 //! let proxy = TcpProxy::start("127.0.0.1:6379")?;
 //! let url = format!("redis://{}/0", proxy.addr());
 //! // ... connect clients to `url` ...
-//! proxy.cut()?;
-//! proxy.restore()?;
+//! proxy.cut().await?;
+//! proxy.restore().await?;
 //! # Ok(()) }
 //! ```
 
@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 
 /// A cuttable TCP forwarder on `127.0.0.1`.
 #[derive(Debug)]
@@ -40,8 +40,8 @@ struct Inner {
 #[derive(Debug, Default)]
 struct State {
     cut: bool,
-    accept: Option<AbortHandle>,
-    conns: Vec<AbortHandle>,
+    accept: Option<JoinHandle<()>>,
+    conns: Vec<JoinHandle<()>>,
     accepted: u64,
 }
 
@@ -64,7 +64,7 @@ impl TcpProxy {
             upstream: upstream.into(),
             state: Mutex::new(State::default()),
         });
-        let handle = tokio::spawn(accept_loop(Arc::clone(&inner), listener)).abort_handle();
+        let handle = tokio::spawn(accept_loop(Arc::clone(&inner), listener));
         inner.lock().accept = Some(handle);
         Ok(TcpProxy { inner })
     }
@@ -80,41 +80,45 @@ impl TcpProxy {
     }
 
     /// Drop every live connection and stop listening: new connections are
-    /// refused until [`TcpProxy::restore`]. Idempotent.
-    pub fn cut(&self) -> io::Result<()> {
-        let mut st = self.inner.lock();
-        st.cut = true;
-        if let Some(a) = st.accept.take() {
-            a.abort();
-        }
-        for c in st.conns.drain(..) {
-            c.abort();
+    /// refused until [`TcpProxy::restore`]. When it returns, the sockets are
+    /// closed. Idempotent.
+    pub async fn cut(&self) -> io::Result<()> {
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut st = self.inner.lock();
+            st.cut = true;
+            st.accept
+                .take()
+                .into_iter()
+                .chain(st.conns.drain(..))
+                .collect()
+        };
+        for t in tasks {
+            t.abort();
+            // An aborted task drops its sockets before its handle resolves.
+            let _ = t.await;
         }
         Ok(())
     }
 
     /// Listen again on the same address. Idempotent.
-    pub fn restore(&self) -> io::Result<()> {
-        let mut st = self.inner.lock();
-        if !st.cut {
+    pub async fn restore(&self) -> io::Result<()> {
+        if !self.inner.lock().cut {
             return Ok(());
         }
-        // Aborted tasks release the socket asynchronously; a fresh bind with
-        // SO_REUSEADDR succeeds once the old listener is gone, so retry a
-        // few times.
+        // The port was just released; SO_REUSEADDR makes the bind succeed
+        // at once, the retry covers slow kernels.
         let mut last = None;
         for _ in 0..50 {
             match listen(self.inner.addr) {
                 Ok(listener) => {
+                    let mut st = self.inner.lock();
                     st.cut = false;
-                    let handle =
-                        tokio::spawn(accept_loop(Arc::clone(&self.inner), listener)).abort_handle();
-                    st.accept = Some(handle);
+                    st.accept = Some(tokio::spawn(accept_loop(Arc::clone(&self.inner), listener)));
                     return Ok(());
                 }
                 Err(e) => {
                     last = Some(e);
-                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
             }
         }
@@ -175,8 +179,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
         }
         st.accepted += 1;
         st.conns.retain(|c| !c.is_finished());
-        let task = tokio::spawn(forward(client, upstream));
-        st.conns.push(task.abort_handle());
+        st.conns.push(tokio::spawn(forward(client, upstream)));
     }
 }
 

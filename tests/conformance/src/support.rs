@@ -117,30 +117,41 @@ impl<'a> Cx<'a> {
         }
     }
 
-    /// Clean up: delete the topics with a fresh client and close every
-    /// client. A clean-up failure fails an otherwise passing case.
+    /// Clean up: close every client (ending its subscriptions), then delete
+    /// the topics with a fresh client. A clean-up failure fails an
+    /// otherwise passing case; every step is bounded so a hung transport
+    /// cannot hang the run.
     pub async fn finish(self, result: CaseResult) -> CaseResult {
         let topics = std::mem::take(&mut *lock(&self.topics));
         let clients = std::mem::take(&mut *lock(&self.clients));
+        let limit = self.t.wait();
         let mut problems = Vec::new();
+        for c in clients {
+            match tokio::time::timeout(limit, c.close()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => problems.push(format!("close: {e}")),
+                Err(_) => problems.push(format!("close did not finish within {limit:?}")),
+            }
+        }
         if !topics.is_empty() {
-            match self.fx.connect().await {
-                Ok(admin) => {
+            match tokio::time::timeout(limit, self.fx.connect()).await {
+                Ok(Ok(admin)) => {
                     for t in &topics {
-                        if let Err(e) = admin.delete_topic(t).await {
-                            problems.push(format!("delete_topic({t}): {e}"));
+                        match tokio::time::timeout(limit, admin.delete_topic(t)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => problems.push(format!("delete_topic({t}): {e}")),
+                            Err(_) => problems
+                                .push(format!("delete_topic({t}) did not finish within {limit:?}")),
                         }
                     }
-                    if let Err(e) = admin.close().await {
+                    if let Ok(Err(e)) = tokio::time::timeout(limit, admin.close()).await {
                         problems.push(format!("close of the clean-up client: {e}"));
                     }
                 }
-                Err(e) => problems.push(format!("connect for clean-up: {e}")),
-            }
-        }
-        for c in clients {
-            if let Err(e) = c.close().await {
-                problems.push(format!("close: {e}"));
+                Ok(Err(e)) => problems.push(format!("connect for clean-up: {e}")),
+                Err(_) => {
+                    problems.push(format!("connect for clean-up: no answer within {limit:?}"))
+                }
             }
         }
         match result {
