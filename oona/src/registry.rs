@@ -59,6 +59,8 @@ pub fn drivers() -> Vec<Driver> {
     let compiled_in: &[Driver] = &[
         #[cfg(feature = "memory")]
         oona_core::memory::DRIVER,
+        #[cfg(feature = "kafka")]
+        oona_kafka::DRIVER,
         #[cfg(feature = "redis")]
         oona_redis::DRIVER,
         // Transport helpers add theirs here, e.g.
