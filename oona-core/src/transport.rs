@@ -66,6 +66,15 @@ pub trait Transport: fmt::Debug + Send + Sync + 'static {
     /// Check the broker is reachable.
     async fn health(&self) -> Health;
 
+    /// Wait until the settlements and publishes queued so far have been
+    /// written to the broker, without closing (the handler runner calls it
+    /// on graceful shutdown; the transport may be shared). The default does
+    /// nothing: right for transports that write each settlement before
+    /// returning from [`crate::Settle::settle`].
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Stop, flush and release. Idempotent.
     async fn close(&self) -> Result<()>;
 }

@@ -25,8 +25,9 @@
 //!
 //! **Graceful shutdown.** When the [`Shutdown`] token fires the runner stops
 //! taking deliveries from the stream, lets every delivery it already took
-//! finish and settle (settlements are awaited, so they have reached the
-//! transport), drops the stream and returns a [`RunSummary`]. Deliveries the
+//! finish and settle, asks the transport to write out settlements it
+//! batches ([`Transport::flush`]), drops the stream and returns a
+//! [`RunSummary`]. Deliveries the
 //! transport prefetched but the runner never took stay unsettled and are
 //! redelivered by the broker to another consumer after the ack deadline.
 
@@ -39,7 +40,9 @@ use std::time::Duration;
 
 use futures::FutureExt as _;
 use futures::StreamExt as _;
-use oona_core::{Codec, Delivery, DeliveryStream, Error, ErrorKind, Outcome, Result, Subscription};
+use oona_core::{
+    Codec, Delivery, DeliveryStream, Error, ErrorKind, Outcome, Result, Subscription, Transport,
+};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
@@ -284,6 +287,7 @@ where
         let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
         let counters = Arc::new(Counters::default());
         let stop = drive(
+            self.bus.transport().clone(),
             stream,
             Arc::new(self.codec),
             Arc::new(handler),
@@ -302,6 +306,7 @@ where
         let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
         let counters = Arc::new(Counters::default());
         let task = tokio::spawn(drive(
+            self.bus.transport().clone(),
             stream,
             Arc::new(self.codec),
             Arc::new(handler),
@@ -386,7 +391,9 @@ impl<T, C, H> Clone for Ctx<T, C, H> {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // private; one call per entry point
 async fn drive<T, C, H>(
+    transport: Arc<dyn Transport>,
     mut stream: DeliveryStream,
     codec: Arc<C>,
     handler: Arc<H>,
@@ -475,6 +482,12 @@ where
     // exit) and wait for every task. Their settlements are awaited inside.
     drop(shards);
     while tasks.join_next().await.is_some() {}
+    // Settlements a transport batches (Redis acks) are written now, so the
+    // summary's acks are on the broker when this returns.
+    if let Err(e) = transport.flush().await {
+        inc(&counters.settle_errors);
+        tracing::warn!(error = %e, "oona: flushing settlements failed; unflushed messages will be redelivered after the ack deadline");
+    }
     // Only now let the transport know this consumer is gone.
     drop(stream);
     stop
