@@ -73,7 +73,10 @@ async fn run(url: &str) -> Res<()> {
         client,
         base: Instant::now(),
     };
-    let info: String = redis::cmd("INFO").arg("server").query_async(&mut cx.raw.clone()).await?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut cx.raw.clone())
+        .await?;
     let version = info
         .lines()
         .find_map(|l| l.strip_prefix("redis_version:"))
@@ -85,9 +88,17 @@ async fn run(url: &str) -> Res<()> {
     println!("| scenario | Oona | raw | Oona/raw | target |");
     println!("|---|---:|---:|---:|---|");
 
-    let (o, r) = rounds(|i| publish_single(&cx, i, true), |i| publish_single(&cx, i, false)).await?;
+    let (o, r) = rounds(
+        |i| publish_single(&cx, i, true),
+        |i| publish_single(&cx, i, false),
+    )
+    .await?;
     row("publish, 1 per call (msg/s)", o, r, "≥ 90%");
-    let (o, r) = rounds(|i| publish_batched(&cx, i, true), |i| publish_batched(&cx, i, false)).await?;
+    let (o, r) = rounds(
+        |i| publish_batched(&cx, i, true),
+        |i| publish_batched(&cx, i, false),
+    )
+    .await?;
     row("publish, batches of 100 (msg/s)", o, r, "≥ 90%");
     let (o, r) = rounds(|i| consume(&cx, i, true), |i| consume(&cx, i, false)).await?;
     row("consume + ack, pre-filled (msg/s)", o, r, "≥ 75%");
@@ -106,11 +117,20 @@ async fn run(url: &str) -> Res<()> {
     };
     let (lo, lr) = (pick(&mut lat_o), pick(&mut lat_r));
     println!();
-    println!("latency publish→handler at 10,000 msg/s (best of 2 runs of {} messages), ms:", lo.n);
+    println!(
+        "latency publish→handler at 10,000 msg/s (best of 2 runs of {} messages), ms:",
+        lo.n
+    );
     println!("| | p50 | p99 | p99.9 | max | target |");
     println!("|---|---:|---:|---:|---:|---|");
-    println!("| Oona | {:.3} | {:.3} | {:.3} | {:.3} | p99 < 1 ms |", lo.p50, lo.p99, lo.p999, lo.max);
-    println!("| raw | {:.3} | {:.3} | {:.3} | {:.3} | |", lr.p50, lr.p99, lr.p999, lr.max);
+    println!(
+        "| Oona | {:.3} | {:.3} | {:.3} | {:.3} | p99 < 1 ms |",
+        lo.p50, lo.p99, lo.p999, lo.max
+    );
+    println!(
+        "| raw | {:.3} | {:.3} | {:.3} | {:.3} | |",
+        lr.p50, lr.p99, lr.p999, lr.max
+    );
     cx.oona.close().await?;
     Ok(())
 }
@@ -146,9 +166,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn topic(what: &str, i: usize, oona: bool) -> Topic {
     let side = if oona { "oona" } else { "raw" };
     let n = std::process::id();
-    Topic::new(format!("telemetry.bench.{what}_{side}_{n}_{i}")).unwrap_or_else(|_| {
-        Topic::new("telemetry.bench.fallback").expect("a valid topic")
-    })
+    Topic::new(format!("telemetry.bench.{what}_{side}_{n}_{i}"))
+        .unwrap_or_else(|_| Topic::new("telemetry.bench.fallback").expect("a valid topic"))
 }
 
 fn envelope(t: &Topic, stamp: u64) -> Envelope {
@@ -220,7 +239,9 @@ async fn publish_batched(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
     let started = Instant::now();
     for b in 0..N / BATCH {
         if oona {
-            let batch = (0..BATCH).map(|n| envelope(&t, (b * BATCH + n) as u64)).collect();
+            let batch = (0..BATCH)
+                .map(|n| envelope(&t, (b * BATCH + n) as u64))
+                .collect();
             cx.oona.publish_batch(batch).await?;
         } else {
             let mut p = redis::pipe();
@@ -265,7 +286,13 @@ async fn pending(cx: &Ctx, key: &str, group: &str) -> Res<i64> {
 }
 
 /// Oona: subscribe and ack until `n` are settled and none is pending.
-async fn oona_consume(cx: &Ctx, t: &Topic, group: &str, n: usize, ready: Option<tokio::sync::oneshot::Sender<()>>) -> Res<()> {
+async fn oona_consume(
+    cx: &Ctx,
+    t: &Topic,
+    group: &str,
+    n: usize,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Res<()> {
     let sub = Subscription::new(t.clone(), Name::new(group)?).start(StartPosition::Earliest);
     let mut s = cx.oona.subscribe(sub).await?;
     if let Some(r) = ready {
@@ -290,7 +317,13 @@ async fn oona_consume(cx: &Ctx, t: &Topic, group: &str, n: usize, ready: Option<
 }
 
 /// Raw: XREADGROUP COUNT 256 BLOCK on its own connection, one XACK per batch.
-async fn raw_consume(cx: &Ctx, key: &str, group: &str, n: usize, ready: Option<tokio::sync::oneshot::Sender<()>>) -> Res<()> {
+async fn raw_consume(
+    cx: &Ctx,
+    key: &str,
+    group: &str,
+    n: usize,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Res<()> {
     let mut c = cx.client.get_multiplexed_tokio_connection().await?;
     let _: Value = redis::cmd("XGROUP")
         .arg("CREATE")
@@ -323,7 +356,12 @@ async fn raw_consume(cx: &Ctx, key: &str, group: &str, n: usize, ready: Option<t
             continue;
         }
         got += ids.len();
-        let _: i64 = redis::cmd("XACK").arg(key).arg(group).arg(&ids).query_async(&mut c).await?;
+        let _: i64 = redis::cmd("XACK")
+            .arg(key)
+            .arg(group)
+            .arg(&ids)
+            .query_async(&mut c)
+            .await?;
     }
     Ok(())
 }
@@ -334,10 +372,14 @@ fn entries(v: &Value) -> Vec<(String, u64)> {
     let Value::Array(streams) = v else { return out };
     for s in streams {
         let Value::Array(kv) = s else { continue };
-        let Some(Value::Array(es)) = kv.get(1) else { continue };
+        let Some(Value::Array(es)) = kv.get(1) else {
+            continue;
+        };
         for e in es {
             let Value::Array(parts) = e else { continue };
-            let Some(Value::BulkString(id)) = parts.first() else { continue };
+            let Some(Value::BulkString(id)) = parts.first() else {
+                continue;
+            };
             let mut stamp = 0;
             if let Some(Value::Array(f)) = parts.get(1) {
                 for pair in f.chunks(2) {
@@ -396,7 +438,9 @@ async fn end_to_end(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
         let mut raw = cx.raw.clone();
         for b in 0..N / BATCH {
             if oona {
-                let batch = (0..BATCH).map(|n| envelope(&t, (b * BATCH + n) as u64)).collect();
+                let batch = (0..BATCH)
+                    .map(|n| envelope(&t, (b * BATCH + n) as u64))
+                    .collect();
                 cx.oona.publish_batch(batch).await?;
             } else {
                 let mut p = redis::pipe();
@@ -442,7 +486,8 @@ async fn latency(cx: &Ctx, i: usize, oona: bool) -> Res<Lat> {
     let consumer = async {
         let mut lats = Vec::with_capacity(N);
         if oona {
-            let sub = Subscription::new(t.clone(), Name::new("bench")?).start(StartPosition::Earliest);
+            let sub =
+                Subscription::new(t.clone(), Name::new("bench")?).start(StartPosition::Earliest);
             let mut s = cx.oona.subscribe(sub).await?;
             let _ = ready_tx.send(());
             while lats.len() < N {
@@ -460,10 +505,29 @@ async fn latency(cx: &Ctx, i: usize, oona: bool) -> Res<Lat> {
         } else {
             let mut c = cx.client.get_multiplexed_tokio_connection().await?;
             let mut acks = cx.client.get_multiplexed_tokio_connection().await?;
-            let _: Value = redis::cmd("XGROUP").arg("CREATE").arg(&key).arg("bench").arg("0").arg("MKSTREAM").query_async(&mut c).await?;
+            let _: Value = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&key)
+                .arg("bench")
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut c)
+                .await?;
             let _ = ready_tx.send(());
             while lats.len() < N {
-                let v: Value = redis::cmd("XREADGROUP").arg("GROUP").arg("bench").arg("c1").arg("COUNT").arg(256).arg("BLOCK").arg(100).arg("STREAMS").arg(&key).arg(">").query_async(&mut c).await?;
+                let v: Value = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg("bench")
+                    .arg("c1")
+                    .arg("COUNT")
+                    .arg(256)
+                    .arg("BLOCK")
+                    .arg(100)
+                    .arg("STREAMS")
+                    .arg(&key)
+                    .arg(">")
+                    .query_async(&mut c)
+                    .await?;
                 let es = entries(&v);
                 if es.is_empty() {
                     continue;
@@ -473,7 +537,12 @@ async fn latency(cx: &Ctx, i: usize, oona: bool) -> Res<Lat> {
                 for (_, stamp) in &es {
                     lats.push(now.saturating_sub(*stamp));
                 }
-                let _: i64 = redis::cmd("XACK").arg(&key).arg("bench").arg(&ids).query_async(&mut acks).await?;
+                let _: i64 = redis::cmd("XACK")
+                    .arg(&key)
+                    .arg("bench")
+                    .arg(&ids)
+                    .query_async(&mut acks)
+                    .await?;
             }
         }
         Res::Ok(lats)
@@ -489,7 +558,9 @@ async fn latency(cx: &Ctx, i: usize, oona: bool) -> Res<Lat> {
                 if oona {
                     let o = cx.oona.clone();
                     let e = envelope(&t, stamp);
-                    inflight.push(tokio::spawn(async move { o.publish(e).await.map(|_| ()).map_err(BoxError::from) }));
+                    inflight.push(tokio::spawn(async move {
+                        o.publish(e).await.map(|_| ()).map_err(BoxError::from)
+                    }));
                 } else {
                     let mut raw = cx.raw.clone();
                     let key = key.clone();
@@ -497,7 +568,10 @@ async fn latency(cx: &Ctx, i: usize, oona: bool) -> Res<Lat> {
                     inflight.push(tokio::spawn(async move {
                         let mut p = redis::pipe();
                         raw_xadd(&mut p, &key, &f, stamp);
-                        p.query_async::<Vec<String>>(&mut raw).await.map(|_| ()).map_err(BoxError::from)
+                        p.query_async::<Vec<String>>(&mut raw)
+                            .await
+                            .map(|_| ())
+                            .map_err(BoxError::from)
                     }));
                 }
             }

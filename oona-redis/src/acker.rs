@@ -69,7 +69,11 @@ fn closed() -> Error {
     Error::new(ErrorKind::Closed, "the Redis transport is closed").with_transport(crate::NAME)
 }
 
-async fn run(conn: ConnectionManager, mut rx: mpsc::UnboundedReceiver<Msg>, closing: Arc<AtomicBool>) {
+async fn run(
+    conn: ConnectionManager,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    closing: Arc<AtomicBool>,
+) {
     let mut batch: HashMap<(Arc<str>, Arc<str>), Vec<String>> = HashMap::new();
     let mut waiters = Vec::new();
     while let Some(first) = rx.recv().await {

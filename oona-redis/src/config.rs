@@ -138,19 +138,11 @@ impl RedisConfig {
             prefix,
             policies: PolicySet::default(),
             block: positive("block", block, Duration::from_millis(250))?,
-            claim_interval: positive(
-                "claim_interval",
-                claim_interval,
-                Duration::from_millis(250),
-            )?,
+            claim_interval: positive("claim_interval", claim_interval, Duration::from_millis(250))?,
             read_batch: read_batch.unwrap_or(256),
             housekeeping: housekeeping.unwrap_or(Duration::from_secs(60)),
             response_timeout: positive("timeout", response_timeout, Duration::from_secs(10))?,
-            connect_timeout: positive(
-                "connect_timeout",
-                connect_timeout,
-                Duration::from_secs(5),
-            )?,
+            connect_timeout: positive("connect_timeout", connect_timeout, Duration::from_secs(5))?,
             default_prefetch,
             default_ack_deadline: match default_ack_deadline {
                 Some(d) if d.is_zero() => {

@@ -525,12 +525,7 @@ impl Transport for RedisTransport {
             &start_id(subscription.start),
         )
         .await?;
-        let read_conn = manager(
-            &inner.client,
-            cfg,
-            cfg.block + cfg.response_timeout,
-        )
-        .await?;
+        let read_conn = manager(&inner.client, cfg, cfg.block + cfg.response_timeout).await?;
         Ok(sub::start(Arc::clone(&self.inner), subscription, read_conn))
     }
 
@@ -551,7 +546,10 @@ impl Transport for RedisTransport {
             Err(e) => return Err(redis_error(e, "XINFO GROUPS failed")),
         };
         let mut pipe = redis::pipe();
-        pipe.cmd("DEL").arg(&key).arg(inner.policy_key(topic)).ignore();
+        pipe.cmd("DEL")
+            .arg(&key)
+            .arg(inner.policy_key(topic))
+            .ignore();
         for g in &groups {
             pipe.cmd("DEL").arg(inner.delayed_key(topic, g)).ignore();
         }

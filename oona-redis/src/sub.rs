@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use oona_core::{
-    rules, ContentType, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind,
-    Result, Settle, Settlement, Subscription,
+    rules, ContentType, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Result,
+    Settle, Settlement, Subscription,
 };
 use redis::aio::ConnectionManager;
 use redis::Value;
@@ -50,7 +50,10 @@ pub(crate) fn group_names(v: &Value) -> Vec<String> {
     let mut out = Vec::new();
     for g in groups {
         let pairs: Vec<(&Value, &Value)> = match g {
-            Value::Array(flat) => flat.chunks(2).filter_map(|c| Some((c.first()?, c.get(1)?))).collect(),
+            Value::Array(flat) => flat
+                .chunks(2)
+                .filter_map(|c| Some((c.first()?, c.get(1)?)))
+                .collect(),
             Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
             _ => continue,
         };
@@ -287,7 +290,11 @@ impl Sub {
         let (min_id, added) = inner.prepare_topic(&mut pipe, &dl.topic);
         wire::xadd(&mut pipe, &inner.stream_key(&dl.topic), min_id, dl);
         pipe.ignore();
-        pipe.cmd("XACK").arg(&*self.key).arg(&*self.group).arg(id).ignore();
+        pipe.cmd("XACK")
+            .arg(&*self.key)
+            .arg(&*self.group)
+            .arg(id)
+            .ignore();
         pipe.cmd("ZREM").arg(&self.delayed).arg(id).ignore();
         let mut conn = inner.conn.clone();
         pipe.query_async::<()>(&mut conn)
@@ -322,7 +329,9 @@ impl Settle for RedisSettle {
         match settlement {
             Settlement::Ack => {
                 inner.check_open()?;
-                inner.acker.ack(Arc::clone(&sub.key), Arc::clone(&sub.group), id)
+                inner
+                    .acker
+                    .ack(Arc::clone(&sub.key), Arc::clone(&sub.group), id)
             }
             Settlement::Redeliver { delay } if delay.is_zero() => {
                 inner.check_open()?;

@@ -31,10 +31,8 @@ impl Server {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "oona-redis-{name}-{}-{port}",
-            std::process::id()
-        ));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("oona-redis-{name}-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut s = Server {
@@ -51,7 +49,14 @@ impl Server {
         let child = Command::new(&self.bin)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--dir", self.dir.to_str().unwrap()])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
             .args(["--logfile", "redis.log"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -74,9 +79,7 @@ impl Server {
     /// SIGTERM (Redis flushes the AOF and exits), then wait for it.
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg(c.id().to_string())
-                .status();
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
             let _ = c.wait();
         }
     }
@@ -102,7 +105,10 @@ impl Drop for Server {
 
 fn binaries() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for (name, var) in [("redis7", "OONA_TEST_REDIS_SERVER"), ("redis8", "OONA_TEST_REDIS8_SERVER")] {
+    for (name, var) in [
+        ("redis7", "OONA_TEST_REDIS_SERVER"),
+        ("redis8", "OONA_TEST_REDIS8_SERVER"),
+    ] {
         if let Ok(b) = std::env::var(var) {
             if !b.trim().is_empty() {
                 out.push((name.to_string(), b.trim().to_string()));
@@ -123,7 +129,11 @@ fn env(t: &Topic, i: usize) -> Envelope {
 }
 
 fn pending(conn: &mut redis::Connection, key: &str, group: &str) -> i64 {
-    let v: redis::Value = redis::cmd("XPENDING").arg(key).arg(group).query(conn).unwrap();
+    let v: redis::Value = redis::cmd("XPENDING")
+        .arg(key)
+        .arg(group)
+        .query(conn)
+        .unwrap();
     match v {
         redis::Value::Array(a) => match a.first() {
             Some(redis::Value::Int(n)) => *n,
@@ -196,7 +206,11 @@ async fn restart_case(name: &str, bin: &str) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(pending(&mut raw, &key, group.as_str()), 50, "acks written before the restart");
+    assert_eq!(
+        pending(&mut raw, &key, group.as_str()),
+        50,
+        "acks written before the restart"
+    );
     drop(raw);
 
     server.stop();
@@ -219,36 +233,64 @@ async fn restart_case(name: &str, bin: &str) {
     drop(held); // unsettled: they come back after the ack deadline
 
     // Everything not acked before the restart arrives; nothing acked does.
-    let want: HashSet<String> = sent.iter().filter(|id| !acked.contains(*id)).cloned().collect();
+    let want: HashSet<String> = sent
+        .iter()
+        .filter(|id| !acked.contains(*id))
+        .cloned()
+        .collect();
     let mut seen: HashMap<String, u32> = HashMap::new();
     while seen.len() < want.len() {
         let item = tokio::time::timeout(Duration::from_secs(20), stream.next())
             .await
-            .unwrap_or_else(|_| panic!("{name}: got {} of {} after the restart", seen.len(), want.len()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{name}: got {} of {} after the restart",
+                    seen.len(),
+                    want.len()
+                )
+            })
             .expect("stream open");
         let Ok(d) = item else { continue }; // temporary: reconnecting
         let id = d.envelope().event_id.to_string();
-        assert!(!acked.contains(&id), "{name}: {id} was acked before the restart and came again");
-        assert!(seen.insert(id.clone(), d.attempt()).is_none(), "{name}: {id} delivered twice after the restart");
+        assert!(
+            !acked.contains(&id),
+            "{name}: {id} was acked before the restart and came again"
+        );
+        assert!(
+            seen.insert(id.clone(), d.attempt()).is_none(),
+            "{name}: {id} delivered twice after the restart"
+        );
         d.ack().await.unwrap();
     }
     assert_eq!(seen.keys().cloned().collect::<HashSet<_>>(), want);
     // The 20 held across the restart come back as attempt 2.
-    assert_eq!(seen.values().filter(|a| **a == 2).count(), 20, "{name}: {seen:?}");
+    assert_eq!(
+        seen.values().filter(|a| **a == 2).count(),
+        20,
+        "{name}: {seen:?}"
+    );
     bus.close().await.unwrap();
     let mut raw = server.raw();
-    assert_eq!(pending(&mut raw, &key, group.as_str()), 0, "{name}: acks flushed on close");
+    assert_eq!(
+        pending(&mut raw, &key, group.as_str()),
+        0,
+        "{name}: acks flushed on close"
+    );
     let len: i64 = redis::cmd("XLEN").arg(&key).query(&mut raw).unwrap();
     assert_eq!(len, 150, "{name}: every publish stored exactly once");
-    eprintln!("{name}: restart survived; {failures} publish attempts failed while the server was down");
+    eprintln!(
+        "{name}: restart survived; {failures} publish attempts failed while the server was down"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_trims_on_the_server_by_time() {
     let (name, bin) = binaries().remove(0);
     let server = Server::start(&bin, &format!("{name}-retention"));
-    let policies = PolicySet::default()
-        .with_plane("telemetry", TopicPolicy::new(Retention::For(Duration::from_secs(1))));
+    let policies = PolicySet::default().with_plane(
+        "telemetry",
+        TopicPolicy::new(Retention::For(Duration::from_secs(1))),
+    );
     let cfg = RedisConfig::from_url(&server.url())
         .unwrap()
         .with_policies(policies)
@@ -259,27 +301,40 @@ async fn retention_trims_on_the_server_by_time() {
     let batch = |t: &Topic, n: usize| (0..n).map(|i| env(t, i)).collect::<Vec<_>>();
     // An unacked subscriber: retention is by time, not by acks.
     let _s = bus
-        .subscribe(Subscription::new(short.clone(), Name::new("slow").unwrap()).start(StartPosition::Earliest))
+        .subscribe(
+            Subscription::new(short.clone(), Name::new("slow").unwrap())
+                .start(StartPosition::Earliest),
+        )
         .await
         .unwrap();
     bus.publish_batch(batch(&short, 250)).await.unwrap();
     bus.publish_batch(batch(&forever, 250)).await.unwrap();
     let mut raw = server.raw();
     let xlen = |raw: &mut redis::Connection, t: &Topic| -> i64 {
-        redis::cmd("XLEN").arg(bus.stream_key(t)).query(raw).unwrap()
+        redis::cmd("XLEN")
+            .arg(bus.stream_key(t))
+            .query(raw)
+            .unwrap()
     };
     let policy: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(bus.policy_key(&short))
         .query(&mut raw)
         .unwrap();
     assert_eq!(policy.get("retention_ms").map(String::as_str), Some("1000"));
-    assert_eq!(xlen(&mut raw, &short), 250, "inside retention nothing is trimmed");
+    assert_eq!(
+        xlen(&mut raw, &short),
+        250,
+        "inside retention nothing is trimmed"
+    );
 
     tokio::time::sleep(Duration::from_millis(1300)).await;
     // XADD's MINID ~ trims whole nodes of old entries on the next write.
     bus.publish(env(&short, 999)).await.unwrap();
     let after_xadd = xlen(&mut raw, &short);
-    assert!(after_xadd < 251, "XADD MINID ~ trimmed nothing ({after_xadd} entries)");
+    assert!(
+        after_xadd < 251,
+        "XADD MINID ~ trimmed nothing ({after_xadd} entries)"
+    );
     // Housekeeping trims exactly, and leaves the fresh entry.
     let removed = bus.housekeep().await.unwrap();
     assert_eq!(xlen(&mut raw, &short), 1, "housekeeping removed {removed}");

@@ -84,11 +84,11 @@ impl Fixture for RedisFixture {
     }
 
     async fn cut_connections(&self) -> oona_core::Result<()> {
-        self.proxy.cut().map_err(|e| err("proxy cut", e))
+        self.proxy.cut().await.map_err(|e| err("proxy cut", e))
     }
 
     async fn restore_connections(&self) -> oona_core::Result<()> {
-        self.proxy.restore().map_err(|e| err("proxy restore", e))
+        self.proxy.restore().await.map_err(|e| err("proxy restore", e))
     }
 
     async fn applied_retention(&self, topic: &Topic) -> oona_core::Result<Retention> {
@@ -101,7 +101,10 @@ impl Fixture for RedisFixture {
             .await
             .map_err(|e| err("HGET", e))?;
         match ms {
-            None => Err(err("applied_retention", format!("no policy record at {key}"))),
+            None => Err(err(
+                "applied_retention",
+                format!("no policy record at {key}"),
+            )),
             Some(ms) if ms < 0 => Ok(Retention::Indefinite),
             Some(ms) => Ok(Retention::For(Duration::from_millis(ms as u64))),
         }
