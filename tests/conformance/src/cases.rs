@@ -826,7 +826,7 @@ fn parse_keyed(env: &Envelope) -> Result<(String, usize), CaseError> {
 
 /// Publish `per_key` messages for each of `keys_per_pub` keys from each of
 /// `publishers` concurrent clients; each publisher owns its keys and
-/// publishes their sequence numbers in order.
+/// publishes their sequence numbers in order, in runs of five per key.
 async fn publish_keyed(
     cx: &Cx<'_>,
     topic: &Topic,
@@ -839,11 +839,15 @@ async fn publish_keyed(
         let c = cx.client().await?;
         let topic = topic.clone();
         tasks.push(tokio::spawn(async move {
-            for seq in 0..per_key {
+            // Runs of up to five per key, the keys taking turns: both
+            // neighbours of one key and interleaved keys occur.
+            for run in (0..per_key).step_by(5) {
                 for k in 0..keys_per_pub {
-                    c.publish(keyed(&topic, &format!("p{p}-k{k}"), seq))
-                        .await
-                        .ctx("publish")?;
+                    for seq in run..(run + 5).min(per_key) {
+                        c.publish(keyed(&topic, &format!("p{p}-k{k}"), seq))
+                            .await
+                            .ctx("publish")?;
+                    }
                 }
             }
             Ok::<(), CaseError>(())
@@ -918,20 +922,35 @@ async fn key_ordered_competing_in(cx: &Cx<'_>) -> CaseResult {
         ));
     }
     let log: Arc<Mutex<BTreeMap<String, Vec<Event>>>> = Arc::new(Mutex::new(BTreeMap::new()));
-    let (keys, per_key) = (6usize, 15usize);
+    // Fewer keys than consumers: any three messages in flight at once must
+    // share a key unless the transport serializes them.
+    let (keys, per_key) = (2usize, 30usize);
     let total = keys * per_key;
     let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = Vec::new();
+    // A backlog, interleaving the keys, is there before the consumers
+    // start, so every consumer could take a key's next message at once.
+    let backlog: Vec<Envelope> = (0..per_key)
+        .flat_map(|seq| (0..keys).map(move |k| (k, seq)))
+        .map(|(k, seq)| keyed(&topic, &format!("k{k}"), seq))
+        .collect();
+    p.publish_batch(backlog).await.ctx("publish_batch")?;
+    // Subscribe all three before any consumes, so they compete from the start.
+    let mut streams = Vec::new();
     for _ in 0..3 {
         let c = cx.client().await?;
-        let mut s = subscribe(
-            &c,
-            sub(&topic, &g)
-                .ack_deadline(LONG_DEADLINE)
-                .key_ordered(true)
-                .prefetch(4),
-        )
-        .await?;
+        streams.push(
+            subscribe(
+                &c,
+                sub(&topic, &g)
+                    .ack_deadline(LONG_DEADLINE)
+                    .key_ordered(true)
+                    .prefetch(4),
+            )
+            .await?,
+        );
+    }
+    let mut tasks = Vec::new();
+    for mut s in streams {
         let (log, count) = (Arc::clone(&log), Arc::clone(&count));
         let hard = Instant::now() + cx.t.wait() + cx.t.quiet_for();
         let quiet = cx.t.quiet_for();
@@ -959,18 +978,13 @@ async fn key_ordered_competing_in(cx: &Cx<'_>) -> CaseResult {
                     .push(Event::Received(seq));
                 // Hold it a little so a broken transport has time to hand
                 // the key's next message to another consumer.
-                let pause = rand::thread_rng().gen_range(0..6);
+                let pause = rand::thread_rng().gen_range(1..8);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
                 lock(&log).entry(k).or_default().push(Event::Acking(seq));
                 d.ack().await.ctx("ack")?;
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         }));
-    }
-    for seq in 0..per_key {
-        for k in 0..keys {
-            publish(&p, keyed(&topic, &format!("k{k}"), seq)).await?;
-        }
     }
     for t in tasks {
         t.await

@@ -36,6 +36,14 @@ enum Fault {
     LimitNotEnforced,
     /// Latest groups start from earliest.
     LatestIsEarliest,
+    /// Earliest groups start from latest.
+    EarliestIsLatest,
+    /// Start-at-time groups start from earliest.
+    StartAtIgnored,
+    /// `key_ordered` is not passed on.
+    KeyOrderIgnored,
+    /// Two consecutive deliveries of one key are handed out swapped.
+    SwapSameKey,
 }
 
 #[derive(Debug)]
@@ -137,11 +145,26 @@ impl Transport for Mutant {
         self.inner.publish(envelope).await
     }
     async fn subscribe(&self, mut subscription: Subscription) -> Result<DeliveryStream> {
-        if self.fault == Fault::LatestIsEarliest && subscription.start == StartPosition::Latest {
-            subscription = subscription.start(StartPosition::Earliest);
+        match (self.fault, subscription.start) {
+            (Fault::LatestIsEarliest, StartPosition::Latest)
+            | (Fault::StartAtIgnored, StartPosition::At(_)) => {
+                subscription = subscription.start(StartPosition::Earliest);
+            }
+            (Fault::EarliestIsLatest, StartPosition::Earliest) => {
+                subscription = subscription.start(StartPosition::Latest);
+            }
+            _ => {}
+        }
+        if self.fault == Fault::KeyOrderIgnored {
+            subscription = subscription.key_ordered(false);
         }
         let fault = self.fault;
         let s = self.inner.subscribe(subscription).await?;
+        if fault == Fault::SwapSameKey {
+            return Ok(swap_same_key(s)
+                .map(move |r| r.map(|d| wrap(fault, d)))
+                .boxed());
+        }
         if fault == Fault::StreamEndsOnError {
             return Ok(s
                 .take_while(|r| futures::future::ready(r.is_ok()))
@@ -162,6 +185,58 @@ impl Transport for Mutant {
         }
         self.inner.close().await
     }
+}
+
+/// Hold each delivery until the next one: if it has the same key, hand the
+/// two out swapped. A held delivery is released after 100 ms of silence.
+fn swap_same_key(inner: DeliveryStream) -> DeliveryStream {
+    struct St {
+        inner: DeliveryStream,
+        held: Option<Delivery>,
+        out: std::collections::VecDeque<Delivery>,
+    }
+    let st = St {
+        inner,
+        held: None,
+        out: Default::default(),
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(d) = st.out.pop_front() {
+                return Some((Ok(d), st));
+            }
+            let next = if st.held.is_some() {
+                match tokio::time::timeout(Duration::from_millis(100), st.inner.next()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        let h = st.held.take()?;
+                        return Some((Ok(h), st));
+                    }
+                }
+            } else {
+                st.inner.next().await
+            };
+            match next {
+                Some(Ok(d)) => match st.held.take() {
+                    Some(h) if h.envelope().key == d.envelope().key => {
+                        st.out.push_back(d);
+                        st.out.push_back(h);
+                    }
+                    Some(h) => {
+                        st.out.push_back(h);
+                        st.held = Some(d);
+                    }
+                    None => st.held = Some(d),
+                },
+                Some(Err(e)) => return Some((Err(e), st)),
+                None => {
+                    let h = st.held.take()?;
+                    return Some((Ok(h), st));
+                }
+            }
+        }
+    })
+    .boxed()
 }
 
 struct MutantFixture {
@@ -300,4 +375,21 @@ caught!(
     latest_as_earliest_fails,
     Fault::LatestIsEarliest,
     latest_skips_history
+);
+caught!(
+    earliest_as_latest_fails,
+    Fault::EarliestIsLatest,
+    earliest_replays_history
+);
+caught!(start_at_ignored_fails, Fault::StartAtIgnored, start_at_time);
+caught!(
+    key_order_ignored_fails,
+    Fault::KeyOrderIgnored,
+    key_ordered_competing
+);
+caught!(swapped_key_order_fails, Fault::SwapSameKey, per_key_order);
+caught!(
+    swapped_batch_order_fails,
+    Fault::SwapSameKey,
+    publish_batch_in_order
 );
