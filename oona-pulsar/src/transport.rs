@@ -1,0 +1,456 @@
+//! [`PulsarTransport`]: the [`Transport`] on Pulsar.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pulsar::{Producer, Pulsar, TokioExecutor};
+use tokio::sync::{watch, OnceCell};
+
+use oona_core::{
+    rules, Capabilities, DeliveryStream, Envelope, Error, ErrorKind, Health, HealthStatus, Receipt,
+    Result, Subscription, Topic, TopicPolicy, Transport,
+};
+
+use crate::admin::Admin;
+use crate::config::PulsarConfig;
+use crate::conn::Connector;
+use crate::{consumer, mapping, NAME};
+
+/// Largest payload: Pulsar's default `maxMessageSize` is 5 MiB including
+/// metadata; 64 KiB are left for the envelope's properties.
+pub const MAX_PAYLOAD_BYTES: usize = 5 * 1024 * 1024 - 64 * 1024;
+
+type SharedProducer = Arc<tokio::sync::Mutex<Producer<TokioExecutor>>>;
+
+/// The Pulsar transport. Cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct PulsarTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PulsarTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PulsarTransport")
+            .field("service_url", &self.inner.config.service_url)
+            .field("tenant", &self.inner.config.tenant)
+            .field("namespace", &self.inner.config.namespace)
+            .field("admin", &self.inner.admin.is_some())
+            .field("closed", &self.inner.closed.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: Arc<PulsarConfig>,
+    pub(crate) client: Pulsar<TokioExecutor>,
+    pub(crate) connector: Connector,
+    admin: Option<Admin>,
+    producers: Mutex<HashMap<Topic, Arc<OnceCell<SharedProducer>>>>,
+    closed: AtomicBool,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+static NEXT_CONSUMER: AtomicU64 = AtomicU64::new(1);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain maps behind these locks stay consistent if a holder panicked.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Map a `pulsar` client error to an Oona error.
+pub(crate) fn pulsar_err(what: &str, e: pulsar::Error) -> Error {
+    use pulsar::error::{ConnectionError, ProducerError};
+    let kind = match &e {
+        pulsar::Error::Connection(ConnectionError::Unexpected(_))
+        | pulsar::Error::Connection(ConnectionError::Decoding(_))
+        | pulsar::Error::Connection(ConnectionError::Encoding(_)) => ErrorKind::Broker,
+        pulsar::Error::Connection(ConnectionError::Authentication(_)) => ErrorKind::Unauthenticated,
+        pulsar::Error::Connection(ConnectionError::Tls(_))
+        | pulsar::Error::Connection(ConnectionError::NotFound) => ErrorKind::ConfigInvalid,
+        pulsar::Error::Connection(_) | pulsar::Error::ServiceDiscovery(_) => ErrorKind::Connection,
+        pulsar::Error::Producer(ProducerError::Connection(_)) => ErrorKind::Connection,
+        pulsar::Error::Producer(ProducerError::Closed) => ErrorKind::Closed,
+        pulsar::Error::Consumer(_) => ErrorKind::Connection,
+        _ => ErrorKind::Broker,
+    };
+    let msg = format!("{what}: {e}");
+    // The broker being busy or a topic being moved is worth a retry too.
+    let temporary = kind.default_temporary()
+        || msg.contains("ServiceNotReady")
+        || msg.contains("TooManyRequests")
+        || msg.contains("Disconnected");
+    Error::new(kind, msg)
+        .with_transport(NAME)
+        .set_temporary(temporary)
+}
+
+impl PulsarTransport {
+    /// Connect with `config`.
+    pub async fn connect(config: PulsarConfig) -> Result<Self> {
+        let config = Arc::new(config);
+        let mut b = Pulsar::builder(config.service_url.clone(), TokioExecutor)
+            .with_outbound_channel_size(config.producer_queue)
+            .with_operation_retry_options(pulsar::OperationRetryOptions {
+                operation_timeout: config.operation_timeout,
+                ..Default::default()
+            })
+            .with_connection_retry_options(pulsar::ConnectionRetryOptions {
+                // Give up connecting after a few tries: a dead broker is
+                // the caller's (temporary) error, not a hang.
+                max_retries: 3,
+                connection_timeout: config.operation_timeout.min(Duration::from_secs(10)),
+                ..Default::default()
+            });
+        if let Some(t) = &config.token {
+            b = b.with_auth(pulsar::Authentication {
+                name: "token".into(),
+                data: t.clone().into_bytes(),
+            });
+        }
+        if let Some(ca) = &config.tls_ca_file {
+            b = b.with_certificate_chain_file(ca).map_err(|e| {
+                Error::new(
+                    ErrorKind::ConfigInvalid,
+                    format!("query parameter `tls_ca_file`: {ca}: {e}"),
+                )
+                .with_transport(NAME)
+            })?;
+        }
+        let client = b
+            .build()
+            .await
+            .map_err(|e| pulsar_err(&format!("connect to {}", config.service_url), e))?;
+        let connector = Connector::new(Arc::clone(&config))?;
+        let admin = Admin::new(Arc::clone(&config))?;
+        let (shutdown, _) = watch::channel(false);
+        Ok(PulsarTransport {
+            inner: Arc::new(Inner {
+                config,
+                client,
+                connector,
+                admin,
+                producers: Mutex::new(HashMap::new()),
+                closed: AtomicBool::new(false),
+                shutdown,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Parse `url` and connect.
+    pub async fn connect_url(url: &str) -> Result<Self> {
+        Self::connect(PulsarConfig::parse(url)?).await
+    }
+
+    /// The retention the broker applies to `topic` (its topic-level
+    /// policy), read through the admin API. `Ok(None)` when the topic has no
+    /// topic-level policy; [`ErrorKind::Unsupported`] without `admin_url`.
+    pub async fn applied_retention(&self, topic: &Topic) -> Result<Option<oona_core::Retention>> {
+        match &self.inner.admin {
+            Some(a) => a.retention(topic).await,
+            None => Err(Error::new(
+                ErrorKind::Unsupported,
+                "reading retention needs the admin API: set admin_url",
+            )
+            .with_transport(NAME)),
+        }
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &PulsarConfig {
+        &self.inner.config
+    }
+
+    /// The Pulsar topic name of `topic`:
+    /// `persistent://<tenant>/<namespace>/<topic>`.
+    pub fn pulsar_topic(&self, topic: &Topic) -> String {
+        self.inner.full_topic(topic)
+    }
+}
+
+impl Inner {
+    pub(crate) fn full_topic(&self, topic: &Topic) -> String {
+        mapping::full_topic(&self.config.tenant, &self.config.namespace, topic)
+    }
+
+    pub(crate) fn next_consumer_id(&self) -> u64 {
+        // Pulsar scopes consumer ids to a connection, so a counter would do;
+        // ids unique across clients (random base, process-wide counter) also
+        // suit brokers that scope them to a subscription (pulsar-lite).
+        static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let base = *BASE.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0 >> 24);
+        base.wrapping_add(NEXT_CONSUMER.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub(crate) fn track_task(&self, h: tokio::task::JoinHandle<()>) {
+        let mut tasks = lock(&self.tasks);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(h);
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(
+                Error::new(ErrorKind::Closed, "the pulsar transport is closed")
+                    .with_transport(NAME),
+            );
+        }
+        Ok(())
+    }
+
+    /// The producer of `topic`, created (and the topic's retention
+    /// applied) on first use.
+    async fn producer(
+        &self,
+        topic: &Topic,
+        policy: Option<&TopicPolicy>,
+    ) -> Result<SharedProducer> {
+        let cell = Arc::clone(lock(&self.producers).entry(topic.clone()).or_default());
+        let p = cell
+            .get_or_try_init(|| async {
+                let full = self.full_topic(topic);
+                let producer = tokio::time::timeout(
+                    self.config.operation_timeout,
+                    self.client
+                        .producer()
+                        .with_topic(&full)
+                        .with_options(pulsar::ProducerOptions {
+                            // Batching would delay single publishes; the
+                            // producer pipelines instead.
+                            batch_size: None,
+                            block_queue_if_full: true,
+                            ..Default::default()
+                        })
+                        .build(),
+                )
+                .await
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "creating a producer on {full} took more than {:?}",
+                            self.config.operation_timeout
+                        ),
+                    )
+                    .with_transport(NAME)
+                })?
+                .map_err(|e| pulsar_err(&format!("create producer on {full}"), e))?;
+                if let Some(admin) = &self.admin {
+                    let retention = policy
+                        .map(|p| p.retention)
+                        .unwrap_or_else(|| self.config.policies.for_topic(topic).retention);
+                    admin.set_retention(topic, retention).await?;
+                }
+                Ok::<_, Error>(Arc::new(tokio::sync::Mutex::new(producer)))
+            })
+            .await?;
+        Ok(Arc::clone(p))
+    }
+
+    fn forget_producer(&self, topic: &Topic) -> Option<SharedProducer> {
+        lock(&self.producers)
+            .remove(topic)
+            .and_then(|c| c.get().cloned())
+    }
+
+    pub(crate) async fn publish(&self, envelope: Envelope) -> Result<Receipt> {
+        self.check_open()?;
+        rules::check_publish(&envelope, &self.config.policies, MAX_PAYLOAD_BYTES)?;
+        let producer = self.producer(&envelope.topic, None).await?;
+        let msg = mapping::to_message(&envelope);
+        let pending = {
+            let mut p = producer.lock().await;
+            p.send_non_blocking(msg).await
+        };
+        let receipt = match pending {
+            Ok(f) => f.await,
+            Err(e) => Err(e),
+        };
+        match receipt {
+            Ok(r) => Ok(Receipt::new(
+                envelope.event_id,
+                envelope.topic,
+                r.message_id.as_ref().map(mapping::position),
+            )),
+            Err(e) => {
+                let err = pulsar_err(&format!("publish to {}", envelope.topic), e);
+                Err(err)
+            }
+        }
+    }
+
+    async fn publish_batch(&self, envelopes: Vec<Envelope>) -> Result<Vec<Receipt>> {
+        self.check_open()?;
+        for e in &envelopes {
+            rules::check_publish(e, &self.config.policies, MAX_PAYLOAD_BYTES)?;
+        }
+        // Queue every message (in order, per topic producer) before
+        // awaiting any receipt: one round trip's worth of waiting.
+        let mut futures = Vec::with_capacity(envelopes.len());
+        let mut i = 0;
+        while i < envelopes.len() {
+            let topic = envelopes[i].topic.clone();
+            let producer = self.producer(&topic, None).await?;
+            let mut p = producer.lock().await;
+            while i < envelopes.len() && envelopes[i].topic == topic {
+                let f = p
+                    .send_non_blocking(mapping::to_message(&envelopes[i]))
+                    .await
+                    .map_err(|e| pulsar_err(&format!("publish to {topic}"), e))?;
+                futures.push(f);
+                i += 1;
+            }
+        }
+        let mut receipts = Vec::with_capacity(envelopes.len());
+        for (env, f) in envelopes.into_iter().zip(futures) {
+            let r = f
+                .await
+                .map_err(|e| pulsar_err(&format!("publish to {}", env.topic), e))?;
+            receipts.push(Receipt::new(
+                env.event_id,
+                env.topic,
+                r.message_id.as_ref().map(mapping::position),
+            ));
+        }
+        Ok(receipts)
+    }
+}
+
+#[async_trait]
+impl Transport for PulsarTransport {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+            .with_key_ordered_competing(true)
+            .with_nack_delay(true)
+            .with_start_at_time(true)
+            .with_retention(self.inner.admin.is_some())
+            .with_max_payload_bytes(MAX_PAYLOAD_BYTES)
+    }
+
+    async fn ensure_topic(&self, topic: &Topic, policy: &TopicPolicy) -> Result<()> {
+        self.inner.check_open()?;
+        // The producer creates the topic; an existing one gets the policy
+        // applied again (it may have changed).
+        let fresh = !lock(&self.inner.producers)
+            .get(topic)
+            .is_some_and(|c| c.initialized());
+        self.inner.producer(topic, Some(policy)).await?;
+        if !fresh {
+            if let Some(admin) = &self.inner.admin {
+                admin.set_retention(topic, policy.retention).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, envelope: Envelope) -> Result<Receipt> {
+        self.inner.publish(envelope).await
+    }
+
+    async fn publish_batch(&self, envelopes: Vec<Envelope>) -> Result<Vec<Receipt>> {
+        self.inner.publish_batch(envelopes).await
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
+        self.inner.check_open()?;
+        let topic = subscription.topic.clone();
+        let stream = consumer::subscribe(Arc::clone(&self.inner), subscription).await?;
+        if self.inner.admin.is_some() {
+            // The subscription created the topic; give it its plane's
+            // retention.
+            self.inner.producer(&topic, None).await?;
+        }
+        Ok(stream)
+    }
+
+    async fn delete_topic(&self, topic: &Topic) -> Result<()> {
+        self.inner.check_open()?;
+        if let Some(p) = self.inner.forget_producer(topic) {
+            let _ = p.lock().await.close().await;
+        }
+        match &self.inner.admin {
+            Some(admin) => admin.delete_topic(topic).await,
+            None => {
+                // The binary protocol cannot delete topics; without the
+                // admin API they stay (brokers may delete inactive topics
+                // themselves).
+                tracing::debug!(%topic, "no admin_url: topic left on the broker");
+                Ok(())
+            }
+        }
+    }
+
+    async fn health(&self) -> Health {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Health::new(HealthStatus::Down, NAME, "closed", None);
+        }
+        // A lookup needs no topic to exist; the name is valid by the grammar.
+        let probe = format!(
+            "persistent://{}/{}/oona.health.probe",
+            self.inner.config.tenant, self.inner.config.namespace
+        );
+        let started = Instant::now();
+        let r = tokio::time::timeout(
+            self.inner
+                .config
+                .operation_timeout
+                .min(Duration::from_secs(5)),
+            self.inner.client.lookup_topic(probe),
+        )
+        .await;
+        let rtt = started.elapsed();
+        match r {
+            Ok(Ok(addr)) => Health::new(
+                HealthStatus::Up,
+                NAME,
+                format!(
+                    "lookup answered by {} ({})",
+                    addr.broker_url, self.inner.config.service_url
+                ),
+                Some(rtt),
+            ),
+            Ok(Err(e)) => Health::new(
+                HealthStatus::Down,
+                NAME,
+                format!("lookup failed: {e}"),
+                Some(rtt),
+            ),
+            Err(_) => Health::new(HealthStatus::Down, NAME, "lookup timed out", Some(rtt)),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _ = self.inner.shutdown.send(true);
+        let tasks = std::mem::take(&mut *lock(&self.inner.tasks));
+        for t in tasks {
+            // Each task flushes its acks and leaves its group.
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        let producers: Vec<SharedProducer> = lock(&self.inner.producers)
+            .drain()
+            .filter_map(|(_, c)| c.get().cloned())
+            .collect();
+        for p in producers {
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let _ = p.lock().await.close().await;
+            })
+            .await;
+        }
+        Ok(())
+    }
+}
