@@ -122,7 +122,10 @@ struct Contract {
     version: u32,
 }
 
-fn contract_of(pool: &DescriptorPool, msg: &MessageDescriptor) -> Result<Option<Contract>, Box<dyn Error>> {
+fn contract_of(
+    pool: &DescriptorPool,
+    msg: &MessageDescriptor,
+) -> Result<Option<Contract>, Box<dyn Error>> {
     let topic_ext = pool
         .get_extension_by_name("oona.v1.topic")
         .ok_or("oona/v1/options.proto does not define oona.v1.topic")?;
@@ -139,12 +142,18 @@ fn contract_of(pool: &DescriptorPool, msg: &MessageDescriptor) -> Result<Option<
         .ok_or_else(|| format!("{}: (oona.v1.topic) is not a string", msg.full_name()))?
         .to_string();
     if !options.has_extension(&rev_ext) {
-        return Err(format!("{} has (oona.v1.topic) but no (oona.v1.schema_version)", msg.full_name()).into());
+        return Err(format!(
+            "{} has (oona.v1.topic) but no (oona.v1.schema_version)",
+            msg.full_name()
+        )
+        .into());
     }
-    let version = options
-        .get_extension(&rev_ext)
-        .as_u32()
-        .ok_or_else(|| format!("{}: (oona.v1.schema_version) is not a uint32", msg.full_name()))?;
+    let version = options.get_extension(&rev_ext).as_u32().ok_or_else(|| {
+        format!(
+            "{}: (oona.v1.schema_version) is not a uint32",
+            msg.full_name()
+        )
+    })?;
     if version == 0 {
         return Err(format!("{}: (oona.v1.schema_version) starts at 1", msg.full_name()).into());
     }

@@ -92,7 +92,11 @@ fn encode_err(msg: impl Into<String>) -> Error {
 /// Parse an Avro schema from JSON.
 pub fn parse_schema(json: &str) -> Result<Schema> {
     Schema::parse_str(json).map_err(|e| {
-        Error::new(ErrorKind::ConfigInvalid, format!("invalid Avro schema: {e}")).with_source(e)
+        Error::new(
+            ErrorKind::ConfigInvalid,
+            format!("invalid Avro schema: {e}"),
+        )
+        .with_source(e)
     })
 }
 
@@ -141,7 +145,12 @@ impl AvroRegistry {
     /// The reader schema of `name`, parsed from `json` on first use (and
     /// registered as a writer schema too).
     pub fn reader(&self, name: &str, json: &str) -> Result<Arc<Schema>> {
-        if let Some(s) = self.readers.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+        if let Some(s) = self
+            .readers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
             return Ok(s.clone());
         }
         let schema = Arc::new(parse_schema(json)?);
@@ -178,9 +187,9 @@ pub fn to_single_object<T: Serialize>(schema: &Schema, value: &T) -> Result<Vec<
 /// resolved against the schema first, so `String` becomes an enum symbol,
 /// `Null` a union branch, and so on).
 pub fn value_to_single_object(schema: &Schema, value: Value) -> Result<Vec<u8>> {
-    let resolved = value
-        .resolve(schema)
-        .map_err(|e| encode_err(format!("value does not fit the Avro schema: {e}")).with_source(e))?;
+    let resolved = value.resolve(schema).map_err(|e| {
+        encode_err(format!("value does not fit the Avro schema: {e}")).with_source(e)
+    })?;
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&fingerprint(schema));
@@ -204,7 +213,11 @@ pub fn split_header(bytes: &[u8]) -> Result<(Fingerprint, &[u8])> {
 
 /// Decode a single-object payload: look the writer schema up by its
 /// fingerprint and resolve the datum to `reader`.
-pub fn decode_single_object(registry: &AvroRegistry, bytes: &[u8], reader: &Schema) -> Result<Value> {
+pub fn decode_single_object(
+    registry: &AvroRegistry,
+    bytes: &[u8],
+    reader: &Schema,
+) -> Result<Value> {
     let (fp, datum) = split_header(bytes)?;
     let writer = registry.get(&fp).ok_or_else(|| {
         decode_err(format!(
@@ -263,16 +276,22 @@ fn deref<'a>(s: &'a Schema, names: &'a HashMap<Name, Schema>) -> &'a Schema {
     }
 }
 
-fn reader_field_for<'r>(r: &'r RecordSchema, wname: &str, waliases: &[String]) -> Option<&'r apache_avro::schema::RecordField> {
+fn reader_field_for<'r>(
+    r: &'r RecordSchema,
+    wname: &str,
+    waliases: &[String],
+) -> Option<&'r apache_avro::schema::RecordField> {
     r.fields
         .iter()
         .find(|f| f.name == wname)
         .or_else(|| {
-            r.fields
-                .iter()
-                .find(|f| f.aliases.as_ref().is_some_and(|a| a.iter().any(|x| x == wname)))
+            r.fields.iter().find(|f| {
+                f.aliases
+                    .as_ref()
+                    .is_some_and(|a| a.iter().any(|x| x == wname))
+            })
         })
-        .or_else(|| r.fields.iter().find(|f| waliases.iter().any(|a| *a == f.name)))
+        .or_else(|| r.fields.iter().find(|f| waliases.contains(&f.name)))
 }
 
 fn rename(
@@ -424,7 +443,10 @@ mod tests {
     fn rabin_matches_the_spec_and_apache_avro() {
         // The Avro specification's fingerprint of the schema "null".
         assert_eq!(rabin64(b"\"null\""), 0x63dd_24e7_cc25_8f8a);
-        let s = Schema::parse_str(r#"{"type":"record","name":"r","fields":[{"name":"a","type":"long"}]}"#).unwrap();
+        let s = Schema::parse_str(
+            r#"{"type":"record","name":"r","fields":[{"name":"a","type":"long"}]}"#,
+        )
+        .unwrap();
         let ours = fingerprint(&s);
         let theirs = s.fingerprint::<apache_avro::rabin::Rabin>().bytes;
         assert_eq!(ours.to_vec(), theirs);
@@ -442,8 +464,14 @@ mod tests {
         .unwrap();
         let v = Value::Record(vec![
             ("a".into(), Value::Long(-300)),
-            ("b".into(), Value::Union(1, Box::new(Value::String("hé".into())))),
-            ("c".into(), Value::Array(vec![Value::Int(1), Value::Int(-64)])),
+            (
+                "b".into(),
+                Value::Union(1, Box::new(Value::String("hé".into()))),
+            ),
+            (
+                "c".into(),
+                Value::Array(vec![Value::Int(1), Value::Int(-64)]),
+            ),
             ("d".into(), Value::Enum(1, "Y".into())),
             ("e".into(), Value::Double(0.5)),
             ("f".into(), Value::Boolean(true)),
@@ -457,7 +485,12 @@ mod tests {
     fn bad_headers_are_decode_errors() {
         let reg = AvroRegistry::new();
         let s = Schema::parse_str(r#""long""#).unwrap();
-        for bad in [&b""[..], b"\xc3", b"\x00\x01aaaaaaaa", b"\xc3\x01\x00\x00\x00\x00\x00\x00\x00\x00\x02"] {
+        for bad in [
+            &b""[..],
+            b"\xc3",
+            b"\x00\x01aaaaaaaa",
+            b"\xc3\x01\x00\x00\x00\x00\x00\x00\x00\x00\x02",
+        ] {
             let e = decode_single_object(&reg, bad, &s).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Decode, "{e}");
         }
@@ -465,6 +498,9 @@ mod tests {
         let mut ok = value_to_single_object(&s, Value::Long(5)).unwrap();
         assert_eq!(decode_single_object(&reg, &ok, &s).unwrap(), Value::Long(5));
         ok.push(0);
-        assert!(decode_single_object(&reg, &ok, &s).unwrap_err().to_string().contains("trailing"));
+        assert!(decode_single_object(&reg, &ok, &s)
+            .unwrap_err()
+            .to_string()
+            .contains("trailing"));
     }
 }

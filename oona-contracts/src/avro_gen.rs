@@ -47,7 +47,10 @@ pub fn avro_schema(message: &MessageDescriptor) -> Result<Value, String> {
 
 /// The former names of a field, from its `(oona.v1.former_names)` option.
 pub fn former_names(field: &FieldDescriptor) -> Vec<String> {
-    let Some(ext) = field.parent_pool().get_extension_by_name(FORMER_NAMES_OPTION) else {
+    let Some(ext) = field
+        .parent_pool()
+        .get_extension_by_name(FORMER_NAMES_OPTION)
+    else {
         return Vec::new();
     };
     let options = field.options();
@@ -57,7 +60,11 @@ pub fn former_names(field: &FieldDescriptor) -> Vec<String> {
     options
         .get_extension(&ext)
         .as_list()
-        .map(|l| l.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .map(|l| {
+            l.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -169,7 +176,10 @@ fn single(kind: &Kind, defined: &mut HashSet<String>) -> Result<(Value, Value), 
     })
 }
 
-fn field_type(field: &FieldDescriptor, defined: &mut HashSet<String>) -> Result<(Value, Value), String> {
+fn field_type(
+    field: &FieldDescriptor,
+    defined: &mut HashSet<String>,
+) -> Result<(Value, Value), String> {
     if field.is_map() {
         let Kind::Message(entry) = field.kind() else {
             return Err(format!("{}: map without an entry type", field.full_name()));
@@ -183,7 +193,10 @@ fn field_type(field: &FieldDescriptor, defined: &mut HashSet<String>) -> Result<
         }
         let value = entry.map_entry_value_field();
         if matches!(value.kind(), Kind::Enum(_)) {
-            return Err(format!("{}: maps of enums are not supported", field.full_name()));
+            return Err(format!(
+                "{}: maps of enums are not supported",
+                field.full_name()
+            ));
         }
         let (v, _) = single(&value.kind(), defined)?;
         return Ok((json!({"type": "map", "values": v}), json!({})));

@@ -34,7 +34,9 @@
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
-use oona_core::{ContentType, Envelope, Error, ErrorKind, EventId, Headers, Priority, Result, Timestamp, Topic};
+use oona_core::{
+    ContentType, Envelope, Error, ErrorKind, EventId, Headers, Priority, Result, Timestamp, Topic,
+};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -58,13 +60,29 @@ const HEADERS: &str = "oonaheaders";
 
 /// Attribute names that headers cannot take as extensions.
 const RESERVED: &[&str] = &[
-    "specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema",
-    "data", "data_base64", TRACE_ID, PARTITION_KEY, CORRELATION_ID, PRIORITY, TOPIC, HEADERS,
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "subject",
+    "time",
+    "datacontenttype",
+    "dataschema",
+    "data",
+    "data_base64",
+    TRACE_ID,
+    PARTITION_KEY,
+    CORRELATION_ID,
+    PRIORITY,
+    TOPIC,
+    HEADERS,
 ];
 
 fn is_extension_name(name: &str) -> bool {
     (1..=20).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && !RESERVED.contains(&name)
 }
 
@@ -153,7 +171,11 @@ pub fn encode(env: &Envelope) -> Result<Vec<u8>> {
             out.extend_from_slice(&env.payload);
         } else {
             out.extend_from_slice(b",\"data_base64\":\"");
-            out.extend_from_slice(base64::engine::general_purpose::STANDARD.encode(&env.payload).as_bytes());
+            out.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(&env.payload)
+                    .as_bytes(),
+            );
             out.push(b'"');
         }
         out.push(b'}');
@@ -167,7 +189,9 @@ fn string_attr(attrs: &BTreeMap<String, &RawValue>, name: &str) -> Result<Option
         Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
             Ok(Value::Null) => Ok(None),
             Ok(Value::String(s)) => Ok(Some(s)),
-            Ok(other) => Err(dec(format!("CloudEvents attribute {name:?} must be a string, got {other}"))),
+            Ok(other) => Err(dec(format!(
+                "CloudEvents attribute {name:?} must be a string, got {other}"
+            ))),
             Err(e) => Err(dec(format!("CloudEvents attribute {name:?}")).with_source(e)),
         },
     }
@@ -176,7 +200,9 @@ fn string_attr(attrs: &BTreeMap<String, &RawValue>, name: &str) -> Result<Option
 fn required(attrs: &BTreeMap<String, &RawValue>, name: &str) -> Result<String> {
     match string_attr(attrs, name)? {
         Some(s) if !s.is_empty() => Ok(s),
-        _ => Err(dec(format!("CloudEvent has no {name:?} (required by CloudEvents 1.0)"))),
+        _ => Err(dec(format!(
+            "CloudEvent has no {name:?} (required by CloudEvents 1.0)"
+        ))),
     }
 }
 
@@ -187,7 +213,9 @@ pub fn decode(bytes: &[u8], topic: Option<&Topic>) -> Result<Envelope> {
         .map_err(|e| dec("message is not a JSON CloudEvent object").with_source(e))?;
     let spec = required(&attrs, "specversion")?;
     if spec != SPEC_VERSION {
-        return Err(dec(format!("unsupported CloudEvents specversion {spec:?} (expected \"1.0\")")));
+        return Err(dec(format!(
+            "unsupported CloudEvents specversion {spec:?} (expected \"1.0\")"
+        )));
     }
     let id = EventId::parse(required(&attrs, "id")?)?;
     let source = required(&attrs, "source")?;
@@ -218,15 +246,19 @@ pub fn decode(bytes: &[u8], topic: Option<&Topic>) -> Result<Envelope> {
     let content_type = string_attr(&attrs, "datacontenttype")?
         .map(ContentType::new)
         .unwrap_or_default();
-    let schema_id = string_attr(&attrs, "dataschema")?
-        .map(|s| s.strip_prefix(SCHEMA_URN_PREFIX).map(str::to_string).unwrap_or(s));
+    let schema_id = string_attr(&attrs, "dataschema")?.map(|s| {
+        s.strip_prefix(SCHEMA_URN_PREFIX)
+            .map(str::to_string)
+            .unwrap_or(s)
+    });
     let priority = match string_attr(&attrs, PRIORITY)? {
         Some(p) => Priority::parse(&p)?,
         None => Priority::Normal,
     };
     if let Some(h) = string_attr(&attrs, HEADERS)? {
-        let more: BTreeMap<String, String> = serde_json::from_str(&h)
-            .map_err(|e| dec("CloudEvents oonaheaders is not a JSON object of strings").with_source(e))?;
+        let more: BTreeMap<String, String> = serde_json::from_str(&h).map_err(|e| {
+            dec("CloudEvents oonaheaders is not a JSON object of strings").with_source(e)
+        })?;
         headers.extend(more);
     }
     for (name, raw) in &attrs {
@@ -241,8 +273,8 @@ pub fn decode(bytes: &[u8], topic: Option<&Topic>) -> Result<Envelope> {
             Value::Bool(_) | Value::Number(_) => v.to_string(),
             other => {
                 return Err(dec(format!(
-                    "CloudEvents extension {name:?} must be a string, number or boolean, got {other}"
-                )))
+                "CloudEvents extension {name:?} must be a string, number or boolean, got {other}"
+            )))
             }
         };
         headers.insert(name.clone(), s);

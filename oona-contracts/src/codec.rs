@@ -45,7 +45,12 @@ pub fn check_schema<T: Message>(envelope: &Envelope) -> Result<()> {
 }
 
 fn essence(ct: &ContentType) -> String {
-    ct.as_str().split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    ct.as_str()
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 /// The protobuf codec (prost).
@@ -113,7 +118,12 @@ impl Avro {
     fn schema_of<T: Message>(&self) -> Result<Arc<apache_avro::Schema>> {
         self.registry
             .reader(T::SCHEMA, T::AVRO_SCHEMA)
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("Avro schema of {}: {e}", T::SCHEMA)))
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Internal,
+                    format!("Avro schema of {}: {e}", T::SCHEMA),
+                )
+            })
     }
 }
 
@@ -148,7 +158,8 @@ impl<T: Message> Codec<T> for Avro {
             )
             .with_source(e)
         };
-        let value = avro::decode_single_object(&self.registry, &envelope.payload, &reader).map_err(ctx)?;
+        let value =
+            avro::decode_single_object(&self.registry, &envelope.payload, &reader).map_err(ctx)?;
         avro::from_value(&value).map_err(ctx)
     }
 }
@@ -205,7 +216,10 @@ pub type DecodeByContentType = AnyCodec;
 impl AnyCodec {
     /// A codec that writes `format`.
     pub fn new(write: Format) -> Self {
-        AnyCodec { write, avro: Avro::new() }
+        AnyCodec {
+            write,
+            avro: Avro::new(),
+        }
     }
 
     /// Writes JSON.

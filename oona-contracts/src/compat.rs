@@ -17,7 +17,9 @@ use std::fmt;
 
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
-use prost_reflect::{Cardinality, DescriptorPool, EnumDescriptor, FieldDescriptor, Kind, MessageDescriptor};
+use prost_reflect::{
+    Cardinality, DescriptorPool, EnumDescriptor, FieldDescriptor, Kind, MessageDescriptor,
+};
 
 use crate::avro_schema::former_names;
 
@@ -56,16 +58,24 @@ impl Report {
 
     /// The breaking findings.
     pub fn breaking(&self) -> impl Iterator<Item = &Issue> {
-        self.issues.iter().filter(|i| i.severity == Severity::Breaking)
+        self.issues
+            .iter()
+            .filter(|i| i.severity == Severity::Breaking)
     }
 
     /// The warnings.
     pub fn warnings(&self) -> impl Iterator<Item = &Issue> {
-        self.issues.iter().filter(|i| i.severity == Severity::Warning)
+        self.issues
+            .iter()
+            .filter(|i| i.severity == Severity::Warning)
     }
 
     fn push(&mut self, severity: Severity, path: impl Into<String>, message: impl Into<String>) {
-        self.issues.push(Issue { severity, path: path.into(), message: message.into() });
+        self.issues.push(Issue {
+            severity,
+            path: path.into(),
+            message: message.into(),
+        });
     }
 }
 
@@ -109,7 +119,10 @@ fn shape(f: &FieldDescriptor) -> &'static str {
 pub fn protobuf_pools(old: &DescriptorPool, new: &DescriptorPool, packages: &[&str]) -> Report {
     let mut report = Report::default();
     let wanted = |p: &str| packages.is_empty() || packages.contains(&p);
-    for m in old.all_messages().filter(|m| wanted(m.package_name()) && !m.is_map_entry()) {
+    for m in old
+        .all_messages()
+        .filter(|m| wanted(m.package_name()) && !m.is_map_entry())
+    {
         match new.get_message_by_name(m.full_name()) {
             Some(n) => check_message(&m, &n, &mut report),
             None => report.push(Severity::Breaking, m.full_name(), "message removed"),
@@ -133,21 +146,28 @@ pub fn protobuf_message(old: &MessageDescriptor, new: &MessageDescriptor) -> Rep
     report
 }
 
-fn walk(old: &MessageDescriptor, new: &MessageDescriptor, report: &mut Report, seen: &mut HashSet<String>) {
+fn walk(
+    old: &MessageDescriptor,
+    new: &MessageDescriptor,
+    report: &mut Report,
+    seen: &mut HashSet<String>,
+) {
     if !seen.insert(old.full_name().to_string()) {
         return;
     }
     check_message(old, new, report);
     for of in old.fields() {
-        let Some(nf) = new.get_field(of.number()) else { continue };
+        let Some(nf) = new.get_field(of.number()) else {
+            continue;
+        };
         match (of.kind(), nf.kind()) {
             (Kind::Message(a), Kind::Message(b)) if a.full_name() == b.full_name() => {
                 walk(&a, &b, report, seen)
             }
-            (Kind::Enum(a), Kind::Enum(b)) if a.full_name() == b.full_name() => {
-                if seen.insert(a.full_name().to_string()) {
-                    check_enum(&a, &b, report)
-                }
+            (Kind::Enum(a), Kind::Enum(b))
+                if a.full_name() == b.full_name() && seen.insert(a.full_name().to_string()) =>
+            {
+                check_enum(&a, &b, report)
             }
             _ => {}
         }
@@ -164,24 +184,46 @@ fn check_message(old: &MessageDescriptor, new: &MessageDescriptor, r: &mut Repor
                     r.push(
                         Severity::Breaking,
                         &path,
-                        format!("field {} ({}) changed type from {ok} to {nk}", of.name(), of.number()),
+                        format!(
+                            "field {} ({}) changed type from {ok} to {nk}",
+                            of.name(),
+                            of.number()
+                        ),
                     );
                 }
                 if shape(&of) != shape(&nf) {
                     r.push(
                         Severity::Breaking,
                         &path,
-                        format!("field {} ({}) changed from {} to {}", of.name(), of.number(), shape(&of), shape(&nf)),
+                        format!(
+                            "field {} ({}) changed from {} to {}",
+                            of.name(),
+                            of.number(),
+                            shape(&of),
+                            shape(&nf)
+                        ),
                     );
                 }
-                if nf.cardinality() == Cardinality::Required && of.cardinality() != Cardinality::Required {
-                    r.push(Severity::Breaking, &path, format!("field {} became required", of.name()));
+                if nf.cardinality() == Cardinality::Required
+                    && of.cardinality() != Cardinality::Required
+                {
+                    r.push(
+                        Severity::Breaking,
+                        &path,
+                        format!("field {} became required", of.name()),
+                    );
                 }
-                if of.supports_presence() != nf.supports_presence() && !of.is_list() && !nf.is_list() {
+                if of.supports_presence() != nf.supports_presence()
+                    && !of.is_list()
+                    && !nf.is_list()
+                {
                     r.push(
                         Severity::Warning,
                         &path,
-                        format!("field {} changed presence (optional vs implicit)", of.name()),
+                        format!(
+                            "field {} changed presence (optional vs implicit)",
+                            of.name()
+                        ),
                     );
                 }
                 if of.name() != nf.name() && !former_names(&nf).iter().any(|n| n == of.name()) {
@@ -203,7 +245,12 @@ fn check_message(old: &MessageDescriptor, new: &MessageDescriptor, r: &mut Repor
                     r.push(
                         Severity::Breaking,
                         &path,
-                        format!("field {} moved from number {} to {}", of.name(), of.number(), moved.number()),
+                        format!(
+                            "field {} moved from number {} to {}",
+                            of.name(),
+                            of.number(),
+                            moved.number()
+                        ),
                     );
                 } else if !new.reserved_ranges().any(|rg| rg.contains(&of.number())) {
                     r.push(
@@ -220,7 +267,11 @@ fn check_message(old: &MessageDescriptor, new: &MessageDescriptor, r: &mut Repor
                     r.push(
                         Severity::Warning,
                         &path,
-                        format!("field {} removed; reserve its name too (`reserved \"{}\"`)", of.name(), of.name()),
+                        format!(
+                            "field {} removed; reserve its name too (`reserved \"{}\"`)",
+                            of.name(),
+                            of.name()
+                        ),
                     );
                 }
             }
@@ -235,17 +286,28 @@ fn check_message(old: &MessageDescriptor, new: &MessageDescriptor, r: &mut Repor
             r.push(
                 Severity::Breaking,
                 &path,
-                format!("new field {} reuses reserved number {}", nf.name(), nf.number()),
+                format!(
+                    "new field {} reuses reserved number {}",
+                    nf.name(),
+                    nf.number()
+                ),
             );
         }
         if old.reserved_names().any(|n| n == nf.name()) {
-            r.push(Severity::Breaking, &path, format!("new field {} reuses a reserved name", nf.name()));
+            r.push(
+                Severity::Breaking,
+                &path,
+                format!("new field {} reuses a reserved name", nf.name()),
+            );
         }
         if nf.cardinality() == Cardinality::Required {
             r.push(
                 Severity::Breaking,
                 &path,
-                format!("new field {} is required: old writers never set it", nf.name()),
+                format!(
+                    "new field {} is required: old writers never set it",
+                    nf.name()
+                ),
             );
         }
     }
@@ -259,17 +321,31 @@ fn check_enum(old: &EnumDescriptor, new: &EnumDescriptor, r: &mut Report) {
             (Some(nv), _) => r.push(
                 Severity::Breaking,
                 &path,
-                format!("enum value {} ({}) renamed to {}: JSON and Avro carry names", ov.name(), ov.number(), nv.name()),
+                format!(
+                    "enum value {} ({}) renamed to {}: JSON and Avro carry names",
+                    ov.name(),
+                    ov.number(),
+                    nv.name()
+                ),
             ),
             (None, Some(nv)) => r.push(
                 Severity::Breaking,
                 &path,
-                format!("enum value {} renumbered from {} to {}", ov.name(), ov.number(), nv.number()),
+                format!(
+                    "enum value {} renumbered from {} to {}",
+                    ov.name(),
+                    ov.number(),
+                    nv.number()
+                ),
             ),
             (None, None) => r.push(
                 Severity::Warning,
                 &path,
-                format!("enum value {} ({}) removed: old data reads as the zero value", ov.name(), ov.number()),
+                format!(
+                    "enum value {} ({}) removed: old data reads as the zero value",
+                    ov.name(),
+                    ov.number()
+                ),
             ),
         }
     }
@@ -279,7 +355,11 @@ fn check_enum(old: &EnumDescriptor, new: &EnumDescriptor, r: &mut Report) {
 pub fn avro(writer: &Schema, reader: &Schema) -> Report {
     let mut r = Report::default();
     if let Err(e) = SchemaCompatibility::can_read(writer, reader) {
-        r.push(Severity::Breaking, schema_name(reader), format!("reader cannot read writer's data: {e}"));
+        r.push(
+            Severity::Breaking,
+            schema_name(reader),
+            format!("reader cannot read writer's data: {e}"),
+        );
     }
     r
 }
@@ -289,14 +369,24 @@ pub fn avro(writer: &Schema, reader: &Schema) -> Report {
 pub fn avro_full(old: &Schema, new: &Schema) -> Report {
     let mut r = Report::default();
     if let Err(e) = SchemaCompatibility::can_read(old, new) {
-        r.push(Severity::Breaking, schema_name(new), format!("backward: the new schema cannot read old data: {e}"));
+        r.push(
+            Severity::Breaking,
+            schema_name(new),
+            format!("backward: the new schema cannot read old data: {e}"),
+        );
     }
     if let Err(e) = SchemaCompatibility::can_read(new, old) {
-        r.push(Severity::Breaking, schema_name(old), format!("forward: the old schema cannot read new data: {e}"));
+        r.push(
+            Severity::Breaking,
+            schema_name(old),
+            format!("forward: the old schema cannot read new data: {e}"),
+        );
     }
     r
 }
 
 fn schema_name(s: &Schema) -> String {
-    s.name().map(|n| n.fullname(None)).unwrap_or_else(|| "(unnamed schema)".into())
+    s.name()
+        .map(|n| n.fullname(None))
+        .unwrap_or_else(|| "(unnamed schema)".into())
 }

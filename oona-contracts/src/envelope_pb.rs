@@ -13,7 +13,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use oona_core::{ContentType, Envelope, Error, ErrorKind, EventId, Priority, Result, Timestamp, Topic};
+use oona_core::{
+    ContentType, Envelope, Error, ErrorKind, EventId, Priority, Result, Timestamp, Topic,
+};
 use prost::Message as _;
 
 use crate::proto::oona::v1 as pb;
@@ -172,7 +174,10 @@ mod tests {
             .content_type(ContentType::PROTOBUF)
             .schema_id("esper.v1.EpochEvent/1")
             .priority(Priority::Emergency)
-            .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
             .build();
         assert_eq!(decode(&encode(&e)).unwrap(), e);
         e.trace_id = None;
@@ -188,27 +193,49 @@ mod tests {
 
     #[test]
     fn timestamps_before_1970_and_bad_input() {
-        for s in ["1969-12-31T23:59:59.5Z", "1970-01-01T00:00:00Z", "2262-01-01T00:00:00.000000001Z"] {
+        for s in [
+            "1969-12-31T23:59:59.5Z",
+            "1970-01-01T00:00:00Z",
+            "2262-01-01T00:00:00.000000001Z",
+        ] {
             let t = Timestamp::parse_rfc3339(s).unwrap();
             assert_eq!(timestamp_from_pb(&timestamp_to_pb(t)).unwrap(), t, "{s}");
         }
-        assert_eq!(timestamp_to_pb(Timestamp::parse_rfc3339("1969-12-31T23:59:59.5Z").unwrap()).seconds, -1);
-        let bad = prost_types::Timestamp { seconds: 0, nanos: -1 };
-        assert_eq!(timestamp_from_pb(&bad).unwrap_err().kind(), ErrorKind::Decode);
+        assert_eq!(
+            timestamp_to_pb(Timestamp::parse_rfc3339("1969-12-31T23:59:59.5Z").unwrap()).seconds,
+            -1
+        );
+        let bad = prost_types::Timestamp {
+            seconds: 0,
+            nanos: -1,
+        };
+        assert_eq!(
+            timestamp_from_pb(&bad).unwrap_err().kind(),
+            ErrorKind::Decode
+        );
 
         let e = Envelope::builder(Topic::new("a.b").unwrap(), "{}").build();
         let mut p = to_pb(&e);
         p.priority = 9;
-        assert!(from_pb(p, None).unwrap_err().to_string().contains("priority number 9"));
+        assert!(from_pb(p, None)
+            .unwrap_err()
+            .to_string()
+            .contains("priority number 9"));
         let mut p = to_pb(&e);
         p.event_id.clear();
         assert_eq!(from_pb(p, None).unwrap_err().kind(), ErrorKind::Decode);
         let mut p = to_pb(&e);
         p.timestamp = None;
-        assert!(from_pb(p, None).unwrap_err().to_string().contains("no timestamp"));
+        assert!(from_pb(p, None)
+            .unwrap_err()
+            .to_string()
+            .contains("no timestamp"));
         let mut p = to_pb(&e);
         p.topic = "Bad Topic".into();
         assert_eq!(from_pb(p, None).unwrap_err().kind(), ErrorKind::Decode);
-        assert_eq!(decode(b"\xff\xff\xff").unwrap_err().kind(), ErrorKind::Decode);
+        assert_eq!(
+            decode(b"\xff\xff\xff").unwrap_err().kind(),
+            ErrorKind::Decode
+        );
     }
 }

@@ -42,8 +42,9 @@ pub mod proto {
 // from the .proto options by build.rs.
 include!(concat!(env!("OUT_DIR"), "/oona_contracts.rs"));
 
-
-pub use message::{contract_for_schema, contracts, parse_schema_id, schema_id, ContractInfo, Message};
+pub use message::{
+    contract_for_schema, contracts, parse_schema_id, schema_id, ContractInfo, Message,
+};
 pub use proto::esper::v1::{
     BlueprintOutcome, BlueprintSubmitted, CandidateBlueprint, CertificationStatus,
     CertifiedBlueprint, CommandType, EpochEvent, EpochPhase, FieldReport, HealthSignal,

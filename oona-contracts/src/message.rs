@@ -100,8 +100,14 @@ mod tests {
 
     #[test]
     fn schema_ids() {
-        assert_eq!(parse_schema_id("esper.v1.FieldReport/3"), ("esper.v1.FieldReport", Some(3)));
-        assert_eq!(parse_schema_id("esper.v1.FieldReport"), ("esper.v1.FieldReport", None));
+        assert_eq!(
+            parse_schema_id("esper.v1.FieldReport/3"),
+            ("esper.v1.FieldReport", Some(3))
+        );
+        assert_eq!(
+            parse_schema_id("esper.v1.FieldReport"),
+            ("esper.v1.FieldReport", None)
+        );
         assert_eq!(parse_schema_id("a/b"), ("a/b", None));
         assert!(contract_for_schema("esper.v1.FieldReport/9").is_some());
         assert!(contract_for_schema("esper.v1.Nope").is_none());

@@ -200,7 +200,10 @@ mod tests {
             assert!(!t.publishers().is_empty() && !t.consumers().is_empty());
         }
         assert_eq!(TopicName::ALL.len(), 12);
-        assert_eq!(TopicName::parse("nope.x").unwrap_err().kind(), ErrorKind::InvalidTopic);
+        assert_eq!(
+            TopicName::parse("nope.x").unwrap_err().kind(),
+            ErrorKind::InvalidTopic
+        );
     }
 
     #[test]
@@ -214,7 +217,10 @@ mod tests {
             TopicName::ControlKasminaCommands.retention(),
             Retention::For(Duration::from_secs(30 * day))
         );
-        assert_eq!(TopicName::InnovationFieldReports.retention(), Retention::Indefinite);
+        assert_eq!(
+            TopicName::InnovationFieldReports.retention(),
+            Retention::Indefinite
+        );
         assert_eq!(
             TopicName::SystemEventsRollback.retention(),
             Retention::For(Duration::from_secs(30 * day))

@@ -67,10 +67,12 @@ fn json_uses_enum_names_and_snake_case_fields() {
 
     // Readers accept numbers, default missing fields, and read enum names
     // from newer writers as the zero value.
-    let r: FieldReport = serde_json::from_str(r#"{"blueprint_id":"b","outcome":2,"extra":1}"#).unwrap();
+    let r: FieldReport =
+        serde_json::from_str(r#"{"blueprint_id":"b","outcome":2,"extra":1}"#).unwrap();
     assert_eq!(r.outcome(), BlueprintOutcome::Culled);
     assert_eq!(r.layer_id, 0);
-    let r: FieldReport = serde_json::from_str(r#"{"outcome":"BLUEPRINT_OUTCOME_QUARANTINED"}"#).unwrap();
+    let r: FieldReport =
+        serde_json::from_str(r#"{"outcome":"BLUEPRINT_OUTCOME_QUARANTINED"}"#).unwrap();
     assert_eq!(r.outcome(), BlueprintOutcome::Unspecified);
     // A number this version does not know is kept (and written back) as is.
     let r: FieldReport = serde_json::from_str(r#"{"outcome":9}"#).unwrap();
@@ -87,14 +89,20 @@ fn mismatches_and_garbage_are_decode_errors() {
     let env = envelope(&AnyCodec::protobuf(), &common::epoch_event());
     let e = Codec::<FieldReport>::decode(&reader, &env).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Decode);
-    assert!(e.to_string().contains("expected esper.v1.FieldReport"), "{e}");
+    assert!(
+        e.to_string().contains("expected esper.v1.FieldReport"),
+        "{e}"
+    );
 
     // A content type no codec reads.
     let mut env = envelope(&AnyCodec::json(), &report);
     env.content_type = ContentType::new("text/csv");
     let e = Codec::<FieldReport>::decode(&reader, &env).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Decode);
-    assert!(e.to_string().contains("unsupported content type text/csv"), "{e}");
+    assert!(
+        e.to_string().contains("unsupported content type text/csv"),
+        "{e}"
+    );
 
     // Protobuf bytes labelled Avro, and JSON labelled protobuf.
     let mut env = envelope(&AnyCodec::protobuf(), &report);
@@ -127,8 +135,18 @@ fn mismatches_and_garbage_are_decode_errors() {
     assert_eq!(e.kind(), ErrorKind::Decode);
     assert!(!e.is_temporary());
     let env = envelope(&AnyCodec::json(), &report);
-    assert_eq!(Codec::<FieldReport>::decode(&Protobuf, &env).unwrap_err().kind(), ErrorKind::Decode);
-    assert_eq!(Codec::<FieldReport>::decode(&Avro::new(), &env).unwrap_err().kind(), ErrorKind::Decode);
+    assert_eq!(
+        Codec::<FieldReport>::decode(&Protobuf, &env)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Decode
+    );
+    assert_eq!(
+        Codec::<FieldReport>::decode(&Avro::new(), &env)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Decode
+    );
 
     // No schema id at all is accepted (foreign producers), by content type.
     let mut env = envelope(&AnyCodec::json(), &report);
@@ -148,8 +166,14 @@ fn avro_reads_a_registered_older_writer() {
     avro.registry().register_json(old).unwrap();
     let schema = oona_contracts::avro::parse_schema(old).unwrap();
     let value = apache_avro::types::Value::Record(vec![
-        ("report_id".into(), apache_avro::types::Value::String("r-old".into())),
-        ("outcome".into(), apache_avro::types::Value::String("BLUEPRINT_OUTCOME_FOSSILIZED".into())),
+        (
+            "report_id".into(),
+            apache_avro::types::Value::String("r-old".into()),
+        ),
+        (
+            "outcome".into(),
+            apache_avro::types::Value::String("BLUEPRINT_OUTCOME_FOSSILIZED".into()),
+        ),
     ]);
     let payload = oona_contracts::avro::value_to_single_object(&schema, value).unwrap();
     let env = Envelope::builder(FieldReport::topic(), payload)
@@ -166,9 +190,15 @@ fn avro_reads_a_registered_older_writer() {
 fn topics_and_schemas_come_from_the_type() {
     assert_eq!(FieldReport::TOPIC, TopicName::InnovationFieldReports);
     assert_eq!(LayerHealthReport::topic().as_str(), "telemetry.seed.health");
-    assert_eq!(NodeIntrospectionEvent::schema_id(), "oona.v1.NodeIntrospectionEvent/1");
+    assert_eq!(
+        NodeIntrospectionEvent::schema_id(),
+        "oona.v1.NodeIntrospectionEvent/1"
+    );
     assert_eq!(KernelError::TOPIC.plane(), Plane::Oona);
-    assert_eq!(TopicName::SystemEventsRollback.contract().unwrap().schema, RollbackEvent::SCHEMA);
+    assert_eq!(
+        TopicName::SystemEventsRollback.contract().unwrap().schema,
+        RollbackEvent::SCHEMA
+    );
     for c in contracts() {
         // Every Avro schema parses and is named after the protobuf message.
         let s = oona_contracts::avro::parse_schema(c.avro_schema).unwrap();

@@ -12,7 +12,9 @@ use oona_contracts::*;
 use oona_core::{Codec, ContentType, Envelope, EventId, Priority, Timestamp};
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("golden")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("golden")
 }
 
 fn blessing() -> bool {
@@ -27,8 +29,12 @@ fn golden(rel: &str, bytes: &[u8]) -> Vec<u8> {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, bytes).unwrap();
     }
-    let want = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run with OONA_BLESS=1 to create it)", path.display()));
+    let want = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with OONA_BLESS=1 to create it)",
+            path.display()
+        )
+    });
     assert!(
         want == bytes,
         "{rel}: encoding differs from the golden file; if the change is intended, run OONA_BLESS=1 cargo test -p oona-contracts --test golden\n  got:  {}\n  want: {}",
@@ -39,22 +45,34 @@ fn golden(rel: &str, bytes: &[u8]) -> Vec<u8> {
 }
 
 fn envelope_of(payload: &[u8], ct: &str, schema: &str, topic: oona_core::Topic) -> Envelope {
-    Envelope::builder(topic, payload.to_vec()).content_type(ct).schema_id(schema).build()
+    Envelope::builder(topic, payload.to_vec())
+        .content_type(ct)
+        .schema_id(schema)
+        .build()
 }
 
 fn contract<T: Message + Debug>(value: T) {
     let name = T::SCHEMA;
     let reader = AnyCodec::default();
 
-    let json = golden(&format!("json/{name}.json"), &Codec::<T>::encode(&AnyCodec::json(), &value).unwrap());
+    let json = golden(
+        &format!("json/{name}.json"),
+        &Codec::<T>::encode(&AnyCodec::json(), &value).unwrap(),
+    );
     let env = envelope_of(&json, ContentType::JSON, &T::schema_id(), T::topic());
     assert_eq!(Codec::<T>::decode(&reader, &env).unwrap(), value);
 
-    let pb = golden(&format!("protobuf/{name}.binpb"), &Codec::<T>::encode(&Protobuf, &value).unwrap());
+    let pb = golden(
+        &format!("protobuf/{name}.binpb"),
+        &Codec::<T>::encode(&Protobuf, &value).unwrap(),
+    );
     let env = envelope_of(&pb, ContentType::PROTOBUF, &T::schema_id(), T::topic());
     assert_eq!(Codec::<T>::decode(&reader, &env).unwrap(), value);
 
-    let avro = golden(&format!("avro/{name}.avro"), &Codec::<T>::encode(&Avro::new(), &value).unwrap());
+    let avro = golden(
+        &format!("avro/{name}.avro"),
+        &Codec::<T>::encode(&Avro::new(), &value).unwrap(),
+    );
     let env = envelope_of(&avro, ContentType::AVRO, &T::schema_id(), T::topic());
     assert_eq!(Codec::<T>::decode(&reader, &env).unwrap(), value);
 
@@ -91,7 +109,10 @@ fn sample_envelope() -> Envelope {
 fn envelope_matches_golden_files() {
     let env = sample_envelope();
 
-    let json = golden("envelope/envelope.json", &oona_core::wire::json::encode(&env).unwrap());
+    let json = golden(
+        "envelope/envelope.json",
+        &oona_core::wire::json::encode(&env).unwrap(),
+    );
     assert_eq!(oona_core::wire::json::decode(&json).unwrap(), env);
 
     let pb = golden("envelope/envelope.binpb", &envelope_pb::encode(&env));
@@ -101,11 +122,20 @@ fn envelope_matches_golden_files() {
     let mut bin = env.clone();
     bin.payload = Codec::<FieldReport>::encode(&Protobuf, &common::field_report()).unwrap();
     bin.content_type = ContentType::new(ContentType::PROTOBUF);
-    let json = golden("envelope/envelope_protobuf_payload.json", &oona_core::wire::json::encode(&bin).unwrap());
+    let json = golden(
+        "envelope/envelope_protobuf_payload.json",
+        &oona_core::wire::json::encode(&bin).unwrap(),
+    );
     assert_eq!(oona_core::wire::json::decode(&json).unwrap(), bin);
 
-    let ce = golden("cloudevents/envelope.json", &cloudevents::encode(&env).unwrap());
+    let ce = golden(
+        "cloudevents/envelope.json",
+        &cloudevents::encode(&env).unwrap(),
+    );
     assert_eq!(cloudevents::decode(&ce, None).unwrap(), env);
-    let ce = golden("cloudevents/envelope_protobuf_payload.json", &cloudevents::encode(&bin).unwrap());
+    let ce = golden(
+        "cloudevents/envelope_protobuf_payload.json",
+        &cloudevents::encode(&bin).unwrap(),
+    );
     assert_eq!(cloudevents::decode(&ce, None).unwrap(), bin);
 }

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use oona_contracts::*;
 
 fn map<V: Clone>(items: &[(&str, V)]) -> BTreeMap<String, V> {
-    items.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    items
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
 
 fn strings(items: &[&str]) -> Vec<String> {
@@ -21,7 +24,10 @@ pub fn blueprint_submitted() -> BlueprintSubmitted {
         architecture_ir_ref: "s3://esper-artifacts/blueprints/b3d4f5a6.ir".into(),
         ir_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
         submitted_at_ms: 1_751_882_113_000,
-        metadata: map(&[("team", "urza".to_string()), ("priority", "high".to_string())]),
+        metadata: map(&[
+            ("team", "urza".to_string()),
+            ("priority", "high".to_string()),
+        ]),
     }
 }
 
@@ -186,7 +192,10 @@ pub fn node_introspection_event() -> NodeIntrospectionEvent {
         capabilities: Some(NodeCapabilities {
             actions: strings(&["execute_effect", "validate_input"]),
             protocols: strings(&["http", "oona"]),
-            metadata: map(&[("node_type", "effect".to_string()), ("domain", "database".to_string())]),
+            metadata: map(&[
+                ("node_type", "effect".to_string()),
+                ("domain", "database".to_string()),
+            ]),
         }),
         tags: strings(&["postgresql", "database", "writer"]),
         health_endpoint: "/health".into(),
