@@ -73,6 +73,7 @@ cases![
     poison_goes_to_dead_letter,
     retention_applied,
     publish_batch_in_order,
+    prefetch_limits_unsettled,
     health_reports_up,
 ];
 
@@ -1742,6 +1743,18 @@ async fn publish_batch_in_order_in(cx: &Cx<'_>) -> CaseResult {
     let c = cx.client().await?;
     let mut s = subscribe(&c, sub(&topic, &group("batch")).ack_deadline(LONG_DEADLINE)).await?;
     let sent: Vec<Envelope> = (0..50).map(|i| keyed(&topic, "batch", i)).collect();
+    let one = simple(&topic, 999);
+    let r = c.publish(one.clone()).await.ctx("publish")?;
+    check!(
+        r.event_id == one.event_id && r.topic == topic,
+        "receipt of publish is for {} on {}, expected {} on {topic}",
+        r.event_id,
+        r.topic,
+        one.event_id
+    );
+    let first = expect_delivery(&mut s, cx.t.wait(), "the single message").await?;
+    same_envelope(&one, first.envelope(), "single publish")?;
+    first.ack().await.ctx("ack")?;
     let receipts = c.publish_batch(sent.clone()).await.ctx("publish_batch")?;
     check!(
         receipts.len() == sent.len(),
@@ -1770,6 +1783,49 @@ async fn publish_batch_in_order_in(cx: &Cx<'_>) -> CaseResult {
         check!(*attempt == 1, "batch message {i} has attempt {attempt}");
     }
     expect_quiet(&mut s, cx.t.quiet_for(), "after the batch").await
+}
+
+/// Extra. Flow control: with `prefetch(2)`, a consumer holding two
+/// unsettled deliveries gets no third until it settles one; then the rest
+/// arrive, each exactly once.
+pub async fn prefetch_limits_unsettled(fx: &dyn Fixture) -> CaseResult {
+    with_cx!(fx, prefetch_limits_unsettled_in)
+}
+
+async fn prefetch_limits_unsettled_in(cx: &Cx<'_>) -> CaseResult {
+    let topic = cx.topic("telemetry")?;
+    let c = cx.client().await?;
+    let mut s = subscribe(
+        &c,
+        sub(&topic, &group("prefetch"))
+            .ack_deadline(LONG_DEADLINE)
+            .prefetch(2),
+    )
+    .await?;
+    let sent: Vec<Envelope> = (0..6).map(|i| simple(&topic, i)).collect();
+    c.publish_batch(sent.clone()).await.ctx("publish_batch")?;
+    let first = expect_delivery(&mut s, cx.t.wait(), "delivery 1 of 2 in flight").await?;
+    let second = expect_delivery(&mut s, cx.t.wait(), "delivery 2 of 2 in flight").await?;
+    expect_quiet(
+        &mut s,
+        cx.t.quiet_for(),
+        "a third delivery while two are unsettled with prefetch 2",
+    )
+    .await?;
+    let mut got = vec![
+        (0, first.envelope().clone(), first.attempt()),
+        (0, second.envelope().clone(), second.attempt()),
+    ];
+    first.ack().await.ctx("ack")?;
+    let third = expect_delivery(&mut s, cx.t.wait(), "the next delivery after an ack").await?;
+    got.push((0, third.envelope().clone(), third.attempt()));
+    second.ack().await.ctx("ack")?;
+    third.ack().await.ctx("ack")?;
+    for (e, a) in take_acking(&mut s, 3, cx.t.wait(), "the rest").await? {
+        got.push((0, e, a));
+    }
+    exactly_once(&sent, &Received { all: got }, "prefetch 2")?;
+    expect_quiet(&mut s, cx.t.quiet_for(), "after all six").await
 }
 
 /// Extra. `health()` of a connected client reports `Up` and names the

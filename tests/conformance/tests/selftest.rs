@@ -44,6 +44,8 @@ enum Fault {
     KeyOrderIgnored,
     /// Two consecutive deliveries of one key are handed out swapped.
     SwapSameKey,
+    /// The prefetch limit is not passed on.
+    PrefetchIgnored,
 }
 
 #[derive(Debug)]
@@ -154,6 +156,9 @@ impl Transport for Mutant {
                 subscription = subscription.start(StartPosition::Latest);
             }
             _ => {}
+        }
+        if self.fault == Fault::PrefetchIgnored {
+            subscription = subscription.prefetch(Subscription::DEFAULT_PREFETCH);
         }
         if self.fault == Fault::KeyOrderIgnored {
             subscription = subscription.key_ordered(false);
@@ -392,4 +397,9 @@ caught!(
     swapped_batch_order_fails,
     Fault::SwapSameKey,
     publish_batch_in_order
+);
+caught!(
+    prefetch_ignored_fails,
+    Fault::PrefetchIgnored,
+    prefetch_limits_unsettled
 );
