@@ -235,6 +235,91 @@ down_kafka() {
 }
 # --- end kafka -----------------------------------------------------------
 
+# --- pulsar --------------------------------------------------------------
+# Pulsar: pulsar-lite (PyPI), a Rust reimplementation of the Pulsar binary
+# protocol with RocksDB storage, data under target/brokers/pulsar/db.
+#   OONA_TEST_PULSAR_URL=pulsar://127.0.0.1:PORT?tenant=esper&namespace=dev
+# The URL points at pulsar-lite itself; oona-pulsar's tests put their
+# frame-fixing proxy in front of it (see oona-pulsar/README.md). Its
+# Prometheus endpoint is bound to 127.0.0.1 (its default is 0.0.0.0:8080).
+# pulsar-lite has no admin REST API, so there is no OONA_TEST_PULSAR_ADMIN_URL.
+pulsar_lite_bin() {
+    local py bin
+    py="$(command -v python3 || true)"
+    [ -n "$py" ] || die "python3 is needed to install pulsar-lite"
+    find_pulsar_lite() {
+        "$py" -c 'import pulsar_lite, os; print(os.path.join(os.path.dirname(pulsar_lite.__file__), "bin", "pulsar-lite"))' 2>/dev/null || true
+    }
+    bin="$(find_pulsar_lite)"
+    if [ -z "$bin" ] || [ ! -f "$bin" ]; then
+        log "installing pulsar-lite (PyPI)"
+        "$py" -m pip install -q pulsar-lite >&2
+        bin="$(find_pulsar_lite)"
+    fi
+    [ -f "$bin" ] || die "pulsar-lite has no binary at $bin"
+    [ -x "$bin" ] || chmod +x "$bin"
+    echo "$bin"
+}
+
+up_pulsar() {
+    local dir="$BROKERS/pulsar" pidfile="$BROKERS/pulsar/pulsar-lite.pid" bin port mport pid
+    local query="tenant=esper&namespace=dev"
+    # The pulsar crate's build script needs protoc: install it with the
+    # broker so a fresh machine can build the Pulsar tests.
+    if ! command -v protoc >/dev/null 2>&1; then
+        log "installing protobuf-compiler (Debian; the pulsar crate's build needs protoc)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >&2
+        apt-get install -y -qq protobuf-compiler >&2
+    fi
+    bin="$(pulsar_lite_bin)"
+    mkdir -p "$dir"
+    if [ -f "$pidfile" ] && [ -f "$dir/port" ]; then
+        pid="$(cat "$pidfile")"
+        port="$(cat "$dir/port")"
+        if pid_alive "$pid" && tcp_open "$port"; then
+            log "pulsar (pulsar-lite) already running on port $port (pid $pid)"
+            set_env OONA_TEST_PULSAR_URL "pulsar://127.0.0.1:$port?$query"
+            return 0
+        fi
+    fi
+    port="$(free_port)"
+    mport="$(free_port)"
+    echo "$port" >"$dir/port"
+    printf '[metrics]\nenabled = true\naddr = "127.0.0.1:%s"\n' "$mport" >"$dir/pulsar-lite.toml"
+    # setsid: the broker outlives this script; stopped by `down` via its PID.
+    setsid "$bin" --config "$dir/pulsar-lite.toml" \
+        --addr "127.0.0.1:$port" --db-path "$dir/db" \
+        >"$dir/pulsar-lite.log" 2>&1 </dev/null &
+    echo $! >"$pidfile"
+    for _ in $(seq 1 150); do
+        if tcp_open "$port"; then
+            log "pulsar (pulsar-lite) up on 127.0.0.1:$port, metrics on 127.0.0.1:$mport (pid $(cat "$pidfile"))"
+            set_env OONA_TEST_PULSAR_URL "pulsar://127.0.0.1:$port?$query"
+            return 0
+        fi
+        pid_alive "$(cat "$pidfile")" || die "pulsar-lite exited (see $dir/pulsar-lite.log)"
+        sleep 0.1
+    done
+    die "pulsar-lite did not listen on port $port within 15s (see $dir/pulsar-lite.log)"
+}
+
+down_pulsar() {
+    local pidfile="$BROKERS/pulsar/pulsar-lite.pid" pid
+    if [ -f "$pidfile" ]; then
+        pid="$(cat "$pidfile")"
+        if pid_alive "$pid"; then
+            kill "$pid"
+            for _ in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
+            pid_alive "$pid" && die "pulsar (pulsar-lite, pid $pid) did not stop"
+            log "pulsar (pulsar-lite) stopped (pid $pid)"
+        fi
+        rm -f "$pidfile"
+    fi
+    unset_env OONA_TEST_PULSAR_URL
+}
+# --- end pulsar ----------------------------------------------------------
+
 not_yet() { log "$1: not yet supported by this script"; exit 2; }
 
 cmd="${1:-}"
@@ -247,7 +332,7 @@ up)
         redis) up_redis redis OONA_TEST_REDIS_URL OONA_TEST_REDIS_SERVER "$(redis7_bin)" ;;
         redis8) up_redis redis8 OONA_TEST_REDIS8_URL OONA_TEST_REDIS8_SERVER "$(redis8_bin)" ;;
         kafka) up_kafka ;;
-        pulsar) not_yet "$b" ;;
+        pulsar) up_pulsar ;;
         *) die "unknown broker $b (known: redis redis8 kafka pulsar)" ;;
         esac
     done
@@ -259,7 +344,7 @@ down)
         redis) down_one redis OONA_TEST_REDIS_URL OONA_TEST_REDIS_SERVER ;;
         redis8) down_one redis8 OONA_TEST_REDIS8_URL OONA_TEST_REDIS8_SERVER ;;
         kafka) down_kafka ;;
-        pulsar) not_yet "$b" ;;
+        pulsar) down_pulsar ;;
         *) die "unknown broker $b (known: redis redis8 kafka pulsar)" ;;
         esac
     done
