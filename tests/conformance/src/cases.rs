@@ -56,6 +56,7 @@ cases![
     dead_letter_after_max_attempts,
     dead_letter_after_deadline_expiry,
     reject_dead_letters_at_once,
+    dead_letter_topic_override,
     competing_consumers,
     independent_groups,
     per_key_order,
@@ -63,6 +64,7 @@ cases![
     earliest_replays_history,
     latest_skips_history,
     start_at_time,
+    existing_group_resumes_ignoring_start,
     acked_not_redelivered_after_restart,
     concurrent_publishers_and_subscribers,
     close_ends_streams_and_flushes_acks,
@@ -628,6 +630,63 @@ async fn reject_dead_letters_at_once_in(cx: &Cx<'_>) -> CaseResult {
     .await
 }
 
+/// Case 4d: A subscription's own dead-letter topic is used instead of
+/// `<topic>.dlq`, which stays empty.
+pub async fn dead_letter_topic_override(fx: &dyn Fixture) -> CaseResult {
+    with_cx!(fx, dead_letter_topic_override_in)
+}
+
+async fn dead_letter_topic_override_in(cx: &Cx<'_>) -> CaseResult {
+    let topic = cx.topic("control")?;
+    let default_dlq = topic.dead_letter();
+    cx.track(&default_dlq);
+    let custom = cx.topic("system")?;
+    let custom = Topic::new(format!("{custom}.dlq")).ctx("custom dead-letter topic")?;
+    cx.track(&custom);
+    let g = group("dlqto");
+    let c = cx.client().await?;
+    let mut custom_stream = subscribe(&c, sub(&custom, &group("custom-reader"))).await?;
+    let mut default_stream = subscribe(&c, sub(&default_dlq, &group("default-reader"))).await?;
+    let mut s = subscribe(
+        &c,
+        sub(&topic, &g)
+            .ack_deadline(LONG_DEADLINE)
+            .dead_letter(custom.clone()),
+    )
+    .await?;
+    let e = simple(&topic, 4);
+    publish(&c, e.clone()).await?;
+    let d = expect_delivery(&mut s, cx.t.wait(), "the delivery").await?;
+    check!(
+        d.info().dead_letter == custom,
+        "delivery info names dead-letter topic {}, the subscription says {custom}",
+        d.info().dead_letter
+    );
+    d.reject("to the custom topic").await.ctx("reject")?;
+    let dl = expect_delivery(
+        &mut custom_stream,
+        cx.t.wait(),
+        "the dead letter on the custom topic",
+    )
+    .await?;
+    check_dead_letter(
+        dl.envelope(),
+        &e,
+        &custom,
+        &g,
+        1,
+        |r| r == "to the custom topic",
+        "the reject reason",
+    )?;
+    dl.ack().await.ctx("ack dead letter")?;
+    expect_quiet(
+        &mut default_stream,
+        cx.t.quiet_for(),
+        "dead letter on <topic>.dlq despite a custom dead-letter topic",
+    )
+    .await
+}
+
 // ---------------------------------------------------------------- 5, 6
 
 /// What consumers received, per consumer.
@@ -1128,6 +1187,74 @@ async fn start_at_time_in(cx: &Cx<'_>) -> CaseResult {
         "message from before the start instant",
     )
     .await
+}
+
+/// Case 8d: The start position applies only when the group is created: a
+/// group made with `Latest`, restarted with `Earliest`, does not replay
+/// history; a group made with `Earliest`, restarted with `Latest`, still
+/// gets what was published while it was away.
+pub async fn existing_group_resumes_ignoring_start(fx: &dyn Fixture) -> CaseResult {
+    with_cx!(fx, existing_group_resumes_ignoring_start_in)
+}
+
+async fn existing_group_resumes_ignoring_start_in(cx: &Cx<'_>) -> CaseResult {
+    let topic = cx.topic("innovation")?;
+    let p = cx.client().await?;
+    let history: Vec<Envelope> = (0..3).map(|i| simple(&topic, i)).collect();
+    p.publish_batch(history.clone())
+        .await
+        .ctx("publish_batch")?;
+    let (gl, ge) = (group("made-latest"), group("made-earliest"));
+    let with = |g: &Name, start| {
+        Subscription::new(topic.clone(), g.clone())
+            .start(start)
+            .ack_deadline(LONG_DEADLINE)
+    };
+
+    // Create both groups, settle what they see, and go away.
+    let first = cx.client().await?;
+    let mut sl = subscribe(&first, with(&gl, StartPosition::Latest)).await?;
+    let mut se = subscribe(&first, with(&ge, StartPosition::Earliest)).await?;
+    let one = simple(&topic, 3);
+    publish(&p, one.clone()).await?;
+    let got = take_acking(&mut sl, 1, cx.t.wait(), "Latest group, first run").await?;
+    same_envelope(&one, &got[0].0, "Latest group, first run")?;
+    let mut all = history.clone();
+    all.push(one.clone());
+    let got = take_acking(&mut se, 4, cx.t.wait(), "Earliest group, first run").await?;
+    exactly_once(
+        &all,
+        &Received {
+            all: got.into_iter().map(|(e, a)| (0, e, a)).collect(),
+        },
+        "Earliest group, first run",
+    )?;
+    drop((sl, se));
+    first.close().await.ctx("close")?;
+
+    // While they are away.
+    let away: Vec<Envelope> = (4..6).map(|i| simple(&topic, i)).collect();
+    p.publish_batch(away.clone()).await.ctx("publish_batch")?;
+
+    // Restart each with the opposite start position.
+    let second = cx.client().await?;
+    let mut sl = subscribe(&second, with(&gl, StartPosition::Earliest)).await?;
+    let mut se = subscribe(&second, with(&ge, StartPosition::Latest)).await?;
+    for (s, who) in [
+        (&mut sl, "group made Latest, restarted Earliest"),
+        (&mut se, "group made Earliest, restarted Latest"),
+    ] {
+        let got = take_acking(s, 2, cx.t.wait(), who).await?;
+        exactly_once(
+            &away,
+            &Received {
+                all: got.into_iter().map(|(e, a)| (0, e, a)).collect(),
+            },
+            who,
+        )?;
+        expect_quiet(s, cx.t.quiet_for(), who).await?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- 9

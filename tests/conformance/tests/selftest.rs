@@ -46,6 +46,8 @@ enum Fault {
     SwapSameKey,
     /// The prefetch limit is not passed on.
     PrefetchIgnored,
+    /// A custom dead-letter topic is replaced by `<topic>.dlq`.
+    DeadLetterTopicIgnored,
 }
 
 #[derive(Debug)]
@@ -156,6 +158,10 @@ impl Transport for Mutant {
                 subscription = subscription.start(StartPosition::Latest);
             }
             _ => {}
+        }
+        if self.fault == Fault::DeadLetterTopicIgnored {
+            let default = subscription.topic.dead_letter();
+            subscription = subscription.dead_letter(default);
         }
         if self.fault == Fault::PrefetchIgnored {
             subscription = subscription.prefetch(Subscription::DEFAULT_PREFETCH);
@@ -402,4 +408,9 @@ caught!(
     prefetch_ignored_fails,
     Fault::PrefetchIgnored,
     prefetch_limits_unsettled
+);
+caught!(
+    dead_letter_topic_ignored_fails,
+    Fault::DeadLetterTopicIgnored,
+    dead_letter_topic_override
 );
