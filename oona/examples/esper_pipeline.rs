@@ -324,6 +324,8 @@ async fn run() -> oona::Result<bool> {
         obs.push((name, h.join().await?));
     }
     drop(dead_letters);
+    // Writes out anything the transport still queues, then disconnects.
+    bus.close().await?;
 
     // --- Report.
     println!();
@@ -412,6 +414,9 @@ async fn run() -> oona::Result<bool> {
         split.join(", ")
     );
     println!("Flaky blueprints retried after a nack:   {flaky} (attempt 2 succeeded)");
+    println!(
+        "Latency: envelope timestamp to handler; telemetry arrives as one burst of {reports}, so it includes queueing."
+    );
     println!("Dead letters by reason:");
     for (reason, items) in &reasons {
         let shown: Vec<&str> = items.iter().take(4).map(String::as_str).collect();
