@@ -588,3 +588,65 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         "non-string panic payload".to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        assert_eq!(b.delay(1), Duration::from_millis(100));
+        assert_eq!(b.delay(2), Duration::from_millis(200));
+        assert_eq!(b.delay(4), Duration::from_millis(800));
+        assert_eq!(b.delay(5), Duration::from_secs(1));
+        assert_eq!(b.delay(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn temporary_errors_nack_with_their_delay_or_the_backoff() {
+        let b = Some(Backoff {
+            base: Duration::from_millis(10),
+            max: Duration::from_secs(1),
+        });
+        let own = HandlerError::retry_after("x", Duration::from_millis(3));
+        assert_eq!(
+            outcome_of(&own, 3, b),
+            Outcome::Nack {
+                delay: Some(Duration::from_millis(3))
+            }
+        );
+        let plain = HandlerError::temporary("x");
+        assert_eq!(
+            outcome_of(&plain, 3, b),
+            Outcome::Nack {
+                delay: Some(Duration::from_millis(40))
+            }
+        );
+        assert_eq!(outcome_of(&plain, 3, None), Outcome::Nack { delay: None });
+        assert_eq!(
+            outcome_of(&HandlerError::permanent("bad"), 1, b),
+            Outcome::Reject {
+                reason: "bad".into()
+            }
+        );
+    }
+
+    #[test]
+    fn shards_are_stable_and_in_range() {
+        // FNV-1a: fixed values, so a key's worker never depends on the build.
+        assert_eq!(
+            shard_for_key("", 1000),
+            (0xcbf2_9ce4_8422_2325u64 % 1000) as usize
+        );
+        assert_eq!(shard_for_key("seed-1", 1), 0);
+        assert_eq!(shard_for_key("a", 0), 0);
+        let spread: std::collections::HashSet<usize> = (0..100)
+            .map(|i| shard_for_key(&format!("seed-{i}"), 4))
+            .collect();
+        assert_eq!(spread.len(), 4);
+    }
+}
