@@ -10,8 +10,9 @@ use futures::StreamExt;
 use oona_conformance::{cases, CaseError, Fixture, Timing};
 use oona_core::memory::MemoryTransport;
 use oona_core::{
-    Capabilities, Delivery, DeliveryStream, Envelope, Health, Receipt, Result, Settle, Settlement,
-    StartPosition, Subscription, Topic, TopicPolicy, Transport,
+    Capabilities, Delivery, DeliveryStream, Envelope, Error, ErrorKind, Health, HealthStatus, Name,
+    Receipt, Result, Retention, Settle, Settlement, StartPosition, Subscription, Topic,
+    TopicPolicy, Transport,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,6 +49,16 @@ enum Fault {
     PrefetchIgnored,
     /// A custom dead-letter topic is replaced by `<topic>.dlq`.
     DeadLetterTopicIgnored,
+    /// Every group is the same group.
+    OneGroup,
+    /// Every subscription gets a group of its own.
+    GroupPerConsumer,
+    /// The fixture's raw write stores a valid envelope.
+    RawIsEnvelope,
+    /// The fixture reads back the wrong retention.
+    WrongRetention,
+    /// Health says degraded.
+    HealthDegraded,
 }
 
 #[derive(Debug)]
@@ -159,6 +170,12 @@ impl Transport for Mutant {
             }
             _ => {}
         }
+        if self.fault == Fault::OneGroup {
+            subscription.group = Name::new("shared").expect("valid name");
+        }
+        if self.fault == Fault::GroupPerConsumer {
+            subscription.group = Name::unique("own");
+        }
         if self.fault == Fault::DeadLetterTopicIgnored {
             let default = subscription.topic.dead_letter();
             subscription = subscription.dead_letter(default);
@@ -188,7 +205,11 @@ impl Transport for Mutant {
         self.inner.delete_topic(topic).await
     }
     async fn health(&self) -> Health {
-        self.inner.health().await
+        let h = self.inner.health().await;
+        if self.fault == Fault::HealthDegraded {
+            return Health::new(HealthStatus::Degraded, h.transport, "mutant", None);
+        }
+        h
     }
     async fn close(&self) -> Result<()> {
         if self.fault == Fault::CloseIgnored {
@@ -266,6 +287,21 @@ impl Fixture for MutantFixture {
             fault: self.fault,
             publishes: Default::default(),
         }))
+    }
+    async fn write_raw(&self, topic: &Topic, raw: &[u8]) -> Result<()> {
+        if self.fault == Fault::RawIsEnvelope {
+            let e = Envelope::builder(topic.clone(), raw.to_vec()).build();
+            return self.broker.publish(e).await.map(|_| ());
+        }
+        self.broker.inject_raw(topic, raw.to_vec())
+    }
+    async fn applied_retention(&self, topic: &Topic) -> Result<Retention> {
+        if self.fault == Fault::WrongRetention {
+            return Ok(Retention::For(Duration::from_secs(3600)));
+        }
+        self.broker
+            .applied_retention(topic)
+            .ok_or_else(|| Error::new(ErrorKind::Broker, "no such topic"))
     }
     async fn cut_connections(&self) -> Result<()> {
         self.broker.set_offline(true);
@@ -413,4 +449,44 @@ caught!(
     dead_letter_topic_ignored_fails,
     Fault::DeadLetterTopicIgnored,
     dead_letter_topic_override
+);
+caught!(
+    wrong_attempts_fail_dead_letter_case,
+    Fault::AttemptAlwaysOne,
+    dead_letter_after_max_attempts
+);
+caught!(
+    wrong_attempts_fail_expiry_case,
+    Fault::AttemptAlwaysOne,
+    dead_letter_after_deadline_expiry
+);
+caught!(
+    one_group_fails_independent_groups,
+    Fault::OneGroup,
+    independent_groups
+);
+caught!(
+    group_per_consumer_fails_competing,
+    Fault::GroupPerConsumer,
+    competing_consumers
+);
+caught!(
+    group_per_consumer_fails_resume,
+    Fault::GroupPerConsumer,
+    existing_group_resumes_ignoring_start
+);
+caught!(
+    raw_envelope_fails_poison_case,
+    Fault::RawIsEnvelope,
+    poison_goes_to_dead_letter
+);
+caught!(
+    wrong_retention_fails,
+    Fault::WrongRetention,
+    retention_applied
+);
+caught!(
+    degraded_health_fails,
+    Fault::HealthDegraded,
+    health_reports_up
 );
