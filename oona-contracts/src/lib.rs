@@ -46,11 +46,11 @@ pub use message::{
     contract_for_schema, contracts, parse_schema_id, schema_id, ContractInfo, Message,
 };
 pub use proto::esper::v1::{
-    BlueprintOutcome, BlueprintSubmitted, CandidateBlueprint, CertificationStatus,
-    CertifiedBlueprint, CommandType, EpochEvent, EpochPhase, FieldReport, HealthSignal,
-    KasminaControlCommand, KernelError, KernelReady, KernelRequest, LayerHealthReport,
-    RiskAssessment, RiskLevel, RollbackEvent, RollbackSeverity, SeedLifecycleState,
-    WeightedEvaluationProfile,
+    BlueprintCompiled, BlueprintOutcome, BlueprintSubmitted, CandidateBlueprint,
+    CertificationStatus, CertifiedBlueprint, CommandType, EpochEvent, EpochPhase, FieldReport,
+    HealthSignal, KasminaControlCommand, KernelError, KernelReady, KernelRequest,
+    LayerHealthReport, RiskAssessment, RiskLevel, RollbackEvent, RollbackSeverity,
+    SeedLifecycleState, WeightedEvaluationProfile,
 };
 pub use proto::oona::v1::{NodeCapabilities, NodeIntrospectionEvent};
 pub use topics::{Plane, TopicName};

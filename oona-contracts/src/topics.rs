@@ -62,9 +62,10 @@ impl fmt::Display for Plane {
 
 macro_rules! topics {
     ($( $(#[$doc:meta])* $variant:ident = $name:literal, $plane:ident, [$($p:literal),*], [$($c:literal),*]; )*) => {
-        /// Every topic of the platform (SPEC.md's topic table, the kernel
-        /// streams and node introspection). Each is bound to one payload type
-        /// through [`crate::Message::TOPIC`].
+        /// Every topic of the platform: SPEC.md's topic table, Tezzeret's
+        /// `compilation.blueprint.compiled`, the kernel streams and node
+        /// introspection. Each is bound to one payload type through
+        /// [`crate::Message::TOPIC`].
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         #[non_exhaustive]
         pub enum TopicName {
@@ -101,6 +102,8 @@ macro_rules! topics {
 topics! {
     /// `compilation.blueprint.submitted`: BlueprintSubmitted.
     CompilationBlueprintSubmitted = "compilation.blueprint.submitted", Compilation, ["urza"], ["tezzeret"];
+    /// `compilation.blueprint.compiled`: BlueprintCompiled.
+    CompilationBlueprintCompiled = "compilation.blueprint.compiled", Compilation, ["tezzeret"], ["urza"];
     /// `telemetry.seed.health`: LayerHealthReport (of HealthSignals).
     TelemetrySeedHealth = "telemetry.seed.health", Telemetry, ["kasmina"], ["tamiyo", "nissa"];
     /// `control.kasmina.commands`: KasminaControlCommand.
@@ -199,7 +202,7 @@ mod tests {
             assert_eq!(TopicName::try_from(&topic).unwrap(), *t);
             assert!(!t.publishers().is_empty() && !t.consumers().is_empty());
         }
-        assert_eq!(TopicName::ALL.len(), 12);
+        assert_eq!(TopicName::ALL.len(), 13);
         assert_eq!(
             TopicName::parse("nope.x").unwrap_err().kind(),
             ErrorKind::InvalidTopic

@@ -31,6 +31,20 @@ pub fn blueprint_submitted() -> BlueprintSubmitted {
     }
 }
 
+pub fn blueprint_compiled() -> BlueprintCompiled {
+    BlueprintCompiled {
+        blueprint_id: "b3d4f5a6".into(),
+        kernel_artifact_id: "k-77".into(),
+        compiled_by: "tezzeret-worker-01".into(),
+        artifact_ref: "s3://esper-artifacts/kernels/k-77.so".into(),
+        checksum_sha256: "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae".into(),
+        size_bytes: 1_048_576,
+        op_count: 5,
+        compile_duration_ms: 8_250,
+        compiled_at_ms: 1_751_882_121_250,
+    }
+}
+
 pub fn health_signal(seed: u32) -> HealthSignal {
     HealthSignal {
         layer_id: 12,
@@ -55,6 +69,7 @@ pub fn layer_health_report() -> LayerHealthReport {
         active_seeds: 2,
         total_seeds: 4,
         reported_at_ms: 1_751_190_600_000,
+        sequence: 4_100,
     }
 }
 
@@ -209,6 +224,7 @@ pub fn node_introspection_event() -> NodeIntrospectionEvent {
 macro_rules! each_sample {
     ($f:path) => {{
         $f(common::blueprint_submitted());
+        $f(common::blueprint_compiled());
         $f(common::layer_health_report());
         $f(common::kasmina_control_command());
         $f(common::field_report());
@@ -224,4 +240,4 @@ macro_rules! each_sample {
 }
 
 /// Number of samples `each_sample!` visits (one per contract).
-pub const SAMPLES: usize = 12;
+pub const SAMPLES: usize = 13;
