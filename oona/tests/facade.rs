@@ -130,3 +130,19 @@ async fn memory_scheme_connects() {
     assert_eq!(t.name(), "memory");
     assert!(t.health().await.is_up());
 }
+
+/// Independent of this build's features: with no drivers, every known
+/// scheme names its feature.
+#[tokio::test]
+async fn every_known_scheme_without_its_driver_names_its_feature() {
+    for k in oona::KNOWN_SCHEMES {
+        let url = format!("{}://127.0.0.1:1", k.scheme);
+        let e = oona::connect_with(&[], &url).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FeatureDisabled, "{e}");
+        let want = format!("enable the \"{}\" feature of oona", k.feature);
+        assert!(e.to_string().contains(&want), "{e}");
+    }
+    // Scheme matching ignores case, as URLs do.
+    let e = oona::find_driver(&[], "REDIS").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FeatureDisabled);
+}
