@@ -324,6 +324,9 @@ where
 }
 
 /// A runner running in the background; see [`Runner::start`].
+///
+/// Dropping the handle detaches the runner: it keeps running until its
+/// token fires or its stream ends.
 #[derive(Debug)]
 pub struct RunHandle {
     shutdown: Shutdown,
