@@ -48,17 +48,18 @@ pub struct PulsarConfig {
 impl PulsarConfig {
     /// Read the settings from a parsed URL, rejecting unknown keys.
     pub fn from_url(mut url: ConnectUrl) -> Result<Self> {
-        let tls =
-            match url.scheme() {
-                "pulsar" => false,
-                "pulsar+ssl" => true,
-                other => return Err(Error::new(
+        let tls = match url.scheme() {
+            "pulsar" => false,
+            "pulsar+ssl" => true,
+            other => {
+                return Err(Error::new(
                     ErrorKind::UnknownScheme,
                     format!(
                         "the pulsar transport serves pulsar:// and pulsar+ssl://, not {other}://"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let host = url
             .url()
             .host_str()
