@@ -109,6 +109,9 @@ async fn same_topic_in_two_tenants_is_isolated() {
     o.close().await.unwrap();
 }
 
+/// Per key: the consumer holding it now and the sequence numbers seen.
+type KeyLog = BTreeMap<String, (Option<usize>, Vec<usize>)>;
+
 /// Key_Shared: three consumers, messages of one key never in flight on two
 /// consumers at once and always in publish order, and every key reaches
 /// exactly one consumer at a time. Prefetch 1 because pulsar-lite stalls a
@@ -123,8 +126,7 @@ async fn key_shared_keeps_per_key_order_across_consumers() {
     let (keys, per_key) = (8usize, 20usize);
     let total = keys * per_key;
     // key -> (holder now, sequence seen in order)
-    let log: Arc<Mutex<BTreeMap<String, (Option<usize>, Vec<usize>)>>> =
-        Arc::new(Mutex::new(BTreeMap::new()));
+    let log: Arc<Mutex<KeyLog>> = Arc::new(Mutex::new(BTreeMap::new()));
     let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     let mut clients = Vec::new();
@@ -190,7 +192,7 @@ async fn key_shared_keeps_per_key_order_across_consumers() {
                 .unwrap(),
         );
     }
-    let log = log.lock().unwrap();
+    let log = std::mem::take(&mut *log.lock().unwrap());
     assert_eq!(log.len(), keys);
     for (k, (_, seqs)) in log.iter() {
         assert_eq!(
