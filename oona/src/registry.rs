@@ -63,6 +63,8 @@ pub fn drivers() -> Vec<Driver> {
         oona_kafka::DRIVER,
         #[cfg(feature = "redis")]
         oona_redis::DRIVER,
+        #[cfg(feature = "pulsar")]
+        oona_pulsar::DRIVER,
         // Transport helpers add theirs here, e.g.
         // `#[cfg(feature = "redis")] oona_redis::DRIVER,`
         // when the crate becomes an optional dependency of that feature.
