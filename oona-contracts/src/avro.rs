@@ -109,7 +109,7 @@ pub fn parse_schema(json: &str) -> Result<Schema> {
 #[derive(Debug, Default)]
 pub struct AvroRegistry {
     writers: RwLock<HashMap<Fingerprint, Arc<Schema>>>,
-    readers: RwLock<HashMap<String, Arc<Schema>>>,
+    readers: RwLock<HashMap<String, (Arc<Schema>, Fingerprint)>>,
 }
 
 impl AvroRegistry {
@@ -145,6 +145,16 @@ impl AvroRegistry {
     /// The reader schema of `name`, parsed from `json` on first use (and
     /// registered as a writer schema too).
     pub fn reader(&self, name: &str, json: &str) -> Result<Arc<Schema>> {
+        self.reader_with_fingerprint(name, json).map(|(s, _)| s)
+    }
+
+    /// [`reader`](Self::reader) with the schema's fingerprint (computed
+    /// once, not per message).
+    pub fn reader_with_fingerprint(
+        &self,
+        name: &str,
+        json: &str,
+    ) -> Result<(Arc<Schema>, Fingerprint)> {
         if let Some(s) = self
             .readers
             .read()
@@ -154,15 +164,16 @@ impl AvroRegistry {
             return Ok(s.clone());
         }
         let schema = Arc::new(parse_schema(json)?);
+        let fp = fingerprint(&schema);
         self.writers
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(fingerprint(&schema), schema.clone());
+            .insert(fp, schema.clone());
         self.readers
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), schema.clone());
-        Ok(schema)
+            .insert(name.to_string(), (schema.clone(), fp));
+        Ok((schema, fp))
     }
 
     /// Number of writer schemas known.
@@ -178,21 +189,34 @@ impl AvroRegistry {
 
 /// Encode a serde value with `schema` as a single object.
 pub fn to_single_object<T: Serialize>(schema: &Schema, value: &T) -> Result<Vec<u8>> {
+    to_single_object_with(schema, &fingerprint(schema), value)
+}
+
+/// [`to_single_object`] with the schema's fingerprint already known.
+pub fn to_single_object_with<T: Serialize>(
+    schema: &Schema,
+    fp: &Fingerprint,
+    value: &T,
+) -> Result<Vec<u8>> {
     let v = apache_avro::to_value(value)
         .map_err(|e| encode_err(format!("Avro encode: {e}")).with_source(e))?;
-    value_to_single_object(schema, v)
+    value_with(schema, fp, v)
 }
 
 /// Encode an Avro value with `schema` as a single object (the value is
 /// resolved against the schema first, so `String` becomes an enum symbol,
 /// `Null` a union branch, and so on).
 pub fn value_to_single_object(schema: &Schema, value: Value) -> Result<Vec<u8>> {
+    value_with(schema, &fingerprint(schema), value)
+}
+
+fn value_with(schema: &Schema, fp: &Fingerprint, value: Value) -> Result<Vec<u8>> {
     let resolved = value.resolve(schema).map_err(|e| {
         encode_err(format!("value does not fit the Avro schema: {e}")).with_source(e)
     })?;
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&fingerprint(schema));
+    out.extend_from_slice(fp);
     encode_value(&resolved, &mut out)?;
     Ok(out)
 }
@@ -225,11 +249,16 @@ pub fn decode_single_object(
             fp_hex(&fp)
         ))
     })?;
+    if std::ptr::eq(&*writer, reader) {
+        // Written with the reader's own schema (the common case, and the
+        // same allocation when the reader came from this registry): no
+        // resolution needed.
+        return decode_raw(&writer, datum);
+    }
     decode_datum(&writer, datum, reader)
 }
 
-/// Decode a raw Avro datum written with `writer`, resolved to `reader`.
-pub fn decode_datum(writer: &Schema, datum: &[u8], reader: &Schema) -> Result<Value> {
+fn decode_raw(writer: &Schema, datum: &[u8]) -> Result<Value> {
     let mut cursor = datum;
     let value = apache_avro::from_avro_datum(writer, &mut cursor, None)
         .map_err(|e| decode_err(format!("Avro datum does not decode: {e}")).with_source(e))?;
@@ -239,6 +268,12 @@ pub fn decode_datum(writer: &Schema, datum: &[u8], reader: &Schema) -> Result<Va
             cursor.len()
         )));
     }
+    Ok(value)
+}
+
+/// Decode a raw Avro datum written with `writer`, resolved to `reader`.
+pub fn decode_datum(writer: &Schema, datum: &[u8], reader: &Schema) -> Result<Value> {
+    let value = decode_raw(writer, datum)?;
     resolve(value, writer, reader)
 }
 

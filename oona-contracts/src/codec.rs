@@ -115,9 +115,9 @@ impl Avro {
         &self.registry
     }
 
-    fn schema_of<T: Message>(&self) -> Result<Arc<apache_avro::Schema>> {
+    fn schema_of<T: Message>(&self) -> Result<(Arc<apache_avro::Schema>, avro::Fingerprint)> {
         self.registry
-            .reader(T::SCHEMA, T::AVRO_SCHEMA)
+            .reader_with_fingerprint(T::SCHEMA, T::AVRO_SCHEMA)
             .map_err(|e| {
                 Error::new(
                     ErrorKind::Internal,
@@ -137,14 +137,14 @@ impl<T: Message> Codec<T> for Avro {
     }
 
     fn encode(&self, value: &T) -> Result<Bytes> {
-        let schema = self.schema_of::<T>()?;
-        avro::to_single_object(&schema, value).map(Bytes::from)
+        let (schema, fp) = self.schema_of::<T>()?;
+        avro::to_single_object_with(&schema, &fp, value).map(Bytes::from)
     }
 
     fn decode(&self, envelope: &Envelope) -> Result<T> {
         expect_content_type(envelope, ContentType::AVRO)?;
         check_schema::<T>(envelope)?;
-        let reader = self.schema_of::<T>()?;
+        let (reader, _) = self.schema_of::<T>()?;
         let ctx = |e: Error| {
             Error::new(
                 ErrorKind::Decode,
