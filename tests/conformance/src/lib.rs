@@ -340,7 +340,22 @@ fn setup_failed(args: &Arguments, kind: &str, why: &str) -> ExitCode {
     libtest_mimic::run(args, trials).exit_code()
 }
 
-fn run_on<F: Fixture>(args: Arguments, rt: tokio::runtime::Runtime, fixture: F) -> ExitCode {
+/// Cases mostly wait on timers and the broker, so more run at once than
+/// there are cores: `--test-threads`, else `RUST_TEST_THREADS`, else 8.
+fn default_threads(args: &mut Arguments) {
+    if args.test_threads.is_none() {
+        let from_env = std::env::var("RUST_TEST_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|n| *n > 0);
+        args.test_threads = Some(from_env.unwrap_or(DEFAULT_THREADS));
+    }
+}
+
+const DEFAULT_THREADS: usize = 8;
+
+fn run_on<F: Fixture>(mut args: Arguments, rt: tokio::runtime::Runtime, fixture: F) -> ExitCode {
+    default_threads(&mut args);
     let rt = Arc::new(rt);
     let fixture: Arc<dyn Fixture> = Arc::new(fixture);
     // Exclusive cases (connection cuts) take the write side; the others
