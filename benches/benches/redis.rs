@@ -88,6 +88,9 @@ async fn run(url: &str) -> Res<()> {
     println!("| scenario | Oona | raw | Oona/raw | target |");
     println!("|---|---:|---:|---:|---|");
 
+    if let Ok(only) = std::env::var("OONA_BENCH_ONLY") {
+        return only_scenario(&cx, &only).await;
+    }
     let (o, r) = rounds(
         |i| publish_single(&cx, i, true),
         |i| publish_single(&cx, i, false),
@@ -100,6 +103,17 @@ async fn run(url: &str) -> Res<()> {
     )
     .await?;
     row("publish, batches of 100 (msg/s)", o, r, "≥ 90%");
+    let (o, r) = rounds(
+        |i| publish_prebuilt(&cx, i, true),
+        |i| publish_prebuilt(&cx, i, false),
+    )
+    .await?;
+    row(
+        "publish, batches of 100, envelopes built before timing (msg/s)",
+        o,
+        r,
+        "",
+    );
     let (o, r) = rounds(|i| consume(&cx, i, true), |i| consume(&cx, i, false)).await?;
     row("consume + ack, pre-filled (msg/s)", o, r, "≥ 75%");
     let (o, r) = rounds(|i| end_to_end(&cx, i, true), |i| end_to_end(&cx, i, false)).await?;
@@ -244,6 +258,46 @@ async fn publish_batched(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
                 .collect();
             cx.oona.publish_batch(batch).await?;
         } else {
+            let mut p = redis::pipe();
+            for n in 0..BATCH {
+                raw_xadd(&mut p, &key, &f, (b * BATCH + n) as u64);
+            }
+            let _: Vec<String> = p.query_async(&mut raw).await?;
+        }
+    }
+    let rate = N as f64 / started.elapsed().as_secs_f64();
+    cleanup(cx, &t).await?;
+    Ok(rate)
+}
+
+/// As [`publish_batched`], with Oona's envelopes (ids, timestamps) made
+/// before the clock starts, as the raw side's fields are: what remains is
+/// the transport's own work.
+async fn publish_prebuilt(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
+    const N: usize = 100_000;
+    const BATCH: usize = 100;
+    let t = topic("prebuilt", i, oona);
+    let key = cx.oona.stream_key(&t);
+    let f = raw_fields(&t);
+    let mut raw = cx.raw.clone();
+    let mut batches: Vec<Vec<Envelope>> = if oona {
+        (0..N / BATCH)
+            .map(|b| {
+                (0..BATCH)
+                    .map(|n| envelope(&t, (b * BATCH + n) as u64))
+                    .collect()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let started = Instant::now();
+    if oona {
+        for batch in batches.drain(..) {
+            cx.oona.publish_batch(batch).await?;
+        }
+    } else {
+        for b in 0..N / BATCH {
             let mut p = redis::pipe();
             for n in 0..BATCH {
                 raw_xadd(&mut p, &key, &f, (b * BATCH + n) as u64);
@@ -594,4 +648,82 @@ async fn latency(cx: &Ctx, i: usize, oona: bool) -> Res<Lat> {
         p999: q(0.999),
         max: q(1.0),
     })
+}
+
+/// Development aid: `OONA_BENCH_ONLY=cpu|single|batch|consume|e2e|latency`.
+async fn only_scenario(cx: &Ctx, only: &str) -> Res<()> {
+    match only {
+        "cpu" => {
+            let t = topic("cpu", 0, true);
+            let n = 100_000;
+            let started = Instant::now();
+            let envs: Vec<Envelope> = (0..n).map(|i| envelope(&t, i as u64)).collect();
+            let build = started.elapsed();
+            let started = Instant::now();
+            let mut total = 0;
+            for e in &envs {
+                total += fields::encode(e).len();
+            }
+            let encode = started.elapsed();
+            let started = Instant::now();
+            let mut pipe = redis::pipe();
+            for e in &envs {
+                let cmd = pipe.cmd("XADD").arg("k").arg("*");
+                for (k, v) in fields::encode(e) {
+                    cmd.arg(k).arg(v);
+                }
+                cmd.arg("payload").arg(e.payload.as_ref());
+            }
+            let cmd = started.elapsed();
+            println!(
+                "per envelope: build {:?}, encode {:?}, encode+cmd {:?} ({total})",
+                build / n,
+                encode / n,
+                cmd / n
+            );
+        }
+        "single" => {
+            let (o, r) = rounds(
+                |i| publish_single(cx, i, true),
+                |i| publish_single(cx, i, false),
+            )
+            .await?;
+            row("publish single", o, r, "");
+        }
+        "prebuilt" => {
+            let (o, r) = rounds(
+                |i| publish_prebuilt(cx, i, true),
+                |i| publish_prebuilt(cx, i, false),
+            )
+            .await?;
+            row("publish prebuilt", o, r, "");
+        }
+        "batch" => {
+            let (o, r) = rounds(
+                |i| publish_batched(cx, i, true),
+                |i| publish_batched(cx, i, false),
+            )
+            .await?;
+            row("publish batched", o, r, "");
+        }
+        "consume" => {
+            let (o, r) = rounds(|i| consume(cx, i, true), |i| consume(cx, i, false)).await?;
+            row("consume", o, r, "");
+        }
+        "e2e" => {
+            let (o, r) = rounds(|i| end_to_end(cx, i, true), |i| end_to_end(cx, i, false)).await?;
+            row("e2e", o, r, "");
+        }
+        _ => {
+            for i in 0..2 {
+                let o = latency(cx, i, true).await?;
+                let r = latency(cx, i, false).await?;
+                println!(
+                    "oona p50 {:.3} p99 {:.3} p99.9 {:.3} | raw p50 {:.3} p99 {:.3} p99.9 {:.3}",
+                    o.p50, o.p99, o.p999, r.p50, r.p99, r.p999
+                );
+            }
+        }
+    }
+    Ok(())
 }

@@ -87,6 +87,9 @@ pub(crate) struct Inner {
     pub(crate) claim: redis::Script,
     pub(crate) nack: redis::Script,
     pub(crate) renew: redis::Script,
+    pub(crate) release: redis::Script,
+    /// Reader tasks, awaited (briefly) by `close`.
+    pub(crate) readers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
@@ -169,6 +172,8 @@ impl RedisTransport {
             claim: redis::Script::new(scripts::CLAIM),
             nack: redis::Script::new(scripts::NACK),
             renew: redis::Script::new(scripts::RENEW),
+            release: redis::Script::new(scripts::RELEASE),
+            readers: Mutex::new(Vec::new()),
         });
         if !inner.cfg.housekeeping.is_zero() {
             tokio::spawn(housekeeping(
@@ -591,11 +596,25 @@ impl Transport for RedisTransport {
         }
     }
 
+    async fn flush(&self) -> Result<()> {
+        self.inner.check_open()?;
+        self.inner.acker.flush(false).await;
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
         if self.inner.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
         self.inner.cancel.cancel();
+        // Readers finish their blocked XREADGROUP (at most `block`) and give
+        // back what it read, so nothing waits for an ack deadline.
+        let readers: Vec<_> = match self.inner.readers.lock() {
+            Ok(mut r) => r.drain(..).collect(),
+            Err(_) => Vec::new(),
+        };
+        let wait = self.inner.cfg.block + self.inner.cfg.response_timeout;
+        let _ = tokio::time::timeout(wait, futures::future::join_all(readers)).await;
         self.inner.acker.flush(true).await;
         Ok(())
     }

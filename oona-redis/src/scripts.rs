@@ -75,3 +75,22 @@ if c[1] and c[1][2] then return {{c[1][1], c[1][2], p[1][4] + 1}} end
 if c[1] then redis.call('XACK', KEYS[1], ARGV[1], ARGV[3]) end
 return {}
 "#;
+
+/// Give back entries this consumer read but never handed out (its stream
+/// was dropped or the transport closed while a read was in flight): undo
+/// the read's count (`RETRYCOUNT count - 1`) and make them due at once, so
+/// the next claim pass of any consumer of the group delivers them with the
+/// attempt they would have had.
+///
+/// KEYS: stream, delayed zset. ARGV: group, consumer, id...
+pub(crate) const RELEASE: &str = r#"
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'RETRYCOUNT', math.max(p[1][4] - 1, 0), 'JUSTID')
+    redis.call('ZADD', KEYS[2], 0, id)
+  end
+end
+return 1
+"#;

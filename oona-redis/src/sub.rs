@@ -85,6 +85,8 @@ pub(crate) fn start(
 ) -> DeliveryStream {
     let (tx, mut rx) = mpsc::channel(sub.prefetch + 8);
     let cancel = inner.cancel.clone();
+    let reader_list = Arc::clone(&inner);
+    let reader_list = &reader_list.readers;
     let s = Arc::new(Sub {
         key: inner.stream_key(&sub.topic).into(),
         group: sub.group.as_str().into(),
@@ -94,7 +96,11 @@ pub(crate) fn start(
         sub,
         tx,
     });
-    tokio::spawn(s.run(read_conn));
+    let handle = tokio::spawn(s.run(read_conn));
+    if let Ok(mut readers) = reader_list.lock() {
+        readers.retain(|h| !h.is_finished());
+        readers.push(handle);
+    }
     // The stream ends as soon as the transport is closed; deliveries still
     // buffered then stay pending in Redis and come back after the deadline.
     futures::stream::poll_fn(move |cx| {
@@ -130,11 +136,16 @@ impl Sub {
                     Err(_) => return,
                 },
             };
-            let mut permits = vec![first];
-            while permits.len() < cfg.read_batch {
-                match Arc::clone(&self.permits).try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
+            // One multi-permit for the whole read; each delivery splits one
+            // off (no per-entry semaphore round trips).
+            let mut permits = first;
+            let extra = self
+                .permits
+                .available_permits()
+                .min(cfg.read_batch.saturating_sub(1));
+            if extra > 0 {
+                if let Ok(more) = Arc::clone(&self.permits).try_acquire_many_owned(extra as u32) {
+                    permits.merge(more);
                 }
             }
             let result = if Instant::now() >= next_claim {
@@ -176,7 +187,7 @@ impl Sub {
     async fn read(
         self: &Arc<Self>,
         conn: &mut ConnectionManager,
-        permits: &mut Vec<OwnedSemaphorePermit>,
+        permits: &mut OwnedSemaphorePermit,
         next_claim: Instant,
     ) -> Result<()> {
         let block = next_claim
@@ -188,7 +199,7 @@ impl Sub {
             .arg(&*self.group)
             .arg(self.sub.consumer.as_str())
             .arg("COUNT")
-            .arg(permits.len())
+            .arg(permits.num_permits())
             .arg("BLOCK")
             .arg(u64::try_from(block.as_millis()).unwrap_or(1))
             .arg("STREAMS")
@@ -208,8 +219,14 @@ impl Sub {
             }
             Err(e) => return Err(redis_error(e, "XREADGROUP failed")),
         };
-        for entry in wire::parse_xreadgroup(&reply)? {
-            let Some(p) = permits.pop() else { break };
+        let entries = wire::parse_xreadgroup(&reply)?;
+        if self.inner.cancel.is_cancelled() || self.tx.is_closed() {
+            let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+            self.release(&ids).await;
+            return Ok(());
+        }
+        for entry in entries {
+            let Some(p) = permits.split(1) else { break };
             // XREADGROUP ">" is always a first delivery.
             self.deliver(entry, 1, p).await;
         }
@@ -217,7 +234,7 @@ impl Sub {
     }
 
     /// Claim due delayed nacks and entries idle past the ack deadline.
-    async fn claim(self: &Arc<Self>, permits: &mut Vec<OwnedSemaphorePermit>) -> Result<usize> {
+    async fn claim(self: &Arc<Self>, permits: &mut OwnedSemaphorePermit) -> Result<usize> {
         let mut conn = self.inner.conn.clone();
         let v: Value = self
             .inner
@@ -227,14 +244,14 @@ impl Sub {
             .arg(&*self.group)
             .arg(self.sub.consumer.as_str())
             .arg(u64::try_from(self.sub.ack_deadline.as_millis()).unwrap_or(u64::MAX))
-            .arg(permits.len())
+            .arg(permits.num_permits())
             .invoke_async(&mut conn)
             .await
             .map_err(|e| redis_error(e, "claim script failed"))?;
         let claimed = wire::parse_claimed(&v)?;
         let n = claimed.len();
         for (entry, count) in claimed {
-            let Some(p) = permits.pop() else { break };
+            let Some(p) = permits.split(1) else { break };
             self.deliver(entry, count, p).await;
         }
         Ok(n)
@@ -269,10 +286,34 @@ impl Sub {
             id: entry.id,
             permit,
         };
-        let _ = self
-            .tx
-            .send(Ok(Delivery::new(env, info, Box::new(settle))))
-            .await;
+        let id = settle.id.clone();
+        if self.inner.cancel.is_cancelled()
+            || self
+                .tx
+                .send(Ok(Delivery::new(env, info, Box::new(settle))))
+                .await
+                .is_err()
+        {
+            // The stream was dropped: nobody will see it.
+            self.release(&[id.as_str()]).await;
+        }
+    }
+
+    /// Give back entries read but never handed out (see
+    /// [`crate::scripts::RELEASE`]).
+    async fn release(&self, ids: &[&str]) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut conn = self.inner.conn.clone();
+        let mut inv = self.inner.release.key(&*self.key);
+        inv.key(&self.delayed)
+            .arg(&*self.group)
+            .arg(self.sub.consumer.as_str())
+            .arg(ids);
+        if let Err(e) = inv.invoke_async::<()>(&mut conn).await {
+            tracing::debug!(error = %e, "giving back unread entries failed; they come back after the ack deadline");
+        }
     }
 
     async fn dead_letter_logged(&self, id: &str, dl: &Envelope) {

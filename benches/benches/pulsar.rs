@@ -1,0 +1,319 @@
+//! Oona on Pulsar beside the raw `pulsar` (pulsar-rs) client doing the same
+//! work.
+//!
+//! ```text
+//! scripts/brokers.sh up pulsar && set -a && . target/brokers.env && set +a
+//! cargo bench -p oona-benches --bench pulsar
+//! ```
+//!
+//! The broker in CI is pulsar-lite; both sides reach it through the same
+//! test-only frame-fixing proxy (`oona-pulsar/tests/support/frame_fix.rs`),
+//! so the proxy's cost is in both figures. Each figure is the median of
+//! interleaved rounds (Oona, raw, Oona, raw, ...), 256-byte payloads, no
+//! producer batching, and the raw side sends Oona's message properties
+//! (built once up front), so the broker does the same work:
+//! - publish, one awaited call at a time;
+//! - publish, 100 in flight (`publish_batch` of 100 vs 100
+//!   `send_non_blocking` receipts awaited together);
+//! - consume + ack of a pre-filled topic (a Shared subscription acking
+//!   every message on both sides), timed from the first message.
+
+#[path = "../../oona-pulsar/tests/support/frame_fix.rs"]
+#[allow(dead_code)]
+mod frame_fix;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use oona_core::{Envelope, Name, StartPosition, Subscription, Topic, Transport};
+use oona_pulsar::PulsarTransport;
+use pulsar::{Pulsar, TokioExecutor};
+
+const PAYLOAD: usize = 256;
+const ROUNDS: usize = 3;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Res<T> = Result<T, BoxError>;
+
+fn main() {
+    let Ok(url) = std::env::var("OONA_TEST_PULSAR_URL") else {
+        eprintln!("OONA_TEST_PULSAR_URL is not set: run `scripts/brokers.sh up pulsar` and `set -a; . target/brokers.env; set +a` first");
+        std::process::exit(2);
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(&url)) {
+        eprintln!("bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+struct Ctx {
+    oona: PulsarTransport,
+    raw: Pulsar<TokioExecutor>,
+    tenant: String,
+    namespace: String,
+}
+
+async fn run(url: &str) -> Res<()> {
+    let u = url::Url::parse(url)?;
+    let upstream = format!(
+        "{}:{}",
+        u.host_str().unwrap_or("127.0.0.1"),
+        u.port().unwrap_or(6650)
+    );
+    let fix = frame_fix::FrameFix::start(&upstream)?;
+    let query = u.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let through = format!("pulsar://{}{query}", fix.addr());
+    let oona = PulsarTransport::connect_url(&through).await?;
+    let raw = Pulsar::builder(format!("pulsar://{}", fix.addr()), TokioExecutor)
+        .build()
+        .await?;
+    let cx = Ctx {
+        tenant: oona.config().tenant.clone(),
+        namespace: oona.config().namespace.clone(),
+        oona,
+        raw,
+    };
+    println!("Oona vs raw pulsar-rs on the Pulsar broker at {url}: {PAYLOAD}-byte payloads, median of {ROUNDS} interleaved rounds");
+    println!();
+    println!("| scenario | Oona | raw | Oona/raw | target |");
+    println!("|---|---:|---:|---:|---|");
+    let (o, r) = rounds(
+        |i| publish_single(&cx, i, true),
+        |i| publish_single(&cx, i, false),
+    )
+    .await?;
+    row("publish, 1 per call (msg/s)", o, r, "≥ 90%");
+    let (o, r) = rounds(
+        |i| publish_batched(&cx, i, true),
+        |i| publish_batched(&cx, i, false),
+    )
+    .await?;
+    row("publish, 100 in flight (msg/s)", o, r, "≥ 90%");
+    let (o, r) = rounds(|i| consume(&cx, i, true), |i| consume(&cx, i, false)).await?;
+    row("consume + ack, pre-filled (msg/s)", o, r, "≥ 90%");
+    cx.oona.close().await?;
+    Ok(())
+}
+
+fn row(name: &str, o: f64, r: f64, target: &str) {
+    println!(
+        "| {name} | {o:.0} | {r:.0} | {:.0}% | {target} |",
+        100.0 * o / r.max(1.0)
+    );
+}
+
+async fn rounds<F, G, FO, GO>(mut oona: F, mut raw: G) -> Res<(f64, f64)>
+where
+    F: FnMut(usize) -> FO,
+    G: FnMut(usize) -> GO,
+    FO: std::future::Future<Output = Res<f64>>,
+    GO: std::future::Future<Output = Res<f64>>,
+{
+    let mut o = Vec::new();
+    let mut r = Vec::new();
+    for i in 0..ROUNDS {
+        o.push(oona(i).await?);
+        r.push(raw(i).await?);
+    }
+    Ok((median(o), median(r)))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn topic(what: &str, i: usize, oona: bool) -> Topic {
+    let side = if oona { "oona" } else { "raw" };
+    let n = std::process::id();
+    Topic::new(format!("telemetry.bench.{what}_{side}_{n}_{i}"))
+        .unwrap_or_else(|_| Topic::new("telemetry.bench.fallback").expect("a valid topic"))
+}
+
+fn envelope(t: &Topic, stamp: u64) -> Envelope {
+    let mut p = vec![b'x'; PAYLOAD];
+    p[..8].copy_from_slice(&stamp.to_le_bytes());
+    Envelope::builder(t.clone(), Bytes::from(p))
+        .sender_id("bench")
+        .build()
+}
+
+/// What the raw side sends: Oona's properties for a typical envelope,
+/// built once, and the payload.
+struct RawRecord {
+    properties: HashMap<String, String>,
+    payload: Vec<u8>,
+}
+
+impl RawRecord {
+    fn new(t: &Topic) -> Self {
+        let e = envelope(t, 0);
+        RawRecord {
+            properties: oona_core::wire::fields::encode(&e).into_iter().collect(),
+            payload: e.payload.to_vec(),
+        }
+    }
+
+    fn message(&self, stamp: u64) -> pulsar::producer::Message {
+        let mut p = self.payload.clone();
+        p[..8].copy_from_slice(&stamp.to_le_bytes());
+        pulsar::producer::Message {
+            payload: p,
+            properties: self.properties.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+impl Ctx {
+    fn full(&self, t: &Topic) -> String {
+        format!("persistent://{}/{}/{t}", self.tenant, self.namespace)
+    }
+
+    async fn raw_producer(&self, t: &Topic) -> Res<pulsar::Producer<TokioExecutor>> {
+        Ok(self
+            .raw
+            .producer()
+            .with_topic(self.full(t))
+            .with_options(pulsar::ProducerOptions {
+                block_queue_if_full: true,
+                ..Default::default()
+            })
+            .build()
+            .await?)
+    }
+}
+
+async fn publish_single(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
+    const N: usize = 2_000;
+    let t = topic("single", i, oona);
+    // Both sides have a producer on an existing topic before timing.
+    cx.oona.publish(envelope(&t, 0)).await?;
+    let rec = RawRecord::new(&t);
+    let mut producer = cx.raw_producer(&t).await?;
+    let started = Instant::now();
+    for n in 0..N {
+        if oona {
+            cx.oona.publish(envelope(&t, n as u64)).await?;
+        } else {
+            producer
+                .send_non_blocking(rec.message(n as u64))
+                .await?
+                .await?;
+        }
+    }
+    Ok(N as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn publish_batched(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
+    const N: usize = 20_000;
+    const BATCH: usize = 100;
+    let t = topic("batch", i, oona);
+    cx.oona.publish(envelope(&t, 0)).await?;
+    let rec = RawRecord::new(&t);
+    let mut producer = cx.raw_producer(&t).await?;
+    let started = Instant::now();
+    for b in 0..N / BATCH {
+        if oona {
+            let batch = (0..BATCH)
+                .map(|n| envelope(&t, (b * BATCH + n) as u64))
+                .collect();
+            cx.oona.publish_batch(batch).await?;
+        } else {
+            let mut receipts = Vec::with_capacity(BATCH);
+            for n in 0..BATCH {
+                receipts.push(
+                    producer
+                        .send_non_blocking(rec.message((b * BATCH + n) as u64))
+                        .await?,
+                );
+            }
+            for r in receipts {
+                r.await?;
+            }
+        }
+    }
+    Ok(N as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn consume(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
+    const N: usize = 20_000;
+    let t = topic("consume", i, oona);
+    // Fill with the raw producer for both sides (same bytes on the broker).
+    let rec = RawRecord::new(&t);
+    let mut producer = cx.raw_producer(&t).await?;
+    for b in 0..N / 1000 {
+        let mut receipts = Vec::with_capacity(1000);
+        for k in 0..1000 {
+            receipts.push(
+                producer
+                    .send_non_blocking(rec.message((b * 1000 + k) as u64))
+                    .await?,
+            );
+        }
+        for r in receipts {
+            r.await?;
+        }
+    }
+    let took = if oona {
+        let sub = Subscription::new(t.clone(), Name::new("bench")?)
+            .start(StartPosition::Earliest)
+            .prefetch(1000)
+            .ack_deadline(Duration::from_secs(60));
+        let mut s = cx.oona.subscribe(sub).await?;
+        let mut first = None;
+        for _ in 0..N {
+            match s.next().await {
+                Some(Ok(d)) => {
+                    first.get_or_insert_with(Instant::now);
+                    d.ack().await?;
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err("stream ended".into()),
+            }
+        }
+        first.map(|f| f.elapsed()).unwrap_or_default()
+    } else {
+        let mut c: pulsar::Consumer<Vec<u8>, _> = cx
+            .raw
+            .consumer()
+            .with_topic(cx.full(&t))
+            .with_subscription("bench")
+            .with_subscription_type(pulsar::SubType::Shared)
+            .with_batch_size(1000)
+            .with_options(
+                pulsar::ConsumerOptions::default()
+                    .with_initial_position(pulsar::consumer::InitialPosition::Earliest),
+            )
+            .build()
+            .await?;
+        let mut first = None;
+        for _ in 0..N {
+            match c.next().await {
+                Some(Ok(m)) => {
+                    first.get_or_insert_with(Instant::now);
+                    c.ack(&m).await?;
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err("stream ended".into()),
+            }
+        }
+        let took = first.map(|f| f.elapsed()).unwrap_or_default();
+        let _ = c.close().await;
+        took
+    };
+    Ok(N as f64 / took.as_secs_f64())
+}
