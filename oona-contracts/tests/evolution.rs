@@ -323,3 +323,57 @@ fn reserved_numbers_and_names_protect_removed_fields() {
         "{r}"
     );
 }
+
+/// Compile a one-file proto given as text (package `t`).
+fn pool_of(tag: &str, src: &str) -> DescriptorPool {
+    let dir = std::env::temp_dir().join(format!("oona-contracts-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("t.proto"), src).unwrap();
+    let mut c = protox::Compiler::new([&dir]).unwrap();
+    c.open_file("t.proto").unwrap();
+    let pool = c.descriptor_pool();
+    std::fs::remove_dir_all(&dir).unwrap();
+    pool
+}
+
+#[test]
+fn protobuf_checks_cover_moves_enums_and_required() {
+    let old = pool_of(
+        "old",
+        r#"syntax = "proto2"; package t;
+           enum E { E_A = 0; E_B = 1; E_C = 2; }
+           message M { optional string a = 1; optional E e = 2; repeated int32 r = 3; }"#,
+    );
+    let new = pool_of(
+        "new",
+        r#"syntax = "proto2"; package t;
+           enum E { E_A = 0; E_BEE = 1; E_C = 3; }
+           message M { optional string a = 4; optional E e = 2; optional int32 r = 3; required int64 q = 5; }"#,
+    );
+    let r = compat::protobuf_pools(&old, &new, &["t"]);
+    let text = r.to_string();
+    for want in [
+        "field a moved from number 1 to 4",
+        "field r (3) changed from repeated to singular",
+        "new field q is required",
+        "enum value E_B (1) renamed to E_BEE",
+        "enum value E_C renumbered from 2 to 3",
+    ] {
+        assert!(
+            r.breaking().any(|i| i.message.contains(want)),
+            "missing {want:?} in:\n{text}"
+        );
+    }
+    assert!(!r.is_compatible());
+    // A message the new version dropped is breaking too.
+    let gone = pool_of(
+        "gone",
+        r#"syntax = "proto3"; package t; enum E { E_A = 0; }"#,
+    );
+    let r = compat::protobuf_pools(&old, &gone, &["t"]);
+    assert!(
+        r.breaking()
+            .any(|i| i.path == "t.M" && i.message == "message removed"),
+        "{r}"
+    );
+}
