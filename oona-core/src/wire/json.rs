@@ -10,9 +10,10 @@
 //! ```
 //!
 //! **Payload rule.** When the content type is JSON (`application/json` or
-//! `*+json`) and the payload bytes are valid JSON, `payload` is that JSON
-//! value, embedded byte for byte. Otherwise (protobuf, Avro, opaque bytes, or
-//! a JSON-typed payload that is not valid JSON) `payload` is a string holding
+//! `*+json`) and the payload bytes are one JSON value with no surrounding
+//! whitespace, `payload` is that JSON value, embedded byte for byte.
+//! Otherwise (protobuf, Avro, opaque bytes, a JSON-typed payload that is not
+//! valid JSON or has leading/trailing whitespace) `payload` is a string holding
 //! the bytes in standard padded base64 and the envelope carries
 //! `"payload_encoding": "base64"`. Decoding reverses this exactly, so
 //! `decode(encode(e)) == e` for every envelope.
@@ -90,7 +91,7 @@ struct InMeta {
 struct InDoc<'a> {
     #[serde(default)]
     envelope: Option<InMeta>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present_raw")]
     payload: Option<&'a RawValue>,
 }
 
@@ -98,18 +99,38 @@ struct InDoc<'a> {
 struct InFlat<'a> {
     #[serde(flatten)]
     meta: InMeta,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present_raw")]
     payload: Option<&'a RawValue>,
+}
+
+/// `Some` whenever the field is present, `null` included (plain `Option`
+/// would read a `null` payload as absent and lose it).
+fn present_raw<'de, D>(d: D) -> std::result::Result<Option<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <&'de RawValue as Deserialize<'de>>::deserialize(d).map(Some)
+}
+
+/// Whether the payload can be inlined byte for byte: JSON content type and
+/// a JSON document with no surrounding whitespace (which the inline form
+/// would not keep).
+fn inline_payload(env: &Envelope) -> Option<&RawValue> {
+    if !env.content_type.is_json() {
+        return None;
+    }
+    serde_json::from_slice::<&RawValue>(&env.payload)
+        .ok()
+        .filter(|raw| raw.get().len() == env.payload.len())
 }
 
 /// Encode an envelope to its canonical JSON document.
 pub fn encode(env: &Envelope) -> Result<Vec<u8>> {
-    let inline =
-        env.content_type.is_json() && serde_json::from_slice::<&RawValue>(&env.payload).is_ok();
+    let inlined = inline_payload(env);
+    let inline = inlined.is_some();
     let b64;
-    let payload: &RawValue = if inline {
-        // Checked just above; re-borrowing avoids copying the payload.
-        serde_json::from_slice(&env.payload)?
+    let payload: &RawValue = if let Some(raw) = inlined {
+        raw
     } else {
         b64 = serde_json::value::to_raw_value(
             &base64::engine::general_purpose::STANDARD.encode(&env.payload),
@@ -209,6 +230,23 @@ fn decode_inner(bytes: &[u8], topic: Option<&Topic>) -> Result<Envelope> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_payloads_round_trip_byte_for_byte() {
+        let t = Topic::new("telemetry.test.bytes").unwrap();
+        for p in [
+            &b"null"[..],
+            b" [1] ",
+            b"{\"a\":1}\n",
+            b"{\"a\": 1}",
+            b"",
+            b"\"s\"",
+        ] {
+            let e = Envelope::builder(t.clone(), p.to_vec()).build();
+            let back = decode(&encode(&e).unwrap()).unwrap();
+            assert_eq!(back, e, "payload {:?}", String::from_utf8_lossy(p));
+        }
+    }
 
     fn topic(s: &str) -> Topic {
         Topic::new(s).unwrap()
