@@ -1,6 +1,7 @@
 //! CloudEvents 1.0 structured mode: spec-conformant sample events (written
 //! after the examples of the CloudEvents JSON format specification, in
-//! tests/golden/cloudevents/spec/), round trips and errors.
+//! tests/golden/cloudevents/spec/, plus two written by the Python SDK),
+//! round trips and errors.
 
 use std::path::PathBuf;
 
@@ -222,4 +223,29 @@ fn non_conformant_events_are_decode_errors() {
         cloudevents::encode(&no_sender).unwrap_err().kind(),
         ErrorKind::Encode
     );
+}
+
+/// Events written by the CloudEvents Python SDK (2.2, `to_structured`),
+/// stored as produced.
+#[test]
+fn python_sdk_events() {
+    let e = cloudevents::decode(&sample("python_sdk_json.json"), None).unwrap();
+    assert_eq!(e.topic.as_str(), "innovation.field_reports");
+    assert_eq!(e.sender_id, "py-producer");
+    assert_eq!(e.key.as_deref(), Some("k1"));
+    assert_eq!(e.trace_id, None);
+    assert_eq!(
+        e.header("traceparent"),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert!(e.content_type.is_json());
+    let r: oona_contracts::FieldReport = serde_json::from_slice(&e.payload).unwrap();
+    assert_eq!(r.blueprint_id, "b1");
+    assert_eq!(r.outcome(), oona_contracts::BlueprintOutcome::Culled);
+    stable(&e);
+
+    let e = cloudevents::decode(&sample("python_sdk_binary.json"), None).unwrap();
+    assert_eq!(&e.payload[..], &[0u8, 1, 255][..]);
+    assert_eq!(e.content_type.as_str(), "application/x-protobuf");
+    stable(&e);
 }
