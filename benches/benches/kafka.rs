@@ -375,7 +375,8 @@ async fn consume(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
     cx.oona.publish(envelope(&t, 0)).await?;
     let rec = RawRecord::new(&t);
     for b in 0..(N - 1).div_ceil(1000) {
-        let sends = (0..1000.min(N - 1 - b * 1000)).map(|k| rec.send(&cx.raw, t.as_str(), k as u64));
+        let sends =
+            (0..1000.min(N - 1 - b * 1000)).map(|k| rec.send(&cx.raw, t.as_str(), k as u64));
         for r in futures::future::join_all(sends).await {
             r?;
         }
@@ -453,9 +454,15 @@ async fn latency(cx: &Ctx, i: usize, oona: bool) -> Res<Lat> {
             }
         };
         if oona {
-            oona_consume(cx, &t, "bench", N + 1, Some(ready_tx), |p| record(p, &mut lats)).await?;
+            oona_consume(cx, &t, "bench", N + 1, Some(ready_tx), |p| {
+                record(p, &mut lats)
+            })
+            .await?;
         } else {
-            raw_consume(cx, &t, "bench", N + 1, Some(ready_tx), |p| record(p, &mut lats)).await?;
+            raw_consume(cx, &t, "bench", N + 1, Some(ready_tx), |p| {
+                record(p, &mut lats)
+            })
+            .await?;
         }
         Res::Ok(lats)
     };
@@ -475,7 +482,9 @@ async fn latency(cx: &Ctx, i: usize, oona: bool) -> Res<Lat> {
                     }));
                 } else {
                     let (raw, rec, name) = (cx.raw.clone(), Arc::clone(&rec), t.to_string());
-                    inflight.push(tokio::spawn(async move { rec.send(&raw, &name, stamp).await }));
+                    inflight.push(tokio::spawn(
+                        async move { rec.send(&raw, &name, stamp).await },
+                    ));
                 }
             }
             // Reap finished publishes without waiting, so the rate holds.

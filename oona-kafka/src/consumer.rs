@@ -11,12 +11,13 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use oona_core::{
     rules, ContentType, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Name,
     Result, Settle, Settlement, StartPosition, Subscription, Topic,
@@ -178,11 +179,31 @@ impl State {
 
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the loop when a settlement frees a slot.
+    /// Wakes the loop when a settlement frees a slot it waits for.
     wake: Notify,
+    /// The loop waits for a slot: settlements must wake it.
+    waiting: AtomicBool,
 }
 
 impl Shared {
+    /// Whether another delivery may be handed out. When not, the loop
+    /// asks settlements to wake it, then looks once more (a settlement may
+    /// have freed a slot in between).
+    fn has_room(&self, prefetch: usize) -> bool {
+        if self.lock().inflight.len() < prefetch {
+            return true;
+        }
+        self.waiting.store(true, Ordering::Release);
+        self.lock().inflight.len() < prefetch
+    }
+
+    /// Wake the loop if it waits for a slot.
+    fn freed(&self) {
+        if self.waiting.swap(false, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is plain data; a panic elsewhere must not wedge it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -337,7 +358,7 @@ impl Settle for KafkaSettle {
             if matches!(settlement, Settlement::Ack) {
                 st.finish(self.id);
                 drop(st);
-                ctl.shared.wake.notify_one();
+                ctl.shared.freed();
                 return Ok(());
             }
             f.busy = true;
@@ -362,7 +383,7 @@ impl Settle for KafkaSettle {
             }
         }
         drop(st);
-        ctl.shared.wake.notify_one();
+        ctl.shared.freed();
         res
     }
 }
@@ -473,6 +494,7 @@ pub(crate) async fn start(
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
         wake: Notify::new(),
+        waiting: AtomicBool::new(false),
     });
     let o = &inner.opts;
     let mut cfg = o.client_config();
@@ -536,6 +558,10 @@ async fn run(
 ) {
     let main_topic: Arc<str> = Arc::from(ctl.sub.topic.as_str());
     let prefetch = ctl.sub.prefetch.max(1);
+    // Buffered records (read, not yet handed out) past which fetching
+    // pauses; librdkafka refetches paused partitions, so stay well above
+    // the prefetch to pause rarely.
+    let pause_at = (prefetch * 4).max(1024);
     let mut ready: VecDeque<Ready> = VecDeque::new();
     let mut delayed: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
     let mut delayed_items: HashMap<u64, Ready> = HashMap::new();
@@ -547,6 +573,7 @@ async fn run(
     if *shutdown.borrow() {
         return finish(ctl, consumer, out).await;
     }
+    let mut messages = consumer.stream();
     loop {
         // Hand out what is ready while there is room.
         if !draining {
@@ -560,9 +587,8 @@ async fn run(
                     ready.push_back(r);
                 }
             }
-            loop {
-                let room = ctl.shared.lock().inflight.len() < prefetch;
-                if !room {
+            while !ready.is_empty() {
+                if !ctl.shared.has_room(prefetch) {
                     break;
                 }
                 let Some(r) = ready.pop_front() else { break };
@@ -575,19 +601,29 @@ async fn run(
                 }
             }
         }
-        // Flow control: stop fetching while a prefetch worth is buffered.
+        // Flow control: stop fetching while much is buffered.
         let buffered = ready.len() + delayed_items.len();
-        if !paused && buffered >= prefetch {
+        if !paused && buffered >= pause_at {
             if let Ok(a) = consumer.assignment() {
                 paused = consumer.pause(&a).is_ok();
             }
-        } else if paused && buffered < prefetch / 2 + 1 {
+        } else if paused && buffered < pause_at / 4 {
             if let Ok(a) = consumer.assignment() {
                 paused = consumer.resume(&a).is_err();
             }
         }
         let next_timer = {
-            let st = ctl.shared.lock();
+            let mut st = ctl.shared.lock();
+            // Deadlines of settled deliveries are dropped lazily; rebuild
+            // the heap when they dominate so memory stays flat.
+            if st.deadlines.len() > 4 * st.inflight.len() + 4096 {
+                let State {
+                    deadlines,
+                    inflight,
+                    ..
+                } = &mut *st;
+                deadlines.retain(|Reverse((_, id))| inflight.contains_key(id));
+            }
             let d = st.deadlines.peek().map(|Reverse((at, _))| *at);
             let w = delayed.peek().map(|Reverse((ms, _))| {
                 Instant::now() + Duration::from_millis(ms.saturating_sub(unix_ms_now()))
@@ -598,6 +634,9 @@ async fn run(
             }
         };
         let sleep_until = next_timer.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        if draining {
+            ctl.shared.waiting.store(true, Ordering::Release);
+        }
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
@@ -605,10 +644,27 @@ async fn run(
                 draining = true;
                 drain(&ctl);
             }
-            m = consumer.recv(), if !draining => match m {
-                Ok(m) => on_message(&ctl, &main_topic, &m, &mut ready, &mut delayed, &mut delayed_items, &mut delayed_seq),
-                Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
-            },
+            m = messages.next(), if !draining => {
+                let mut m = m;
+                // Take what librdkafka already holds without waiting, so one
+                // wake-up handles a batch.
+                let mut taken = 0;
+                loop {
+                    match m {
+                        Some(Ok(m)) => on_message(&ctl, &main_topic, &m, &mut ready, &mut delayed, &mut delayed_items, &mut delayed_seq),
+                        Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
+                        None => break,
+                    }
+                    taken += 1;
+                    if taken >= 256 {
+                        break;
+                    }
+                    m = match messages.next().now_or_never() {
+                        Some(next) => next,
+                        None => break,
+                    };
+                }
+            }
             _ = ctl.shared.wake.notified() => {}
             _ = tokio::time::sleep_until(sleep_until) => expire(&ctl),
             _ = commit_tick.tick() => commit(&ctl, &consumer, CommitMode::Async),
@@ -621,6 +677,7 @@ async fn run(
             commit(&ctl, &consumer, CommitMode::Async);
         }
     }
+    drop(messages);
     finish(ctl, consumer, out).await;
 }
 

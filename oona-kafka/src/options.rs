@@ -21,6 +21,8 @@ pub struct KafkaOptions {
     pub linger: Duration,
     /// `idempotence` of the producer (default true).
     pub idempotence: bool,
+    /// `batch_messages`: most records in one produce batch (default 10000).
+    pub batch_messages: u32,
     /// `session_timeout` of consumer groups (default 10 s).
     pub session_timeout: Duration,
     /// `heartbeat` interval (default a third of the session timeout).
@@ -47,6 +49,7 @@ impl Default for KafkaOptions {
             replication: 1,
             linger: Duration::ZERO,
             idempotence: true,
+            batch_messages: 10_000,
             session_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_millis(3333),
             fetch_wait: Duration::from_millis(100),
@@ -67,7 +70,7 @@ impl KafkaOptions {
     /// are an error naming them.
     ///
     /// Keys: `client_id`, `partitions`, `replication`, `linger`,
-    /// `idempotence`, `session_timeout`, `heartbeat`, `fetch_wait`,
+    /// `idempotence`, `batch_messages`, `session_timeout`, `heartbeat`, `fetch_wait`,
     /// `commit_interval`, `timeout`, `tls`, `tls_ca`, `tls_cert`, `tls_key`,
     /// `tls_key_password`, `sasl_mechanism` (user and password from the
     /// URL's user info), `brokers` (more `host:port`s, comma-separated).
@@ -125,6 +128,14 @@ impl KafkaOptions {
         }
         if let Some(v) = url.take_bool("idempotence")? {
             o.idempotence = v;
+        }
+        if let Some(v) = url.take::<u32>("batch_messages")? {
+            if v < 1 {
+                return Err(invalid(
+                    "query parameter `batch_messages`: must be at least 1".into(),
+                ));
+            }
+            o.batch_messages = v;
         }
         if let Some(v) = url.take_duration("session_timeout")? {
             o.session_timeout = v;

@@ -92,7 +92,7 @@ impl KafkaTransport {
         pc.set("acks", "all")
             .set("enable.idempotence", opts.idempotence.to_string())
             .set("linger.ms", opts.linger.as_millis().to_string())
-            .set("batch.num.messages", "10000")
+            .set("batch.num.messages", opts.batch_messages.to_string())
             .set("queue.buffering.max.messages", "1000000")
             .set("message.max.bytes", (MAX_PAYLOAD + 256 * 1024).to_string())
             .set("message.timeout.ms", opts.timeout.as_millis().to_string());

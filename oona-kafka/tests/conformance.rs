@@ -14,7 +14,9 @@
 //! Test-only settings (in the client URL, not transport defaults):
 //! `fetch_wait=10ms` because tansu answers a fetch only when the wait runs
 //! out; `session_timeout=6s` because tansu holds a JoinGroup about half the
-//! session timeout.
+//! session timeout; `batch_messages=1` because tansu's ListOffsets(latest)
+//! can answer a wrong end offset after a multi-record batch (a `Latest`
+//! group would then replay history).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -30,7 +32,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
-const CLIENT_PARAMS: &str = "fetch_wait=10ms&session_timeout=6s";
+const CLIENT_PARAMS: &str = "fetch_wait=10ms&session_timeout=6s&batch_messages=1";
 
 struct KafkaFixture {
     /// `host:port` the clients bootstrap from.
