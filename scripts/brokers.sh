@@ -243,6 +243,7 @@ down_kafka() {
 # frame-fixing proxy in front of it (see oona-pulsar/README.md). Its
 # Prometheus endpoint is bound to 127.0.0.1 (its default is 0.0.0.0:8080).
 # pulsar-lite has no admin REST API, so there is no OONA_TEST_PULSAR_ADMIN_URL.
+# The URL is written single-quoted: its `&` must survive `. target/brokers.env`.
 pulsar_lite_bin() {
     local py bin
     py="$(command -v python3 || true)"
@@ -279,7 +280,7 @@ up_pulsar() {
         port="$(cat "$dir/port")"
         if pid_alive "$pid" && tcp_open "$port"; then
             log "pulsar (pulsar-lite) already running on port $port (pid $pid)"
-            set_env OONA_TEST_PULSAR_URL "pulsar://127.0.0.1:$port?$query"
+            set_env OONA_TEST_PULSAR_URL "'pulsar://127.0.0.1:$port?$query'"
             return 0
         fi
     fi
@@ -295,7 +296,7 @@ up_pulsar() {
     for _ in $(seq 1 150); do
         if tcp_open "$port"; then
             log "pulsar (pulsar-lite) up on 127.0.0.1:$port, metrics on 127.0.0.1:$mport (pid $(cat "$pidfile"))"
-            set_env OONA_TEST_PULSAR_URL "pulsar://127.0.0.1:$port?$query"
+            set_env OONA_TEST_PULSAR_URL "'pulsar://127.0.0.1:$port?$query'"
             return 0
         fi
         pid_alive "$(cat "$pidfile")" || die "pulsar-lite exited (see $dir/pulsar-lite.log)"
