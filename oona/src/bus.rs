@@ -297,12 +297,12 @@ pub struct MessageBuilder<'a, T, C> {
     correlation_id: Option<String>,
     traceparent: Option<String>,
     priority: Option<Priority>,
-    schema_id: Option<String>,
+    pub(crate) schema_id: Option<String>,
     headers: Vec<(String, String)>,
 }
 
 impl<'a, T, C: Codec<T>> MessageBuilder<'a, T, C> {
-    fn new(bus: &'a Bus, codec: &'a C, topic: Result<Topic>, value: &'a T) -> Self {
+    pub(crate) fn new(bus: &'a Bus, codec: &'a C, topic: Result<Topic>, value: &'a T) -> Self {
         MessageBuilder {
             bus,
             codec,

@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod bus;
+#[cfg(feature = "contracts")]
+pub mod contract;
 pub mod handler;
 pub mod registry;
 pub mod runner;
@@ -14,7 +16,14 @@ pub use oona_core::*;
 /// The core crate itself, for paths like `oona::oona_core::wire`.
 pub use oona_core;
 
+/// The platform's typed contracts (feature `contracts`): payload types bound
+/// to their topics, and the protobuf, Avro and content-type codecs.
+#[cfg(feature = "contracts")]
+pub use oona_contracts;
+
 pub use bus::{Bus, IntoTopic, MessageBuilder, TypedDelivery, TypedSubscription};
+#[cfg(feature = "contracts")]
+pub use contract::{contract_subscription, IntoContractSubscription};
 pub use handler::{Handler, HandlerError, HandlerResult, Incoming};
 pub use registry::{
     connect, connect_with, drivers, env_url, find_driver, from_env, KnownScheme, DEFAULT_URL,
