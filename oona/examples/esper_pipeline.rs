@@ -9,6 +9,12 @@
 //! DLQ auditor ◀── compilation.blueprint.submitted.dlq
 //! ```
 //!
+//! The payloads are the platform's typed contracts (`oona-contracts`): each
+//! type knows its topic and schema, so nothing here names a topic. The
+//! blueprints travel as JSON and the telemetry (the hot path) as protobuf;
+//! every consumer decodes by the envelope's content type (`AnyCodec`), so a
+//! producer can switch format without its consumers changing.
+//!
 //! Runs over `oona::from_env()`: `memory://` unless `OONA_URL` says
 //! otherwise (`OONA_URL=redis://127.0.0.1:6379/0 cargo run --example
 //! esper_pipeline --features redis`). Every run uses fresh consumer groups
@@ -18,62 +24,30 @@
 //! Prints a summary table and exits non-zero if any count does not add up.
 //! `RUST_LOG=oona=debug` shows the `oona.publish` / `oona.deliver` spans.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
+use oona::oona_contracts::{
+    AnyCodec, BlueprintCompiled, BlueprintSubmitted, HealthSignal, LayerHealthReport, Message,
+};
 use oona::rules::DeadLetterInfo;
 use oona::{
-    Bus, Envelope, HandlerError, HandlerResult, Incoming, Name, RunSummary, Shutdown, Subscription,
-    Topic,
+    Bus, Codec, Envelope, HandlerError, HandlerResult, Incoming, Name, RunSummary, Shutdown,
+    Subscription,
 };
-use serde::{Deserialize, Serialize};
-
-// Payloads, defined locally for now (oona-contracts will provide them).
-
-/// Urza → Tezzeret: a blueprint to compile.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct BlueprintSubmitted {
-    blueprint_id: String,
-    name: String,
-    /// The operators of the blueprint's graph, in order.
-    ops: Vec<String>,
-    submitted_by: String,
-}
-
-/// Tezzeret → Urza: the compiled kernel's metadata.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct BlueprintCompiled {
-    blueprint_id: String,
-    kernel_id: String,
-    compiled_by: String,
-    op_count: usize,
-}
-
-/// Kasmina → Tamiyo, Nissa: one seed's health at the end of a step.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct LayerHealthReport {
-    layer_id: u32,
-    seed_id: u32,
-    /// Per-seed sequence number, to check per-key order on arrival.
-    seq: u64,
-    epoch: u32,
-    health: f64,
-    loss: f64,
-}
-
-const SUBMITTED: &str = "compilation.blueprint.submitted";
-const COMPILED: &str = "compilation.blueprint.compiled";
-const HEALTH: &str = "telemetry.seed.health";
 
 /// Header carrying this run's id; messages of other runs are acked and
 /// ignored.
 const RUN_HEADER: &str = "esper-run";
 
 const BLUEPRINTS: u64 = 300;
+/// BlueprintSubmitted has no field for the graph's operators; they travel
+/// comma-separated in its `metadata` under this key.
+const OPS_KEY: &str = "ops";
 const INVALID_EVERY: u64 = 25; // unsupported op → permanent failure → DLQ
 const FLAKY_EVERY: u64 = 40; // first attempt times out → nack → retried
 const LAYERS: u32 = 8;
@@ -91,6 +65,8 @@ struct Seen {
     latencies: Mutex<Vec<Duration>>,
     last_seq: Mutex<HashMap<String, u64>>,
     order_violations: AtomicU64,
+    /// Content types of the payloads decoded.
+    content_types: Mutex<BTreeSet<String>>,
 }
 
 impl Seen {
@@ -104,7 +80,16 @@ impl Seen {
         self.handled.fetch_add(1, Ordering::Relaxed);
         lock(&self.latencies).push(latency);
         lock(&self.unique).insert(env.event_id.to_string());
+        lock(&self.content_types).insert(env.content_type.as_str().to_string());
         true
+    }
+
+    fn content_types(&self) -> String {
+        let seen = lock(&self.content_types);
+        if seen.is_empty() {
+            return "-".into();
+        }
+        seen.iter().cloned().collect::<Vec<_>>().join(", ")
     }
 
     /// Check the per-key sequence.
@@ -136,8 +121,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn sub(topic: &Topic, group: &str, consumer: Option<String>) -> oona::Result<Subscription> {
-    let mut s = Subscription::new(topic.clone(), Name::new(group)?).max_attempts(3);
+/// A subscription of `group` to `T`'s topic.
+fn sub<T: Message>(group: &str, consumer: Option<String>) -> oona::Result<Subscription> {
+    let mut s = oona::contract_subscription::<T>(group)?.max_attempts(3);
     if let Some(c) = consumer {
         s = s.consumer(Name::new(c)?);
     }
@@ -168,9 +154,10 @@ async fn run() -> oona::Result<bool> {
     let transport = oona::from_env().await?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let bus = Bus::new(transport);
-    let submitted = Topic::new(SUBMITTED)?;
-    let compiled = Topic::new(COMPILED)?;
-    let health = Topic::new(HEALTH)?;
+    // The topics come from the contract types.
+    let submitted = BlueprintSubmitted::topic();
+    let compiled = BlueprintCompiled::topic();
+    let health = LayerHealthReport::topic();
     let dlq = submitted.dead_letter();
     for t in [&submitted, &compiled, &health, &dlq] {
         bus.ensure_topic(t).await?;
@@ -189,19 +176,17 @@ async fn run() -> oona::Result<bool> {
     for w in 0..TEZZERET_WORKERS {
         let worker_bus = bus.clone().with_sender_id(format!("tezzeret-{w}"));
         let (seen, per_worker, run) = (tezzeret_seen.clone(), per_worker.clone(), run_id.clone());
-        let compiled = compiled.clone();
         let handle = bus
-            .runner::<BlueprintSubmitted>(sub(
-                &submitted,
+            .runner_contract::<BlueprintSubmitted>(sub::<BlueprintSubmitted>(
                 &group("tezzeret"),
                 Some(format!("tezzeret-{run_id}-{w}")),
-            )?)
+            )?)?
             .concurrency(2)
             .shutdown_on(shutdown.clone())
             .start(move |msg: Incoming<BlueprintSubmitted>| {
                 let (seen, per_worker, run) = (seen.clone(), per_worker.clone(), run.clone());
-                let (bus, compiled) = (worker_bus.clone(), compiled.clone());
-                async move { compile(msg, &bus, &compiled, &seen, &per_worker[w], &run).await }
+                let bus = worker_bus.clone();
+                async move { compile(msg, &bus, &seen, &per_worker[w], &run).await }
             })
             .await?;
         tezzeret.push(handle);
@@ -211,7 +196,7 @@ async fn run() -> oona::Result<bool> {
     let urza_seen = Arc::new(Seen::default());
     let urza = {
         let (seen, run) = (urza_seen.clone(), run_id.clone());
-        bus.runner::<BlueprintCompiled>(sub(&compiled, &group("urza"), None)?)
+        bus.runner_contract::<BlueprintCompiled>(sub::<BlueprintCompiled>(&group("urza"), None)?)?
             .shutdown_on(shutdown.clone())
             .start(move |msg: Incoming<BlueprintCompiled>| {
                 let (seen, run) = (seen.clone(), run.clone());
@@ -231,7 +216,7 @@ async fn run() -> oona::Result<bool> {
     for (name, seen, concurrency) in [("tamiyo", &tamiyo_seen, 4), ("nissa", &nissa_seen, 1)] {
         let (seen, run) = (seen.clone(), run_id.clone());
         let handle = bus
-            .runner::<LayerHealthReport>(sub(&health, &group(name), None)?)
+            .runner_contract::<LayerHealthReport>(sub::<LayerHealthReport>(&group(name), None)?)?
             .concurrency(concurrency)
             .shutdown_on(shutdown.clone())
             .start(move |msg: Incoming<LayerHealthReport>| {
@@ -239,7 +224,7 @@ async fn run() -> oona::Result<bool> {
                 async move {
                     if seen.record(msg.envelope(), &run) {
                         let key = msg.envelope().key.clone().unwrap_or_default();
-                        seen.check_order(&key, msg.value().seq);
+                        seen.check_order(&key, msg.value().sequence);
                     }
                     Ok(())
                 }
@@ -250,7 +235,10 @@ async fn run() -> oona::Result<bool> {
 
     // The dead-letter auditor reads the DLQ directly.
     let mut dead_letters = bus
-        .subscribe_raw(sub(&dlq, &group("dlq-auditor"), None)?)
+        .subscribe_raw(Subscription::new(
+            dlq.clone(),
+            Name::new(group("dlq-auditor"))?,
+        ))
         .await?;
 
     // --- Publish: Urza's submissions and Kasmina's telemetry, concurrently.
@@ -258,8 +246,8 @@ async fn run() -> oona::Result<bool> {
     let urza_bus = bus.clone().with_sender_id("urza-1");
     let kasmina_bus = bus.clone().with_sender_id("kasmina-1");
     let (submissions, reports) = tokio::join!(
-        publish_blueprints(&urza_bus, &submitted, &run_id),
-        publish_health(&kasmina_bus, &health, &run_id),
+        publish_blueprints(&urza_bus, &run_id),
+        publish_health(&kasmina_bus, &run_id),
     );
     let (submissions, reports) = (submissions?, reports?);
     let publish_time = started.elapsed();
@@ -274,6 +262,8 @@ async fn run() -> oona::Result<bool> {
     // --- Read the dead letters while the rest drains.
     let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut dead_read = 0u64;
+    let mut dead_content_types = BTreeSet::new();
+    let any = AnyCodec::default();
     let until = started + DEADLINE;
     while dead_read < expected_dead {
         let next = tokio::time::timeout_at(until.into(), dead_letters.next()).await;
@@ -282,7 +272,10 @@ async fn run() -> oona::Result<bool> {
         if let Some(info) = DeadLetterInfo::parse(d.envelope()) {
             if info.original.header(RUN_HEADER) == Some(run_id.as_str()) {
                 dead_read += 1;
-                let what = serde_json::from_slice::<BlueprintSubmitted>(&info.original.payload)
+                dead_content_types.insert(info.original.content_type.as_str().to_string());
+                // The original, exactly as published: decode it as the
+                // consumers would.
+                let what = Codec::<BlueprintSubmitted>::decode(&any, &info.original)
                     .map(|b| b.blueprint_id)
                     .unwrap_or_else(|_| format!("event {}", info.original.event_id));
                 // Drop the per-message event id so equal failures group.
@@ -331,11 +324,12 @@ async fn run() -> oona::Result<bool> {
     println!();
     println!("Esper pipeline over {} (run {run_id})", redact(&url));
     println!();
-    let line = "-".repeat(122);
+    let line = "-".repeat(145);
     println!(
-        "{:<36} {:<9} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
+        "{:<36} {:<9} {:<22} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
         "topic",
         "from",
+        "content type",
         "group (consumers)",
         "published",
         "handled",
@@ -347,9 +341,10 @@ async fn run() -> oona::Result<bool> {
     println!("{line}");
     let (p50, p99) = tezzeret_seen.percentiles();
     println!(
-        "{:<36} {:<9} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
-        SUBMITTED,
+        "{:<36} {:<9} {:<22} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
+        submitted.as_str(),
         "urza",
+        tezzeret_seen.content_types(),
         format!("tezzeret ({TEZZERET_WORKERS} competing)"),
         submissions,
         tz.acked,
@@ -360,9 +355,10 @@ async fn run() -> oona::Result<bool> {
     );
     let (p50, p99) = urza_seen.percentiles();
     println!(
-        "{:<36} {:<9} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
-        COMPILED,
+        "{:<36} {:<9} {:<22} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
+        compiled.as_str(),
         "tezzeret",
+        urza_seen.content_types(),
         "urza",
         tz.acked,
         urza_summary.acked,
@@ -379,9 +375,10 @@ async fn run() -> oona::Result<bool> {
             name.to_string()
         };
         println!(
-            "{:<36} {:<9} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
-            HEALTH,
+            "{:<36} {:<9} {:<22} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
+            health.as_str(),
             "kasmina",
+            seen.content_types(),
             label,
             reports,
             s.acked,
@@ -392,9 +389,13 @@ async fn run() -> oona::Result<bool> {
         );
     }
     println!(
-        "{:<36} {:<9} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
+        "{:<36} {:<9} {:<22} {:<24} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9}",
         dlq.as_str(),
         "oona",
+        dead_content_types
+            .into_iter()
+            .collect::<Vec<_>>()
+            .join(", "),
         "dlq-auditor",
         tz.dead_lettered,
         dead_read,
@@ -414,6 +415,10 @@ async fn run() -> oona::Result<bool> {
         split.join(", ")
     );
     println!("Flaky blueprints retried after a nack:   {flaky} (attempt 2 succeeded)");
+    let (proto_len, json_len) = health_payload_sizes()?;
+    println!(
+        "Content types: producers pick the format, consumers decode by content type (AnyCodec); a health report is {proto_len} bytes as protobuf, {json_len} as JSON."
+    );
     println!(
         "Latency: envelope timestamp to handler; telemetry arrives as one burst of {reports}, so it includes queueing."
     );
@@ -520,6 +525,17 @@ async fn run() -> oona::Result<bool> {
         let v = seen.order_violations.load(Ordering::Relaxed);
         check(v == 0, format!("{name}: {v} per-seed order violations"));
     }
+    for (what, seen, ct) in [
+        ("tezzeret", &tezzeret_seen, oona::ContentType::JSON),
+        ("urza", &urza_seen, oona::ContentType::JSON),
+        ("tamiyo", &tamiyo_seen, oona::ContentType::PROTOBUF),
+        ("nissa", &nissa_seen, oona::ContentType::PROTOBUF),
+    ] {
+        check(
+            seen.content_types() == ct,
+            format!("{what} decoded {}, expected {ct}", seen.content_types()),
+        );
+    }
     for s in [&tz, &urza_summary]
         .into_iter()
         .chain(obs.iter().map(|(_, s)| s))
@@ -553,7 +569,6 @@ async fn run() -> oona::Result<bool> {
 async fn compile(
     msg: Incoming<BlueprintSubmitted>,
     bus: &Bus,
-    compiled: &Topic,
     seen: &Seen,
     worker_count: &AtomicU64,
     run: &str,
@@ -563,7 +578,15 @@ async fn compile(
         return Ok(());
     }
     let bp = msg.value();
-    if let Some(op) = bp.ops.iter().find(|op| op.as_str() == "quantum_conv") {
+    let ops: Vec<&str> = match bp.metadata.get(OPS_KEY) {
+        Some(ops) if !ops.is_empty() => ops.split(',').collect(),
+        _ => {
+            return Err(HandlerError::permanent(format!(
+                "blueprint without metadata \"{OPS_KEY}\""
+            )))
+        }
+    };
+    if let Some(op) = ops.iter().find(|op| **op == "quantum_conv") {
         return Err(HandlerError::permanent(format!("unsupported op '{op}'")));
     }
     if bp.name.ends_with("-flaky") && msg.attempt() == 1 {
@@ -571,18 +594,21 @@ async fn compile(
     }
     // The "compilation": a stable digest of the graph.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bp.ops.iter().flat_map(|o| o.bytes()) {
+    for b in ops.iter().flat_map(|o| o.bytes()) {
         h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
     }
     let kernel = BlueprintCompiled {
         blueprint_id: bp.blueprint_id.clone(),
-        kernel_id: format!("krn-{h:016x}"),
+        kernel_artifact_id: format!("krn-{h:016x}"),
         compiled_by: bus.sender_id().to_string(),
-        op_count: bp.ops.len(),
+        op_count: u32::try_from(ops.len())
+            .map_err(|_| HandlerError::permanent("more than u32::MAX ops"))?,
+        ..Default::default()
     };
-    // A failed publish is an oona::Error; `?` makes it a temporary
-    // failure (nack) unless it is a data error.
-    bus.message(compiled, &kernel)
+    // To BlueprintCompiled::topic(), as JSON. A failed publish is an
+    // oona::Error; `?` makes it a temporary failure (nack) unless it is a
+    // data error.
+    bus.message_contract(&kernel)
         .key(&bp.blueprint_id)
         .correlation_id(msg.envelope().event_id.to_string())
         .header(RUN_HEADER, run)
@@ -593,59 +619,86 @@ async fn compile(
     Ok(())
 }
 
-async fn publish_blueprints(bus: &Bus, topic: &Topic, run: &str) -> oona::Result<u64> {
+async fn publish_blueprints(bus: &Bus, run: &str) -> oona::Result<u64> {
     let ops = ["conv2d", "batch_norm", "relu", "residual_add", "linear"];
     let mut n = 0;
     for i in 1..=BLUEPRINTS {
-        let mut bp_ops: Vec<String> = ops
-            .iter()
-            .take(2 + (i as usize % 4))
-            .map(|s| s.to_string())
-            .collect();
+        let mut bp_ops: Vec<&str> = ops.iter().take(2 + (i as usize % 4)).copied().collect();
         let mut name = format!("bp-{i}");
         if i % INVALID_EVERY == 0 {
-            bp_ops.push("quantum_conv".into());
+            bp_ops.push("quantum_conv");
         } else if i % FLAKY_EVERY == 0 {
             name.push_str("-flaky");
         }
         let bp = BlueprintSubmitted {
             blueprint_id: format!("bp-{run}-{i:04}"),
             name,
-            ops: bp_ops,
             submitted_by: "urza-api".into(),
+            metadata: [(OPS_KEY.to_string(), bp_ops.join(","))].into(),
+            ..Default::default()
         };
-        bus.message(topic, &bp)
+        // To BlueprintSubmitted::topic(), as JSON, with its schema id.
+        bus.message_contract(&bp)
             .key(&bp.blueprint_id)
             .header(RUN_HEADER, run)
             .send()
             .await?;
         n += 1;
     }
-    // A submission whose payload is not a BlueprintSubmitted: the runner
-    // dead-letters it with a decode reason instead of dropping it.
-    let malformed = Envelope::builder(topic.clone(), r#"{"blueprint_id": 42}"#)
+    // A submission whose payload is not a BlueprintSubmitted (a field of the
+    // wrong type): the runner dead-letters it with a decode reason instead
+    // of dropping it.
+    let malformed = Envelope::builder(BlueprintSubmitted::topic(), r#"{"blueprint_id": 42}"#)
         .header(RUN_HEADER, run)
         .build();
     bus.publish_envelope(malformed).await?;
     Ok(n + 1)
 }
 
-async fn publish_health(bus: &Bus, topic: &Topic, run: &str) -> oona::Result<u64> {
+/// One seed's health at the end of a step, as a report with one entry.
+fn health_report(layer: u32, seed: u32, step: u64) -> LayerHealthReport {
+    let health = 1.0 - (step as f64 / STEPS as f64) * 0.1;
+    LayerHealthReport {
+        layer_id: layer,
+        epoch: step / 25,
+        // Per-key sequence: consumers check the order of each seed's reports.
+        sequence: step,
+        health_metrics_by_seed: [(
+            seed.to_string(),
+            HealthSignal {
+                layer_id: layer,
+                seed_id: seed,
+                epoch: step / 25,
+                health_score: health,
+                ..Default::default()
+            },
+        )]
+        .into(),
+        active_seeds: 1,
+        total_seeds: SEEDS_PER_LAYER,
+        ..Default::default()
+    }
+}
+
+/// The payload size of one health report as protobuf and as JSON.
+fn health_payload_sizes() -> oona::Result<(usize, usize)> {
+    let report = health_report(3, 2, 100);
+    let proto = Codec::<LayerHealthReport>::encode(&AnyCodec::protobuf(), &report)?;
+    let json = Codec::<LayerHealthReport>::encode(&AnyCodec::json(), &report)?;
+    Ok((proto.len(), json.len()))
+}
+
+async fn publish_health(bus: &Bus, run: &str) -> oona::Result<u64> {
+    // The hot path: binary protobuf, in batches.
+    let protobuf = AnyCodec::protobuf();
     let mut n = 0;
     let mut batch = Vec::with_capacity(200);
     for step in 0..STEPS {
         for layer in 0..LAYERS {
             for seed in 0..SEEDS_PER_LAYER {
-                let report = LayerHealthReport {
-                    layer_id: layer,
-                    seed_id: seed,
-                    seq: step,
-                    epoch: (step / 25) as u32,
-                    health: 1.0 - (step as f64 / STEPS as f64) * 0.1,
-                    loss: 2.0 / (1.0 + step as f64),
-                };
+                let report = health_report(layer, seed, step);
                 let env = bus
-                    .message(topic, &report)
+                    .message_contract_with(&protobuf, &report)
                     .key(format!("layer-{layer}/seed-{seed}"))
                     .header(RUN_HEADER, run)
                     .build()?;
