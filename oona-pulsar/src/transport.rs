@@ -437,10 +437,10 @@ impl Transport for PulsarTransport {
         }
         let _ = self.inner.shutdown.send(true);
         let tasks = std::mem::take(&mut *lock(&self.inner.tasks));
-        for t in tasks {
-            // Each task flushes its acks and leaves its group.
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-        }
+        // Each task flushes its acks and leaves its group; a broker that
+        // does not answer cannot hold close up for long.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(tasks)).await;
         let producers: Vec<SharedProducer> = lock(&self.inner.producers)
             .drain()
             .filter_map(|(_, c)| c.get().cloned())
