@@ -96,40 +96,50 @@ async fn run(url: &str) -> Res<()> {
     println!();
     println!("| scenario | Oona | raw | Oona/raw | target |");
     println!("|---|---:|---:|---:|---|");
-    let (o, r) = rounds(
-        |i| publish_single(&cx, i, true),
-        |i| publish_single(&cx, i, false),
-    )
-    .await?;
-    row("publish, 1 per call (msg/s)", o, r, "≥ 90%");
-    let (o, r) = rounds(
-        |i| publish_batched(&cx, i, true),
-        |i| publish_batched(&cx, i, false),
-    )
-    .await?;
-    row("publish, 100 in flight (msg/s)", o, r, "≥ 90%");
-    let (o, r) = rounds(|i| consume(&cx, i, true), |i| consume(&cx, i, false)).await?;
-    row("consume + commit, pre-filled (msg/s)", o, r, "≥ 90%");
-    let (o, r) = rounds(|i| end_to_end(&cx, i, true), |i| end_to_end(&cx, i, false)).await?;
-    row("end to end publish→handler→ack (msg/s)", o, r, "");
-
-    let lo = latency(&cx, 0, true).await?;
-    let lr = latency(&cx, 0, false).await?;
-    println!();
-    println!(
-        "latency publish→handler at 5,000 msg/s ({} messages; fetch.wait.max.ms=10), ms:",
-        lo.n
-    );
-    println!("| | p50 | p99 | p99.9 | max |");
-    println!("|---|---:|---:|---:|---:|");
-    println!(
-        "| Oona | {:.3} | {:.3} | {:.3} | {:.3} |",
-        lo.p50, lo.p99, lo.p999, lo.max
-    );
-    println!(
-        "| raw | {:.3} | {:.3} | {:.3} | {:.3} |",
-        lr.p50, lr.p99, lr.p999, lr.max
-    );
+    // OONA_BENCH_ONLY=publish|consume|e2e|latency runs one part.
+    let only = std::env::var("OONA_BENCH_ONLY").unwrap_or_default();
+    let part = |p: &str| only.is_empty() || only == p;
+    if part("publish") {
+        let (o, r) = rounds(
+            |i| publish_single(&cx, i, true),
+            |i| publish_single(&cx, i, false),
+        )
+        .await?;
+        row("publish, 1 per call (msg/s)", o, r, "≥ 90%");
+        let (o, r) = rounds(
+            |i| publish_batched(&cx, i, true),
+            |i| publish_batched(&cx, i, false),
+        )
+        .await?;
+        row("publish, 100 in flight (msg/s)", o, r, "≥ 90%");
+    }
+    if part("consume") {
+        let (o, r) = rounds(|i| consume(&cx, i, true), |i| consume(&cx, i, false)).await?;
+        row("consume + commit, pre-filled (msg/s)", o, r, "≥ 90%");
+    }
+    if part("e2e") {
+        let (o, r) = rounds(|i| end_to_end(&cx, i, true), |i| end_to_end(&cx, i, false)).await?;
+        row("end to end publish→handler→ack (msg/s)", o, r, "");
+    }
+    if part("latency") {
+        let lo = latency(&cx, 0, true).await?;
+        let lr = latency(&cx, 0, false).await?;
+        println!();
+        println!(
+            "latency publish→handler at 5,000 msg/s ({} messages; fetch.wait.max.ms=10), ms:",
+            lo.n
+        );
+        println!("| | p50 | p99 | p99.9 | max |");
+        println!("|---|---:|---:|---:|---:|");
+        println!(
+            "| Oona | {:.3} | {:.3} | {:.3} | {:.3} |",
+            lo.p50, lo.p99, lo.p999, lo.max
+        );
+        println!(
+            "| raw | {:.3} | {:.3} | {:.3} | {:.3} |",
+            lr.p50, lr.p99, lr.p999, lr.max
+        );
+    }
     cx.oona.close().await?;
     Ok(())
 }

@@ -32,7 +32,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use oona_benches::{percentiles, print_throughput, Percentiles};
 use oona_core::memory::{MemoryConfig, MemoryTransport};
-use oona_core::{Envelope, ErrorKind, Name, StartPosition, Subscription, Topic, Transport};
+use oona_core::{
+    Envelope, ErrorKind, Name, StartPosition, Subscription, Timestamp, Topic, Transport,
+};
 use tokio::sync::{mpsc, Mutex, Notify};
 
 const PAYLOAD: usize = 256;
@@ -108,6 +110,13 @@ async fn run() -> Res<()> {
                 "",
             );
         }
+        let (o, r) = rounds(|| consume_at(true), || consume_at(false)).await?;
+        print_throughput(
+            "consume + ack, group starting At(now) after 100,000 retained entries (msg/s)",
+            o,
+            r,
+            "",
+        );
     }
     if want("e2e") {
         let (o, r) = rounds(|| end_to_end(1, true), || end_to_end(1, false)).await?;
@@ -368,16 +377,54 @@ async fn consume(window: usize, oona: bool) -> Res<f64> {
         }
         Ok(rate(N, started))
     } else {
-        let (tx, mut rx) = mpsc::channel(N);
-        for n in 0..N {
-            tx.send(payload(n as u64)).await?;
-        }
-        let started = Instant::now();
-        for _ in 0..N {
-            std::hint::black_box(rx.recv().await.ok_or("channel closed")?);
-        }
-        Ok(rate(N, started))
+        consume_n(N).await
     }
+}
+
+/// A group that starts at a time, on a topic with 100,000 older entries
+/// kept: consume + ack 20,000 newer ones. mpsc: `recv` only (a channel has
+/// no history to skip).
+async fn consume_at(oona: bool) -> Res<f64> {
+    const HISTORY: usize = 100_000;
+    const N: usize = 20_000;
+    let t = topic("at")?;
+    if !oona {
+        return consume_n(N).await;
+    }
+    let m = transport(HISTORY + N)?;
+    for b in 0..HISTORY / BATCH {
+        let batch = (0..BATCH)
+            .map(|n| envelope(&t, (b * BATCH + n) as u64))
+            .collect();
+        m.publish_batch(batch).await?;
+    }
+    // Strictly after the history's store times.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let sub = subscription(&t)?.start(StartPosition::At(Timestamp::now()));
+    let mut s = m.subscribe(sub).await?;
+    for b in 0..N / BATCH {
+        let batch = (0..BATCH)
+            .map(|n| envelope(&t, (b * BATCH + n) as u64))
+            .collect();
+        m.publish_batch(batch).await?;
+    }
+    let started = Instant::now();
+    for _ in 0..N {
+        s.next().await.ok_or("stream ended")??.ack().await?;
+    }
+    Ok(rate(N, started))
+}
+
+async fn consume_n(n: usize) -> Res<f64> {
+    let (tx, mut rx) = mpsc::channel(n);
+    for i in 0..n {
+        tx.send(payload(i as u64)).await?;
+    }
+    let started = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(rx.recv().await.ok_or("channel closed")?);
+    }
+    Ok(rate(n, started))
 }
 
 /// Publish (one call per message) while `consumers` consumers of one group

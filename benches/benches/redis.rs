@@ -180,7 +180,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn topic(what: &str, i: usize, oona: bool) -> Topic {
     let side = if oona { "oona" } else { "raw" };
     let n = std::process::id();
-    Topic::new(format!("telemetry.bench.{what}_{side}_{n}_{i}"))
+    Topic::new(format!("{}.bench.{what}_{side}_{n}_{i}", std::env::var("OONA_BENCH_PLANE").unwrap_or_else(|_| "telemetry".into())))
         .unwrap_or_else(|_| Topic::new("telemetry.bench.fallback").expect("a valid topic"))
 }
 

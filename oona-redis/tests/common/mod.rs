@@ -88,7 +88,10 @@ impl Fixture for RedisFixture {
     }
 
     async fn restore_connections(&self) -> oona_core::Result<()> {
-        self.proxy.restore().await.map_err(|e| err("proxy restore", e))
+        self.proxy
+            .restore()
+            .await
+            .map_err(|e| err("proxy restore", e))
     }
 
     async fn applied_retention(&self, topic: &Topic) -> oona_core::Result<Retention> {
