@@ -25,7 +25,7 @@ use oona_core::{
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _, OwnedHeaders};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Notify};
@@ -100,11 +100,20 @@ struct InFlight {
     offset: i64,
     epoch: u64,
     deadline: Instant,
-    envelope: Envelope,
+    raw: Raw,
     attempt: u32,
     position: String,
     /// A republish (retry or dead letter) is under way.
     busy: bool,
+}
+
+/// A record as read, kept for its redelivery (cheaper than a second copy of
+/// the decoded envelope: the payload is shared, the headers one block).
+#[derive(Clone)]
+struct Raw {
+    payload: Bytes,
+    headers: Option<OwnedHeaders>,
+    key: Option<Bytes>,
 }
 
 #[derive(Default)]
@@ -271,7 +280,7 @@ struct Ctl {
 impl Ctl {
     async fn republish(
         &self,
-        envelope: &Envelope,
+        raw: &Raw,
         attempt: u32,
         position: &str,
         what: Republish,
@@ -281,19 +290,15 @@ impl Ctl {
             Republish::Retry { not_before } => {
                 let next = attempt + 1;
                 let info = DeliveryInfo::new(&self.sub, next, Some(position.to_string()));
-                if let Some((dl, reason)) = rules::exceeded_attempts(envelope, &info) {
+                let (envelope, _) =
+                    headers::decode(raw.headers.as_ref(), raw.payload.clone(), &self.sub.topic)?;
+                if let Some((dl, reason)) = rules::exceeded_attempts(&envelope, &info) {
                     tracing::debug!(%reason, "kafka: dead-lettering");
                     return self.inner.publish_dead_letter(&dl).await;
                 }
+                let hs = headers::for_retry(raw.headers.as_ref(), next, not_before);
                 self.inner
-                    .publish_envelope(
-                        &self.retry,
-                        envelope,
-                        &[
-                            (hname::ATTEMPT, next.to_string()),
-                            (hname::NOT_BEFORE, not_before.to_string()),
-                        ],
-                    )
+                    .send(&self.retry, raw.key.as_deref(), &raw.payload, hs)
                     .await
                     .map(|_| ())
             }
@@ -305,14 +310,14 @@ impl Ctl {
     fn spawn_republish(&self, id: u64, what: Republish) {
         let ctl = self.clone();
         tokio::spawn(async move {
-            let (env, attempt, position) = {
+            let (raw, attempt, position) = {
                 let st = ctl.shared.lock();
                 match st.inflight.get(&id) {
-                    Some(f) => (f.envelope.clone(), f.attempt, f.position.clone()),
+                    Some(f) => (f.raw.clone(), f.attempt, f.position.clone()),
                     None => return,
                 }
             };
-            let res = ctl.republish(&env, attempt, &position, what).await;
+            let res = ctl.republish(&raw, attempt, &position, what).await;
             let mut st = ctl.shared.lock();
             match res {
                 Ok(()) => st.finish(id),
@@ -341,7 +346,7 @@ struct KafkaSettle {
 impl Settle for KafkaSettle {
     async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()> {
         let ctl = &self.ctl;
-        let (env, attempt, position) = {
+        let (raw, attempt, position) = {
             let mut st = ctl.shared.lock();
             if st.ended {
                 return Err(closed_error());
@@ -362,7 +367,7 @@ impl Settle for KafkaSettle {
                 return Ok(());
             }
             f.busy = true;
-            (f.envelope.clone(), f.attempt, f.position.clone())
+            (f.raw.clone(), f.attempt, f.position.clone())
         };
         let what = match settlement {
             Settlement::Redeliver { delay } => Republish::Retry {
@@ -372,7 +377,7 @@ impl Settle for KafkaSettle {
             // Handled above.
             Settlement::Ack => Republish::Retry { not_before: 0 },
         };
-        let res = ctl.republish(&env, attempt, &position, what).await;
+        let res = ctl.republish(&raw, attempt, &position, what).await;
         let mut st = ctl.shared.lock();
         match res {
             Ok(()) => st.finish(self.id),
@@ -395,6 +400,7 @@ struct Ready {
     offset: i64,
     epoch: u64,
     envelope: Envelope,
+    raw: Raw,
     attempt: u32,
     position: String,
 }
@@ -509,6 +515,8 @@ pub(crate) async fn start(
         )
         .set("heartbeat.interval.ms", o.heartbeat.as_millis().to_string())
         .set("fetch.wait.max.ms", o.fetch_wait.as_millis().to_string())
+        // Bounds what librdkafka prefetches per partition (default 64 MB).
+        .set("queued.max.messages.kbytes", "16384")
         .set("max.poll.interval.ms", max_poll.as_millis().to_string());
     let (assigned_tx, assigned_rx) = tokio::sync::oneshot::channel();
     let consumer: StreamConsumer<Ctx> = cfg
@@ -558,15 +566,15 @@ async fn run(
 ) {
     let main_topic: Arc<str> = Arc::from(ctl.sub.topic.as_str());
     let prefetch = ctl.sub.prefetch.max(1);
-    // Buffered records (read, not yet handed out) past which fetching
-    // pauses; librdkafka refetches paused partitions, so stay well above
-    // the prefetch to pause rarely.
-    let pause_at = (prefetch * 4).max(1024);
+    // Buffered records (read, not yet handed out) past which the loop stops
+    // reading: librdkafka then stops fetching once its own queue is full
+    // (`queued.max.messages.kbytes`). Pausing partitions instead would
+    // make librdkafka drop and refetch what it holds on every resume.
+    let read_limit = (prefetch * 4).max(1024);
     let mut ready: VecDeque<Ready> = VecDeque::new();
     let mut delayed: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
     let mut delayed_items: HashMap<u64, Ready> = HashMap::new();
     let mut delayed_seq = 0u64;
-    let mut paused = false;
     let mut draining = false;
     let mut commit_tick = tokio::time::interval(ctl.inner.opts.commit_interval);
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -601,17 +609,10 @@ async fn run(
                 }
             }
         }
-        // Flow control: stop fetching while much is buffered.
-        let buffered = ready.len() + delayed_items.len();
-        if !paused && buffered >= pause_at {
-            if let Ok(a) = consumer.assignment() {
-                paused = consumer.pause(&a).is_ok();
-            }
-        } else if paused && buffered < pause_at / 4 {
-            if let Ok(a) = consumer.assignment() {
-                paused = consumer.resume(&a).is_err();
-            }
-        }
+        // Flow control: stop reading while much is buffered. Rebalance
+        // events wait meanwhile; they are served as soon as deliveries are
+        // settled or expire.
+        let reading = !draining && ready.len() + delayed_items.len() < read_limit;
         let next_timer = {
             let mut st = ctl.shared.lock();
             // Deadlines of settled deliveries are dropped lazily; rebuild
@@ -644,7 +645,7 @@ async fn run(
                 draining = true;
                 drain(&ctl);
             }
-            m = messages.next(), if !draining => {
+            m = messages.next(), if reading => {
                 let mut m = m;
                 // Take what librdkafka already holds without waiting, so one
                 // wake-up handles a batch.
@@ -703,6 +704,11 @@ fn on_message(
     };
     let epoch = ctl.shared.lock().track(&kafka_topic, partition, offset);
     let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
+    let raw = Raw {
+        payload: payload.clone(),
+        headers: m.headers().map(|h| h.detach()),
+        key: m.key().map(Bytes::copy_from_slice),
+    };
     match headers::decode(m.headers(), payload.clone(), &ctl.sub.topic) {
         Ok((envelope, internal)) => {
             let r = Ready {
@@ -711,6 +717,7 @@ fn on_message(
                 offset,
                 epoch,
                 envelope,
+                raw,
                 attempt: internal.attempt.unwrap_or(1).max(1),
                 position,
             };
@@ -744,7 +751,7 @@ fn on_message(
                 partition,
                 offset,
                 epoch,
-                dl.clone(),
+                raw,
                 1,
                 position,
                 true,
@@ -761,7 +768,7 @@ fn register(
     partition: i32,
     offset: i64,
     epoch: u64,
-    envelope: Envelope,
+    raw: Raw,
     attempt: u32,
     position: String,
     busy: bool,
@@ -778,7 +785,7 @@ fn register(
             offset,
             epoch,
             deadline,
-            envelope,
+            raw,
             attempt,
             position,
             busy,
@@ -809,7 +816,7 @@ fn hand_out(ctl: &Ctl, r: Ready) -> Option<Delivery> {
             r.partition,
             r.offset,
             r.epoch,
-            r.envelope,
+            r.raw,
             r.attempt,
             r.position,
             true,
@@ -823,7 +830,7 @@ fn hand_out(ctl: &Ctl, r: Ready) -> Option<Delivery> {
         r.partition,
         r.offset,
         r.epoch,
-        r.envelope.clone(),
+        r.raw,
         r.attempt,
         r.position,
         false,

@@ -97,6 +97,38 @@ pub fn encode(env: &Envelope, extra: &[(&str, String)]) -> OwnedHeaders {
     out
 }
 
+/// `headers` of a record read back, without its internal headers, plus
+/// `oona-attempt` and `oona-not-before`: the headers of its redelivery.
+pub(crate) fn for_retry(
+    headers: Option<&OwnedHeaders>,
+    attempt: u32,
+    not_before: u64,
+) -> OwnedHeaders {
+    use rdkafka::message::Headers as _;
+    let n = headers.map(|h| h.count()).unwrap_or(0);
+    let mut out = OwnedHeaders::new_with_capacity(n + 2);
+    if let Some(h) = headers {
+        for x in h.iter() {
+            if x.key == name::ATTEMPT || x.key == name::NOT_BEFORE {
+                continue;
+            }
+            out = out.insert(Header {
+                key: x.key,
+                value: x.value,
+            });
+        }
+    }
+    let (a, nb) = (attempt.to_string(), not_before.to_string());
+    out.insert(Header {
+        key: name::ATTEMPT,
+        value: Some(a.as_bytes()),
+    })
+    .insert(Header {
+        key: name::NOT_BEFORE,
+        value: Some(nb.as_bytes()),
+    })
+}
+
 /// Internal headers read beside the envelope.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Internal {

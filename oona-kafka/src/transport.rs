@@ -305,11 +305,11 @@ impl Inner {
     pub(crate) async fn send(
         &self,
         kafka_topic: &str,
-        key: Option<&str>,
+        key: Option<&[u8]>,
         payload: &[u8],
         headers: OwnedHeaders,
     ) -> Result<(i32, i64)> {
-        let mut rec = FutureRecord::<str, [u8]>::to(kafka_topic)
+        let mut rec = FutureRecord::<[u8], [u8]>::to(kafka_topic)
             .payload(payload)
             .headers(headers);
         if let Some(k) = key {
@@ -330,8 +330,13 @@ impl Inner {
         extra: &[(&str, String)],
     ) -> Result<(i32, i64)> {
         let hs = headers::encode(env, extra);
-        self.send(kafka_topic, env.key.as_deref(), &env.payload, hs)
-            .await
+        self.send(
+            kafka_topic,
+            env.key.as_deref().map(str::as_bytes),
+            &env.payload,
+            hs,
+        )
+        .await
     }
 
     /// Publish a dead letter to its topic, creating the topic if needed.

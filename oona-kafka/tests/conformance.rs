@@ -16,7 +16,11 @@
 //! out; `session_timeout=6s` because tansu holds a JoinGroup about half the
 //! session timeout; `batch_messages=1` because tansu's ListOffsets(latest)
 //! can answer a wrong end offset after a multi-record batch (a `Latest`
-//! group would then replay history).
+//! group would then replay history); `partitions=1` because tansu answers
+//! a ListOffsets by timestamp with offset 0, not "none", for a partition
+//! with no record that late (a group starting `At(t)` would replay the
+//! partitions that got no later message). Several partitions and a
+//! rebalance are covered by `tests/rebalance.rs`.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -32,7 +36,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
-const CLIENT_PARAMS: &str = "fetch_wait=10ms&session_timeout=6s&batch_messages=1";
+const CLIENT_PARAMS: &str = "fetch_wait=10ms&session_timeout=6s&batch_messages=1&partitions=1";
 
 struct KafkaFixture {
     /// `host:port` the clients bootstrap from.
