@@ -28,13 +28,24 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
     rustup component add rustfmt clippy
 fi
 
+# System packages the build needs: protoc for the pulsar crate's build
+# script (oona-contracts uses the pure-Rust protox and needs none).
+need_pkgs=()
+command -v protoc >/dev/null 2>&1 || need_pkgs+=(protobuf-compiler)
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    step "installing ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_pkgs[@]}"
+fi
+
 step "cargo fmt --check"
 cargo fmt --all --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
-BROKERS="${OONA_TEST_BROKERS:-redis redis8}"
+BROKERS="${OONA_TEST_BROKERS:-redis redis8 pulsar}"
 step "brokers: $BROKERS"
 STARTED=()
 cleanup() {
