@@ -300,8 +300,8 @@ impl Transport for MemoryTransport {
         self.check_open()?;
         {
             let mut st = self.broker.lock();
-            st.topic_mut(&subscription.topic, &self.broker.config.policies)
-                .group_mut(&subscription);
+            st.topic_mut(&subscription.topic, &self.broker.config.policies)?
+                .ensure_group(&subscription);
         }
         let consumer = Consumer {
             broker: self.broker.clone(),
@@ -415,6 +415,17 @@ struct Group {
     cursor: u64,
     /// Handed out (or waiting for redelivery) and not yet settled.
     pending: BTreeMap<u64, Pending>,
+    /// No pending entry is ready before this instant (`None`: none is
+    /// ready at any time, the set was empty when last scanned). Lowered on
+    /// every state change, made exact by every full scan, so that without
+    /// key order `pick` skips scanning the entries in flight (up to
+    /// prefetch × consumers) when none can be due.
+    ready_floor: Option<Instant>,
+}
+
+/// Lower a [`Group::ready_floor`] to cover an entry ready at `at`.
+fn lower(floor: &mut Option<Instant>, at: Instant) {
+    *floor = Some(floor.map_or(at, |f| f.min(at)));
 }
 
 #[derive(Debug)]
@@ -484,19 +495,23 @@ impl Broker {
     /// consumers.
     fn append_locked(&self, st: &mut State, items: Vec<(Topic, Stored)>) -> Result<Vec<u64>> {
         let now = SystemTime::now();
-        // Check room first so that a batch is all-or-nothing.
-        let mut needed: HashMap<&Topic, usize> = HashMap::new();
+        // Check room first so that a batch is all-or-nothing. Batches name
+        // one topic or a few: a linear scan beats hashing.
+        let mut needed: Vec<(&Topic, usize)> = Vec::with_capacity(1);
         for (t, _) in &items {
-            *needed.entry(t).or_default() += 1;
+            match needed.iter_mut().find(|(n, _)| *n == t) {
+                Some((_, c)) => *c += 1,
+                None => needed.push((t, 1)),
+            }
         }
         for (topic, n) in &needed {
-            let log = st.topic_mut(topic, &self.config.policies);
+            let log = st.topic_mut(topic, &self.config.policies)?;
             log.trim_expired(now);
             log.make_room(*n, self.config.capacity)?;
         }
         let mut seqs = Vec::with_capacity(items.len());
         for (topic, item) in items {
-            let log = st.topic_mut(&topic, &self.config.policies);
+            let log = st.topic_mut(&topic, &self.config.policies)?;
             seqs.push(log.end_seq());
             log.entries.push_back(Entry { at: now, item });
         }
@@ -505,11 +520,23 @@ impl Broker {
 }
 
 impl State {
-    /// The topic's log, created with its plane's policy when missing.
-    fn topic_mut(&mut self, topic: &Topic, policies: &PolicySet) -> &mut TopicLog {
-        self.topics
-            .entry(topic.clone())
-            .or_insert_with(|| TopicLog::new(policies.for_topic(topic).clone()))
+    /// The topic's log, created with its plane's policy when missing. The
+    /// name is cloned only on creation (this runs on every publish and
+    /// take; `entry` would clone it every time).
+    fn topic_mut(&mut self, topic: &Topic, policies: &PolicySet) -> Result<&mut TopicLog> {
+        if !self.topics.contains_key(topic) {
+            self.topics.insert(
+                topic.clone(),
+                TopicLog::new(policies.for_topic(topic).clone()),
+            );
+        }
+        self.topics.get_mut(topic).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Internal,
+                "memory topic missing right after insert",
+            )
+            .with_transport(NAME)
+        })
     }
 }
 
@@ -543,13 +570,18 @@ impl TopicLog {
         let Some(keep) = self.policy.retention.duration() else {
             return;
         };
+        let before = self.first_seq;
         while let Some(front) = self.entries.front() {
             match now.duration_since(front.at) {
                 Ok(age) if age > keep => self.pop_front(),
                 _ => break,
             }
         }
-        self.forget_trimmed();
+        // Only when something went: this runs on every publish and take,
+        // and visits every pending entry of every group.
+        if self.first_seq != before {
+            self.forget_trimmed();
+        }
     }
 
     /// Groups forget pending entries that retention removed.
@@ -599,7 +631,13 @@ impl TopicLog {
         Ok(())
     }
 
-    fn group_mut(&mut self, sub: &Subscription) -> &mut Group {
+    /// Create the subscription's group at its start position when missing.
+    /// Runs on every take: the start position (a scan of the log for
+    /// `At`) and the name's clone are paid only on creation.
+    fn ensure_group(&mut self, sub: &Subscription) {
+        if self.groups.contains_key(&sub.group) {
+            return;
+        }
         let cursor = match sub.start {
             StartPosition::Latest => self.end_seq(),
             StartPosition::Earliest => self.first_seq,
@@ -609,12 +647,14 @@ impl TopicLog {
                 self.first_seq + skip
             }
         };
-        self.groups
-            .entry(sub.group.clone())
-            .or_insert_with(|| Group {
+        self.groups.insert(
+            sub.group.clone(),
+            Group {
                 cursor,
                 pending: BTreeMap::new(),
-            })
+                ready_floor: None,
+            },
+        );
     }
 }
 
@@ -712,32 +752,37 @@ impl Consumer {
         let mut st = self.broker.lock();
         let mut dead_lettered = false;
         let result = loop {
-            let log = st.topic_mut(&sub.topic, &self.broker.config.policies);
+            let log = st.topic_mut(&sub.topic, &self.broker.config.policies)?;
             log.trim_expired(SystemTime::now());
-            log.group_mut(sub);
+            log.ensure_group(sub);
             let Some(seq) = pick(log, sub, now) else {
                 let next = log.groups.get(&sub.group).and_then(|g| {
-                    g.pending
-                        .values()
-                        .map(|p| p.state.ready_at())
-                        .filter(|t| *t > now)
-                        .min()
+                    if sub.key_ordered {
+                        // Key-blocked entries may be ready yet waiting.
+                        g.pending
+                            .values()
+                            .map(|p| p.state.ready_at())
+                            .filter(|t| *t > now)
+                            .min()
+                    } else {
+                        // Nothing is ready (pick would have taken it), so
+                        // the floor is in the future; waking at a floor
+                        // below the true time only costs a rescan.
+                        g.ready_floor.filter(|t| *t > now)
+                    }
                 });
                 break Ok(Take::Wait(next));
             };
             let item = log.get(seq).map(|e| e.item.clone());
-            let Some(p) = log
-                .groups
-                .get_mut(&sub.group)
-                .and_then(|g| g.pending.get_mut(&seq))
-            else {
+            let Some(group) = log.groups.get_mut(&sub.group) else {
                 continue;
             };
             let Some(item) = item else {
                 // Trimmed by retention: nothing left to deliver.
-                log.groups
-                    .get_mut(&sub.group)
-                    .map(|g| g.pending.remove(&seq));
+                group.pending.remove(&seq);
+                continue;
+            };
+            let Some(p) = group.pending.get_mut(&seq) else {
                 continue;
             };
             p.attempts += 1;
@@ -764,7 +809,7 @@ impl Consumer {
                     &mut st,
                     vec![(dl.topic.clone(), Stored::Envelope(Box::new(dl)))],
                 );
-                let log = st.topic_mut(&sub.topic, &self.broker.config.policies);
+                let log = st.topic_mut(&sub.topic, &self.broker.config.policies)?;
                 let Some(group) = log.groups.get_mut(&sub.group) else {
                     continue;
                 };
@@ -781,18 +826,20 @@ impl Consumer {
                                 at: now + DEAD_LETTER_RETRY,
                             };
                         }
+                        lower(&mut group.ready_floor, now + DEAD_LETTER_RETRY);
                         break Err(e);
                     }
                 }
             }
             let Ok(envelope) = decoded else {
+                // Left as pick handed it over: ready now.
+                lower(&mut group.ready_floor, now);
                 continue;
             };
             let token = self.broker.tokens.fetch_add(1, Ordering::Relaxed);
-            p.state = PendingState::Held {
-                token,
-                deadline: now + sub.ack_deadline,
-            };
+            let deadline = now + sub.ack_deadline;
+            p.state = PendingState::Held { token, deadline };
+            lower(&mut group.ready_floor, deadline);
             tracing::debug_span!(
                 "oona.deliver",
                 transport = NAME,
@@ -805,8 +852,7 @@ impl Consumer {
             let settler = MemorySettler {
                 broker: self.broker.clone(),
                 closed: self.closed.clone(),
-                topic: sub.topic.clone(),
-                group: sub.group.clone(),
+                sub: sub.clone(),
                 seq,
                 token,
                 _permit: permit,
@@ -831,6 +877,10 @@ const DEAD_LETTER_RETRY: std::time::Duration = std::time::Duration::from_secs(1)
 
 /// Choose the next entry to hand out (moving it into pending when it comes
 /// from the unread part of the log).
+///
+/// An entry returned from the unread part is left `Ready` at `now` without
+/// lowering the group's `ready_floor`: the caller must set its state (and
+/// lower the floor) or remove it.
 fn pick(log: &mut TopicLog, sub: &Subscription, now: Instant) -> Option<u64> {
     let end = log.end_seq();
     let first = log.first_seq;
@@ -841,17 +891,25 @@ fn pick(log: &mut TopicLog, sub: &Subscription, now: Instant) -> Option<u64> {
         entries, groups, ..
     } = log;
     let group = groups.get_mut(&sub.group)?;
-    for (seq, p) in &group.pending {
-        let ready = p.state.ready_at() <= now;
-        let key_free = !sub.key_ordered || p.key.as_ref().is_none_or(|k| !blocked.contains(k));
-        if ready && key_free {
-            return Some(*seq);
-        }
-        if sub.key_ordered {
-            if let Some(k) = &p.key {
-                blocked.insert(k.clone());
+    // Key order needs every pending key; otherwise scan only when something
+    // may be due.
+    if sub.key_ordered || group.ready_floor.is_some_and(|f| f <= now) {
+        let mut floor = None;
+        for (seq, p) in &group.pending {
+            let at = p.state.ready_at();
+            let key_free = !sub.key_ordered || p.key.as_ref().is_none_or(|k| !blocked.contains(k));
+            if at <= now && key_free {
+                return Some(*seq);
+            }
+            lower(&mut floor, at);
+            if sub.key_ordered {
+                if let Some(k) = &p.key {
+                    blocked.insert(k.clone());
+                }
             }
         }
+        // Every pending entry was seen: the floor is exact.
+        group.ready_floor = floor;
     }
     // Read new entries; a key-blocked one waits in pending, ready at once.
     while group.cursor < end {
@@ -871,6 +929,7 @@ fn pick(log: &mut TopicLog, sub: &Subscription, now: Instant) -> Option<u64> {
         if free {
             return Some(seq);
         }
+        lower(&mut group.ready_floor, now);
         if let Some(k) = key {
             blocked.insert(k);
         }
@@ -881,8 +940,9 @@ fn pick(log: &mut TopicLog, sub: &Subscription, now: Instant) -> Option<u64> {
 struct MemorySettler {
     broker: Arc<Broker>,
     closed: Arc<Closed>,
-    topic: Topic,
-    group: Name,
+    /// The consumer's subscription (topic and group), shared rather than
+    /// cloning two names per delivery.
+    sub: Arc<Subscription>,
     seq: u64,
     token: u64,
     _permit: OwnedSemaphorePermit,
@@ -898,8 +958,8 @@ impl Settle for MemorySettler {
         let mut st = self.broker.lock();
         let current = st
             .topics
-            .get(&self.topic)
-            .and_then(|t| t.groups.get(&self.group))
+            .get(&self.sub.topic)
+            .and_then(|t| t.groups.get(&self.sub.group))
             .and_then(|g| g.pending.get(&self.seq))
             .is_some_and(
                 |p| matches!(p.state, PendingState::Held { token, .. } if token == self.token),
@@ -917,10 +977,12 @@ impl Settle for MemorySettler {
         match settlement {
             Settlement::Ack => self.remove_pending(&mut st),
             Settlement::Redeliver { delay } => {
-                if let Some(p) = self.pending_mut(&mut st) {
-                    p.state = PendingState::Ready {
-                        at: Instant::now() + delay,
-                    };
+                if let Some(g) = self.group_mut(&mut st) {
+                    let at = Instant::now() + delay;
+                    if let Some(p) = g.pending.get_mut(&self.seq) {
+                        p.state = PendingState::Ready { at };
+                    }
+                    lower(&mut g.ready_floor, at);
                 }
             }
             Settlement::DeadLetter { dead_letter, .. } => {
@@ -940,19 +1002,14 @@ impl Settle for MemorySettler {
 }
 
 impl MemorySettler {
-    fn pending_mut<'a>(&self, st: &'a mut State) -> Option<&'a mut Pending> {
+    fn group_mut<'a>(&self, st: &'a mut State) -> Option<&'a mut Group> {
         st.topics
-            .get_mut(&self.topic)
-            .and_then(|t| t.groups.get_mut(&self.group))
-            .and_then(|g| g.pending.get_mut(&self.seq))
+            .get_mut(&self.sub.topic)
+            .and_then(|t| t.groups.get_mut(&self.sub.group))
     }
 
     fn remove_pending(&self, st: &mut State) {
-        if let Some(g) = st
-            .topics
-            .get_mut(&self.topic)
-            .and_then(|t| t.groups.get_mut(&self.group))
-        {
+        if let Some(g) = self.group_mut(st) {
             g.pending.remove(&self.seq);
         }
     }
@@ -1049,6 +1106,52 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(!third.is_finished(), "nothing more is delivered");
         third.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn due_entries_come_before_unread_ones_while_others_are_in_flight() {
+        let m = MemoryTransport::new();
+        let t = topic("telemetry.test.due");
+        let mut s = m
+            .subscribe(sub(&t, "g").ack_deadline(Duration::from_secs(2)))
+            .await
+            .unwrap();
+        for i in 0..6 {
+            m.publish(Envelope::builder(t.clone(), format!("{i}")).build())
+                .await
+                .unwrap();
+        }
+        let body = |d: &Delivery| String::from_utf8(d.envelope().payload.to_vec()).unwrap();
+        let d0 = next(&mut s).await;
+        let d1 = next(&mut s).await;
+        let d2 = next(&mut s).await;
+        // A nack among held deliveries is due at once: it comes back before
+        // the unread entries.
+        d1.nack(None).await.unwrap();
+        let again = next(&mut s).await;
+        assert_eq!((body(&again), again.attempt()), ("1".to_string(), 2));
+        let d3 = next(&mut s).await;
+        assert_eq!(body(&d3), "3");
+        // A nack delay holds it back until then, not longer.
+        again.nack(Some(Duration::from_millis(500))).await.unwrap();
+        let d4 = next(&mut s).await;
+        assert_eq!(body(&d4), "4");
+        let d5 = next(&mut s).await;
+        assert_eq!(body(&d5), "5");
+        let started = Instant::now();
+        let later = next(&mut s).await;
+        assert_eq!((body(&later), later.attempt()), ("1".to_string(), 3));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // The deadline passes for the one still held: it comes back.
+        for d in [d2, d3, d4, d5, later] {
+            d.ack().await.unwrap();
+        }
+        let back = next(&mut s).await;
+        assert_eq!((body(&back), back.attempt()), ("0".to_string(), 2));
+        drop(d0);
+        back.ack().await.unwrap();
+        let none = tokio::time::timeout(Duration::from_secs(60), s.next()).await;
+        assert!(none.is_err(), "nothing left to deliver");
     }
 
     #[tokio::test]
