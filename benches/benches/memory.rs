@@ -16,15 +16,16 @@
 //!   competing consumers of one group (mpsc: 4 tasks sharing the receiver
 //!   behind a mutex; ack is nothing);
 //! - latency publish -> handler at a fixed 10,000 msg/s (p50 / p99 / p99.9);
-//! - process RSS every 100,000 of 1,000,000 messages published and
-//!   consumed + acked through one group, at capacity 10,000 and at the
-//!   default capacity, beside an mpsc channel of the same bound.
+//! - live heap and process RSS every 100,000 of 1,000,000 messages
+//!   published and consumed + acked through one group, at capacity 10,000
+//!   and at the default capacity, beside mpsc channels of those bounds.
 //!
 //! The mpsc side carries the payload `Bytes` (the prebuilt row carries the
 //! same `Envelope`s); what differs is Oona's own work: building the
 //! envelope, topic logs, consumer groups, pending sets, settlement.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,9 @@ fn main() {
     // Each RSS series runs in a fresh process of this binary, so that what
     // the allocator kept from earlier scenarios does not hide its growth.
     let child = std::env::var(MEM_CHILD).ok();
+    if child.is_some() {
+        COUNT.store(true, Ordering::Relaxed);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -164,8 +168,9 @@ async fn latencies(base: Instant) -> Res<()> {
 async fn memories() -> Res<()> {
     println!();
     println!(
-        "memory: process RSS (KiB, /proc/self/statm × 4 KiB pages) after every 100,000 of \
-         {MEM_N} messages published and consumed + acked through one group:"
+        "memory after every 100,000 of {MEM_N} messages published and consumed + acked \
+         through one group, each series in a fresh process; MiB, live heap (bytes allocated \
+         and not freed, counted by the bench's allocator) / RSS (/proc/self/statm × 4 KiB):"
     );
     let series = [
         ("Oona, capacity 10,000", "oona:10000"),
@@ -184,12 +189,18 @@ async fn memories() -> Res<()> {
             )
             .into());
         }
-        let kib: Vec<u64> = String::from_utf8(out.stdout)?
-            .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()?;
-        let (start, samples) = kib.split_first().ok_or("memory series printed nothing")?;
-        print_series(name, *start, samples);
+        let mut samples = Vec::new();
+        for line in String::from_utf8(out.stdout)?.lines() {
+            let (heap, rss) = line.split_once(' ').ok_or("bad memory sample line")?;
+            samples.push(Sample {
+                heap: heap.parse()?,
+                rss: rss.parse()?,
+            });
+        }
+        let (start, samples) = samples
+            .split_first()
+            .ok_or("memory series printed nothing")?;
+        print_series(name, start, samples);
     }
     Ok(())
 }
@@ -572,7 +583,7 @@ enum Side {
 }
 
 /// The child process: run one series (`oona:<capacity>|oona:default|
-/// mpsc:<bound>`) and print the RSS before and the samples, in KiB.
+/// mpsc:<bound>`) and print `heap rss` in bytes, before and per sample.
 async fn memory_child(spec: &str) -> Res<()> {
     let side = match spec.split_once(':') {
         Some(("oona", "default")) => Side::Oona(MemoryConfig::DEFAULT_CAPACITY),
@@ -581,11 +592,9 @@ async fn memory_child(spec: &str) -> Res<()> {
         _ => return Err(format!("bad {MEM_CHILD}={spec}").into()),
     };
     let (start, samples) = memory(side).await?;
-    let all: Vec<String> = std::iter::once(start)
-        .chain(samples)
-        .map(|k| k.to_string())
-        .collect();
-    println!("{}", all.join(" "));
+    for s in std::iter::once(start).chain(samples) {
+        println!("{} {}", s.heap, s.rss);
+    }
     Ok(())
 }
 
@@ -602,10 +611,11 @@ fn rss_kib() -> Res<u64> {
 }
 
 /// Publish `MEM_N` messages while one consumer takes and acks them; sample
-/// RSS after every `MEM_EVERY` acks. Returns the RSS before and the samples.
-async fn memory(side: Side) -> Res<(u64, Vec<u64>)> {
+/// memory after every `MEM_EVERY` acks. Returns the memory before and the
+/// samples.
+async fn memory(side: Side) -> Res<(Sample, Vec<Sample>)> {
     let t = topic("rss")?;
-    let start = rss_kib()?;
+    let start = sample()?;
     let mut samples = Vec::new();
     match side {
         Side::Oona(capacity) => {
@@ -623,7 +633,7 @@ async fn memory(side: Side) -> Res<(u64, Vec<u64>)> {
             for n in 1..=MEM_N {
                 s.next().await.ok_or("stream ended")??.ack().await?;
                 if n % MEM_EVERY == 0 {
-                    samples.push(rss_kib()?);
+                    samples.push(sample()?);
                 }
             }
             producer.await??;
@@ -640,7 +650,7 @@ async fn memory(side: Side) -> Res<(u64, Vec<u64>)> {
             for n in 1..=MEM_N {
                 std::hint::black_box(rx.recv().await.ok_or("channel closed")?);
                 if n % MEM_EVERY == 0 {
-                    samples.push(rss_kib()?);
+                    samples.push(sample()?);
                 }
             }
             producer.await??;
@@ -652,16 +662,102 @@ async fn memory(side: Side) -> Res<(u64, Vec<u64>)> {
 /// Print the series and whether it is flat: from 300,000 messages on (past
 /// either capacity plus the consumer's lag) RSS may not grow by more than
 /// max(2 MiB, 5%).
-fn print_series(name: &str, start: u64, samples: &[u64]) {
-    let list: Vec<String> = samples.iter().map(u64::to_string).collect();
-    let tail = samples.get(2..).unwrap_or(&[]);
-    let min = tail.iter().copied().min().unwrap_or(0);
-    let last = tail.last().copied().unwrap_or(0);
-    let growth = last.saturating_sub(min);
-    let allowed = (min / 20).max(2048);
-    let verdict = if growth <= allowed { "flat" } else { "GROWING" };
+/// Print the series and whether it is flat. A leak shows in the live heap;
+/// RSS also moves with the allocator's free lists and per-thread arenas,
+/// so the verdict is on the heap: from 300,000 messages on (past either
+/// capacity plus the consumer's lag) it may not grow by more than
+/// max(1 MiB, 2%). RSS growth over the same span is printed beside it.
+fn print_series(name: &str, start: &Sample, samples: &[Sample]) {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let list: Vec<String> = samples
+        .iter()
+        .map(|s| format!("{:.1}/{:.1}", mib(s.heap), mib(s.rss)))
+        .collect();
+    let growth = |f: fn(&Sample) -> u64| {
+        let tail = samples.get(2..).unwrap_or(&[]);
+        let first = tail.first().map_or(0, f);
+        let last = tail.last().map_or(0, f);
+        (first, last.saturating_sub(first))
+    };
+    let (heap_at, heap_growth) = growth(|s| s.heap);
+    let (_, rss_growth) = growth(|s| s.rss);
+    let allowed = (heap_at / 50).max(1 << 20);
+    let verdict = if heap_growth <= allowed {
+        "flat"
+    } else {
+        "GROWING"
+    };
     println!(
-        "- {name}: before {start}; {} → {verdict} (growth from 300k to 1M: {growth} KiB, allowed {allowed})",
-        list.join(", ")
+        "- {name}: before {:.1}/{:.1}; {} → {verdict} (300k→1M: heap +{:.2} MiB, \
+         allowed {:.2}; RSS +{:.2} MiB)",
+        mib(start.heap),
+        mib(start.rss),
+        list.join(", "),
+        mib(heap_growth),
+        mib(allowed),
+        mib(rss_growth),
     );
+}
+
+/// One memory sample, in bytes.
+struct Sample {
+    heap: u64,
+    rss: u64,
+}
+
+/// The system allocator, counting live bytes once [`COUNT`] is set (only
+/// in the memory child processes, so the throughput scenarios pay one
+/// relaxed load per call).
+struct Counting;
+
+static COUNT: AtomicBool = AtomicBool::new(false);
+static LIVE: AtomicI64 = AtomicI64::new(0);
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+// SAFETY: every call is forwarded unchanged to `System`; the counters are
+// side bookkeeping.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() && COUNT.load(Ordering::Relaxed) {
+            LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() && COUNT.load(Ordering::Relaxed) {
+            LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) };
+        if COUNT.load(Ordering::Relaxed) {
+            LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() && COUNT.load(Ordering::Relaxed) {
+            LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+fn sample() -> Res<Sample> {
+    Ok(Sample {
+        heap: u64::try_from(LIVE.load(Ordering::Relaxed)).unwrap_or(0),
+        rss: rss_kib()? * 1024,
+    })
 }

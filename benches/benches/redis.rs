@@ -675,6 +675,28 @@ async fn only_scenario(cx: &Ctx, only: &str) -> Res<()> {
                 cmd.arg("payload").arg(e.payload.as_ref());
             }
             let cmd = started.elapsed();
+            let flat: Vec<(Vec<u8>, Vec<u8>)> = fields::encode(&envs[0])
+                .into_iter()
+                .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
+                .collect();
+            let started = Instant::now();
+            for _ in 0..n {
+                let e = fields::decode(
+                    flat.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+                    envs[0].payload.clone(),
+                    &t,
+                )?;
+                total += e.headers.len();
+            }
+            let decode = started.elapsed();
+            let sub = Subscription::new(t.clone(), Name::new("g")?);
+            let started = Instant::now();
+            for _ in 0..n {
+                let info = oona_core::DeliveryInfo::new(&sub, 1, Some("1-0".into()));
+                total += info.attempt as usize;
+            }
+            let info = started.elapsed();
+            println!("per entry: decode {:?}, delivery info {:?}", decode / n, info / n);
             println!(
                 "per envelope: build {:?}, encode {:?}, encode+cmd {:?} ({total})",
                 build / n,
@@ -705,6 +727,11 @@ async fn only_scenario(cx: &Ctx, only: &str) -> Res<()> {
             )
             .await?;
             row("publish batched", o, r, "");
+        }
+        "consume_oona" => {
+            for i in 0..3 {
+                println!("oona consume {:.0}", consume(cx, i, true).await?);
+            }
         }
         "consume" => {
             let (o, r) = rounds(|i| consume(cx, i, true), |i| consume(cx, i, false)).await?;

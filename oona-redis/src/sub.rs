@@ -139,10 +139,27 @@ impl Sub {
             // One multi-permit for the whole read; each delivery splits one
             // off (no per-entry semaphore round trips).
             let mut permits = first;
+            // While the consumer still has deliveries queued, wait until a
+            // good share of the prefetch is free, so reads stay large (one
+            // round trip for many entries) instead of one entry per freed
+            // permit. An idle consumer (empty queue) is served at once.
+            let low = (cfg.read_batch.min(self.sub.prefetch) / 2).max(1);
+            while permits.num_permits() + self.permits.available_permits() < low
+                && self.tx.capacity() < self.tx.max_capacity()
+            {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    p = Arc::clone(&self.permits).acquire_owned() => match p {
+                        Ok(p) => permits.merge(p),
+                        Err(_) => return,
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                }
+            }
             let extra = self
                 .permits
                 .available_permits()
-                .min(cfg.read_batch.saturating_sub(1));
+                .min(cfg.read_batch.saturating_sub(permits.num_permits()));
             if extra > 0 {
                 if let Ok(more) = Arc::clone(&self.permits).try_acquire_many_owned(extra as u32) {
                     permits.merge(more);
@@ -219,7 +236,7 @@ impl Sub {
             }
             Err(e) => return Err(redis_error(e, "XREADGROUP failed")),
         };
-        let entries = wire::parse_xreadgroup(&reply)?;
+        let entries = wire::parse_xreadgroup(reply)?;
         if self.inner.cancel.is_cancelled() || self.tx.is_closed() {
             let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
             self.release(&ids).await;
@@ -248,7 +265,7 @@ impl Sub {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| redis_error(e, "claim script failed"))?;
-        let claimed = wire::parse_claimed(&v)?;
+        let claimed = wire::parse_claimed(v)?;
         let n = claimed.len();
         for (entry, count) in claimed {
             let Some(p) = permits.split(1) else { break };
@@ -286,16 +303,16 @@ impl Sub {
             id: entry.id,
             permit,
         };
-        let id = settle.id.clone();
-        if self.inner.cancel.is_cancelled()
-            || self
-                .tx
-                .send(Ok(Delivery::new(env, info, Box::new(settle))))
-                .await
-                .is_err()
-        {
+        if self.inner.cancel.is_cancelled() {
+            self.release(&[settle.id.as_str()]).await;
+            return;
+        }
+        let delivery = Delivery::new(env, info, Box::new(settle));
+        if let Err(mpsc::error::SendError(Ok(d))) = self.tx.send(Ok(delivery)).await {
             // The stream was dropped: nobody will see it.
-            self.release(&[id.as_str()]).await;
+            if let Some(id) = d.info().position.clone() {
+                self.release(&[id.as_str()]).await;
+            }
         }
     }
 
@@ -391,7 +408,7 @@ impl Settle for RedisSettle {
                     return Err(not_pending(&id));
                 }
                 // Redelivered at once to this consumer, on the same permit.
-                if let Some((entry, count)) = wire::parse_claimed(&v)?.into_iter().next() {
+                if let Some((entry, count)) = wire::parse_claimed(v)?.into_iter().next() {
                     sub.deliver(entry, count, permit).await;
                 }
                 Ok(())

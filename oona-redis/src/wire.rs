@@ -90,61 +90,81 @@ pub(crate) fn as_int(v: &Value) -> Option<i64> {
     }
 }
 
-fn as_seq(v: &Value) -> Option<&[Value]> {
+fn into_bytes(v: Value) -> Option<Vec<u8>> {
     match v {
-        Value::Array(a) | Value::Set(a) => Some(a),
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.into_bytes()),
         _ => None,
     }
 }
 
+fn into_seq(v: Value) -> std::result::Result<Vec<Value>, Value> {
+    match v {
+        Value::Array(a) | Value::Set(a) => Ok(a),
+        other => Err(other),
+    }
+}
+
 /// `[id, [f, v, f, v, ...]]`; fields `Nil` for a deleted entry (`None`).
-pub(crate) fn parse_entry(v: &Value) -> Result<Option<Entry>> {
-    let parts = as_seq(v).ok_or_else(|| bad("stream entry", v))?;
+/// Takes the reply by value so field bytes are moved, not copied.
+pub(crate) fn parse_entry(v: Value) -> Result<Option<Entry>> {
+    let mut parts = into_seq(v)
+        .map_err(|v| bad("stream entry", &v))?
+        .into_iter();
     let id = parts
-        .first()
-        .and_then(as_string)
-        .ok_or_else(|| bad("stream entry id", v))?;
-    let flat = match parts.get(1) {
+        .next()
+        .and_then(into_bytes)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .ok_or_else(|| bad("stream entry id", &Value::Nil))?;
+    let flat = match parts.next() {
         None | Some(Value::Nil) | Some(Value::Boolean(false)) => return Ok(None),
         Some(Value::Map(m)) => {
             let mut fields = Vec::with_capacity(m.len());
             for (k, val) in m {
-                let k = as_bytes(k).ok_or_else(|| bad("field name", k))?;
-                let val = as_bytes(val).ok_or_else(|| bad("field value", val))?;
-                fields.push((k.to_vec(), val.to_vec()));
+                let k = into_bytes(k).ok_or_else(|| bad("field name", &Value::Nil))?;
+                let val = into_bytes(val).ok_or_else(|| bad("field value", &Value::Nil))?;
+                fields.push((k, val));
             }
             return Ok(Some(Entry { id, fields }));
         }
-        Some(f) => as_seq(f).ok_or_else(|| bad("entry fields", f))?,
+        Some(f) => into_seq(f).map_err(|f| bad("entry fields", &f))?,
     };
+    if flat.len() % 2 != 0 {
+        return Err(bad("entry fields (odd count)", &Value::Nil));
+    }
     let mut fields = Vec::with_capacity(flat.len() / 2);
-    for pair in flat.chunks(2) {
-        let [k, val] = pair else {
-            return Err(bad("entry fields (odd count)", v));
-        };
-        let k = as_bytes(k).ok_or_else(|| bad("field name", k))?;
-        let val = as_bytes(val).ok_or_else(|| bad("field value", val))?;
-        fields.push((k.to_vec(), val.to_vec()));
+    let mut it = flat.into_iter();
+    while let (Some(k), Some(val)) = (it.next(), it.next()) {
+        let k = into_bytes(k).ok_or_else(|| bad("field name", &Value::Nil))?;
+        let val = into_bytes(val).ok_or_else(|| bad("field value", &Value::Nil))?;
+        fields.push((k, val));
     }
     Ok(Some(Entry { id, fields }))
 }
 
 /// The entries of an XREADGROUP reply on one stream (`Nil` on timeout).
-pub(crate) fn parse_xreadgroup(v: &Value) -> Result<Vec<Entry>> {
-    let streams: Vec<&Value> = match v {
+pub(crate) fn parse_xreadgroup(v: Value) -> Result<Vec<Entry>> {
+    let streams: Vec<Value> = match v {
         Value::Nil => return Ok(Vec::new()),
-        Value::Map(m) => m.iter().map(|(_, entries)| entries).collect(),
-        other => as_seq(other)
-            .ok_or_else(|| bad("XREADGROUP", other))?
-            .iter()
-            .map(|s| as_seq(s).and_then(|kv| kv.get(1)).unwrap_or(&Value::Nil))
+        Value::Map(m) => m.into_iter().map(|(_, entries)| entries).collect(),
+        other => into_seq(other)
+            .map_err(|o| bad("XREADGROUP", &o))?
+            .into_iter()
+            .map(|s| {
+                into_seq(s)
+                    .ok()
+                    .and_then(|kv| kv.into_iter().nth(1))
+                    .unwrap_or(Value::Nil)
+            })
             .collect(),
     };
     let mut out = Vec::new();
     for entries in streams {
-        let Some(entries) = as_seq(entries) else {
+        let Ok(entries) = into_seq(entries) else {
             continue;
         };
+        out.reserve(entries.len());
         for e in entries {
             if let Some(entry) = parse_entry(e)? {
                 out.push(entry);
@@ -155,17 +175,17 @@ pub(crate) fn parse_xreadgroup(v: &Value) -> Result<Vec<Entry>> {
 }
 
 /// The reply of the claim script: `[[id, fields, count], ...]`.
-pub(crate) fn parse_claimed(v: &Value) -> Result<Vec<(Entry, u32)>> {
-    let items = as_seq(v).ok_or_else(|| bad("claim script", v))?;
+pub(crate) fn parse_claimed(v: Value) -> Result<Vec<(Entry, u32)>> {
+    let items = into_seq(v).map_err(|v| bad("claim script", &v))?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {
-        let parts = as_seq(item).ok_or_else(|| bad("claimed entry", item))?;
+        let mut parts = into_seq(item).map_err(|i| bad("claimed entry", &i))?;
         let count = parts
             .get(2)
             .and_then(as_int)
-            .ok_or_else(|| bad("claimed entry count", item))?;
-        let entry_value = Value::Array(parts.iter().take(2).cloned().collect());
-        if let Some(entry) = parse_entry(&entry_value)? {
+            .ok_or_else(|| bad("claimed entry count", &Value::Nil))?;
+        parts.truncate(2);
+        if let Some(entry) = parse_entry(Value::Array(parts))? {
             out.push((entry, u32::try_from(count.max(1)).unwrap_or(u32::MAX)));
         }
     }
@@ -197,11 +217,11 @@ mod tests {
                 Value::Array(flat),
             ])]),
         ])]);
-        let entries = parse_xreadgroup(&reply).unwrap();
+        let entries = parse_xreadgroup(reply).unwrap();
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].id, "1-0");
         assert_eq!(decode(&entries[0], &t).unwrap(), env);
-        assert!(parse_xreadgroup(&Value::Nil).unwrap().is_empty());
+        assert!(parse_xreadgroup(Value::Nil).unwrap().is_empty());
     }
 
     #[test]
