@@ -180,8 +180,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn topic(what: &str, i: usize, oona: bool) -> Topic {
     let side = if oona { "oona" } else { "raw" };
     let n = std::process::id();
-    Topic::new(format!("{}.bench.{what}_{side}_{n}_{i}", std::env::var("OONA_BENCH_PLANE").unwrap_or_else(|_| "telemetry".into())))
-        .unwrap_or_else(|_| Topic::new("telemetry.bench.fallback").expect("a valid topic"))
+    Topic::new(format!(
+        "{}.bench.{what}_{side}_{n}_{i}",
+        std::env::var("OONA_BENCH_PLANE").unwrap_or_else(|_| "telemetry".into())
+    ))
+    .unwrap_or_else(|_| Topic::new("telemetry.bench.fallback").expect("a valid topic"))
 }
 
 fn envelope(t: &Topic, stamp: u64) -> Envelope {
@@ -696,7 +699,11 @@ async fn only_scenario(cx: &Ctx, only: &str) -> Res<()> {
                 total += info.attempt as usize;
             }
             let info = started.elapsed();
-            println!("per entry: decode {:?}, delivery info {:?}", decode / n, info / n);
+            println!(
+                "per entry: decode {:?}, delivery info {:?}",
+                decode / n,
+                info / n
+            );
             println!(
                 "per envelope: build {:?}, encode {:?}, encode+cmd {:?} ({total})",
                 build / n,
