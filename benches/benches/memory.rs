@@ -666,7 +666,11 @@ async fn memory(side: Side) -> Res<(Sample, Vec<Sample>)> {
 /// RSS also moves with the allocator's free lists and per-thread arenas,
 /// so the verdict is on the heap: from 300,000 messages on (past either
 /// capacity plus the consumer's lag) it may not grow by more than
-/// max(1 MiB, 2%). RSS growth over the same span is printed beside it.
+/// max(1 MiB, 5%). The margin is for the consumer's lag: a stored payload
+/// gains a small shared header (`bytes`) when first delivered, so the heap
+/// moves by up to ~32 bytes × capacity as the lag changes; a leak of a few
+/// bytes per message over 700,000 messages still exceeds it. RSS growth
+/// over the same span is printed beside it.
 fn print_series(name: &str, start: &Sample, samples: &[Sample]) {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let list: Vec<String> = samples
@@ -681,7 +685,7 @@ fn print_series(name: &str, start: &Sample, samples: &[Sample]) {
     };
     let (heap_at, heap_growth) = growth(|s| s.heap);
     let (_, rss_growth) = growth(|s| s.rss);
-    let allowed = (heap_at / 50).max(1 << 20);
+    let allowed = (heap_at / 20).max(1 << 20);
     let verdict = if heap_growth <= allowed {
         "flat"
     } else {
