@@ -123,16 +123,23 @@ async fn run() -> Res<()> {
         );
     }
     if want("e2e") {
-        let (o, r) = rounds(|| end_to_end(1, true), || end_to_end(1, false)).await?;
+        let (o, r) = rounds(|| end_to_end(1, 0, true), || end_to_end(1, 0, false)).await?;
         print_throughput(
             "end to end publish→consume→ack, 1 consumer (msg/s)",
             o,
             r,
             "",
         );
-        let (o, r) = rounds(|| end_to_end(4, true), || end_to_end(4, false)).await?;
+        let (o, r) = rounds(|| end_to_end(4, 0, true), || end_to_end(4, 0, false)).await?;
         print_throughput(
             "end to end publish→consume→ack, 4 competing consumers (msg/s)",
+            o,
+            r,
+            "",
+        );
+        let (o, r) = rounds(|| end_to_end(1, 100, true), || end_to_end(1, 100, false)).await?;
+        print_throughput(
+            "end to end, 1 consumer, 100 idle subscriptions on other topics (msg/s)",
             o,
             r,
             "",
@@ -439,8 +446,9 @@ async fn consume_n(n: usize) -> Res<f64> {
 }
 
 /// Publish (one call per message) while `consumers` consumers of one group
-/// take and ack; the clock stops at the last ack.
-async fn end_to_end(consumers: usize, oona: bool) -> Res<f64> {
+/// take and ack; the clock stops at the last ack. `idle` subscriptions
+/// (receivers) on other topics wait meanwhile: they should cost nothing.
+async fn end_to_end(consumers: usize, idle: usize, oona: bool) -> Res<f64> {
     const N: usize = 300_000;
     let t = topic("e2e")?;
     let acked = Arc::new(AtomicUsize::new(0));
@@ -448,6 +456,17 @@ async fn end_to_end(consumers: usize, oona: bool) -> Res<f64> {
     let mut tasks = Vec::new();
     if oona {
         let m = Arc::new(MemoryTransport::new());
+        for i in 0..idle {
+            let mut s = m
+                .subscribe(subscription(&topic(&format!("idle{i}"))?)?)
+                .await?;
+            tasks.push(tokio::spawn(async move {
+                while let Some(d) = s.next().await {
+                    d?.ack().await?;
+                }
+                Res::Ok(())
+            }));
+        }
         for _ in 0..consumers {
             let mut s = m.subscribe(subscription(&t)?).await?;
             let (acked, all_done) = (acked.clone(), all_done.clone());
@@ -483,6 +502,15 @@ async fn end_to_end(consumers: usize, oona: bool) -> Res<f64> {
         // Same bound as the transport's default capacity.
         let (tx, rx) = mpsc::channel::<Bytes>(MemoryConfig::DEFAULT_CAPACITY);
         let rx = Arc::new(Mutex::new(rx));
+        let mut idle_tx = Vec::new();
+        for _ in 0..idle {
+            let (tx, mut rx) = mpsc::channel::<Bytes>(1);
+            idle_tx.push(tx);
+            tasks.push(tokio::spawn(async move {
+                while rx.recv().await.is_some() {}
+                Res::Ok(())
+            }));
+        }
         for _ in 0..consumers {
             let (acked, all_done, rx) = (acked.clone(), all_done.clone(), rx.clone());
             tasks.push(tokio::spawn(async move {
@@ -508,6 +536,7 @@ async fn end_to_end(consumers: usize, oona: bool) -> Res<f64> {
         all_done.notified().await;
         let r = rate(N, started);
         producer.await??;
+        drop(idle_tx);
         for task in tasks {
             task.await??;
         }
@@ -659,9 +688,6 @@ async fn memory(side: Side) -> Res<(Sample, Vec<Sample>)> {
     Ok((start, samples))
 }
 
-/// Print the series and whether it is flat: from 300,000 messages on (past
-/// either capacity plus the consumer's lag) RSS may not grow by more than
-/// max(2 MiB, 5%).
 /// Print the series and whether it is flat. A leak shows in the live heap;
 /// RSS also moves with the allocator's free lists and per-thread arenas,
 /// so the verdict is on the heap: from 300,000 messages on (past either
