@@ -5,7 +5,7 @@
 //! cargo bench -p oona-benches --bench redis
 //! ```
 //!
-//! Each figure is the median of interleaved rounds (Oona, raw, Oona, raw,
+//! Each figure is the median of 5 interleaved rounds (Oona, raw, Oona, raw,
 //! ...), 256-byte payloads, consumer groups with acks:
 //! - publish, one awaited call at a time;
 //! - publish, batches of 100 (`publish_batch` vs one pipeline of 100 XADD);
@@ -29,7 +29,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 
 const PAYLOAD: usize = 256;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
@@ -40,7 +40,12 @@ fn main() {
         std::process::exit(2);
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(
+            std::env::var("OONA_BENCH_WORKERS")
+                .ok()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .build()
     {
@@ -226,7 +231,7 @@ async fn cleanup(cx: &Ctx, t: &Topic) -> Res<()> {
 }
 
 async fn publish_single(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
-    const N: usize = 10_000;
+    const N: usize = 5_000;
     let t = topic("single", i, oona);
     let key = cx.oona.stream_key(&t);
     let f = raw_fields(&t);
@@ -247,7 +252,7 @@ async fn publish_single(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
 }
 
 async fn publish_batched(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
-    const N: usize = 100_000;
+    const N: usize = 50_000;
     const BATCH: usize = 100;
     let t = topic("batch", i, oona);
     let key = cx.oona.stream_key(&t);
@@ -277,7 +282,7 @@ async fn publish_batched(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
 /// before the clock starts, as the raw side's fields are: what remains is
 /// the transport's own work.
 async fn publish_prebuilt(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
-    const N: usize = 100_000;
+    const N: usize = 50_000;
     const BATCH: usize = 100;
     let t = topic("prebuilt", i, oona);
     let key = cx.oona.stream_key(&t);
@@ -460,7 +465,7 @@ fn entry_ids(v: &Value) -> Vec<String> {
 }
 
 async fn consume(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
-    const N: usize = 50_000;
+    const N: usize = 30_000;
     let t = topic("consume", i, oona);
     prefill(cx, &t, N).await?;
     let key = cx.oona.stream_key(&t);
@@ -476,7 +481,7 @@ async fn consume(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
 }
 
 async fn end_to_end(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
-    const N: usize = 50_000;
+    const N: usize = 30_000;
     const BATCH: usize = 100;
     let t = topic("e2e", i, oona);
     let key = cx.oona.stream_key(&t);

@@ -103,12 +103,10 @@ pub(crate) fn start(
     }
     // The stream ends as soon as the transport is closed; deliveries still
     // buffered then stay pending in Redis and come back after the deadline.
+    // Kept across polls so a task waiting on the stream is woken by close.
+    let mut cancelled = Box::pin(cancel.cancelled_owned());
     futures::stream::poll_fn(move |cx| {
-        if cancel.is_cancelled() {
-            return std::task::Poll::Ready(None);
-        }
-        let mut fut = std::pin::pin!(cancel.cancelled());
-        if fut.as_mut().poll(cx).is_ready() {
+        if cancelled.as_mut().poll(cx).is_ready() {
             return std::task::Poll::Ready(None);
         }
         rx.poll_recv(cx)
@@ -181,6 +179,13 @@ impl Sub {
                     }
                     failing = false;
                     backoff = Duration::from_millis(50);
+                }
+                Err(e) if !e.is_temporary() => {
+                    // Retrying cannot help (e.g. the key is not a stream):
+                    // report it and end the stream, as the contract says.
+                    tracing::error!(topic = %self.sub.topic, group = %self.group, error = %e, "subscription failed");
+                    let _ = self.tx.try_send(Err(e));
+                    return;
                 }
                 Err(e) => {
                     drop(permits);
