@@ -141,9 +141,13 @@ impl Sub {
             // good share of the prefetch is free, so reads stay large (one
             // round trip for many entries) instead of one entry per freed
             // permit. An idle consumer (empty queue) is served at once.
+            // Bounded (20 ms) so a consumer that holds deliveries without
+            // reading on still gets the free capacity used.
             let low = (cfg.read_batch.min(self.sub.prefetch) / 2).max(1);
+            let patience = Instant::now() + Duration::from_millis(20);
             while permits.num_permits() + self.permits.available_permits() < low
                 && self.tx.capacity() < self.tx.max_capacity()
+                && Instant::now() < patience
             {
                 tokio::select! {
                     _ = cancel.cancelled() => return,

@@ -173,10 +173,6 @@ async fn restart_case(name: &str, bin: &str) {
     let sub = Subscription::new(topic.clone(), group.clone())
         .start(StartPosition::Earliest)
         .ack_deadline(Duration::from_secs(2))
-        // Exactly what the test takes before the restart: an entry waiting
-        // in the prefetch buffer past its deadline would (rightly) be
-        // claimed again.
-        .prefetch(70)
         .max_attempts(10);
     let mut stream = bus.subscribe(sub).await.unwrap();
 
@@ -186,16 +182,17 @@ async fn restart_case(name: &str, bin: &str) {
         sent.push(e.event_id.to_string());
         bus.publish(e).await.unwrap();
     }
-    // Ack 50, hold 20 unsettled across the restart.
+    // Take all 100 (none waits in the prefetch buffer across the restart,
+    // where its deadline would rightly run out): ack 80, hold 20 unsettled.
     let mut acked: HashSet<String> = HashSet::new();
     let mut held = Vec::new();
-    for _ in 0..70 {
+    for _ in 0..100 {
         let d = tokio::time::timeout(Duration::from_secs(10), stream.next())
             .await
             .expect("delivery before the restart")
             .unwrap()
             .unwrap();
-        if acked.len() < 50 {
+        if acked.len() < 80 {
             acked.insert(d.envelope().event_id.to_string());
             d.ack().await.unwrap();
         } else {
@@ -205,14 +202,14 @@ async fn restart_case(name: &str, bin: &str) {
     let key = bus.stream_key(&topic);
     let mut raw = server.raw();
     for _ in 0..200 {
-        if pending(&mut raw, &key, group.as_str()) == 50 {
+        if pending(&mut raw, &key, group.as_str()) == 20 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
         pending(&mut raw, &key, group.as_str()),
-        50,
+        20,
         "acks written before the restart"
     );
     drop(raw);
@@ -359,4 +356,96 @@ async fn retention_trims_on_the_server_by_time() {
         .unwrap();
     assert_eq!(forever_policy, Some(-1));
     bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_entries_and_delayed_nacks_across_consumers() {
+    let (name, bin) = binaries().remove(0);
+    let server = Server::start(&bin, &format!("{name}-foreign"));
+    let topic = Topic::new("control.foreign.commands").unwrap();
+    let group = Name::new("kasmina").unwrap();
+    let a = RedisTransport::connect_url(&server.url()).await.unwrap();
+    let sub = |consumer: &str| {
+        Subscription::new(topic.clone(), group.clone())
+            .consumer(Name::new(consumer).unwrap())
+            .start(StartPosition::Earliest)
+            // Far beyond the nack delay: a redelivery before it means the
+            // delay, not the deadline, brought the entry back.
+            .ack_deadline(Duration::from_secs(60))
+    };
+    let mut sa = a.subscribe(sub("a")).await.unwrap();
+
+    // What a Python service with plain redis-py writes (README example).
+    let mut raw = server.raw();
+    let _: String = redis::cmd("XADD")
+        .arg(a.stream_key(&topic))
+        .arg("*")
+        .arg("event_id")
+        .arg("py-1")
+        .arg("sender_id")
+        .arg("python-worker")
+        .arg("timestamp")
+        .arg("2025-07-07T09:55:13.123456+00:00")
+        .arg("h.traceparent")
+        .arg("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .arg("payload")
+        .arg(&b"{\"layer\":3}"[..])
+        .query(&mut raw)
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), sa.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.envelope().event_id.as_str(), "py-1");
+    assert_eq!(d.envelope().sender_id, "python-worker");
+    assert_eq!(d.envelope().topic, topic);
+    assert!(d.envelope().content_type.is_json());
+    assert_eq!(&d.envelope().payload[..], b"{\"layer\":3}");
+    assert_eq!(
+        d.envelope().header("traceparent"),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(d.attempt(), 1);
+
+    // Nack with a delay, then the nacking process goes away: another
+    // consumer of the group gets it once the delay is over (the "not
+    // before" time is in Redis), as attempt 2.
+    let nacked_at = std::time::Instant::now();
+    d.nack(Some(Duration::from_millis(800))).await.unwrap();
+    drop(sa);
+    a.close().await.unwrap();
+    let b = RedisTransport::connect_url(&server.url()).await.unwrap();
+    let mut sb = b.subscribe(sub("b")).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), sb.next())
+        .await
+        .expect("redelivered after the delay, long before the ack deadline")
+        .unwrap()
+        .unwrap();
+    assert!(nacked_at.elapsed() >= Duration::from_millis(780));
+    assert_eq!(d.envelope().event_id.as_str(), "py-1");
+    assert_eq!(d.attempt(), 2);
+
+    // Reject: the dead letter is an ordinary entry of `<topic>.dlq`,
+    // readable with XRANGE, and the original is acked in the same MULTI.
+    d.reject("unsupported layer").await.unwrap();
+    let dlq: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(b.stream_key(&topic.dead_letter()))
+        .arg("-")
+        .arg("+")
+        .query(&mut raw)
+        .unwrap();
+    assert_eq!(dlq.ids.len(), 1);
+    let f = &dlq.ids[0].map;
+    let text = |k: &str| match f.get(k) {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(text("event_id"), "py-1");
+    assert_eq!(text("h.oona-dlq-reason"), "unsupported layer");
+    assert_eq!(text("h.oona-dlq-original-topic"), topic.as_str());
+    assert_eq!(text("h.oona-dlq-group"), "kasmina");
+    assert_eq!(text("payload"), "{\"layer\":3}");
+    assert_eq!(pending(&mut raw, &b.stream_key(&topic), group.as_str()), 0);
+    b.close().await.unwrap();
 }
