@@ -125,6 +125,11 @@ struct State {
     next_epoch: u64,
     /// The loop has ended: settlements can no longer be committed.
     ended: bool,
+    /// Partitions this member holds now. Records of other partitions
+    /// (fetched before a revoke, handed over after it) are dropped: their
+    /// new owner delivers them, and committing them here could move the
+    /// new owner's offset.
+    assigned: std::collections::HashSet<(Arc<str>, i32)>,
 }
 
 impl State {
@@ -229,7 +234,14 @@ impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(_) = rebalance {
+        if let Rebalance::Assign(a) = rebalance {
+            tracing::debug!(partitions = a.count(), "kafka: partitions assigned");
+            {
+                let mut st = self.shared.lock();
+                for e in a.elements() {
+                    st.assigned.insert((Arc::from(e.topic()), e.partition()));
+                }
+            }
             let tx = self.assigned.lock().ok().and_then(|mut t| t.take());
             if let Some(tx) = tx {
                 let _ = tx.send(());
@@ -241,6 +253,7 @@ impl ConsumerContext for Ctx {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
         };
+        tracing::debug!(partitions = revoked.count(), "kafka: partitions revoked");
         // Commit what is settled before the partitions go to another
         // member, then forget them: later settlements of their deliveries
         // can no longer be committed by us (the new owner redelivers them).
@@ -248,7 +261,9 @@ impl ConsumerContext for Ctx {
             let mut st = self.shared.lock();
             let tpl = st.commits(Some(revoked));
             for e in revoked.elements() {
-                st.parts.remove(&(Arc::from(e.topic()), e.partition()));
+                let tp = (Arc::from(e.topic()), e.partition());
+                st.parts.remove(&tp);
+                st.assigned.remove(&tp);
             }
             tpl
         };
@@ -702,7 +717,17 @@ fn on_message(
     } else {
         format!("{kafka_topic}/{partition}/{offset}")
     };
-    let epoch = ctl.shared.lock().track(&kafka_topic, partition, offset);
+    let epoch = {
+        let mut st = ctl.shared.lock();
+        if !st.assigned.contains(&(Arc::clone(&kafka_topic), partition)) {
+            tracing::debug!(
+                position,
+                "kafka: record of a partition no longer held dropped"
+            );
+            return;
+        }
+        st.track(&kafka_topic, partition, offset)
+    };
     let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
     let raw = Raw {
         payload: payload.clone(),
