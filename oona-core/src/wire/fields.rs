@@ -55,7 +55,15 @@ pub mod name {
 /// The metadata fields of `env`, in a stable order (payload not included).
 pub fn encode(env: &Envelope) -> Vec<(String, String)> {
     let mut out = Vec::with_capacity(8 + env.headers.len());
-    let mut put = |k: &str, v: &str| out.push((k.to_string(), v.to_string()));
+    encode_with(env, |k, v| out.push((k.to_string(), v.to_string())));
+    out
+}
+
+/// [`encode`] without building the list: calls `put(name, value)` for each
+/// field in the same order, so a transport can write the fields straight
+/// into its own buffer (allocating only the timestamp and one reused
+/// buffer for header names).
+pub fn encode_with(env: &Envelope, mut put: impl FnMut(&str, &str)) {
     put(name::EVENT_ID, env.event_id.as_str());
     put(name::SENDER_ID, &env.sender_id);
     put(name::TIMESTAMP, &env.timestamp.to_rfc3339());
@@ -74,10 +82,13 @@ pub fn encode(env: &Envelope) -> Vec<(String, String)> {
         put(name::SCHEMA_ID, v);
     }
     put(name::PRIORITY, env.priority.as_str());
+    let mut key = String::new();
     for (k, v) in &env.headers {
-        out.push((format!("{HEADER_PREFIX}{k}"), v.clone()));
+        key.clear();
+        key.push_str(HEADER_PREFIX);
+        key.push_str(k);
+        put(&key, v);
     }
-    out
 }
 
 fn utf8<'a>(what: &str, b: &'a [u8]) -> Result<&'a str> {
