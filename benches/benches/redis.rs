@@ -745,6 +745,16 @@ async fn only_scenario(cx: &Ctx, only: &str) -> Res<()> {
                 println!("oona consume {:.0}", consume(cx, i, true).await?);
             }
         }
+        "e2e_oona" => {
+            for i in 0..3 {
+                println!("oona e2e {:.0}", end_to_end(cx, i, true).await?);
+            }
+        }
+        "prebuilt_oona" => {
+            for i in 0..5 {
+                println!("oona prebuilt {:.0}", publish_prebuilt(cx, i, true).await?);
+            }
+        }
         "consume" => {
             let (o, r) = rounds(|i| consume(cx, i, true), |i| consume(cx, i, false)).await?;
             row("consume", o, r, "");

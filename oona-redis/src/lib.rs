@@ -365,7 +365,7 @@ impl Inner {
         for env in &envelopes {
             self.check_publish(env)?;
         }
-        let mut pipe = redis::pipe();
+        let mut pipe = redis::Pipeline::with_capacity(envelopes.len() + 2);
         let mut new_topics: Vec<Topic> = Vec::new();
         // Per topic of the batch (usually one): its key and MINID, trimming
         // with the first XADD only.

@@ -17,15 +17,23 @@ pub(crate) struct Entry {
 
 /// Append `XADD key [MINID ~ cutoff] * <fields> payload <bytes>` to `pipe`.
 pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, min_id: Option<u64>, env: &Envelope) {
-    let cmd = pipe.cmd("XADD").arg(key);
+    // Sized up front: growing the buffer arg by arg was a visible share of
+    // the publish cost.
+    let headers: usize = env.headers.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let mut cmd = redis::Cmd::with_capacity(
+        26 + 2 * env.headers.len(),
+        env.payload.len() + headers + key.len() + 512,
+    );
+    cmd.arg("XADD").arg(key);
     if let Some(min) = min_id {
         cmd.arg("MINID").arg("~").arg(min);
     }
     cmd.arg("*");
-    for (k, v) in fields::encode(env) {
+    fields::encode_with(env, |k, v| {
         cmd.arg(k).arg(v);
-    }
+    });
     cmd.arg(PAYLOAD).arg(env.payload.as_ref());
+    pipe.add_command(cmd);
 }
 
 /// The envelope of an entry read from `topic`.
