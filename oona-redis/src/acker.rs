@@ -8,7 +8,6 @@
 //! if it never succeeds the entries stay pending and are redelivered after
 //! the ack deadline, so nothing is lost. `close` flushes the queue.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +15,8 @@ use std::time::Duration;
 use oona_core::{Error, ErrorKind, Result};
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
+
+type Batch = Vec<(Arc<str>, Arc<str>, Vec<String>)>;
 
 enum Msg {
     Ack {
@@ -74,13 +75,20 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     closing: Arc<AtomicBool>,
 ) {
-    let mut batch: HashMap<(Arc<str>, Arc<str>), Vec<String>> = HashMap::new();
+    // Usually one (stream, group) per batch: a list with pointer checks
+    // beats hashing two strings per ack.
+    let mut batch: Batch = Vec::new();
     let mut waiters = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut n = 0;
         let mut push = |m: Msg, n: &mut usize| match m {
             Msg::Ack { key, group, id } => {
-                batch.entry((key, group)).or_default().push(id);
+                match batch.iter_mut().find(|(k, g, _)| {
+                    Arc::ptr_eq(k, &key) && Arc::ptr_eq(g, &group) || (**k == *key && **g == *group)
+                }) {
+                    Some((_, _, ids)) => ids.push(id),
+                    None => batch.push((key, group, vec![id])),
+                }
                 *n += 1;
             }
             Msg::Flush(w) => waiters.push(w),
@@ -102,13 +110,9 @@ async fn run(
     }
 }
 
-async fn write(
-    conn: &ConnectionManager,
-    batch: &HashMap<(Arc<str>, Arc<str>), Vec<String>>,
-    closing: &AtomicBool,
-) {
+async fn write(conn: &ConnectionManager, batch: &Batch, closing: &AtomicBool) {
     let mut pipe = redis::pipe();
-    for ((key, group), ids) in batch {
+    for (key, group, ids) in batch {
         pipe.cmd("XACK").arg(&**key).arg(&**group).arg(ids).ignore();
     }
     let mut delay = Duration::from_millis(20);
