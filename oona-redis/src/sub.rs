@@ -312,16 +312,16 @@ impl Sub {
             id: entry.id,
             permit,
         };
-        if self.inner.cancel.is_cancelled() {
-            self.release(&[settle.id.as_str()]).await;
-            return;
-        }
-        let delivery = Delivery::new(env, info, Box::new(settle));
-        if let Err(mpsc::error::SendError(Ok(d))) = self.tx.send(Ok(delivery)).await {
-            // The stream was dropped: nobody will see it.
-            if let Some(id) = d.info().position.clone() {
-                self.release(&[id.as_str()]).await;
-            }
+        // A slot first, so a close or a dropped stream is noticed even when
+        // the consumer has stopped reading (the entry is then given back).
+        let slot = tokio::select! {
+            biased;
+            _ = self.inner.cancel.cancelled() => None,
+            r = self.tx.reserve() => r.ok(),
+        };
+        match slot {
+            Some(slot) => slot.send(Ok(Delivery::new(env, info, Box::new(settle)))),
+            None => self.release(&[settle.id.as_str()]).await,
         }
     }
 
