@@ -287,7 +287,8 @@ impl Sub {
     /// its last attempt).
     async fn deliver(self: &Arc<Self>, entry: Entry, attempt: u32, permit: OwnedSemaphorePermit) {
         let info = DeliveryInfo::new(&self.sub, attempt, Some(entry.id.clone()));
-        let env = match wire::decode(&entry, &self.sub.topic) {
+        let mut entry = entry;
+        let env = match wire::decode(&mut entry, &self.sub.topic) {
             Ok(env) => env,
             Err(e) => {
                 let (dl, reason) = rules::poison_dead_letter(

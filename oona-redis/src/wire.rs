@@ -36,25 +36,45 @@ pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, min_id: Option<u64>, e
     pipe.add_command(cmd);
 }
 
-/// The envelope of an entry read from `topic`.
-pub(crate) fn decode(entry: &Entry, topic: &Topic) -> Result<Envelope> {
-    let mut payload = None;
-    let mut rest = Vec::with_capacity(entry.fields.len());
-    for (k, v) in &entry.fields {
-        if k.as_slice() == PAYLOAD.as_bytes() {
-            payload = Some(Bytes::copy_from_slice(v));
-        } else {
-            rest.push((k.as_slice(), v.as_slice()));
-        }
-    }
-    let env = fields::decode(rest, payload.clone().unwrap_or_default(), topic)?;
-    if payload.is_none() {
+/// The envelope of an entry read from `topic`. The payload bytes are moved
+/// out of the entry (no copy) and put back if the entry is no envelope, so
+/// a poison dead letter still shows every field.
+pub(crate) fn decode(entry: &mut Entry, topic: &Topic) -> Result<Envelope> {
+    let Some(at) = entry
+        .fields
+        .iter()
+        .position(|(k, _)| k.as_slice() == PAYLOAD.as_bytes())
+    else {
+        // Name the missing envelope fields first, if any.
+        fields::decode(
+            entry
+                .fields
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_slice())),
+            Bytes::new(),
+            topic,
+        )?;
         return Err(Error::new(
             ErrorKind::Decode,
             "entry has no \"payload\" field: not an Oona envelope",
         ));
+    };
+    let payload = Bytes::from(std::mem::take(&mut entry.fields[at].1));
+    let rest = entry
+        .fields
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != at)
+        .map(|(_, (k, v))| (k.as_slice(), v.as_slice()));
+    // `decode` keeps its clone only on success; on error ours is unique
+    // again and turns back into the Vec without a copy.
+    match fields::decode(rest, payload.clone(), topic) {
+        Ok(env) => Ok(env),
+        Err(e) => {
+            entry.fields[at].1 = Vec::from(payload);
+            Err(e)
+        }
     }
-    Ok(env)
 }
 
 /// The raw fields of an entry as a JSON object (for poison dead letters);
@@ -228,18 +248,28 @@ mod tests {
         let entries = parse_xreadgroup(reply).unwrap();
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].id, "1-0");
-        assert_eq!(decode(&entries[0], &t).unwrap(), env);
+        assert_eq!(decode(&mut entries[0].clone(), &t).unwrap(), env);
         assert!(parse_xreadgroup(Value::Nil).unwrap().is_empty());
     }
 
     #[test]
     fn junk_is_a_decode_error_and_json_keeps_it() {
         let t = Topic::new("a.b").unwrap();
-        let e = Entry {
+        let mut e = Entry {
             id: "1-0".into(),
             fields: vec![(b"foo".to_vec(), b"bar".to_vec())],
         };
-        assert_eq!(decode(&e, &t).unwrap_err().kind(), ErrorKind::Decode);
+        assert_eq!(decode(&mut e, &t).unwrap_err().kind(), ErrorKind::Decode);
+        let mut p = Entry {
+            id: "1-0".into(),
+            fields: vec![(b"payload".to_vec(), b"{}".to_vec())],
+        };
+        assert!(decode(&mut p, &t)
+            .unwrap_err()
+            .to_string()
+            .contains("event_id"));
+        // The payload is back for the poison dead letter.
+        assert_eq!(&raw_json(&p)[..], br#"{"payload":"{}"}"#);
         assert_eq!(&raw_json(&e)[..], br#"{"foo":"bar"}"#);
     }
 }
