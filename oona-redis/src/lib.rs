@@ -527,6 +527,13 @@ impl Transport for RedisTransport {
 
     async fn subscribe(&self, mut subscription: Subscription) -> Result<DeliveryStream> {
         self.inner.check_open()?;
+        if subscription.key_ordered {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "key-ordered competing consumers are not supported by the Redis transport (capabilities().key_ordered_competing is false); use one consumer per group for total order",
+            )
+            .with_transport(NAME));
+        }
         let cfg = &self.inner.cfg;
         if subscription.prefetch == Subscription::DEFAULT_PREFETCH {
             if let Some(p) = cfg.default_prefetch {
