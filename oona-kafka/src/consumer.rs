@@ -10,7 +10,7 @@
 //! synchronously when partitions are revoked and on close.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -105,6 +105,9 @@ struct InFlight {
     position: String,
     /// A republish (retry or dead letter) is under way.
     busy: bool,
+    /// The stream has yielded it to the consumer (until then it can be
+    /// withdrawn when its partition moves).
+    taken: bool,
 }
 
 /// A record as read, kept for its redelivery (cheaper than a second copy of
@@ -129,7 +132,11 @@ struct State {
     /// (fetched before a revoke, handed over after it) are dropped: their
     /// new owner delivers them, and committing them here could move the
     /// new owner's offset.
-    assigned: std::collections::HashSet<(Arc<str>, i32)>,
+    assigned: HashSet<(Arc<str>, i32)>,
+    /// Key-ordered subscriptions: keys whose redelivery is on its way
+    /// through the retry topic, held until it is read back here (or, if
+    /// another member reads it, until this instant).
+    retrying: HashMap<Bytes, Instant>,
 }
 
 impl State {
@@ -197,6 +204,8 @@ struct Shared {
     wake: Notify,
     /// The loop waits for a slot: settlements must wake it.
     waiting: AtomicBool,
+    /// Signalled on every settlement, for a revoke waiting on them.
+    settled: std::sync::Condvar,
 }
 
 impl Shared {
@@ -211,8 +220,10 @@ impl Shared {
         self.lock().inflight.len() < prefetch
     }
 
-    /// Wake the loop if it waits for a slot.
+    /// Wake the loop if it waits for a slot, and a revoke waiting for
+    /// settlements.
     fn freed(&self) {
+        self.settled.notify_all();
         if self.waiting.swap(false, Ordering::AcqRel) {
             self.wake.notify_one();
         }
@@ -226,6 +237,8 @@ impl Shared {
 
 struct Ctx {
     shared: Arc<Shared>,
+    /// Longest a revoke waits for unsettled deliveries of its partitions.
+    revoke_wait: Duration,
     /// Told when the member gets its first assignment.
     assigned: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
@@ -259,6 +272,46 @@ impl ConsumerContext for Ctx {
         // can no longer be committed by us (the new owner redelivers them).
         let tpl = {
             let mut st = self.shared.lock();
+            // Let the deliveries of these partitions be settled first (up to
+            // `revoke_wait`), as Kafka consumers do in their revoke
+            // callback: the new owner then starts after them, so a
+            // rebalance neither duplicates them nor breaks per-key order.
+            // Settlements come from other tasks; this waits on a condvar.
+            // Deliveries still waiting in the stream's channel are withdrawn
+            // (the stream skips them).
+            let untaken: Vec<u64> = st
+                .inflight
+                .iter()
+                .filter(|(_, f)| {
+                    !f.taken
+                        && !f.busy
+                        && revoked
+                            .find_partition(&f.kafka_topic, f.partition)
+                            .is_some()
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in untaken {
+                st.inflight.remove(&id);
+            }
+            let until = std::time::Instant::now() + self.revoke_wait;
+            loop {
+                let pending = !st.ended
+                    && st.inflight.values().any(|f| {
+                        revoked
+                            .find_partition(&f.kafka_topic, f.partition)
+                            .is_some()
+                            && st.current(&f.kafka_topic, f.partition, f.epoch)
+                    });
+                let now = std::time::Instant::now();
+                if !pending || now >= until {
+                    break;
+                }
+                st = match self.shared.settled.wait_timeout(st, until - now) {
+                    Ok((g, _)) => g,
+                    Err(p) => p.into_inner().0,
+                };
+            }
             let tpl = st.commits(Some(revoked));
             for e in revoked.elements() {
                 let tp = (Arc::from(e.topic()), e.partition());
@@ -289,6 +342,7 @@ struct Ctl {
     inner: Arc<Inner>,
     shared: Arc<Shared>,
     sub: Arc<Subscription>,
+    main_topic: Arc<str>,
     retry: Arc<str>,
 }
 
@@ -314,8 +368,15 @@ impl Ctl {
                 let hs = headers::for_retry(raw.headers.as_ref(), next, not_before);
                 self.inner
                     .send(&self.retry, raw.key.as_deref(), &raw.payload, hs)
-                    .await
-                    .map(|_| ())
+                    .await?;
+                if let (true, Some(k)) = (self.sub.key_ordered, &raw.key) {
+                    // Hold the key until the retry is read back (set while
+                    // the original still holds it: no gap).
+                    let wait = Duration::from_millis(not_before.saturating_sub(unix_ms_now()));
+                    let until = Instant::now() + wait + self.sub.ack_deadline;
+                    self.shared.lock().retrying.insert(k.clone(), until);
+                }
+                Ok(())
             }
         }
     }
@@ -347,6 +408,7 @@ impl Ctl {
                 }
             }
             drop(st);
+            ctl.shared.settled.notify_all();
             ctl.shared.wake.notify_one();
         });
     }
@@ -516,6 +578,7 @@ pub(crate) async fn start(
         state: Mutex::new(State::default()),
         wake: Notify::new(),
         waiting: AtomicBool::new(false),
+        settled: std::sync::Condvar::new(),
     });
     let o = &inner.opts;
     let mut cfg = o.client_config();
@@ -537,16 +600,21 @@ pub(crate) async fn start(
     let consumer: StreamConsumer<Ctx> = cfg
         .create_with_context(Ctx {
             shared: Arc::clone(&shared),
+            revoke_wait: sub.ack_deadline.min(Duration::from_secs(10)),
             assigned: Mutex::new(Some(assigned_tx)),
         })
         .map_err(|e| kafka_error("create consumer", e))?;
     consumer
         .subscribe(&[sub.topic.as_str(), &retry])
         .map_err(|e| kafka_error("subscribe", e))?;
-    let (tx, rx) = mpsc::channel(sub.prefetch.max(1));
+    // Unbounded, yet holding at most `prefetch` live deliveries (the
+    // in-flight limit) plus withdrawn ones the stream has yet to skip.
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stream_shared = Arc::clone(&shared);
     let ctl = Ctl {
         inner: Arc::clone(&inner),
         shared,
+        main_topic: Arc::from(sub.topic.as_str()),
         sub: Arc::new(sub),
         retry: Arc::from(retry.as_str()),
     };
@@ -567,19 +635,42 @@ pub(crate) async fn start(
             .with_transport(NAME))
         }
     }
-    let stream =
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|d| (d, rx)) })
-            .boxed();
+    // The stream skips deliveries withdrawn while they waited in the
+    // channel (their partition moved: the new owner delivers them).
+    let stream = futures::stream::unfold((rx, stream_shared), |(mut rx, shared)| async move {
+        loop {
+            let (id, d) = rx.recv().await?;
+            let keep = {
+                let mut st = shared.lock();
+                let current = st
+                    .inflight
+                    .get(&id)
+                    .is_some_and(|f| st.current(&f.kafka_topic, f.partition, f.epoch));
+                match st.inflight.get_mut(&id) {
+                    Some(f) if current => f.taken = true,
+                    _ => {
+                        st.inflight.remove(&id);
+                    }
+                }
+                current
+            };
+            if keep {
+                return Some((Ok(d), (rx, shared)));
+            }
+            shared.freed();
+        }
+    })
+    .boxed();
     Ok((stream, task))
 }
 
 async fn run(
     ctl: Ctl,
     consumer: StreamConsumer<Ctx>,
-    out: mpsc::Sender<Result<Delivery>>,
+    out: mpsc::UnboundedSender<(u64, Delivery)>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let main_topic: Arc<str> = Arc::from(ctl.sub.topic.as_str());
+    let main_topic: Arc<str> = Arc::clone(&ctl.main_topic);
     let prefetch = ctl.sub.prefetch.max(1);
     // Buffered records (read, not yet handed out) past which the loop stops
     // reading: librdkafka then stops fetching once its own queue is full
@@ -610,17 +701,15 @@ async fn run(
                     ready.push_back(r);
                 }
             }
-            while !ready.is_empty() {
-                if !ctl.shared.has_room(prefetch) {
-                    break;
-                }
-                let Some(r) = ready.pop_front() else { break };
-                if let Some(d) = hand_out(&ctl, r) {
-                    if out.try_send(Ok(d)).is_err() {
-                        // Cannot happen while in-flight <= capacity, but a
-                        // delivery that cannot be handed out simply expires.
-                        tracing::debug!("kafka: delivery channel full");
+            if ctl.sub.key_ordered {
+                hand_out_key_ordered(&ctl, &out, prefetch, &mut ready, &delayed_items);
+            } else {
+                while !ready.is_empty() {
+                    if !ctl.shared.has_room(prefetch) {
+                        break;
                     }
+                    let Some(r) = ready.pop_front() else { break };
+                    send(&out, hand_out(&ctl, r));
                 }
             }
         }
@@ -695,6 +784,76 @@ async fn run(
     }
     drop(messages);
     finish(ctl, consumer, out).await;
+}
+
+fn send(out: &mpsc::UnboundedSender<(u64, Delivery)>, d: Option<(u64, Delivery)>) {
+    if let Some(d) = d {
+        if out.send(d).is_err() {
+            // The stream is gone; the loop notices and drains.
+            tracing::debug!("kafka: delivery stream dropped");
+        }
+    }
+}
+
+/// Hand out with per-key order (`Subscription::key_ordered`): a record is
+/// held while a delivery of its key is unsettled here, while a redelivery
+/// of its key is on its way through the retry topic, and (for records of
+/// the topic) while a retry record of its key waits here. A key lives on
+/// one partition, which one member holds, so this orders the key in the
+/// group.
+fn hand_out_key_ordered(
+    ctl: &Ctl,
+    out: &mpsc::UnboundedSender<(u64, Delivery)>,
+    prefetch: usize,
+    ready: &mut VecDeque<Ready>,
+    delayed_items: &HashMap<u64, Ready>,
+) {
+    if ready.is_empty() {
+        return;
+    }
+    let (mut blocked, retrying) = {
+        let mut st = ctl.shared.lock();
+        let now = Instant::now();
+        st.retrying.retain(|_, until| *until > now);
+        let blocked: HashSet<Bytes> = st
+            .inflight
+            .values()
+            .filter_map(|f| f.raw.key.clone())
+            .collect();
+        let retrying: HashSet<Bytes> = st.retrying.keys().cloned().collect();
+        (blocked, retrying)
+    };
+    // Keys with a retry record here: the retry goes first.
+    let mut retry_first: HashSet<Bytes> = delayed_items
+        .values()
+        .chain(ready.iter())
+        .filter(|r| !Arc::ptr_eq(&r.kafka_topic, &ctl.main_topic))
+        .filter_map(|r| r.raw.key.clone())
+        .collect();
+    retry_first.extend(retrying);
+    let mut i = 0;
+    while i < ready.len() {
+        if !ctl.shared.has_room(prefetch) {
+            break;
+        }
+        let r = &ready[i];
+        if let Some(k) = &r.raw.key {
+            let from_topic = Arc::ptr_eq(&r.kafka_topic, &ctl.main_topic);
+            if blocked.contains(k) || (from_topic && retry_first.contains(k)) {
+                i += 1;
+                continue;
+            }
+        }
+        let Some(r) = ready.remove(i) else { break };
+        if let Some(k) = &r.raw.key {
+            blocked.insert(k.clone());
+            if !Arc::ptr_eq(&r.kafka_topic, &ctl.main_topic) {
+                // Its retry was read: the marker has done its work.
+                ctl.shared.lock().retrying.remove(k);
+            }
+        }
+        send(out, hand_out(ctl, r));
+    }
 }
 
 fn on_message(
@@ -814,6 +973,7 @@ fn register(
             attempt,
             position,
             busy,
+            taken: false,
         },
     );
     if !busy {
@@ -824,7 +984,7 @@ fn register(
 
 /// Turn a ready record into a delivery, unless its partition was revoked
 /// meanwhile (the new owner delivers it) or it is past its last attempt.
-fn hand_out(ctl: &Ctl, r: Ready) -> Option<Delivery> {
+fn hand_out(ctl: &Ctl, r: Ready) -> Option<(u64, Delivery)> {
     if !ctl
         .shared
         .lock()
@@ -860,14 +1020,15 @@ fn hand_out(ctl: &Ctl, r: Ready) -> Option<Delivery> {
         r.position,
         false,
     );
-    Some(Delivery::new(
+    let d = Delivery::new(
         r.envelope,
         info,
         Box::new(KafkaSettle {
             ctl: ctl.clone(),
             id,
         }),
-    ))
+    );
+    Some((id, d))
 }
 
 /// Deliveries past their ack deadline come back: republished to the retry
@@ -921,7 +1082,10 @@ fn drain(ctl: &Ctl) {
             if f.busy {
                 continue;
             }
-            if !st.current(&f.kafka_topic, f.partition, f.epoch) {
+            // Never seen by the consumer (dropped with the channel) or of a
+            // partition no longer held: left unsettled, so the next owner
+            // reads them again as they were.
+            if !f.taken || !st.current(&f.kafka_topic, f.partition, f.epoch) {
                 stale.push(*id);
             } else {
                 todo.push((*id, unix_ms_at(f.deadline)));
@@ -958,7 +1122,11 @@ fn commit(ctl: &Ctl, consumer: &StreamConsumer<Ctx>, mode: CommitMode) {
     }
 }
 
-async fn finish(ctl: Ctl, consumer: StreamConsumer<Ctx>, out: mpsc::Sender<Result<Delivery>>) {
+async fn finish(
+    ctl: Ctl,
+    consumer: StreamConsumer<Ctx>,
+    out: mpsc::UnboundedSender<(u64, Delivery)>,
+) {
     // The stream ends now; settlements still in flight are refused from
     // here on, and what was settled is committed before leaving the group.
     drop(out);

@@ -367,7 +367,7 @@ impl Transport for KafkaTransport {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
-            .with_key_ordered_competing(false)
+            .with_key_ordered_competing(true)
             .with_nack_delay(true)
             .with_start_at_time(true)
             .with_retention(true)
