@@ -640,8 +640,18 @@ impl Transport for RedisTransport {
 
     async fn flush(&self) -> Result<()> {
         self.inner.check_open()?;
-        self.inner.acker.flush(false).await;
-        Ok(())
+        // Bounded: while Redis is unreachable the acks stay queued (and are
+        // retried), but a shutdown must not hang on them.
+        let wait = self.inner.cfg.response_timeout;
+        tokio::time::timeout(wait, self.inner.acker.flush(false))
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("queued acks not written within {wait:?}; they are retried, and redelivered after their deadline if never written"),
+                )
+                .with_transport(NAME)
+            })
     }
 
     async fn close(&self) -> Result<()> {
