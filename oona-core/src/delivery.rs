@@ -30,6 +30,9 @@ pub enum Outcome {
     Nack {
         /// Wait at least this long before redelivering.
         delay: Option<Duration>,
+        /// Why it failed; kept in the dead letter if this was the last
+        /// attempt.
+        reason: Option<String>,
     },
     /// Cannot ever succeed: dead-letter it now with this reason.
     Reject {
@@ -144,7 +147,25 @@ impl Delivery {
     /// Failed; deliver again (after `delay`), or dead-letter on the last
     /// attempt.
     pub async fn nack(self, delay: Option<Duration>) -> Result<()> {
-        self.settle(Outcome::Nack { delay }).await
+        self.settle(Outcome::Nack {
+            delay,
+            reason: None,
+        })
+        .await
+    }
+
+    /// Like [`Delivery::nack`], saying why: the reason is kept in the dead
+    /// letter if this was the last attempt.
+    pub async fn nack_because(
+        self,
+        delay: Option<Duration>,
+        reason: impl Into<String>,
+    ) -> Result<()> {
+        self.settle(Outcome::Nack {
+            delay,
+            reason: Some(reason.into()),
+        })
+        .await
     }
 
     /// Cannot succeed: dead-letter now.

@@ -35,14 +35,18 @@ use crate::topic::{PolicySet, Topic};
 pub fn settle(envelope: &Envelope, info: &DeliveryInfo, outcome: Outcome) -> Settlement {
     match outcome {
         Outcome::Ack => Settlement::Ack,
-        Outcome::Nack { delay } if info.attempt < info.max_attempts => Settlement::Redeliver {
+        Outcome::Nack { delay, .. } if info.attempt < info.max_attempts => Settlement::Redeliver {
             delay: delay.unwrap_or(Duration::ZERO),
         },
-        Outcome::Nack { .. } => {
-            let reason = format!(
+        Outcome::Nack { reason: why, .. } => {
+            let mut reason = format!(
                 "max attempts reached ({} of {}); last: nacked",
                 info.attempt, info.max_attempts
             );
+            if let Some(why) = why {
+                reason.push_str(": ");
+                reason.push_str(&why);
+            }
             Settlement::DeadLetter {
                 dead_letter: Box::new(dead_letter(envelope, info, &reason)),
                 reason,
@@ -209,18 +213,39 @@ mod tests {
     fn nack_redelivers_until_the_last_attempt() {
         let (e, i) = info(1, 3);
         assert_eq!(
-            settle(&e, &i, Outcome::Nack { delay: None }),
+            settle(
+                &e,
+                &i,
+                Outcome::Nack {
+                    delay: None,
+                    reason: None
+                }
+            ),
             Settlement::Redeliver {
                 delay: Duration::ZERO
             }
         );
         let d = Duration::from_millis(250);
         assert_eq!(
-            settle(&e, &i, Outcome::Nack { delay: Some(d) }),
+            settle(
+                &e,
+                &i,
+                Outcome::Nack {
+                    delay: Some(d),
+                    reason: None
+                }
+            ),
             Settlement::Redeliver { delay: d }
         );
         let (e, i) = info(3, 3);
-        match settle(&e, &i, Outcome::Nack { delay: None }) {
+        match settle(
+            &e,
+            &i,
+            Outcome::Nack {
+                delay: None,
+                reason: None,
+            },
+        ) {
             Settlement::DeadLetter {
                 dead_letter,
                 reason,
@@ -232,6 +257,19 @@ mod tests {
                 assert_eq!(dli.attempts, 3);
                 assert_eq!(dli.group, "kasmina");
                 assert_eq!(dli.original_position.as_deref(), Some("1-0"));
+            }
+            other => panic!("expected a dead letter, got {other:?}"),
+        }
+        let why = Outcome::Nack {
+            delay: None,
+            reason: Some("db timeout".into()),
+        };
+        match settle(&e, &i, why) {
+            Settlement::DeadLetter { reason, .. } => {
+                assert_eq!(
+                    reason,
+                    "max attempts reached (3 of 3); last: nacked: db timeout"
+                );
             }
             other => panic!("{other:?}"),
         }

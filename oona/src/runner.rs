@@ -578,6 +578,7 @@ fn outcome_of(e: &HandlerError, attempt: u32, backoff: Option<Backoff>) -> Outco
         tracing::debug!(error = %e, "oona: handler failed; nacking");
         Outcome::Nack {
             delay: e.delay().or_else(|| backoff.map(|b| b.delay(attempt))),
+            reason: Some(e.message().to_string()),
         }
     }
 }
@@ -619,17 +620,25 @@ mod tests {
         assert_eq!(
             outcome_of(&own, 3, b),
             Outcome::Nack {
-                delay: Some(Duration::from_millis(3))
+                delay: Some(Duration::from_millis(3)),
+                reason: Some("x".into())
             }
         );
         let plain = HandlerError::temporary("x");
         assert_eq!(
             outcome_of(&plain, 3, b),
             Outcome::Nack {
-                delay: Some(Duration::from_millis(40))
+                delay: Some(Duration::from_millis(40)),
+                reason: Some("x".into())
             }
         );
-        assert_eq!(outcome_of(&plain, 3, None), Outcome::Nack { delay: None });
+        assert_eq!(
+            outcome_of(&plain, 3, None),
+            Outcome::Nack {
+                delay: None,
+                reason: Some("x".into())
+            }
+        );
         assert_eq!(
             outcome_of(&HandlerError::permanent("bad"), 1, b),
             Outcome::Reject {

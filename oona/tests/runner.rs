@@ -107,7 +107,7 @@ async fn ok_acks_temporary_nacks_permanent_rejects_panic_and_decode_dead_letter(
     );
     assert!(reasons.contains(&"unknown seed 99"), "{reasons:?}");
     assert!(
-        reasons.contains(&"max attempts reached (3 of 3); last: nacked"),
+        reasons.contains(&"max attempts reached (3 of 3); last: nacked: still busy"),
         "{reasons:?}"
     );
     let poison_dl = dead
