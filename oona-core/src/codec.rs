@@ -68,7 +68,10 @@ where
     }
 
     fn decode(&self, envelope: &Envelope) -> Result<T> {
-        expect_content_type(envelope, ContentType::JSON)?;
+        // Any JSON media type (`application/json`, `application/*+json`).
+        if !envelope.content_type.is_json() {
+            expect_content_type(envelope, ContentType::JSON)?;
+        }
         serde_json::from_slice(&envelope.payload).map_err(|e| {
             Error::new(
                 ErrorKind::Decode,
@@ -106,6 +109,14 @@ mod tests {
         let e = Codec::<Report>::decode(&Json, &bin).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Decode);
         assert!(e.to_string().contains("expected application/json"), "{e}");
+
+        let ce = Envelope::builder(t.clone(), "{\"seed\":8}")
+            .content_type("application/cloudevents+json")
+            .build();
+        assert_eq!(
+            Codec::<Report>::decode(&Json, &ce).unwrap(),
+            Report { seed: 8 }
+        );
 
         let bad = Envelope::builder(t, "{\"seed\":\"x\"}").build();
         let e = Codec::<Report>::decode(&Json, &bad).unwrap_err();
