@@ -21,7 +21,19 @@
 //! with no record that late (a group starting `At(t)` would replay the
 //! partitions that got no later message). Several partitions and a
 //! rebalance are covered by `tests/rebalance.rs`.
+//!
+//! One test-only behaviour (in the fixture, not the transport): the
+//! fixture's clients publish to a topic one call at a time
+//! ([`OneWriterPerTopic`]). tansu (memory storage) moves a partition's high
+//! watermark before it stores the record, so while two connections produce
+//! to one partition a fetch can see the later record and not yet the
+//! earlier one; the consumer then moves past the earlier offset (Kafka
+//! offsets may have gaps) and never reads it, although it is stored. The
+//! publishers still run concurrently; only their produce requests to one
+//! topic no longer overlap at the broker. See the README's tansu gaps and
+//! `examples/tansu_fetch_gap.rs`, which shows it with raw rdkafka clients.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
@@ -30,7 +42,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use oona_conformance::proxy::TcpProxy;
 use oona_conformance::{Fixture, Timing};
-use oona_core::{Error, ErrorKind, Retention, Topic, Transport};
+use oona_core::{
+    Capabilities, DeliveryStream, Envelope, Error, ErrorKind, Health, Receipt, Retention,
+    Subscription, Topic, TopicPolicy, Transport,
+};
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -45,6 +60,84 @@ struct KafkaFixture {
     tansu: Mutex<Option<Child>>,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
+    /// Shared by every client the fixture hands out: one publish at a time
+    /// per topic (see the crate docs: tansu's fetch can skip a record while
+    /// two connections produce to one partition).
+    publish_locks: PublishLocks,
+}
+
+type PublishLocks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
+/// A [`oona_kafka::KafkaTransport`] whose `publish` and `publish_batch`
+/// take a per-topic lock shared by all the fixture's clients, so produce
+/// requests to one partition never overlap at the broker. Everything else
+/// is the transport's own behaviour. Republishes the transport makes itself
+/// (retry and dead-letter topics) are not covered.
+#[derive(Debug)]
+struct OneWriterPerTopic {
+    inner: oona_kafka::KafkaTransport,
+    locks: PublishLocks,
+}
+
+impl OneWriterPerTopic {
+    fn lock_of(&self, topic: &Topic) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(locks.entry(topic.to_string()).or_default())
+    }
+}
+
+#[async_trait]
+impl Transport for OneWriterPerTopic {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn ensure_topic(&self, topic: &Topic, policy: &TopicPolicy) -> oona_core::Result<()> {
+        self.inner.ensure_topic(topic, policy).await
+    }
+
+    async fn publish(&self, envelope: Envelope) -> oona_core::Result<Receipt> {
+        let lock = self.lock_of(&envelope.topic);
+        let _one = lock.lock().await;
+        self.inner.publish(envelope).await
+    }
+
+    async fn publish_batch(&self, envelopes: Vec<Envelope>) -> oona_core::Result<Vec<Receipt>> {
+        let mut topics: Vec<Topic> = envelopes.iter().map(|e| e.topic.clone()).collect();
+        topics.sort();
+        topics.dedup();
+        // Taken in name order, so two batches never wait on each other.
+        let locks: Vec<_> = topics.iter().map(|t| self.lock_of(t)).collect();
+        let mut held = Vec::with_capacity(locks.len());
+        for l in &locks {
+            held.push(l.lock().await);
+        }
+        self.inner.publish_batch(envelopes).await
+    }
+
+    async fn subscribe(&self, subscription: Subscription) -> oona_core::Result<DeliveryStream> {
+        self.inner.subscribe(subscription).await
+    }
+
+    async fn delete_topic(&self, topic: &Topic) -> oona_core::Result<()> {
+        self.inner.delete_topic(topic).await
+    }
+
+    async fn health(&self) -> Health {
+        self.inner.health().await
+    }
+
+    async fn flush(&self) -> oona_core::Result<()> {
+        self.inner.flush().await
+    }
+
+    async fn close(&self) -> oona_core::Result<()> {
+        self.inner.close().await
+    }
 }
 
 fn broker_error(what: &str, e: impl std::fmt::Display) -> Error {
@@ -110,6 +203,7 @@ fn make(url: String) -> KafkaFixture {
         tansu: Mutex::new(tansu),
         producer,
         admin,
+        publish_locks: PublishLocks::default(),
     }
 }
 
@@ -132,10 +226,18 @@ impl Fixture for KafkaFixture {
 
     async fn connect(&self) -> oona_core::Result<Arc<dyn Transport>> {
         let t = oona_kafka::connect(&format!("kafka://{}?{CLIENT_PARAMS}", self.bootstrap)).await?;
-        Ok(Arc::new(t))
+        Ok(Arc::new(OneWriterPerTopic {
+            inner: t,
+            locks: Arc::clone(&self.publish_locks),
+        }))
     }
 
     async fn write_raw(&self, topic: &Topic, raw: &[u8]) -> oona_core::Result<()> {
+        let lock = {
+            let mut locks = self.publish_locks.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(locks.entry(topic.to_string()).or_default())
+        };
+        let _one = lock.lock().await;
         self.producer
             .send(
                 FutureRecord::<(), [u8]>::to(topic.as_str()).payload(raw),
