@@ -79,6 +79,9 @@ struct Part {
     /// Next offset to commit (one past the last contiguous settled one).
     commit: Option<i64>,
     dirty: bool,
+    /// Last offset read, to log gaps (legitimate in Kafka after compaction
+    /// or transactions; anything else points at the broker).
+    last_read: Option<i64>,
 }
 
 impl Part {
@@ -152,6 +155,18 @@ impl State {
                     ..Part::default()
                 }
             });
+        if let Some(last) = part.last_read {
+            if offset > last + 1 {
+                tracing::debug!(
+                    topic = &**topic,
+                    partition,
+                    first = last + 1,
+                    last = offset - 1,
+                    "kafka: offsets skipped by the fetch"
+                );
+            }
+        }
+        part.last_read = Some(offset);
         part.pending.insert(offset, false);
         part.epoch
     }
