@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Start and stop the real brokers the tests and benches use, on 127.0.0.1.
 #
-#   scripts/brokers.sh up   [redis|redis8|kafka|pulsar ...]   (default: redis redis8)
-#   scripts/brokers.sh down [redis|redis8|kafka|pulsar ...]   (default: all running)
+#   scripts/brokers.sh up   [redis|redis8|kafka|pulsar ...]   (default: all four)
+#   scripts/brokers.sh down [redis|redis8|kafka|pulsar ...]   (default: all four)
 #
 # `up` installs a missing server, starts it on a free port with its data
 # under target/brokers/<name>/ (AOF on), waits until it answers, and writes
@@ -322,13 +322,11 @@ down_pulsar() {
 }
 # --- end pulsar ----------------------------------------------------------
 
-not_yet() { log "$1: not yet supported by this script"; exit 2; }
-
 cmd="${1:-}"
 shift || true
 case "$cmd" in
 up)
-    [ $# -gt 0 ] || set -- redis redis8
+    [ $# -gt 0 ] || set -- redis redis8 kafka pulsar
     for b in "$@"; do
         case "$b" in
         redis) up_redis redis OONA_TEST_REDIS_URL OONA_TEST_REDIS_SERVER "$(redis7_bin)" ;;
@@ -340,7 +338,7 @@ up)
     done
     ;;
 down)
-    [ $# -gt 0 ] || set -- redis redis8
+    [ $# -gt 0 ] || set -- redis redis8 kafka pulsar
     for b in "$@"; do
         case "$b" in
         redis) down_one redis OONA_TEST_REDIS_URL OONA_TEST_REDIS_SERVER ;;
