@@ -22,12 +22,14 @@
 //! tansu answers a fetch only when `fetch.wait.max.ms` runs out, so both
 //! sides use 10 ms and latency measures mostly that wait, not the client.
 
+use oona_benches::{
+    bench_topic, envelope, print_throughput as row, rounds, stamp_of, BoxError, Res, PAYLOAD,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::StreamExt;
-use oona_core::{Envelope, Name, StartPosition, Subscription, Topic, Transport};
+use oona_core::{Name, StartPosition, Subscription, Topic, Transport};
 use oona_kafka::KafkaTransport;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -36,13 +38,9 @@ use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
-const PAYLOAD: usize = 256;
 const ROUNDS: usize = 3;
 /// Client settings of the Oona side; the raw side mirrors them.
 const PARAMS: &str = "fetch_wait=10ms&session_timeout=3s&partitions=1";
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Res<T> = Result<T, BoxError>;
 
 fn main() {
     let Ok(url) = std::env::var("OONA_TEST_KAFKA_URL") else {
@@ -101,12 +99,14 @@ async fn run(url: &str) -> Res<()> {
     let part = |p: &str| only.is_empty() || only == p;
     if part("publish") {
         let (o, r) = rounds(
+            ROUNDS,
             |i| publish_single(&cx, i, true),
             |i| publish_single(&cx, i, false),
         )
         .await?;
         row("publish, 1 per call (msg/s)", o, r, "≥ 90%");
         let (o, r) = rounds(
+            ROUNDS,
             |i| publish_batched(&cx, i, true),
             |i| publish_batched(&cx, i, false),
         )
@@ -114,11 +114,21 @@ async fn run(url: &str) -> Res<()> {
         row("publish, 100 in flight (msg/s)", o, r, "≥ 90%");
     }
     if part("consume") {
-        let (o, r) = rounds(|i| consume(&cx, i, true), |i| consume(&cx, i, false)).await?;
+        let (o, r) = rounds(
+            ROUNDS,
+            |i| consume(&cx, i, true),
+            |i| consume(&cx, i, false),
+        )
+        .await?;
         row("consume + commit, pre-filled (msg/s)", o, r, "≥ 90%");
     }
     if part("e2e") {
-        let (o, r) = rounds(|i| end_to_end(&cx, i, true), |i| end_to_end(&cx, i, false)).await?;
+        let (o, r) = rounds(
+            ROUNDS,
+            |i| end_to_end(&cx, i, true),
+            |i| end_to_end(&cx, i, false),
+        )
+        .await?;
         row("end to end publish→handler→ack (msg/s)", o, r, "");
     }
     if part("latency") {
@@ -142,57 +152,6 @@ async fn run(url: &str) -> Res<()> {
     }
     cx.oona.close().await?;
     Ok(())
-}
-
-fn row(name: &str, o: f64, r: f64, target: &str) {
-    println!(
-        "| {name} | {o:.0} | {r:.0} | {:.0}% | {target} |",
-        100.0 * o / r.max(1.0)
-    );
-}
-
-async fn rounds<F, G, FO, GO>(mut oona: F, mut raw: G) -> Res<(f64, f64)>
-where
-    F: FnMut(usize) -> FO,
-    G: FnMut(usize) -> GO,
-    FO: std::future::Future<Output = Res<f64>>,
-    GO: std::future::Future<Output = Res<f64>>,
-{
-    let mut o = Vec::new();
-    let mut r = Vec::new();
-    for i in 0..ROUNDS {
-        o.push(oona(i).await?);
-        r.push(raw(i).await?);
-    }
-    Ok((median(o), median(r)))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn topic(what: &str, i: usize, oona: bool) -> Topic {
-    let side = if oona { "oona" } else { "raw" };
-    let n = std::process::id();
-    Topic::new(format!("telemetry.bench.{what}_{side}_{n}_{i}"))
-        .unwrap_or_else(|_| Topic::new("telemetry.bench.fallback").expect("a valid topic"))
-}
-
-fn envelope(t: &Topic, stamp: u64) -> Envelope {
-    let mut p = vec![b'x'; PAYLOAD];
-    p[..8].copy_from_slice(&stamp.to_le_bytes());
-    Envelope::builder(t.clone(), Bytes::from(p))
-        .sender_id("bench")
-        .build()
-}
-
-fn stamp_of(payload: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    if payload.len() >= 8 {
-        b.copy_from_slice(&payload[..8]);
-    }
-    u64::from_le_bytes(b)
 }
 
 /// What the raw side sends: Oona's headers for a typical envelope, encoded
@@ -235,7 +194,7 @@ async fn cleanup(_cx: &Ctx, _t: &Topic) -> Res<()> {
 
 async fn publish_single(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
     const N: usize = 2_000;
-    let t = topic("single", i, oona);
+    let t = bench_topic("single", i, oona)?;
     // Both sides publish to a topic that exists.
     cx.oona.publish(envelope(&t, 0)).await?;
     let rec = RawRecord::new(&t);
@@ -270,7 +229,7 @@ async fn publish_hundred(cx: &Ctx, t: &Topic, rec: &RawRecord, b: usize, oona: b
 
 async fn publish_batched(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
     const N: usize = 50_000;
-    let t = topic("batch", i, oona);
+    let t = bench_topic("batch", i, oona)?;
     cx.oona.publish(envelope(&t, 0)).await?;
     let rec = RawRecord::new(&t);
     let started = Instant::now();
@@ -381,7 +340,7 @@ async fn oona_consume(
 
 async fn consume(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
     const N: usize = 50_000;
-    let t = topic("consume", i, oona);
+    let t = bench_topic("consume", i, oona)?;
     cx.oona.publish(envelope(&t, 0)).await?;
     let rec = RawRecord::new(&t);
     for b in 0..(N - 1).div_ceil(1000) {
@@ -403,7 +362,7 @@ async fn consume(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
 
 async fn end_to_end(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
     const N: usize = 30_000;
-    let t = topic("e2e", i, oona);
+    let t = bench_topic("e2e", i, oona)?;
     cx.oona.publish(envelope(&t, 0)).await?;
     let rec = RawRecord::new(&t);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -449,7 +408,7 @@ async fn latency(cx: &Ctx, i: usize, oona: bool) -> Res<Lat> {
     const RATE: u64 = 5_000;
     const SECS: u64 = 2;
     const N: usize = (RATE * SECS) as usize;
-    let t = topic("latency", i, oona);
+    let t = bench_topic("latency", i, oona)?;
     // A marker to create the topic; the consumers skip it (stamp 0).
     cx.oona.publish(envelope(&t, 0)).await?;
     let rec = Arc::new(RawRecord::new(&t));

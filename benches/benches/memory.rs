@@ -31,19 +31,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use oona_benches::{percentiles, print_throughput, Percentiles};
+use oona_benches::{
+    envelope, payload, percentiles, print_throughput, rounds, stamp_of, Percentiles, Res, PAYLOAD,
+};
 use oona_core::memory::{MemoryConfig, MemoryTransport};
 use oona_core::{
     Envelope, ErrorKind, Name, StartPosition, Subscription, Timestamp, Topic, Transport,
 };
 use tokio::sync::{mpsc, Mutex, Notify};
 
-const PAYLOAD: usize = 256;
 const ROUNDS: usize = 3;
 const BATCH: usize = 100;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Res<T> = Result<T, BoxError>;
 
 fn main() {
     // Each RSS series runs in a fresh process of this binary, so that what
@@ -88,15 +86,25 @@ async fn run() -> Res<()> {
     let only = std::env::var("OONA_BENCH_ONLY").ok();
     let want = |s: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == s));
     if want("publish") {
-        let (o, r) = rounds(|| publish_single(true), || publish_single(false)).await?;
+        let (o, r) = rounds(ROUNDS, |_| publish_single(true), |_| publish_single(false)).await?;
         print_throughput("publish, 1 per call (msg/s)", o, r, "");
     }
     if want("batch") {
-        let (o, r) = rounds(|| publish_batched(true), || publish_batched(false)).await?;
+        let (o, r) = rounds(
+            ROUNDS,
+            |_| publish_batched(true),
+            |_| publish_batched(false),
+        )
+        .await?;
         print_throughput("publish, batches of 100 (msg/s)", o, r, "");
     }
     if want("prebuilt") {
-        let (o, r) = rounds(|| publish_prebuilt(true), || publish_prebuilt(false)).await?;
+        let (o, r) = rounds(
+            ROUNDS,
+            |_| publish_prebuilt(true),
+            |_| publish_prebuilt(false),
+        )
+        .await?;
         print_throughput(
             "publish, batches of 100, envelopes built before timing (msg/s)",
             o,
@@ -106,7 +114,12 @@ async fn run() -> Res<()> {
     }
     if want("consume") {
         for window in [1, 256] {
-            let (o, r) = rounds(|| consume(window, true), || consume(window, false)).await?;
+            let (o, r) = rounds(
+                ROUNDS,
+                |_| consume(window, true),
+                |_| consume(window, false),
+            )
+            .await?;
             print_throughput(
                 &format!("consume + ack, pre-filled, {window} unacked at a time (msg/s)"),
                 o,
@@ -114,7 +127,7 @@ async fn run() -> Res<()> {
                 "",
             );
         }
-        let (o, r) = rounds(|| consume_at(true), || consume_at(false)).await?;
+        let (o, r) = rounds(ROUNDS, |_| consume_at(true), |_| consume_at(false)).await?;
         print_throughput(
             "consume + ack, group starting At(now) after 100,000 retained entries (msg/s)",
             o,
@@ -123,21 +136,36 @@ async fn run() -> Res<()> {
         );
     }
     if want("e2e") {
-        let (o, r) = rounds(|| end_to_end(1, 0, true), || end_to_end(1, 0, false)).await?;
+        let (o, r) = rounds(
+            ROUNDS,
+            |_| end_to_end(1, 0, true),
+            |_| end_to_end(1, 0, false),
+        )
+        .await?;
         print_throughput(
             "end to end publish→consume→ack, 1 consumer (msg/s)",
             o,
             r,
             "",
         );
-        let (o, r) = rounds(|| end_to_end(4, 0, true), || end_to_end(4, 0, false)).await?;
+        let (o, r) = rounds(
+            ROUNDS,
+            |_| end_to_end(4, 0, true),
+            |_| end_to_end(4, 0, false),
+        )
+        .await?;
         print_throughput(
             "end to end publish→consume→ack, 4 competing consumers (msg/s)",
             o,
             r,
             "",
         );
-        let (o, r) = rounds(|| end_to_end(1, 100, true), || end_to_end(1, 100, false)).await?;
+        let (o, r) = rounds(
+            ROUNDS,
+            |_| end_to_end(1, 100, true),
+            |_| end_to_end(1, 100, false),
+        )
+        .await?;
         print_throughput(
             "end to end, 1 consumer, 100 idle subscriptions on other topics (msg/s)",
             o,
@@ -212,47 +240,8 @@ async fn memories() -> Res<()> {
     Ok(())
 }
 
-async fn rounds<F, G, FO, GO>(mut oona: F, mut raw: G) -> Res<(f64, f64)>
-where
-    F: FnMut() -> FO,
-    G: FnMut() -> GO,
-    FO: std::future::Future<Output = Res<f64>>,
-    GO: std::future::Future<Output = Res<f64>>,
-{
-    let mut o = Vec::new();
-    let mut r = Vec::new();
-    for _ in 0..ROUNDS {
-        o.push(oona().await?);
-        r.push(raw().await?);
-    }
-    Ok((median(o), median(r)))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn topic(what: &str) -> Res<Topic> {
     Ok(Topic::new(format!("telemetry.bench.memory_{what}"))?)
-}
-
-fn payload(stamp: u64) -> Bytes {
-    let mut p = vec![b'x'; PAYLOAD];
-    p[..8].copy_from_slice(&stamp.to_le_bytes());
-    Bytes::from(p)
-}
-
-fn envelope(t: &Topic, stamp: u64) -> Envelope {
-    Envelope::builder(t.clone(), payload(stamp))
-        .sender_id("bench")
-        .build()
-}
-
-fn stamp_of(p: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&p[..8]);
-    u64::from_le_bytes(b)
 }
 
 fn transport(capacity: usize) -> Res<MemoryTransport> {

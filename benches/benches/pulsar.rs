@@ -22,20 +22,16 @@
 #[allow(dead_code)]
 mod frame_fix;
 
+use oona_benches::{bench_topic, envelope, print_throughput as row, rounds, Res, PAYLOAD};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::StreamExt;
-use oona_core::{Envelope, Name, StartPosition, Subscription, Topic, Transport};
+use oona_core::{Name, StartPosition, Subscription, Topic, Transport};
 use oona_pulsar::PulsarTransport;
 use pulsar::{Pulsar, TokioExecutor};
 
-const PAYLOAD: usize = 256;
 const ROUNDS: usize = 3;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Res<T> = Result<T, BoxError>;
 
 fn main() {
     let Ok(url) = std::env::var("OONA_TEST_PULSAR_URL") else {
@@ -91,64 +87,28 @@ async fn run(url: &str) -> Res<()> {
     println!("| scenario | Oona | raw | Oona/raw | target |");
     println!("|---|---:|---:|---:|---|");
     let (o, r) = rounds(
+        ROUNDS,
         |i| publish_single(&cx, i, true),
         |i| publish_single(&cx, i, false),
     )
     .await?;
     row("publish, 1 per call (msg/s)", o, r, "≥ 90%");
     let (o, r) = rounds(
+        ROUNDS,
         |i| publish_batched(&cx, i, true),
         |i| publish_batched(&cx, i, false),
     )
     .await?;
     row("publish, 100 in flight (msg/s)", o, r, "≥ 90%");
-    let (o, r) = rounds(|i| consume(&cx, i, true), |i| consume(&cx, i, false)).await?;
+    let (o, r) = rounds(
+        ROUNDS,
+        |i| consume(&cx, i, true),
+        |i| consume(&cx, i, false),
+    )
+    .await?;
     row("consume + ack, pre-filled (msg/s)", o, r, "≥ 90%");
     cx.oona.close().await?;
     Ok(())
-}
-
-fn row(name: &str, o: f64, r: f64, target: &str) {
-    println!(
-        "| {name} | {o:.0} | {r:.0} | {:.0}% | {target} |",
-        100.0 * o / r.max(1.0)
-    );
-}
-
-async fn rounds<F, G, FO, GO>(mut oona: F, mut raw: G) -> Res<(f64, f64)>
-where
-    F: FnMut(usize) -> FO,
-    G: FnMut(usize) -> GO,
-    FO: std::future::Future<Output = Res<f64>>,
-    GO: std::future::Future<Output = Res<f64>>,
-{
-    let mut o = Vec::new();
-    let mut r = Vec::new();
-    for i in 0..ROUNDS {
-        o.push(oona(i).await?);
-        r.push(raw(i).await?);
-    }
-    Ok((median(o), median(r)))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn topic(what: &str, i: usize, oona: bool) -> Topic {
-    let side = if oona { "oona" } else { "raw" };
-    let n = std::process::id();
-    Topic::new(format!("telemetry.bench.{what}_{side}_{n}_{i}"))
-        .unwrap_or_else(|_| Topic::new("telemetry.bench.fallback").expect("a valid topic"))
-}
-
-fn envelope(t: &Topic, stamp: u64) -> Envelope {
-    let mut p = vec![b'x'; PAYLOAD];
-    p[..8].copy_from_slice(&stamp.to_le_bytes());
-    Envelope::builder(t.clone(), Bytes::from(p))
-        .sender_id("bench")
-        .build()
 }
 
 /// What the raw side sends: Oona's properties for a typical envelope,
@@ -199,7 +159,7 @@ impl Ctx {
 
 async fn publish_single(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
     const N: usize = 2_000;
-    let t = topic("single", i, oona);
+    let t = bench_topic("single", i, oona)?;
     // Both sides have a producer on an existing topic before timing.
     cx.oona.publish(envelope(&t, 0)).await?;
     let rec = RawRecord::new(&t);
@@ -221,7 +181,7 @@ async fn publish_single(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
 async fn publish_batched(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
     const N: usize = 20_000;
     const BATCH: usize = 100;
-    let t = topic("batch", i, oona);
+    let t = bench_topic("batch", i, oona)?;
     cx.oona.publish(envelope(&t, 0)).await?;
     let rec = RawRecord::new(&t);
     let mut producer = cx.raw_producer(&t).await?;
@@ -251,7 +211,7 @@ async fn publish_batched(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
 
 async fn consume(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
     const N: usize = 20_000;
-    let t = topic("consume", i, oona);
+    let t = bench_topic("consume", i, oona)?;
     // Fill with the raw producer for both sides (same bytes on the broker).
     let rec = RawRecord::new(&t);
     let mut producer = cx.raw_producer(&t).await?;

@@ -17,10 +17,12 @@
 //! The raw side writes the same fields Oona writes (encoded once up front),
 //! so the server does the same work; what differs is Oona's own.
 
+use oona_benches::{
+    bench_topic, envelope, median, print_throughput as row, rounds, BoxError, Res, PAYLOAD,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::StreamExt;
 use oona_core::wire::fields;
 use oona_core::{Envelope, Name, StartPosition, Subscription, Topic, Transport};
@@ -28,11 +30,7 @@ use oona_redis::RedisTransport;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 
-const PAYLOAD: usize = 256;
 const ROUNDS: usize = 5;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Res<T> = Result<T, BoxError>;
 
 fn main() {
     let Ok(url) = std::env::var("OONA_TEST_REDIS_URL") else {
@@ -107,9 +105,19 @@ async fn run(url: &str) -> Res<()> {
         r,
         "",
     );
-    let (o, r) = rounds(|i| consume(&cx, i, true), |i| consume(&cx, i, false)).await?;
+    let (o, r) = rounds(
+        ROUNDS,
+        |i| consume(&cx, i, true),
+        |i| consume(&cx, i, false),
+    )
+    .await?;
     row("consume + ack, pre-filled (msg/s)", o, r, "≥ 75%");
-    let (o, r) = rounds(|i| end_to_end(&cx, i, true), |i| end_to_end(&cx, i, false)).await?;
+    let (o, r) = rounds(
+        ROUNDS,
+        |i| end_to_end(&cx, i, true),
+        |i| end_to_end(&cx, i, false),
+    )
+    .await?;
     row("end to end publish→handler→ack (msg/s)", o, r, "");
 
     let mut lat_o = Vec::new();
@@ -140,56 +148,6 @@ async fn run(url: &str) -> Res<()> {
     );
     cx.oona.close().await?;
     Ok(())
-}
-
-fn row(name: &str, o: f64, r: f64, target: &str) {
-    println!(
-        "| {name} | {o:.0} | {r:.0} | {:.0}% | {target} |",
-        100.0 * o / r.max(1.0)
-    );
-}
-
-async fn rounds<F, G, FO, GO>(mut oona: F, mut raw: G) -> Res<(f64, f64)>
-where
-    F: FnMut(usize) -> FO,
-    G: FnMut(usize) -> GO,
-    FO: std::future::Future<Output = Res<f64>>,
-    GO: std::future::Future<Output = Res<f64>>,
-{
-    let mut o = Vec::new();
-    let mut r = Vec::new();
-    let verbose = std::env::var_os("OONA_BENCH_VERBOSE").is_some();
-    for i in 0..ROUNDS {
-        o.push(oona(i).await?);
-        r.push(raw(i).await?);
-        if verbose {
-            eprintln!("round {i}: oona {:.0} raw {:.0}", o[i], r[i]);
-        }
-    }
-    Ok((median(o), median(r)))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn topic(what: &str, i: usize, oona: bool) -> Topic {
-    let side = if oona { "oona" } else { "raw" };
-    let n = std::process::id();
-    Topic::new(format!(
-        "{}.bench.{what}_{side}_{n}_{i}",
-        std::env::var("OONA_BENCH_PLANE").unwrap_or_else(|_| "telemetry".into())
-    ))
-    .unwrap_or_else(|_| Topic::new("telemetry.bench.fallback").expect("a valid topic"))
-}
-
-fn envelope(t: &Topic, stamp: u64) -> Envelope {
-    let mut p = vec![b'x'; PAYLOAD];
-    p[..8].copy_from_slice(&stamp.to_le_bytes());
-    Envelope::builder(t.clone(), Bytes::from(p))
-        .sender_id("bench")
-        .build()
 }
 
 /// The fields Oona writes for a typical envelope, encoded once, for the
@@ -229,8 +187,8 @@ async fn cleanup(cx: &Ctx, t: &Topic) -> Res<()> {
 async fn publish_single_pair(cx: &Ctx, i: usize) -> Res<(f64, f64)> {
     const N: usize = 5_000;
     const CHUNK: usize = 100;
-    let t_oona = topic("single", i, true);
-    let t_raw = topic("single", i, false);
+    let t_oona = bench_topic("single", i, true)?;
+    let t_raw = bench_topic("single", i, false)?;
     let key = cx.oona.stream_key(&t_raw);
     let f = raw_fields(&t_raw);
     let mut raw = cx.raw.clone();
@@ -274,8 +232,8 @@ async fn publish_batches_pair(cx: &Ctx, i: usize, prebuilt: bool) -> Res<(f64, f
     const BATCH: usize = 100;
     const CHUNK: usize = 10;
     let what = if prebuilt { "prebuilt" } else { "batch" };
-    let t_oona = topic(what, i, true);
-    let t_raw = topic(what, i, false);
+    let t_oona = bench_topic(what, i, true)?;
+    let t_raw = bench_topic(what, i, false)?;
     let key = cx.oona.stream_key(&t_raw);
     let f = raw_fields(&t_raw);
     let mut raw = cx.raw.clone();
@@ -475,7 +433,7 @@ fn entry_ids(v: &Value) -> Vec<String> {
 
 async fn consume(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
     const N: usize = 30_000;
-    let t = topic("consume", i, oona);
+    let t = bench_topic("consume", i, oona)?;
     prefill(cx, &t, N).await?;
     let key = cx.oona.stream_key(&t);
     let started = Instant::now();
@@ -492,7 +450,7 @@ async fn consume(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
 async fn end_to_end(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
     const N: usize = 30_000;
     const BATCH: usize = 100;
-    let t = topic("e2e", i, oona);
+    let t = bench_topic("e2e", i, oona)?;
     let key = cx.oona.stream_key(&t);
     let f = raw_fields(&t);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -550,7 +508,7 @@ async fn latency(cx: &Ctx, i: usize, oona: bool) -> Res<Lat> {
     const RATE: u64 = 10_000;
     const SECS: u64 = 2;
     const N: usize = (RATE * SECS) as usize;
-    let t = topic("latency", i, oona);
+    let t = bench_topic("latency", i, oona)?;
     let key = cx.oona.stream_key(&t);
     let f = Arc::new(raw_fields(&t));
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -671,7 +629,7 @@ async fn latency(cx: &Ctx, i: usize, oona: bool) -> Res<Lat> {
 async fn only_scenario(cx: &Ctx, only: &str) -> Res<()> {
     match only {
         "cpu" => {
-            let t = topic("cpu", 0, true);
+            let t = bench_topic("cpu", 0, true)?;
             let n = 100_000;
             let started = Instant::now();
             let envs: Vec<Envelope> = (0..n).map(|i| envelope(&t, i as u64)).collect();
@@ -748,11 +706,17 @@ async fn only_scenario(cx: &Ctx, only: &str) -> Res<()> {
             }
         }
         "consume" => {
-            let (o, r) = rounds(|i| consume(cx, i, true), |i| consume(cx, i, false)).await?;
+            let (o, r) =
+                rounds(ROUNDS, |i| consume(cx, i, true), |i| consume(cx, i, false)).await?;
             row("consume", o, r, "");
         }
         "e2e" => {
-            let (o, r) = rounds(|i| end_to_end(cx, i, true), |i| end_to_end(cx, i, false)).await?;
+            let (o, r) = rounds(
+                ROUNDS,
+                |i| end_to_end(cx, i, true),
+                |i| end_to_end(cx, i, false),
+            )
+            .await?;
             row("e2e", o, r, "");
         }
         _ => {
