@@ -138,19 +138,23 @@ up_redis() {
     die "$name did not answer PING on port $port within 10s (see $dir/redis.log)"
 }
 
+# Stop the process of a pidfile (waiting up to 10 s) and remove the file.
+stop_pidfile() {
+    local label="$1" pidfile="$2" pid
+    [ -f "$pidfile" ] || return 0
+    pid="$(cat "$pidfile")"
+    if pid_alive "$pid"; then
+        kill "$pid"
+        for _ in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
+        pid_alive "$pid" && die "$label (pid $pid) did not stop"
+        log "$label stopped (pid $pid)"
+    fi
+    rm -f "$pidfile"
+}
+
 down_one() {
     local name="$1" key="$2" server_key="$3"
-    local pidfile="$BROKERS/$name/redis.pid" pid
-    if [ -f "$pidfile" ]; then
-        pid="$(cat "$pidfile")"
-        if pid_alive "$pid"; then
-            kill "$pid"
-            for _ in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
-            pid_alive "$pid" && die "$name (pid $pid) did not stop"
-            log "$name stopped (pid $pid)"
-        fi
-        rm -f "$pidfile"
-    fi
+    stop_pidfile "$name" "$BROKERS/$name/redis.pid"
     unset_env "$key"
     unset_env "$server_key"
 }
@@ -220,17 +224,7 @@ up_kafka() {
 }
 
 down_kafka() {
-    local pidfile="$BROKERS/kafka/tansu.pid" pid
-    if [ -f "$pidfile" ]; then
-        pid="$(cat "$pidfile")"
-        if pid_alive "$pid"; then
-            kill "$pid"
-            for _ in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
-            pid_alive "$pid" && die "kafka (tansu, pid $pid) did not stop"
-            log "kafka (tansu) stopped (pid $pid)"
-        fi
-        rm -f "$pidfile"
-    fi
+    stop_pidfile "kafka (tansu)" "$BROKERS/kafka/tansu.pid"
     unset_env OONA_TEST_KAFKA_URL
     unset_env OONA_TEST_KAFKA_TANSU
 }
@@ -307,17 +301,7 @@ up_pulsar() {
 }
 
 down_pulsar() {
-    local pidfile="$BROKERS/pulsar/pulsar-lite.pid" pid
-    if [ -f "$pidfile" ]; then
-        pid="$(cat "$pidfile")"
-        if pid_alive "$pid"; then
-            kill "$pid"
-            for _ in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
-            pid_alive "$pid" && die "pulsar (pulsar-lite, pid $pid) did not stop"
-            log "pulsar (pulsar-lite) stopped (pid $pid)"
-        fi
-        rm -f "$pidfile"
-    fi
+    stop_pidfile "pulsar (pulsar-lite)" "$BROKERS/pulsar/pulsar-lite.pid"
     unset_env OONA_TEST_PULSAR_URL
 }
 # --- end pulsar ----------------------------------------------------------
