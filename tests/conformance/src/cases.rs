@@ -696,6 +696,13 @@ struct Received {
 }
 
 impl Received {
+    /// What one consumer received, as (envelope, attempt) pairs.
+    fn from_one(got: Vec<(Envelope, u32)>) -> Self {
+        Received {
+            all: got.into_iter().map(|(e, a)| (0, e, a)).collect(),
+        }
+    }
+
     fn ids(&self) -> Vec<&str> {
         self.all
             .iter()
@@ -1090,18 +1097,14 @@ async fn earliest_replays_history_in(cx: &Cx<'_>) -> CaseResult {
     )
     .await?;
     let got = take_acking(&mut s, 5, cx.t.wait(), "replayed history").await?;
-    let got = Received {
-        all: got.into_iter().map(|(e, a)| (0, e, a)).collect(),
-    };
+    let got = Received::from_one(got);
     exactly_once(&history, &got, "replay from earliest")?;
     let fresh: Vec<Envelope> = (5..7).map(|i| simple(&topic, i)).collect();
     for e in &fresh {
         publish(&c, e.clone()).await?;
     }
     let got = take_acking(&mut s, 2, cx.t.wait(), "messages after the replay").await?;
-    let got = Received {
-        all: got.into_iter().map(|(e, a)| (0, e, a)).collect(),
-    };
+    let got = Received::from_one(got);
     exactly_once(&fresh, &got, "after replay")?;
     expect_quiet(&mut s, cx.t.quiet_for(), "after replay").await
 }
@@ -1131,9 +1134,7 @@ async fn latest_skips_history_in(cx: &Cx<'_>) -> CaseResult {
         publish(&c, e.clone()).await?;
     }
     let got = take_acking(&mut s, 3, cx.t.wait(), "messages after subscribing").await?;
-    let got = Received {
-        all: got.into_iter().map(|(e, a)| (0, e, a)).collect(),
-    };
+    let got = Received::from_one(got);
     exactly_once(&fresh, &got, "latest")?;
     expect_quiet(
         &mut s,
@@ -1177,9 +1178,7 @@ async fn start_at_time_in(cx: &Cx<'_>) -> CaseResult {
     )
     .await?;
     let got = take_acking(&mut s, 3, cx.t.wait(), "messages after the instant").await?;
-    let got = Received {
-        all: got.into_iter().map(|(e, a)| (0, e, a)).collect(),
-    };
+    let got = Received::from_one(got);
     exactly_once(&after, &got, "start at time")?;
     expect_quiet(
         &mut s,
@@ -1222,13 +1221,7 @@ async fn existing_group_resumes_ignoring_start_in(cx: &Cx<'_>) -> CaseResult {
     let mut all = history.clone();
     all.push(one.clone());
     let got = take_acking(&mut se, 4, cx.t.wait(), "Earliest group, first run").await?;
-    exactly_once(
-        &all,
-        &Received {
-            all: got.into_iter().map(|(e, a)| (0, e, a)).collect(),
-        },
-        "Earliest group, first run",
-    )?;
+    exactly_once(&all, &Received::from_one(got), "Earliest group, first run")?;
     drop((sl, se));
     first.close().await.ctx("close")?;
 
