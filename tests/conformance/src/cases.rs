@@ -1238,13 +1238,7 @@ async fn existing_group_resumes_ignoring_start_in(cx: &Cx<'_>) -> CaseResult {
         (&mut se, "group made Earliest, restarted Latest"),
     ] {
         let got = take_acking(s, 2, cx.t.wait(), who).await?;
-        exactly_once(
-            &away,
-            &Received {
-                all: got.into_iter().map(|(e, a)| (0, e, a)).collect(),
-            },
-            who,
-        )?;
+        exactly_once(&away, &Received::from_one(got), who)?;
         expect_quiet(s, cx.t.quiet_for(), who).await?;
     }
     Ok(())
