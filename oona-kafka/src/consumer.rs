@@ -522,8 +522,8 @@ fn prepare_group(inner: &Inner, sub: &Subscription) -> Result<()> {
     for p in 0..n as i32 {
         tpl.add_partition(topic, p);
     }
-    let committed = c
-        .committed_offsets(tpl.clone(), timeout)
+    let until = std::time::Instant::now() + inner.opts.timeout;
+    let committed = while_coordinator_moves(until, || c.committed_offsets(tpl.clone(), timeout))
         .map_err(|e| kafka_error("read committed offsets", e))?;
     if committed
         .elements()
@@ -567,10 +567,37 @@ fn prepare_group(inner: &Inner, sub: &Subscription) -> Result<()> {
         }
     }
     if start.count() > 0 {
-        c.commit(&start, CommitMode::Sync)
+        while_coordinator_moves(until, || c.commit(&start, CommitMode::Sync))
             .map_err(|e| kafka_error("commit start offsets", e))?;
     }
     Ok(())
+}
+
+/// Run a group coordinator call again while the broker says the group's
+/// coordinator is not ready or has moved (the first use of a group, or of
+/// `__consumer_offsets` on a fresh cluster, answers so for a moment), until
+/// `until`. Blocking: called where the caller blocks anyway.
+fn while_coordinator_moves<T>(
+    until: std::time::Instant,
+    mut call: impl FnMut() -> rdkafka::error::KafkaResult<T>,
+) -> rdkafka::error::KafkaResult<T> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    loop {
+        match call() {
+            Err(e)
+                if std::time::Instant::now() < until
+                    && matches!(
+                        e.rdkafka_error_code(),
+                        Some(Code::NotCoordinator)
+                            | Some(Code::CoordinatorLoadInProgress)
+                            | Some(Code::CoordinatorNotAvailable)
+                    ) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Start a subscription: its stream and the task behind it.

@@ -1,8 +1,8 @@
 //! `IncrementalAlterConfigs` for one topic setting.
 //!
-//! rdkafka 0.38 only wraps the legacy `AlterConfigs`, which replaces a
-//! topic's whole config and which newer brokers (and tansu) no longer
-//! offer; the incremental API sets one key and leaves the rest alone. This
+//! rdkafka (0.39) only wraps the legacy `AlterConfigs`, which replaces a
+//! topic's whole config (Kafka deprecated it for that reason, KIP-339);
+//! the incremental API sets one key and leaves the rest alone. This
 //! is the crate's only `unsafe` code: a direct call of librdkafka's admin
 //! API through the bindings rdkafka re-exports.
 #![allow(unsafe_code)]

@@ -28,6 +28,12 @@ pub(crate) const NAME: &str = "kafka";
 /// `message.max.bytes` leaves room for headers above it.
 const MAX_PAYLOAD: usize = TopicPolicy::DEFAULT_MAX_PAYLOAD;
 
+/// Largest record batch, in the producer (`message.max.bytes`) and in the
+/// topics Oona creates (`max.message.bytes`): the payload limit plus room for
+/// the headers. Kafka's broker default (1 MiB + 12 bytes) would refuse a
+/// payload at the limit once its headers are added.
+const MAX_RECORD_BYTES: usize = MAX_PAYLOAD + 256 * 1024;
+
 /// The Kafka transport. Cheap to clone (one `Arc`).
 #[derive(Clone)]
 pub struct KafkaTransport {
@@ -94,7 +100,7 @@ impl KafkaTransport {
             .set("linger.ms", opts.linger.as_millis().to_string())
             .set("batch.num.messages", opts.batch_messages.to_string())
             .set("queue.buffering.max.messages", "1000000")
-            .set("message.max.bytes", (MAX_PAYLOAD + 256 * 1024).to_string())
+            .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
             .set("message.timeout.ms", opts.timeout.as_millis().to_string());
         let producer: FutureProducer =
             pc.create().map_err(|e| kafka_error("create producer", e))?;
@@ -222,12 +228,14 @@ impl Inner {
             return Ok(());
         }
         let retention = policy.retention.as_millis_or_minus_one().to_string();
+        let max_record = MAX_RECORD_BYTES.to_string();
         let nt = NewTopic::new(
             name,
             self.opts.partitions,
             TopicReplication::Fixed(self.opts.replication),
         )
-        .set("retention.ms", &retention);
+        .set("retention.ms", &retention)
+        .set("max.message.bytes", &max_record);
         let res = self
             .admin
             .create_topics([&nt], &self.admin_opts())

@@ -33,7 +33,7 @@ fn url() -> Option<String> {
 async fn client(url: &str) -> oona_kafka::KafkaTransport {
     let sep = if url.contains('?') { '&' } else { '?' };
     oona_kafka::connect(&format!(
-        "{url}{sep}fetch_wait=10ms&session_timeout=6s&partitions=4&batch_messages=1"
+        "{url}{sep}partitions=4"
     ))
     .await
     .unwrap()

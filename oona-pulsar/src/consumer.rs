@@ -615,12 +615,12 @@ impl Task {
             self.deadlines.pop_first();
             if let Some(e) = self.pending.remove(&key) {
                 self.permits = self.permits.saturating_add(e.outstanding);
-                if !self.draining {
-                    // Ask the broker to hand it out again; it counts the
-                    // redelivery. A draining consumer instead leaves the
-                    // group, which redelivers it the same way.
-                    self.redeliveries.push(e.id);
-                }
+                // Ask the broker to hand it out again: it counts the
+                // redelivery (the next attempt number). A draining consumer
+                // asks too before it leaves: Pulsar hands a departed
+                // consumer's unacked messages to the others without
+                // counting them.
+                self.redeliveries.push(e.id);
             }
         }
         while let Some(&(t, key)) = self.delayed.first() {

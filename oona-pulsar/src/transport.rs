@@ -63,7 +63,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Map a `pulsar` client error to an Oona error.
 pub(crate) fn pulsar_err(what: &str, e: pulsar::Error) -> Error {
-    use pulsar::error::{ConnectionError, ProducerError};
+    use pulsar::error::{ConnectionError, ProducerError, ServiceDiscoveryError};
+    use pulsar::message::proto::ServerError;
+    if let pulsar::Error::ServiceDiscovery(ServiceDiscoveryError::Query(
+        Some(ServerError::TopicNotFound),
+        detail,
+    )) = &e
+    {
+        // Topics are created on first use, so a lookup answers "not found"
+        // only for a tenant or namespace that does not exist: a permanent
+        // configuration error, not a connection problem to retry.
+        let detail = detail.as_deref().unwrap_or("topic not found");
+        return Error::new(
+            ErrorKind::ConfigInvalid,
+            format!(
+                "{what}: {detail}: the tenant and namespace of the URL must exist on the \
+                 broker (create them with the admin API, or fix `tenant` / `namespace`)"
+            ),
+        )
+        .with_transport(NAME)
+        .set_temporary(false);
+    }
     let kind = match &e {
         pulsar::Error::Connection(ConnectionError::Unexpected(_))
         | pulsar::Error::Connection(ConnectionError::Decoding(_))
@@ -179,8 +199,8 @@ impl Inner {
 
     pub(crate) fn next_consumer_id(&self) -> u64 {
         // Pulsar scopes consumer ids to a connection, so a counter would do;
-        // ids unique across clients (random base, process-wide counter) also
-        // suit brokers that scope them to a subscription (pulsar-lite).
+        // ids unique across clients (random base, process-wide counter) make
+        // broker logs unambiguous when several clients share a subscription.
         static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
         let base = *BASE.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0 >> 24);
         base.wrapping_add(NEXT_CONSUMER.fetch_add(1, Ordering::Relaxed))

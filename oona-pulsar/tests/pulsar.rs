@@ -1,8 +1,8 @@
 //! Pulsar-specific behaviour beyond the conformance suite: tenants, the
 //! Key_Shared order guarantee, the documented wire mapping seen by the
 //! broker's own client, producer batches from foreign producers, and the
-//! driver. Runs against `OONA_TEST_PULSAR_URL` (pulsar-lite) through the
-//! test-only frame-fixing proxy.
+//! driver. Runs against `OONA_TEST_PULSAR_URL` (Apache Pulsar, started by
+//! `scripts/brokers.sh up pulsar`).
 
 mod support;
 
@@ -26,7 +26,7 @@ fn broker() -> Option<support::Broker> {
         .ok()
         .filter(|v| !v.trim().is_empty())
     {
-        Some(url) => Some(support::Broker::start(&url).expect("start the test proxies")),
+        Some(url) => Some(support::Broker::direct(&url).expect("the test broker's URL")),
         None if std::env::var("OONA_TEST_REQUIRE").is_ok_and(|v| v.trim() == "1") => {
             panic!("{} is not set and OONA_TEST_REQUIRE=1", support::ENV)
         }
@@ -66,6 +66,7 @@ async fn same_topic_in_two_tenants_is_isolated() {
     let Some(b) = broker() else { return };
     let (tenant, ns) = b.tenant_namespace();
     let other_tenant = format!("{tenant}-other");
+    b.create_namespace(&other_tenant, &ns).await;
     let a = PulsarTransport::connect_url(&b.url()).await.unwrap();
     let o =
         PulsarTransport::connect_url(&b.url_with(&[("tenant", &other_tenant), ("namespace", &ns)]))
@@ -109,14 +110,31 @@ async fn same_topic_in_two_tenants_is_isolated() {
     o.close().await.unwrap();
 }
 
+/// A tenant or namespace that does not exist is a clear, permanent
+/// configuration error at the first lookup, not a connection problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_namespace_is_a_permanent_config_error() {
+    let Some(b) = broker() else { return };
+    let t = PulsarTransport::connect_url(&b.url_with(&[("namespace", "no-such-namespace")]))
+        .await
+        .unwrap();
+    let e = t
+        .publish(Envelope::builder(topic("control"), "{}").build())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
+    assert!(!e.is_temporary(), "{e}");
+    assert!(e.to_string().contains("namespace"), "{e}");
+    t.close().await.unwrap();
+}
+
 /// Per key: the consumer holding it now and the sequence numbers seen.
 type KeyLog = BTreeMap<String, (Option<usize>, Vec<usize>)>;
 
 /// Key_Shared: three consumers, messages of one key never in flight on two
 /// consumers at once and always in publish order, and every key reaches
-/// exactly one consumer at a time. Prefetch 1 because pulsar-lite stalls a
-/// Key_Shared consumer that holds several unacked messages of one key
-/// (a broker deviation; the transport itself has no such limit).
+/// exactly one consumer at a time, with the default prefetch (several
+/// unacked messages of one key held by one consumer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_shared_keeps_per_key_order_across_consumers() {
     let Some(b) = broker() else { return };
@@ -137,7 +155,6 @@ async fn key_shared_keeps_per_key_order_across_consumers() {
                 Subscription::new(t.clone(), g.clone())
                     .start(StartPosition::Earliest)
                     .key_ordered(true)
-                    .prefetch(1)
                     .ack_deadline(Duration::from_secs(30)),
             )
             .await
@@ -387,7 +404,7 @@ async fn driver_connects_and_rejects_bad_urls() {
     assert!(t.health().await.is_up());
     assert_eq!(
         t.capabilities().retention,
-        b.admin_url.is_some(),
+        b.admin_url().is_some(),
         "retention is claimed exactly when an admin API is configured"
     );
     t.close().await.unwrap();

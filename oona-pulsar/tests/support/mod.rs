@@ -1,57 +1,81 @@
-//! Shared test support: the broker under test behind the frame-fixing
-//! proxy (see `frame_fix.rs`) and a cuttable proxy in front of it.
+//! Shared test support: the broker under test, with a cuttable proxy on the
+//! listener `scripts/brokers.sh` sets up for it.
+//!
+//! Pulsar clients connect to the address a lookup answers, not the one they
+//! started from, so a proxy in front of the broker's main port would only
+//! see the lookups. The broker therefore has a second listener (`cut`)
+//! bound to `OONA_TEST_PULSAR_CUT_UPSTREAM` and advertised at
+//! `OONA_TEST_PULSAR_CUT_LISTEN`; a client that connects to it gets that
+//! address in its lookups (Pulsar's PIP-95), and the proxy sits there.
 #![allow(dead_code)]
 
-pub mod frame_fix;
+use std::net::SocketAddr;
 
 use oona_conformance::proxy::TcpProxy;
 
-/// The env var naming pulsar-lite (written by `scripts/brokers.sh up pulsar`).
+/// The env var naming the broker (written by `scripts/brokers.sh up pulsar`).
 pub const ENV: &str = "OONA_TEST_PULSAR_URL";
-/// Optional admin REST API of the broker (pulsar-lite has none).
-pub const ADMIN_ENV: &str = "OONA_TEST_PULSAR_ADMIN_URL";
 
-/// The broker under test, reachable through the proxies.
+/// The broker under test.
 #[derive(Debug)]
 pub struct Broker {
-    /// Cut and restored by the reconnect case; clients connect here.
-    pub cut: TcpProxy,
-    /// Makes pulsar-lite's frames standard.
-    pub fix: frame_fix::FrameFix,
-    /// The query of the test URL (tenant, namespace, ...).
+    /// `host:port` of the broker's main listener.
+    pub direct: String,
+    /// Cut and restored by the reconnect case; transports from
+    /// [`Broker::url`] connect through it when there is one (one per
+    /// process: it listens on a fixed port).
+    pub cut: Option<TcpProxy>,
+    /// The query of the test URL (tenant, namespace, admin_url, ...).
     pub query: Vec<(String, String)>,
-    /// Admin API base URL, when the broker has one.
-    pub admin_url: Option<String>,
+}
+
+fn env(name: &str) -> std::io::Result<String> {
+    std::env::var(name)
+        .map(|v| v.trim().to_string())
+        .map_err(|_| std::io::Error::other(format!("{name} is not set (scripts/brokers.sh up pulsar sets it)")))
 }
 
 impl Broker {
-    /// Start the proxies for `url` (`pulsar://host:port?...`). Call inside
-    /// a tokio runtime.
-    pub fn start(url: &str) -> std::io::Result<Broker> {
+    /// The broker of `url` (`pulsar://host:port?...`), used directly.
+    pub fn direct(url: &str) -> std::io::Result<Broker> {
         let u = url::Url::parse(url).map_err(std::io::Error::other)?;
-        let host = u.host_str().unwrap_or("127.0.0.1");
-        let port = u.port().unwrap_or(6650);
-        let fix = frame_fix::FrameFix::start(&format!("{host}:{port}"))?;
-        let cut = TcpProxy::start(fix.addr().to_string())?;
+        let direct = format!(
+            "{}:{}",
+            u.host_str().unwrap_or("127.0.0.1"),
+            u.port().unwrap_or(6650)
+        );
         let query = u
             .query_pairs()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let admin_url = std::env::var(ADMIN_ENV)
-            .ok()
-            .filter(|v| !v.trim().is_empty());
         Ok(Broker {
-            cut,
-            fix,
+            direct,
+            cut: None,
             query,
-            admin_url,
         })
     }
 
-    /// A transport URL through the proxies with `overrides` replacing or
-    /// adding query parameters.
+    /// [`Broker::direct`] with the proxy on the broker's `cut` listener.
+    /// Call inside a tokio runtime.
+    pub fn cuttable(url: &str) -> std::io::Result<Broker> {
+        let listen: SocketAddr = env("OONA_TEST_PULSAR_CUT_LISTEN")?
+            .parse()
+            .map_err(std::io::Error::other)?;
+        let cut = TcpProxy::start_on(listen, env("OONA_TEST_PULSAR_CUT_UPSTREAM")?)?;
+        Ok(Broker {
+            cut: Some(cut),
+            ..Broker::direct(url)?
+        })
+    }
+
+    /// A transport URL (through the proxy, when there is one) with
+    /// `overrides` replacing or adding query parameters.
     pub fn url_with(&self, overrides: &[(&str, &str)]) -> String {
-        let mut u = url::Url::parse(&format!("pulsar://{}", self.cut.addr())).expect("proxy URL");
+        let at = match &self.cut {
+            Some(p) => p.addr().to_string(),
+            None => self.direct.clone(),
+        };
+        let mut u = url::Url::parse(&format!("pulsar://{at}")).expect("broker URL");
         {
             let mut q = u.query_pairs_mut();
             for (k, v) in &self.query {
@@ -62,39 +86,65 @@ impl Broker {
             for (k, v) in overrides {
                 q.append_pair(k, v);
             }
-            if let Some(a) = &self.admin_url {
-                q.append_pair("admin_url", a);
-            }
         }
         u.to_string()
     }
 
-    /// The transport URL through the proxies.
+    /// The transport URL.
     pub fn url(&self) -> String {
         self.url_with(&[])
     }
 
-    /// A raw `pulsar` client (the broker's own client library) through
-    /// the frame fixer.
+    /// The admin REST API's base URL.
+    pub fn admin_url(&self) -> Option<String> {
+        self.param("admin_url")
+    }
+
+    /// Create `tenant` (allowed on the standalone cluster) and
+    /// `tenant/namespace` through the admin API; existing ones are kept.
+    pub async fn create_namespace(&self, tenant: &str, namespace: &str) {
+        let admin = self.admin_url().expect("the test URL names admin_url");
+        let http = reqwest::Client::new();
+        let put = |path: String, body: &'static str| {
+            http.put(format!("{admin}/admin/v2/{path}"))
+                .header("Content-Type", "application/json")
+                .body(body)
+                .send()
+        };
+        for (path, body) in [
+            (format!("tenants/{tenant}"), r#"{"allowedClusters":["standalone"]}"#),
+            (format!("namespaces/{tenant}/{namespace}"), "{}"),
+        ] {
+            let r = put(path.clone(), body).await.expect("admin API reachable");
+            let code = r.status().as_u16();
+            assert!(
+                r.status().is_success() || code == 409,
+                "admin PUT {path}: HTTP {code}"
+            );
+        }
+    }
+
+    fn param(&self, key: &str) -> Option<String> {
+        self.query
+            .iter()
+            .find(|(q, _)| q == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// A raw `pulsar` client (the broker's own client library) on the
+    /// broker's main listener.
     pub async fn raw_client(&self) -> pulsar::Pulsar<pulsar::TokioExecutor> {
-        pulsar::Pulsar::builder(
-            format!("pulsar://{}", self.cut.addr()),
-            pulsar::TokioExecutor,
-        )
-        .build()
-        .await
-        .expect("raw pulsar client")
+        pulsar::Pulsar::builder(format!("pulsar://{}", self.direct), pulsar::TokioExecutor)
+            .build()
+            .await
+            .expect("raw pulsar client")
     }
 
     /// `tenant` and `namespace` of the test URL.
     pub fn tenant_namespace(&self) -> (String, String) {
-        let get = |k: &str, d: &str| {
-            self.query
-                .iter()
-                .find(|(q, _)| q == k)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_else(|| d.to_string())
-        };
-        (get("tenant", "public"), get("namespace", "default"))
+        (
+            self.param("tenant").unwrap_or_else(|| "public".into()),
+            self.param("namespace").unwrap_or_else(|| "default".into()),
+        )
     }
 }

@@ -52,12 +52,20 @@ impl TcpProxy {
     /// Must be called inside a tokio runtime (the suite's
     /// [`crate::run_with_env`] builds fixtures inside one).
     pub fn start(upstream: impl Into<String>) -> io::Result<TcpProxy> {
+        TcpProxy::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), upstream)
+    }
+
+    /// [`TcpProxy::start`] on a chosen address: for brokers that tell
+    /// their clients where to connect (Kafka's advertised listeners,
+    /// Pulsar's lookups), the broker is set up to advertise this address,
+    /// so every connection of every client passes the proxy.
+    pub fn start_on(listen_on: SocketAddr, upstream: impl Into<String>) -> io::Result<TcpProxy> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(io::Error::other(
                 "TcpProxy::start must be called inside a tokio runtime",
             ));
         }
-        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let listener = listen(listen_on)?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             addr,
