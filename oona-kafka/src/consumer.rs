@@ -375,7 +375,12 @@ impl Ctl {
                 let next = attempt + 1;
                 let info = DeliveryInfo::new(&self.sub, next, Some(position.to_string()));
                 let (envelope, _) =
-                    headers::decode(raw.headers.as_ref(), raw.payload.clone(), &self.sub.topic)?;
+                    headers::decode(
+                    raw.headers.as_ref(),
+                    raw.key.as_deref(),
+                    raw.payload.clone(),
+                    &self.sub.topic,
+                )?;
                 if let Some((dl, reason)) = rules::exceeded_attempts(&envelope, &info) {
                     tracing::debug!(%reason, "kafka: dead-lettering");
                     return self.inner.publish_dead_letter(&dl).await;
@@ -935,7 +940,7 @@ fn on_message(
         headers: m.headers().map(|h| h.detach()),
         key: m.key().map(Bytes::copy_from_slice),
     };
-    match headers::decode(m.headers(), payload.clone(), &ctl.sub.topic) {
+    match headers::decode(m.headers(), m.key(), payload.clone(), &ctl.sub.topic) {
         Ok((envelope, internal)) => {
             let r = Ready {
                 kafka_topic,

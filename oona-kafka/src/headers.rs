@@ -150,8 +150,12 @@ fn utf8<'a>(what: &str, b: &'a [u8]) -> Result<&'a str> {
 
 /// Rebuild the envelope of a record read from `read_from` (the topic the
 /// envelope belongs to; for retry topics, the original topic).
+///
+/// The key is `ce_partitionkey`, else the record key: a producer that sets
+/// only the record key (as Kafka clients naturally do) keeps its key.
 pub fn decode<H: rdkafka::message::Headers>(
     headers: Option<&H>,
+    record_key: Option<&[u8]>,
     payload: Bytes,
     read_from: &Topic,
 ) -> Result<(Envelope, Internal)> {
@@ -206,6 +210,9 @@ pub fn decode<H: rdkafka::message::Headers>(
             }
         }
     }
+    if key.is_none() {
+        key = record_key.map(|k| utf8("record key", k)).transpose()?.map(str::to_string);
+    }
     let missing = |h: &str| {
         Error::new(
             ErrorKind::Decode,
@@ -253,7 +260,7 @@ mod tests {
         let hs = encode(&e, &[(name::ATTEMPT, "3".into())]);
         assert!(hs.iter().any(|h| h.key == "ce_traceparent"));
         assert!(hs.iter().any(|h| h.key == "oona-h-ce_id"));
-        let (back, internal) = decode(Some(&hs), e.payload.clone(), &t).unwrap();
+        let (back, internal) = decode(Some(&hs), None, e.payload.clone(), &t).unwrap();
         assert_eq!(back, e);
         assert_eq!(internal.attempt, Some(3));
     }
@@ -261,14 +268,34 @@ mod tests {
     #[test]
     fn a_record_without_envelope_headers_is_a_decode_error() {
         let t = Topic::new("a.b").unwrap();
-        let err = decode::<OwnedHeaders>(None, Bytes::from_static(b"{}"), &t).unwrap_err();
+        let err = decode::<OwnedHeaders>(None, None, Bytes::from_static(b"{}"), &t).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Decode);
         assert!(err.to_string().contains("ce_id"), "{err}");
         let hs = OwnedHeaders::new().insert(Header {
             key: "ce_id",
             value: Some(&b"\xff"[..]),
         });
-        let err = decode(Some(&hs), Bytes::new(), &t).unwrap_err();
+        let err = decode(Some(&hs), None, Bytes::new(), &t).unwrap_err();
         assert!(err.to_string().contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn the_record_key_is_the_key_when_no_partitionkey_header_says_otherwise() {
+        let t = Topic::new("telemetry.seed.health").unwrap();
+        let e = Envelope::builder(t.clone(), "{}").sender_id("py").build();
+        let only_required: OwnedHeaders = encode(&e, &[])
+            .iter()
+            .filter(|h| h.key != name::PARTITIONKEY)
+            .fold(OwnedHeaders::new(), |acc, h| acc.insert(h));
+        let (back, _) = decode(Some(&only_required), Some(b"seed-7"), Bytes::new(), &t).unwrap();
+        assert_eq!(back.key.as_deref(), Some("seed-7"));
+        // The header wins over the record key.
+        let keyed = Envelope::builder(t.clone(), "{}").key("from-header").build();
+        let hs = encode(&keyed, &[]);
+        let (back, _) = decode(Some(&hs), Some(b"from-record"), Bytes::new(), &t).unwrap();
+        assert_eq!(back.key.as_deref(), Some("from-header"));
+        // A record key that is not UTF-8 is a decode error naming it.
+        let err = decode(Some(&only_required), Some(b"\xff"), Bytes::new(), &t).unwrap_err();
+        assert!(err.to_string().contains("record key"), "{err}");
     }
 }
