@@ -31,21 +31,39 @@ ENV_FILE="$TARGET/brokers.env"
 log() { echo "brokers: $*" >&2; }
 die() { log "$*"; exit 1; }
 
-free_port() {
-    if command -v python3 >/dev/null 2>&1; then
-        python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-        return
-    fi
-    local p
-    for _ in $(seq 1 200); do
-        p=$(( 20000 + RANDOM % 30000 ))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return
-        fi
-    done
-    die "no free port found"
+# free_ports N: N distinct free loopback ports, below the kernel's ephemeral
+# range (so no outgoing connection takes one as its source port while it is
+# unbound, as a test proxy's port is between runs), held together while
+# they are chosen.
+free_ports() {
+    python3 - "$1" <<'EOF'
+import random, socket, sys
+want = int(sys.argv[1])
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+held, ports = [], []
+for port in random.sample(range(10000, max(low, 12001)), 2000):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        continue
+    held.append(s)
+    ports.append(port)
+    if len(ports) == want:
+        break
+for s in held:
+    s.close()
+if len(ports) < want:
+    sys.exit("no free loopback ports")
+print(" ".join(map(str, ports)))
+EOF
 }
+
+free_port() { free_ports 1; }
 
 # Replace (or add) KEY=VALUE in the env file, keeping every other line.
 set_env() {
@@ -144,12 +162,20 @@ up_redis() {
     die "$name did not answer PING on port $port within 10s (see $dir/redis.log)"
 }
 
-# stop_pidfile LABEL PIDFILE [SECONDS]: stop the process of a pidfile
-# (SIGTERM, then SIGKILL after SECONDS, default 10) and remove the file.
+# stop_pidfile LABEL PIDFILE [SECONDS [MATCH]]: stop the process of a
+# pidfile (SIGTERM, then SIGKILL after SECONDS, default 10) and remove the
+# file. With MATCH, a live PID whose command line lacks MATCH is a stale
+# pidfile (the PID was reused after a reboot) and is left alone.
 stop_pidfile() {
-    local label="$1" pidfile="$2" wait="${3:-10}" pid
+    local label="$1" pidfile="$2" wait="${3:-10}" match="${4:-}" pid
     [ -f "$pidfile" ] || return 0
     pid="$(cat "$pidfile")"
+    if pid_alive "$pid" && [ -n "$match" ] \
+        && ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$match"; then
+        log "$label: pid $pid in $pidfile is not $match (stale pidfile)"
+        rm -f "$pidfile"
+        return 0
+    fi
     if pid_alive "$pid"; then
         kill "$pid"
         for _ in $(seq 1 $((wait * 10))); do pid_alive "$pid" || break; sleep 0.1; done
@@ -166,7 +192,7 @@ stop_pidfile() {
 
 down_one() {
     local name="$1" key="$2" server_key="$3"
-    stop_pidfile "$name" "$BROKERS/$name/redis.pid"
+    stop_pidfile "$name" "$BROKERS/$name/redis.pid" 10 redis-server
     unset_env "$key"
     unset_env "$server_key"
 }
@@ -186,12 +212,22 @@ down_one() {
 OONA_CACHE="${OONA_CACHE:-$HOME/.cache/oona}"
 SCRIPTS="$ROOT/scripts"
 
+# Kafka 4 and Pulsar 4 need Java 17 or later; curl talks to Pulsar's admin
+# API.
 need_java() {
-    command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1 && return 0
-    log "installing a JDK and Maven (Debian)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2
-    apt-get install -y -qq openjdk-17-jdk-headless maven >&2
+    local missing=() v
+    command -v java >/dev/null 2>&1 || missing+=(default-jdk-headless)
+    command -v mvn >/dev/null 2>&1 || missing+=(maven)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        log "installing ${missing[*]} (Debian)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >&2
+        apt-get install -y -qq "${missing[@]}" >&2
+    fi
+    v="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')"
+    [ "${v%%.*}" -ge 17 ] 2>/dev/null \
+        || die "java on PATH is version ${v:-unknown}; Kafka 4 and Pulsar 4 need 17 or later"
 }
 
 # maven_libs NAME: the directory of NAME's jars (scripts/maven/NAME/pom.xml),
@@ -265,7 +301,7 @@ EOF
 }
 
 up_kafka() {
-    local dir="$BROKERS/kafka" pidfile="$BROKERS/kafka/kafka.pid" libs port cport cut_up cut_listen pid cluster
+    local dir="$BROKERS/kafka" pidfile="$BROKERS/kafka/kafka.pid" libs ports port cport cut_up cut_listen pid cluster
     mkdir -p "$dir"
     if [ -f "$pidfile" ] && [ -f "$dir/ports" ]; then
         pid="$(cat "$pidfile")"
@@ -275,10 +311,11 @@ up_kafka() {
             kafka_env "$port" "$cut_up" "$cut_listen"
             return 0
         fi
-        stop_pidfile kafka "$pidfile" 30
+        stop_pidfile kafka "$pidfile" 30 kafka.Kafka
     fi
     libs="$(maven_libs kafka)"
-    port="$(free_port)"; cport="$(free_port)"; cut_up="$(free_port)"; cut_listen="$(free_port)"
+    ports="$(free_ports 4)"
+    read -r port cport cut_up cut_listen <<<"$ports"
     echo "$port $cut_up $cut_listen" >"$dir/ports"
     # KRaft combined mode: one process is broker and controller. Group and
     # rebalance settings are Kafka's defaults but for the initial rebalance
@@ -305,11 +342,14 @@ EOF
     local jvm=(-Xms256m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20
         -Djava.awt.headless=true -Dlog4j2.configurationFile="$SCRIPTS/maven/log4j2.properties"
         -cp "$libs/*")
-    cluster="$(java "${jvm[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)"
+    java "${jvm[@]}" kafka.tools.StorageTool random-uuid >"$dir/uuid.log" 2>&1 \
+        || fail_with_log kafka "$dir/uuid.log" "kafka: StorageTool random-uuid failed"
+    cluster="$(tail -n 1 "$dir/uuid.log")"
     java "${jvm[@]}" kafka.tools.StorageTool format -t "$cluster" -c "$dir/server.properties" --standalone \
         >"$dir/format.log" 2>&1 || fail_with_log kafka "$dir/format.log" "kafka: storage format failed"
     jvm_start kafka "$dir/kafka.log" "${jvm[@]}" kafka.Kafka "$dir/server.properties"
-    for _ in $(seq 1 120); do
+    local until=$((SECONDS + 120))
+    while [ "$SECONDS" -lt "$until" ]; do
         if kafka_metadata_ok "$port"; then
             log "kafka $(kafka_version "$dir/kafka.log") up on 127.0.0.1:$port (KRaft, pid $(cat "$pidfile"))"
             kafka_env "$port" "$cut_up" "$cut_listen"
@@ -318,7 +358,7 @@ EOF
         pid_alive "$(cat "$pidfile")" || fail_with_log kafka "$dir/kafka.log" "kafka exited"
         sleep 0.5
     done
-    fail_with_log kafka "$dir/kafka.log" "kafka did not answer a metadata request on port $port within 60s"
+    fail_with_log kafka "$dir/kafka.log" "kafka did not answer a metadata request on port $port within 120s"
 }
 
 kafka_version() { grep -o 'Kafka version: [^ ]*' "$1" | head -n 1 | cut -d' ' -f3; }
@@ -330,7 +370,7 @@ kafka_env() {
 }
 
 down_kafka() {
-    stop_pidfile kafka "$BROKERS/kafka/kafka.pid" 30
+    stop_pidfile kafka "$BROKERS/kafka/kafka.pid" 30 kafka.Kafka
     unset_env OONA_TEST_KAFKA_URL
     unset_env OONA_TEST_KAFKA_CUT_UPSTREAM
     unset_env OONA_TEST_KAFKA_CUT_LISTEN
@@ -353,12 +393,12 @@ admin_put() {
         -H 'Content-Type: application/json' -d "$3" "http://127.0.0.1:$1/admin/v2/$2")"
     case "$code" in
     2??|409) ;;
-    *) die "pulsar admin PUT $2 answered HTTP $code" ;;
+    *) fail_with_log pulsar "$BROKERS/pulsar/pulsar.log" "pulsar admin PUT $2 answered HTTP $code" ;;
     esac
 }
 
 up_pulsar() {
-    local dir="$BROKERS/pulsar" pidfile="$BROKERS/pulsar/pulsar.pid" libs port wport cut_up cut_listen pid
+    local dir="$BROKERS/pulsar" pidfile="$BROKERS/pulsar/pulsar.pid" libs ports port wport cut_up cut_listen pid
     mkdir -p "$dir"
     if [ -f "$pidfile" ] && [ -f "$dir/ports" ]; then
         pid="$(cat "$pidfile")"
@@ -368,10 +408,11 @@ up_pulsar() {
             pulsar_env "$port" "$wport" "$cut_up" "$cut_listen"
             return 0
         fi
-        stop_pidfile pulsar "$pidfile" 30
+        stop_pidfile pulsar "$pidfile" 30 PulsarStandaloneStarter
     fi
     libs="$(maven_libs pulsar)"
-    port="$(free_port)"; wport="$(free_port)"; cut_up="$(free_port)"; cut_listen="$(free_port)"
+    ports="$(free_ports 4)"
+    read -r port wport cut_up cut_listen <<<"$ports"
     echo "$port $wport $cut_up $cut_listen" >"$dir/ports"
     rm -rf "$dir/data"
     # The same file configures the broker and the embedded bookie
@@ -412,7 +453,8 @@ EOF
     jvm_start pulsar "$dir/pulsar.log" "${jvm[@]}" org.apache.pulsar.PulsarStandaloneStarter \
         --config "$dir/standalone.conf" --no-functions-worker --no-stream-storage \
         --metadata-dir "$dir/data/metadata" --bookkeeper-dir "$dir/data/bookkeeper"
-    for _ in $(seq 1 120); do
+    local until=$((SECONDS + 180))
+    while [ "$SECONDS" -lt "$until" ]; do
         if pulsar_healthy "$wport"; then
             admin_put "$wport" "tenants/$PULSAR_TENANT" '{"allowedClusters":["standalone"],"adminRoles":[]}'
             admin_put "$wport" "namespaces/$PULSAR_TENANT/$PULSAR_NAMESPACE" '{}'
@@ -423,7 +465,7 @@ EOF
         pid_alive "$(cat "$pidfile")" || fail_with_log pulsar "$dir/pulsar.log" "pulsar exited"
         sleep 1
     done
-    fail_with_log pulsar "$dir/pulsar.log" "pulsar's health check did not pass within 120s"
+    fail_with_log pulsar "$dir/pulsar.log" "pulsar's health check did not pass within 180s"
 }
 
 # The URL is written single-quoted: its `&` must survive `. target/brokers.env`.
@@ -435,7 +477,7 @@ pulsar_env() {
 }
 
 down_pulsar() {
-    stop_pidfile pulsar "$BROKERS/pulsar/pulsar.pid" 30
+    stop_pidfile pulsar "$BROKERS/pulsar/pulsar.pid" 30 PulsarStandaloneStarter
     unset_env OONA_TEST_PULSAR_URL
     unset_env OONA_TEST_PULSAR_ADMIN_URL
     unset_env OONA_TEST_PULSAR_CUT_UPSTREAM

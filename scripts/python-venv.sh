@@ -35,7 +35,15 @@ fi
 if [ ! -x "$PY" ]; then
     log "creating $VENV"
     mkdir -p "$(dirname "$VENV")"
-    python3 -m venv "$VENV" >&2
+    if ! python3 -m venv "$VENV" >&2; then
+        # Debian's python3 keeps venv (and its pip) in a package of its own.
+        log "python3 -m venv failed; installing python3-venv (Debian)"
+        rm -rf "$VENV"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >&2
+        apt-get install -y -qq python3-venv >&2
+        python3 -m venv "$VENV" >&2
+    fi
 fi
 
 log "installing $(grep -v -e '^#' -e '^$' "$REQ" | tr '\n' ' ')"

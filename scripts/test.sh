@@ -84,8 +84,9 @@ for b in $BROKERS; do
         echo "using $var=${!var}" >&2
         continue
     fi
-    bash scripts/brokers.sh up "$b"
+    # Listed first: a broker that fails half-way is stopped on exit too.
     STARTED+=("$b")
+    bash scripts/brokers.sh up "$b"
 done
 if [ -f "$TARGET/brokers.env" ]; then
     set -a

@@ -6,9 +6,8 @@
 //! cargo bench -p oona-benches --bench pulsar
 //! ```
 //!
-//! The broker in CI is pulsar-lite; both sides reach it through the same
-//! test-only frame-fixing proxy (`oona-pulsar/tests/support/frame_fix.rs`),
-//! so the proxy's cost is in both figures. Each figure is the median of
+//! The broker is Apache Pulsar standalone (`scripts/brokers.sh`), both
+//! sides on its main listener. Each figure is the median of
 //! interleaved rounds (Oona, raw, Oona, raw, ...), 256-byte payloads, no
 //! producer batching, and the raw side sends Oona's message properties
 //! (built once up front), so the broker does the same work:
@@ -17,10 +16,6 @@
 //!   `send_non_blocking` receipts awaited together);
 //! - consume + ack of a pre-filled topic (a Shared subscription acking
 //!   every message on both sides), timed from the first message.
-
-#[path = "../../oona-pulsar/tests/support/frame_fix.rs"]
-#[allow(dead_code)]
-mod frame_fix;
 
 use oona_benches::{bench_topic, envelope, print_throughput as row, rounds, Res, PAYLOAD};
 use std::collections::HashMap;
@@ -63,17 +58,8 @@ struct Ctx {
 }
 
 async fn run(url: &str) -> Res<()> {
-    let u = url::Url::parse(url)?;
-    let upstream = format!(
-        "{}:{}",
-        u.host_str().unwrap_or("127.0.0.1"),
-        u.port().unwrap_or(6650)
-    );
-    let fix = frame_fix::FrameFix::start(&upstream)?;
-    let query = u.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let through = format!("pulsar://{}{query}", fix.addr());
-    let oona = PulsarTransport::connect_url(&through).await?;
-    let raw = Pulsar::builder(format!("pulsar://{}", fix.addr()), TokioExecutor)
+    let oona = PulsarTransport::connect_url(url).await?;
+    let raw = Pulsar::builder(oona.config().service_url.clone(), TokioExecutor)
         .build()
         .await?;
     let cx = Ctx {

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::headers::{self, name as hname};
+use crate::options::GroupProtocol;
 use crate::transport::{closed_error, kafka_error, Inner, NAME};
 
 /// Segment of retry topic names: `<topic>.__retry.<group>`. No Oona topic
@@ -150,6 +151,12 @@ impl State {
             .entry((Arc::clone(topic), partition))
             .or_insert_with(|| {
                 *next_epoch += 1;
+                tracing::debug!(
+                    topic = &**topic,
+                    partition,
+                    offset,
+                    "kafka: first record of a partition (re)assigned here"
+                );
                 Part {
                     epoch: *next_epoch,
                     ..Part::default()
@@ -260,10 +267,18 @@ struct Ctx {
 
 impl ClientContext for Ctx {}
 
+/// `topic/partition` of each element, for debug logs of rebalances.
+fn listed(tpl: &TopicPartitionList) -> Vec<String> {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect()
+}
+
 impl ConsumerContext for Ctx {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(a) = rebalance {
-            tracing::debug!(partitions = a.count(), "kafka: partitions assigned");
+            tracing::debug!(partitions = ?listed(a), "kafka: partitions assigned");
             {
                 let mut st = self.shared.lock();
                 for e in a.elements() {
@@ -281,7 +296,7 @@ impl ConsumerContext for Ctx {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
         };
-        tracing::debug!(partitions = revoked.count(), "kafka: partitions revoked");
+        tracing::debug!(partitions = ?listed(revoked), "kafka: partitions revoked");
         // Commit what is settled before the partitions go to another
         // member, then forget them: later settlements of their deliveries
         // can no longer be committed by us (the new owner redelivers them).
@@ -374,8 +389,7 @@ impl Ctl {
             Republish::Retry { not_before } => {
                 let next = attempt + 1;
                 let info = DeliveryInfo::new(&self.sub, next, Some(position.to_string()));
-                let (envelope, _) =
-                    headers::decode(
+                let (envelope, _) = headers::decode(
                     raw.headers.as_ref(),
                     raw.key.as_deref(),
                     raw.payload.clone(),
@@ -634,15 +648,20 @@ pub(crate) async fn start(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set(
-            "session.timeout.ms",
-            o.session_timeout.as_millis().to_string(),
-        )
-        .set("heartbeat.interval.ms", o.heartbeat.as_millis().to_string())
+        .set("group.protocol", o.group_protocol.as_str())
         .set("fetch.wait.max.ms", o.fetch_wait.as_millis().to_string())
         // Bounds what librdkafka prefetches per partition (default 64 MB).
         .set("queued.max.messages.kbytes", "16384")
         .set("max.poll.interval.ms", max_poll.as_millis().to_string());
+    if o.group_protocol == GroupProtocol::Classic {
+        // With KIP-848's protocol these are the broker's, and librdkafka
+        // refuses them.
+        cfg.set(
+            "session.timeout.ms",
+            o.session_timeout.as_millis().to_string(),
+        )
+        .set("heartbeat.interval.ms", o.heartbeat.as_millis().to_string());
+    }
     let (assigned_tx, assigned_rx) = tokio::sync::oneshot::channel();
     let consumer: StreamConsumer<Ctx> = cfg
         .create_with_context(Ctx {

@@ -151,8 +151,9 @@ fn utf8<'a>(what: &str, b: &'a [u8]) -> Result<&'a str> {
 /// Rebuild the envelope of a record read from `read_from` (the topic the
 /// envelope belongs to; for retry topics, the original topic).
 ///
-/// The key is `ce_partitionkey`, else the record key: a producer that sets
-/// only the record key (as Kafka clients naturally do) keeps its key.
+/// The key is `ce_partitionkey`, else the record key when it is UTF-8: a
+/// producer that sets only the record key (as Kafka clients naturally do)
+/// keeps its key.
 pub fn decode<H: rdkafka::message::Headers>(
     headers: Option<&H>,
     record_key: Option<&[u8]>,
@@ -211,7 +212,11 @@ pub fn decode<H: rdkafka::message::Headers>(
         }
     }
     if key.is_none() {
-        key = record_key.map(|k| utf8("record key", k)).transpose()?.map(str::to_string);
+        // A binary record key (a Java producer's Avro key, say) cannot be an
+        // envelope key; the record is still a valid envelope, without one.
+        key = record_key
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .map(str::to_string);
     }
     let missing = |h: &str| {
         Error::new(
@@ -290,12 +295,14 @@ mod tests {
         let (back, _) = decode(Some(&only_required), Some(b"seed-7"), Bytes::new(), &t).unwrap();
         assert_eq!(back.key.as_deref(), Some("seed-7"));
         // The header wins over the record key.
-        let keyed = Envelope::builder(t.clone(), "{}").key("from-header").build();
+        let keyed = Envelope::builder(t.clone(), "{}")
+            .key("from-header")
+            .build();
         let hs = encode(&keyed, &[]);
         let (back, _) = decode(Some(&hs), Some(b"from-record"), Bytes::new(), &t).unwrap();
         assert_eq!(back.key.as_deref(), Some("from-header"));
-        // A record key that is not UTF-8 is a decode error naming it.
-        let err = decode(Some(&only_required), Some(b"\xff"), Bytes::new(), &t).unwrap_err();
-        assert!(err.to_string().contains("record key"), "{err}");
+        // A binary record key leaves the envelope without a key.
+        let (back, _) = decode(Some(&only_required), Some(b"\xff\x00"), Bytes::new(), &t).unwrap();
+        assert_eq!(back.key, None);
     }
 }

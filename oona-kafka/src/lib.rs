@@ -15,7 +15,7 @@ use futures::FutureExt as _;
 use oona_core::{ConnectUrl, Driver, Result, Transport};
 
 pub use consumer::retry_topic;
-pub use options::KafkaOptions;
+pub use options::{GroupProtocol, KafkaOptions};
 pub use transport::KafkaTransport;
 
 /// The `kafka://` driver, registered by the `oona` facade.

@@ -23,9 +23,15 @@ pub struct KafkaOptions {
     pub idempotence: bool,
     /// `batch_messages`: most records in one produce batch (default 10000).
     pub batch_messages: u32,
-    /// `session_timeout` of consumer groups (default 10 s).
+    /// `group_protocol`: the consumer group protocol (default
+    /// [`GroupProtocol::Classic`]; see the crate README for why not yet
+    /// KIP-848's).
+    pub group_protocol: GroupProtocol,
+    /// `session_timeout` of consumer groups (default 10 s; classic
+    /// protocol only).
     pub session_timeout: Duration,
-    /// `heartbeat` interval (default a third of the session timeout).
+    /// `heartbeat` interval (default a third of the session timeout;
+    /// classic protocol only).
     pub heartbeat: Duration,
     /// `fetch_wait`: longest a fetch waits for data (default 100 ms).
     pub fetch_wait: Duration,
@@ -40,6 +46,31 @@ pub struct KafkaOptions {
     pub policies: PolicySet,
 }
 
+/// The consumer group protocol of subscriptions (`group_protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupProtocol {
+    /// `classic`: JoinGroup/SyncGroup with client-side assignment; session
+    /// timeout and heartbeat set by the client. Every Kafka broker has it.
+    #[default]
+    Classic,
+    /// `consumer`: KIP-848's broker-driven, incremental protocol (Kafka 4.0
+    /// and later, librdkafka 2.12): a member joining or leaving moves only
+    /// the partitions that change owner, and the others keep consuming.
+    /// Session timeout and heartbeat are the broker's
+    /// (`group.consumer.session.timeout.ms`, 45 s by default).
+    Consumer,
+}
+
+impl GroupProtocol {
+    /// librdkafka's `group.protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupProtocol::Classic => "classic",
+            GroupProtocol::Consumer => "consumer",
+        }
+    }
+}
+
 impl Default for KafkaOptions {
     fn default() -> Self {
         KafkaOptions {
@@ -50,6 +81,7 @@ impl Default for KafkaOptions {
             linger: Duration::ZERO,
             idempotence: true,
             batch_messages: 10_000,
+            group_protocol: GroupProtocol::default(),
             session_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_millis(3333),
             fetch_wait: Duration::from_millis(100),
@@ -70,7 +102,7 @@ impl KafkaOptions {
     /// are an error naming them.
     ///
     /// Keys: `client_id`, `partitions`, `replication`, `linger`,
-    /// `idempotence`, `batch_messages`, `session_timeout`, `heartbeat`, `fetch_wait`,
+    /// `idempotence`, `batch_messages`, `group_protocol`, `session_timeout`, `heartbeat`, `fetch_wait`,
     /// `commit_interval`, `timeout`, `tls`, `tls_ca`, `tls_cert`, `tls_key`,
     /// `tls_key_password`, `sasl_mechanism` (user and password from the
     /// URL's user info), `brokers` (more `host:port`s, comma-separated).
@@ -137,11 +169,34 @@ impl KafkaOptions {
             }
             o.batch_messages = v;
         }
-        if let Some(v) = url.take_duration("session_timeout")? {
+        if let Some(v) = url.take::<String>("group_protocol")? {
+            o.group_protocol = match v.to_ascii_lowercase().as_str() {
+                "classic" => GroupProtocol::Classic,
+                "consumer" => GroupProtocol::Consumer,
+                _ => {
+                    return Err(invalid(format!(
+                        "query parameter `group_protocol`: {v:?} (use classic or consumer)"
+                    )))
+                }
+            };
+        }
+        let session_timeout = url.take_duration("session_timeout")?;
+        let heartbeat = url.take_duration("heartbeat")?;
+        if o.group_protocol == GroupProtocol::Consumer
+            && (session_timeout.is_some() || heartbeat.is_some())
+        {
+            return Err(invalid(
+                "query parameters `session_timeout` and `heartbeat` apply to \
+                 group_protocol=classic; with group_protocol=consumer the broker sets them \
+                 (group.consumer.session.timeout.ms, group.consumer.heartbeat.interval.ms)"
+                    .into(),
+            ));
+        }
+        if let Some(v) = session_timeout {
             o.session_timeout = v;
             o.heartbeat = v / 3;
         }
-        if let Some(v) = url.take_duration("heartbeat")? {
+        if let Some(v) = heartbeat {
             o.heartbeat = v;
         }
         if let Some(v) = url.take_duration("fetch_wait")? {
@@ -279,6 +334,26 @@ mod tests {
         assert!(e.to_string().contains("user"), "{e}");
         let e = parse("kafka://u:p@a:1?sasl_mechanism=GSSAPI").unwrap_err();
         assert!(e.to_string().contains("`sasl_mechanism`"), "{e}");
+    }
+
+    #[test]
+    fn group_protocol_and_its_timeouts() {
+        assert_eq!(
+            parse("kafka://a:1").unwrap().group_protocol,
+            GroupProtocol::Classic
+        );
+        let o = parse("kafka://a:1?session_timeout=6s").unwrap();
+        assert_eq!(o.group_protocol, GroupProtocol::Classic);
+        assert_eq!(o.session_timeout, Duration::from_secs(6));
+        assert_eq!(o.heartbeat, Duration::from_secs(2));
+        // The broker owns them under KIP-848: asking for them is an error
+        // that says so, not a setting silently ignored.
+        let o = parse("kafka://a:1?group_protocol=consumer").unwrap();
+        assert_eq!(o.group_protocol, GroupProtocol::Consumer);
+        let e = parse("kafka://a:1?group_protocol=consumer&session_timeout=6s").unwrap_err();
+        assert!(e.to_string().contains("group_protocol=classic"), "{e}");
+        let e = parse("kafka://a:1?group_protocol=eager").unwrap_err();
+        assert!(e.to_string().contains("`group_protocol`"), "{e}");
     }
 
     #[test]

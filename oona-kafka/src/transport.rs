@@ -169,7 +169,7 @@ impl Inner {
         &self,
         topic: Option<&str>,
         timeout: Duration,
-    ) -> Result<Vec<(String, usize)>> {
+    ) -> Result<Vec<(String, usize, usize)>> {
         let producer = self.producer.clone();
         let topic = topic.map(str::to_string);
         tokio::task::spawn_blocking(move || {
@@ -181,7 +181,14 @@ impl Inner {
                 .topics()
                 .iter()
                 .filter(|t| t.error().is_none())
-                .map(|t| (t.name().to_string(), t.partitions().len()))
+                .map(|t| {
+                    let ready = t
+                        .partitions()
+                        .iter()
+                        .filter(|p| p.error().is_none() && p.leader() >= 0)
+                        .count();
+                    (t.name().to_string(), t.partitions().len(), ready)
+                })
                 .collect())
         })
         .await
@@ -251,6 +258,7 @@ impl Inner {
                     {
                         self.set_topic_config(name, "retention.ms", &retention)
                             .await?;
+                        self.await_retention(name, &retention).await?;
                     }
                 }
                 Err((t, code)) => {
@@ -261,27 +269,92 @@ impl Inner {
                 }
             }
         }
-        // Wait until the metadata shows the topic so the first produce or
-        // subscribe does not race its creation.
+        // Wait until the producer's own metadata shows the topic with a
+        // leader for every partition, so the first produce or subscribe does
+        // not race its creation. Records produced while a fresh partition's
+        // leader is still being elected were seen to land after later
+        // records of the same key (Kafka 4.4, librdkafka 2.12, idempotent
+        // producer): a key's first messages out of order.
         let deadline = Instant::now() + self.opts.timeout;
         loop {
             let md = self.metadata(Some(name), Duration::from_secs(5)).await?;
-            if md.iter().any(|(n, p)| n == name && *p > 0) {
+            if md
+                .iter()
+                .any(|(n, all, ready)| n == name && *all > 0 && ready == all)
+            {
                 break;
             }
             if Instant::now() > deadline {
                 return Err(Error::new(
                     ErrorKind::Timeout,
-                    format!("topic {name} not visible in metadata after creation"),
+                    format!("topic {name} has no leader for every partition after creation"),
                 )
                 .with_transport(NAME));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        self.await_leaders_serving(name, deadline).await?;
         if let Ok(mut s) = self.ensured.lock() {
             s.insert(name.to_string());
         }
         Ok(())
+    }
+
+    /// Wait until every partition's leader answers a ListOffsets request:
+    /// metadata can name a leader a moment before that broker serves the
+    /// new partition.
+    async fn await_leaders_serving(self: &Arc<Self>, name: &str, deadline: Instant) -> Result<()> {
+        let partitions = self
+            .metadata(Some(name), Duration::from_secs(5))
+            .await?
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .map_or(0, |(_, all, _)| all);
+        let producer = self.producer.clone();
+        let topic = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            for p in 0..partitions as i32 {
+                let client = producer.client();
+                while let Err(e) =
+                    client.fetch_watermarks(&topic, p, Timeout::After(Duration::from_secs(5)))
+                {
+                    if Instant::now() > deadline {
+                        return Err(kafka_error(
+                            &format!("partition {p} of new topic {topic} not served"),
+                            e,
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("leader check task: {e}")))?
+    }
+
+    /// Wait until the broker describes `retention.ms` of `topic` as
+    /// `want`: a config change travels through the KRaft metadata log, so
+    /// a DescribeConfigs right after the change can still answer the old
+    /// value. `ensure_topic` returns once the policy reads back.
+    async fn await_retention(self: &Arc<Self>, topic: &str, want: &str) -> Result<()> {
+        let deadline = Instant::now() + self.opts.timeout;
+        loop {
+            let now = self.retention_ms(topic).await?.map(|v| v.to_string());
+            if now.as_deref() == Some(want) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "topic {topic}: retention.ms still {now:?}, not {want}, after the change"
+                    ),
+                )
+                .with_transport(NAME));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Set one topic config key (`IncrementalAlterConfigs`).
@@ -454,7 +527,7 @@ impl Transport for KafkaTransport {
         let all = self.inner.metadata(None, self.inner.opts.timeout).await?;
         let mut names: Vec<String> = all
             .into_iter()
-            .map(|(n, _)| n)
+            .map(|(n, _, _)| n)
             .filter(|n| n == topic.as_str() || n.starts_with(&prefix))
             .collect();
         if names.is_empty() {

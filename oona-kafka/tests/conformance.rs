@@ -30,6 +30,8 @@ struct KafkaFixture {
     /// `host:port` the transport's clients bootstrap from: the proxy when
     /// there is one, else the broker.
     bootstrap: String,
+    /// The test URL's query (`?group_protocol=consumer`, ...), passed on.
+    query: String,
     proxy: Option<TcpProxy>,
     /// The broker's own client, on the main listener.
     producer: FutureProducer,
@@ -43,8 +45,19 @@ fn broker_error(what: &str, e: impl std::fmt::Display) -> Error {
 /// The proxy on the broker's `CUT` listener, when `scripts/brokers.sh`
 /// described one.
 fn cut_proxy() -> Option<TcpProxy> {
-    let listen = std::env::var("OONA_TEST_KAFKA_CUT_LISTEN").ok()?;
-    let upstream = std::env::var("OONA_TEST_KAFKA_CUT_UPSTREAM").ok()?;
+    let vars = (
+        std::env::var("OONA_TEST_KAFKA_CUT_LISTEN"),
+        std::env::var("OONA_TEST_KAFKA_CUT_UPSTREAM"),
+    );
+    let (Ok(listen), Ok(upstream)) = vars else {
+        // Required runs leave nothing out: the reconnect case needs these.
+        assert!(
+            !oona_conformance::broker_required(),
+            "OONA_TEST_KAFKA_CUT_LISTEN and OONA_TEST_KAFKA_CUT_UPSTREAM are not set and \
+             OONA_TEST_REQUIRE=1 (scripts/brokers.sh up kafka writes them)"
+        );
+        return None;
+    };
     let listen: SocketAddr = listen
         .trim()
         .parse()
@@ -67,10 +80,15 @@ fn make(url: String) -> KafkaFixture {
         .as_ref()
         .map(|p| p.addr().to_string())
         .unwrap_or_else(|| direct.clone());
+    let query = url
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &direct);
     KafkaFixture {
         bootstrap,
+        query,
         proxy,
         producer: cfg.create().expect("raw producer"),
         admin: cfg.create().expect("raw admin client"),
@@ -84,7 +102,7 @@ impl Fixture for KafkaFixture {
     }
 
     async fn connect(&self) -> oona_core::Result<Arc<dyn Transport>> {
-        let t = oona_kafka::connect(&format!("kafka://{}", self.bootstrap)).await?;
+        let t = oona_kafka::connect(&format!("kafka://{}{}", self.bootstrap, self.query)).await?;
         Ok(Arc::new(t))
     }
 

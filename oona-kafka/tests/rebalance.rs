@@ -32,11 +32,9 @@ fn url() -> Option<String> {
 
 async fn client(url: &str) -> oona_kafka::KafkaTransport {
     let sep = if url.contains('?') { '&' } else { '?' };
-    oona_kafka::connect(&format!(
-        "{url}{sep}partitions=4"
-    ))
-    .await
-    .unwrap()
+    oona_kafka::connect(&format!("{url}{sep}partitions=4"))
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -78,9 +76,17 @@ async fn second_consumer_joins_mid_stream() {
     let a = consume(0, first.subscribe(sub()).await.unwrap());
 
     let t = topic.clone();
+    let got_p = Arc::clone(&got);
     let producing = tokio::spawn(async move {
         let mut ids = Vec::with_capacity(TOTAL);
-        for i in 0..TOTAL {
+        // At least TOTAL, and on until the second member has its share:
+        // other members learn of a join at their next heartbeat (classic)
+        // or at the broker's heartbeat interval (KIP-848, 5 s by default).
+        let started = Instant::now();
+        let second_has_some = || got_p.lock().unwrap().iter().any(|(idx, _)| *idx == 1);
+        let mut i = 0;
+        while i < TOTAL || (!second_has_some() && started.elapsed() < Duration::from_secs(30)) {
+            i += 1;
             let e = Envelope::builder(t.clone(), format!("{{\"i\":{i}}}"))
                 .key(format!("k{}", i % 16))
                 .build();
@@ -92,7 +98,12 @@ async fn second_consumer_joins_mid_stream() {
         ids
     });
 
+    let start_by = Instant::now() + Duration::from_secs(60);
     while got.lock().unwrap().len() < JOIN_AFTER {
+        assert!(
+            Instant::now() < start_by,
+            "the first member got fewer than {JOIN_AFTER} deliveries in 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let joined_at = got.lock().unwrap().len();
@@ -132,8 +143,9 @@ async fn second_consumer_joins_mid_stream() {
         .count();
     let duplicates: usize = count.values().map(|n| n - 1).sum();
     eprintln!(
-        "rebalance: {TOTAL} published, second consumer joined after {joined_at} deliveries; \
+        "rebalance: {} published, second consumer joined after {joined_at} deliveries; \
          {} deliveries (first {}, second {}), {missing} missing, {duplicates} duplicates",
+        sent.len(),
         all.len(),
         per_consumer[0],
         per_consumer[1]

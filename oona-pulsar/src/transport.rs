@@ -67,22 +67,23 @@ pub(crate) fn pulsar_err(what: &str, e: pulsar::Error) -> Error {
     use pulsar::message::proto::ServerError;
     if let pulsar::Error::ServiceDiscovery(ServiceDiscoveryError::Query(
         Some(ServerError::TopicNotFound),
-        detail,
+        Some(detail),
     )) = &e
     {
-        // Topics are created on first use, so a lookup answers "not found"
-        // only for a tenant or namespace that does not exist: a permanent
+        // A lookup in a tenant or namespace that does not exist: a permanent
         // configuration error, not a connection problem to retry.
-        let detail = detail.as_deref().unwrap_or("topic not found");
-        return Error::new(
-            ErrorKind::ConfigInvalid,
-            format!(
-                "{what}: {detail}: the tenant and namespace of the URL must exist on the \
-                 broker (create them with the admin API, or fix `tenant` / `namespace`)"
-            ),
-        )
-        .with_transport(NAME)
-        .set_temporary(false);
+        let lower = detail.to_ascii_lowercase();
+        if lower.contains("namespace") || lower.contains("tenant") {
+            return Error::new(
+                ErrorKind::ConfigInvalid,
+                format!(
+                    "{what}: {detail}: the tenant and namespace of the URL must exist on the \
+                     broker (create them with the admin API, or fix `tenant` / `namespace`)"
+                ),
+            )
+            .with_transport(NAME)
+            .set_temporary(false);
+        }
     }
     let kind = match &e {
         pulsar::Error::Connection(ConnectionError::Unexpected(_))

@@ -62,10 +62,21 @@ impl Side {
 
     /// Run `oona_interop.py CMD` and return its `messages`.
     async fn python(&self, cmd: &str, topic: &str, extra: &[&str]) -> Vec<Value> {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/interop/oona_interop.py");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/interop/oona_interop.py"
+        );
         let mut c = std::process::Command::new(&self.python);
         c.arg(script)
-            .args([cmd, "--broker", self.broker, "--url", &self.url, "--topic", topic])
+            .args([
+                cmd,
+                "--broker",
+                self.broker,
+                "--url",
+                &self.url,
+                "--topic",
+                topic,
+            ])
             .args(extra);
         let what = format!("{cmd} on {} ({topic})", self.broker);
         let out = tokio::task::spawn_blocking(move || c.output())
@@ -95,7 +106,11 @@ impl Side {
 }
 
 fn topic(plane: &str) -> Topic {
-    Topic::new(format!("{plane}.interop{}.t", uuid::Uuid::new_v4().simple())).unwrap()
+    Topic::new(format!(
+        "{plane}.interop{}.t",
+        uuid::Uuid::new_v4().simple()
+    ))
+    .unwrap()
 }
 
 fn text(m: &Value, field: &str) -> Option<String> {
@@ -103,7 +118,9 @@ fn text(m: &Value, field: &str) -> Option<String> {
 }
 
 fn bytes_b64(m: &Value, field: &str) -> Vec<u8> {
-    let s = m[field].as_str().unwrap_or_else(|| panic!("no {field} in {m}"));
+    let s = m[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {field} in {m}"));
     base64::engine::general_purpose::STANDARD
         .decode(s)
         .unwrap_or_else(|e| panic!("{field} is not base64: {e}"))
@@ -180,16 +197,24 @@ async fn receive(s: &mut DeliveryStream, n: usize, what: &str) -> HashMap<String
 async fn python_to_oona(side: &Side, t: &Arc<dyn Transport>, cmd: &str) {
     let topic = topic("telemetry");
     let mut s = subscribe(t, &topic, "py2oona").await;
-    let written = side.python(cmd, topic.as_str(), &["--count", &COUNT.to_string()]).await;
+    let written = side
+        .python(cmd, topic.as_str(), &["--count", &COUNT.to_string()])
+        .await;
     assert_eq!(written.len(), COUNT, "{cmd} wrote {}", written.len());
     let got = receive(&mut s, COUNT, cmd).await;
     for m in &written {
         let want = envelope_of(m);
         let id = want.event_id.as_str();
-        let have = got.get(id).unwrap_or_else(|| panic!("{cmd}: {id} not received"));
+        let have = got
+            .get(id)
+            .unwrap_or_else(|| panic!("{cmd}: {id} not received"));
         assert_eq!(have, &want, "{} {cmd}: envelope differs", side.broker);
         if cmd == "produce-natural" {
-            assert!(have.key.is_some(), "{}: the natural key is lost", side.broker);
+            assert!(
+                have.key.is_some(),
+                "{}: the natural key is lost",
+                side.broker
+            );
         }
     }
 }
@@ -213,10 +238,18 @@ async fn oona_to_python(side: &Side, t: &Arc<dyn Transport>) {
         .map(|e| (e.event_id.as_str().to_string(), e))
         .collect();
     for e in &sent {
-        let got = by_id
-            .get(e.event_id.as_str())
-            .unwrap_or_else(|| panic!("{}: python did not read {}", side.broker, e.event_id.as_str()));
-        assert_eq!(got, e, "{}: python parsed a different envelope", side.broker);
+        let got = by_id.get(e.event_id.as_str()).unwrap_or_else(|| {
+            panic!(
+                "{}: python did not read {}",
+                side.broker,
+                e.event_id.as_str()
+            )
+        });
+        assert_eq!(
+            got, e,
+            "{}: python parsed a different envelope",
+            side.broker
+        );
     }
 }
 
@@ -236,8 +269,15 @@ async fn garbage_dead_lettered(side: &Side, t: &Arc<dyn Transport>) {
     let dead = side.python("consume", &dlq, &["--count", "1"]).await;
     let info = &dead[0]["dlq"];
     let reason = info["oona-dlq-reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("decode"), "{}: dead letter reason {reason:?}", side.broker);
-    assert_eq!(info["oona-dlq-original-topic"].as_str(), Some(topic.as_str()));
+    assert!(
+        reason.contains("decode"),
+        "{}: dead letter reason {reason:?}",
+        side.broker
+    );
+    assert_eq!(
+        info["oona-dlq-original-topic"].as_str(),
+        Some(topic.as_str())
+    );
     let kept = bytes_b64(&dead[0], "payload_b64");
     let raw = bytes_b64(&raw[0], "raw_b64");
     match side.broker {

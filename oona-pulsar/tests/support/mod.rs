@@ -32,7 +32,11 @@ pub struct Broker {
 fn env(name: &str) -> std::io::Result<String> {
     std::env::var(name)
         .map(|v| v.trim().to_string())
-        .map_err(|_| std::io::Error::other(format!("{name} is not set (scripts/brokers.sh up pulsar sets it)")))
+        .map_err(|_| {
+            std::io::Error::other(format!(
+                "{name} is not set (scripts/brokers.sh up pulsar sets it)"
+            ))
+        })
 }
 
 impl Broker {
@@ -112,7 +116,10 @@ impl Broker {
                 .send()
         };
         for (path, body) in [
-            (format!("tenants/{tenant}"), r#"{"allowedClusters":["standalone"]}"#),
+            (
+                format!("tenants/{tenant}"),
+                r#"{"allowedClusters":["standalone"]}"#,
+            ),
             (format!("namespaces/{tenant}/{namespace}"), "{}"),
         ] {
             let r = put(path.clone(), body).await.expect("admin API reachable");
