@@ -10,9 +10,10 @@ mod support;
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use oona_conformance::Fixture;
+use oona_conformance::{Fixture, Timing};
 use oona_core::{Error, ErrorKind, Retention, Topic, Transport};
 use oona_pulsar::PulsarTransport;
 
@@ -74,6 +75,20 @@ impl Fixture for PulsarFixture {
             .restore()
             .await
             .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))
+    }
+
+    fn timing(&self) -> Timing {
+        // Pulsar keeps a message's redelivery count (the attempt number) in
+        // the subscription's dispatcher and clears it when the last
+        // consumer leaves. `redeliver_after_ack_deadline` drops its only
+        // consumer and then connects a new client, which takes over a
+        // second on a loaded 2-core machine: with a 1 s deadline the first
+        // consumer's lease can run out, and the subscription empty, before
+        // the second has subscribed, and the count is gone (attempt 1). A
+        // 3 s deadline keeps the group's next consumer subscribed when the
+        // lease runs out, which is the situation the case describes. See
+        // the crate README on attempts.
+        Timing::default().with_ack_deadline(Duration::from_secs(3))
     }
 
     async fn applied_retention(&self, topic: &Topic) -> oona_core::Result<Retention> {
