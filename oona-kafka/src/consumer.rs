@@ -879,6 +879,10 @@ fn hand_out_key_ordered(
     }
     let (mut blocked, retrying) = {
         let mut st = ctl.shared.lock();
+        // Records of partitions revoked since they were read go at once
+        // (their new owner delivers them); left in place, each would cost
+        // its key one pass of the loop, seconds after a rebalance.
+        ready.retain(|r| st.current(&r.kafka_topic, r.partition, r.epoch));
         let now = Instant::now();
         st.retrying.retain(|_, until| *until > now);
         let blocked: HashSet<Bytes> = st
@@ -898,6 +902,7 @@ fn hand_out_key_ordered(
         .collect();
     retry_first.extend(retrying);
     let mut i = 0;
+    let mut held = false;
     while i < ready.len() {
         if !ctl.shared.has_room(prefetch) {
             break;
@@ -906,6 +911,7 @@ fn hand_out_key_ordered(
         if let Some(k) = &r.raw.key {
             let from_topic = Arc::ptr_eq(&r.kafka_topic, &ctl.main_topic);
             if blocked.contains(k) || (from_topic && retry_first.contains(k)) {
+                held = true;
                 i += 1;
                 continue;
             }
@@ -919,6 +925,11 @@ fn hand_out_key_ordered(
             }
         }
         send(out, hand_out(ctl, r));
+    }
+    if held {
+        // A record waits for its key's delivery to be settled: that
+        // settlement must wake the loop, not the next timer tick.
+        ctl.shared.waiting.store(true, Ordering::Release);
     }
 }
 
