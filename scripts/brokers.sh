@@ -270,6 +270,34 @@ fail_with_log() {
     die "$name did not start"
 }
 
+# reuse_jvm NAME MATCH PROBE ENVFN: a broker of ours already running (its
+# pidfile's process alive and `PROBE <ports>` answering, with the ports of
+# its ports file) is reused, its URLs written by `ENVFN <ports>`. A stale
+# or silent one is stopped. Fails when there is nothing to reuse.
+reuse_jvm() {
+    local name="$1" match="$2" probe="$3" envfn="$4" dir pidfile pid ports
+    dir="$BROKERS/$name"
+    pidfile="$dir/$name.pid"
+    { [ -f "$pidfile" ] && [ -f "$dir/ports" ]; } || return 1
+    pid="$(cat "$pidfile")"
+    read -r -a ports <"$dir/ports"
+    if pid_alive "$pid" && "$probe" "${ports[@]}"; then
+        log "$name already running on port ${ports[0]} (pid $pid)"
+        "$envfn" "${ports[@]}"
+        return 0
+    fi
+    stop_pidfile "$name" "$pidfile" 30 "$match"
+    return 1
+}
+
+# new_ports NAME: four free ports, kept in NAME's ports file for reuse_jvm.
+new_ports() {
+    local ports
+    ports="$(free_ports 4)"
+    echo "$ports" >"$BROKERS/$1/ports"
+    echo "$ports"
+}
+
 # Ready when the broker answers a Kafka Metadata request (v4: the oldest
 # Kafka 4 accepts) naming at least one broker.
 kafka_metadata_ok() {
@@ -301,22 +329,12 @@ EOF
 }
 
 up_kafka() {
-    local dir="$BROKERS/kafka" pidfile="$BROKERS/kafka/kafka.pid" libs ports port cport cut_up cut_listen pid cluster
+    local dir="$BROKERS/kafka" pidfile="$BROKERS/kafka/kafka.pid" libs ports port cport cut_up cut_listen cluster
     mkdir -p "$dir"
-    if [ -f "$pidfile" ] && [ -f "$dir/ports" ]; then
-        pid="$(cat "$pidfile")"
-        read -r port cut_up cut_listen <"$dir/ports"
-        if pid_alive "$pid" && kafka_metadata_ok "$port"; then
-            log "kafka already running on port $port (pid $pid)"
-            kafka_env "$port" "$cut_up" "$cut_listen"
-            return 0
-        fi
-        stop_pidfile kafka "$pidfile" 30 kafka.Kafka
-    fi
+    reuse_jvm kafka kafka.Kafka kafka_metadata_ok kafka_env && return 0
     libs="$(maven_libs kafka)"
-    ports="$(free_ports 4)"
+    ports="$(new_ports kafka)"
     read -r port cport cut_up cut_listen <<<"$ports"
-    echo "$port $cut_up $cut_listen" >"$dir/ports"
     # KRaft combined mode: one process is broker and controller. Group and
     # rebalance settings are Kafka's defaults but for the initial rebalance
     # delay, which only slows tests down.
@@ -352,7 +370,7 @@ EOF
     while [ "$SECONDS" -lt "$until" ]; do
         if kafka_metadata_ok "$port"; then
             log "kafka $(kafka_version "$dir/kafka.log") up on 127.0.0.1:$port (KRaft, pid $(cat "$pidfile"))"
-            kafka_env "$port" "$cut_up" "$cut_listen"
+            kafka_env "$port" "$cport" "$cut_up" "$cut_listen"
             return 0
         fi
         pid_alive "$(cat "$pidfile")" || fail_with_log kafka "$dir/kafka.log" "kafka exited"
@@ -363,10 +381,11 @@ EOF
 
 kafka_version() { grep -o 'Kafka version: [^ ]*' "$1" | head -n 1 | cut -d' ' -f3; }
 
+# kafka_env PORT CONTROLLER_PORT CUT_UPSTREAM CUT_LISTEN
 kafka_env() {
     set_env OONA_TEST_KAFKA_URL "kafka://127.0.0.1:$1"
-    set_env OONA_TEST_KAFKA_CUT_UPSTREAM "127.0.0.1:$2"
-    set_env OONA_TEST_KAFKA_CUT_LISTEN "127.0.0.1:$3"
+    set_env OONA_TEST_KAFKA_CUT_UPSTREAM "127.0.0.1:$3"
+    set_env OONA_TEST_KAFKA_CUT_LISTEN "127.0.0.1:$4"
 }
 
 down_kafka() {
@@ -385,6 +404,9 @@ PULSAR_NAMESPACE=dev
 pulsar_healthy() {
     [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$1/admin/v2/brokers/health")" = 200 ]
 }
+
+# pulsar_answers PORT WEB_PORT ...: the health check, given a ports file.
+pulsar_answers() { pulsar_healthy "$2"; }
 
 # admin_put PORT PATH JSON: create through the admin API (409: exists).
 admin_put() {
@@ -416,22 +438,12 @@ pulsar_warm_up() {
 }
 
 up_pulsar() {
-    local dir="$BROKERS/pulsar" pidfile="$BROKERS/pulsar/pulsar.pid" libs ports port wport cut_up cut_listen pid
+    local dir="$BROKERS/pulsar" pidfile="$BROKERS/pulsar/pulsar.pid" libs ports port wport cut_up cut_listen
     mkdir -p "$dir"
-    if [ -f "$pidfile" ] && [ -f "$dir/ports" ]; then
-        pid="$(cat "$pidfile")"
-        read -r port wport cut_up cut_listen <"$dir/ports"
-        if pid_alive "$pid" && pulsar_healthy "$wport"; then
-            log "pulsar already running on port $port (pid $pid)"
-            pulsar_env "$port" "$wport" "$cut_up" "$cut_listen"
-            return 0
-        fi
-        stop_pidfile pulsar "$pidfile" 30 PulsarStandaloneStarter
-    fi
+    reuse_jvm pulsar PulsarStandaloneStarter pulsar_answers pulsar_env && return 0
     libs="$(maven_libs pulsar)"
-    ports="$(free_ports 4)"
+    ports="$(new_ports pulsar)"
     read -r port wport cut_up cut_listen <<<"$ports"
-    echo "$port $wport $cut_up $cut_listen" >"$dir/ports"
     rm -rf "$dir/data"
     # The same file configures the broker and the embedded bookie
     # (listeningInterface=lo keeps the bookie on loopback). The `cut`

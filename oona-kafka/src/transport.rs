@@ -276,13 +276,13 @@ impl Inner {
         // records of the same key (Kafka 4.4, librdkafka 2.12, idempotent
         // producer): a key's first messages out of order.
         let deadline = Instant::now() + self.opts.timeout;
-        loop {
+        let partitions = loop {
             let md = self.metadata(Some(name), Duration::from_secs(5)).await?;
-            if md
+            if let Some((_, all, _)) = md
                 .iter()
-                .any(|(n, all, ready)| n == name && *all > 0 && ready == all)
+                .find(|(n, all, ready)| n == name && *all > 0 && ready == all)
             {
-                break;
+                break *all;
             }
             if Instant::now() > deadline {
                 return Err(Error::new(
@@ -292,8 +292,9 @@ impl Inner {
                 .with_transport(NAME));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.await_leaders_serving(name, deadline).await?;
+        };
+        self.await_leaders_serving(name, partitions, deadline)
+            .await?;
         if let Ok(mut s) = self.ensured.lock() {
             s.insert(name.to_string());
         }
@@ -303,13 +304,12 @@ impl Inner {
     /// Wait until every partition's leader answers a ListOffsets request:
     /// metadata can name a leader a moment before that broker serves the
     /// new partition.
-    async fn await_leaders_serving(self: &Arc<Self>, name: &str, deadline: Instant) -> Result<()> {
-        let partitions = self
-            .metadata(Some(name), Duration::from_secs(5))
-            .await?
-            .into_iter()
-            .find(|(n, _, _)| n == name)
-            .map_or(0, |(_, all, _)| all);
+    async fn await_leaders_serving(
+        self: &Arc<Self>,
+        name: &str,
+        partitions: usize,
+        deadline: Instant,
+    ) -> Result<()> {
         let producer = self.producer.clone();
         let topic = name.to_string();
         tokio::task::spawn_blocking(move || {
