@@ -70,6 +70,16 @@ pub enum Settlement {
 pub trait Settle: Send + Sync + 'static {
     /// Carry out the settlement.
     async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()>;
+
+    /// Push the delivery's lease out to `by` from now (see
+    /// [`Delivery::extend`]). The default cannot.
+    fn extend(&self, by: Duration) -> Result<()> {
+        let _ = by;
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            "this delivery's lease cannot be extended",
+        ))
+    }
 }
 
 /// Facts about a delivery that transports fill in.
@@ -80,6 +90,9 @@ pub struct DeliveryInfo {
     pub attempt: u32,
     /// The subscription's `max_attempts`.
     pub max_attempts: u32,
+    /// The subscription's `ack_deadline`: how long the lease of a delivery
+    /// runs from when it is handed out (or last extended).
+    pub ack_deadline: Duration,
     /// The consumer group.
     pub group: Name,
     /// Where dead letters go.
@@ -95,6 +108,7 @@ impl DeliveryInfo {
         DeliveryInfo {
             attempt,
             max_attempts: subscription.max_attempts,
+            ack_deadline: subscription.ack_deadline,
             group: subscription.group.clone(),
             dead_letter: subscription.dead_letter.clone(),
             position,
@@ -137,6 +151,21 @@ impl Delivery {
     /// Whether a nack now would dead-letter instead of redelivering.
     pub fn is_last_attempt(&self) -> bool {
         self.info.attempt >= self.info.max_attempts
+    }
+
+    /// Keep the delivery for `by` more from now: its lease (which began
+    /// when it was handed out, for the subscription's ack deadline) now
+    /// ends `by` from now, so it is not redelivered meanwhile. The handler
+    /// runner calls this while a handler runs. Fails with
+    /// [`crate::ErrorKind::LeaseExpired`] when the lease already ran out.
+    pub fn extend(&self, by: Duration) -> Result<()> {
+        match &self.settler {
+            Some(s) => s.extend(by),
+            None => Err(crate::Error::new(
+                crate::ErrorKind::AlreadySettled,
+                "delivery already settled",
+            )),
+        }
     }
 
     /// Done with it.

@@ -44,6 +44,10 @@ pub enum ErrorKind {
     ResourceExhausted,
     /// The delivery was already settled, or is no longer known to the broker.
     AlreadySettled,
+    /// The delivery's lease ran out before it was settled: the message was
+    /// already given back for redelivery and the settlement changed nothing
+    /// (see [`crate::engine`], late settlement).
+    LeaseExpired,
     /// The broker answered with an error.
     Broker,
     /// A message handler failed (see [`Error::is_temporary`] for the outcome).
@@ -79,6 +83,7 @@ impl ErrorKind {
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::ResourceExhausted => "resource_exhausted",
             ErrorKind::AlreadySettled => "already_settled",
+            ErrorKind::LeaseExpired => "lease_expired",
             ErrorKind::Broker => "broker",
             ErrorKind::Handler => "handler",
             ErrorKind::Internal => "internal",

@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod config;
 pub mod delivery;
+pub mod engine;
 pub mod envelope;
 pub mod error;
 pub mod memory;

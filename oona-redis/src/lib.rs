@@ -88,6 +88,7 @@ pub(crate) struct Inner {
     pub(crate) nack: redis::Script,
     pub(crate) renew: redis::Script,
     pub(crate) release: redis::Script,
+    pub(crate) extend: redis::Script,
     /// Reader tasks, awaited (briefly) by `close`.
     pub(crate) readers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -187,6 +188,7 @@ impl RedisTransport {
             nack: redis::Script::new(scripts::NACK),
             renew: redis::Script::new(scripts::RENEW),
             release: redis::Script::new(scripts::RELEASE),
+            extend: redis::Script::new(scripts::EXTEND),
             readers: Mutex::new(Vec::new()),
         });
         if !inner.cfg.housekeeping.is_zero() {

@@ -7,10 +7,13 @@
 //! entries (score: server time in ms). Times come from the server's `TIME`
 //! so clocks of clients never matter.
 
-/// Claim what is due for `consumer`: first delayed nacks whose time has
-/// come (whoever holds them), then entries idle past the ack deadline that
-/// are not parked by a delayed nack. Returns `[[id, fields, count], ...]`,
-/// `count` being the delivery counter after this claim (the attempt).
+/// Claim what is due for `consumer`: delayed nacks whose time has come
+/// (whoever holds them); if there are none, one entry idle past the ack
+/// deadline that is not parked by a delayed nack (its holder vanished: it
+/// comes back alone, so a crash is charged to the entry that caused it).
+/// Returns `[[id, fields, count, recovered], ...]`, `count` being the
+/// delivery counter after this claim (the attempt), `recovered` 1 for the
+/// idle entry.
 ///
 /// KEYS: stream, delayed zset. ARGV: group, consumer, min idle ms, count.
 pub(crate) const CLAIM: &str = r#"
@@ -18,11 +21,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local group, me, min_idle, want = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local out, n = {}, 0
-local function take(id, count, idle)
+local function take(id, count, idle, recovered)
   local c = redis.call('XCLAIM', KEYS[1], group, me, idle, id)
   if c[1] and c[1][2] then
     n = n + 1
-    out[n] = {c[1][1], c[1][2], count + 1}
+    out[n] = {c[1][1], c[1][2], count + 1, recovered}
   elseif c[1] then
     -- trimmed away while pending: nothing left to deliver
     redis.call('XACK', KEYS[1], group, id)
@@ -32,14 +35,14 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, want)
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[2], id)
   local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
-  if p[1] then take(id, p[1][4], 0) end
+  if p[1] then take(id, p[1][4], 0, 0) end
 end
-if n < want then
+if n == 0 then
   local parked = redis.call('ZCARD', KEYS[2])
-  local pend = redis.call('XPENDING', KEYS[1], group, 'IDLE', min_idle, '-', '+', want - n + parked)
+  local pend = redis.call('XPENDING', KEYS[1], group, 'IDLE', min_idle, '-', '+', 1 + parked)
   for _, p in ipairs(pend) do
-    if n >= want then break end
-    if not redis.call('ZSCORE', KEYS[2], p[1]) then take(p[1], p[4], min_idle) end
+    if n >= 1 then break end
+    if not redis.call('ZSCORE', KEYS[2], p[1]) then take(p[1], p[4], min_idle, 1) end
   end
 end
 return out
@@ -65,7 +68,8 @@ return 1
 /// `[[id, fields, count]]`; `[]` when the entry was trimmed away, `0` when
 /// it is no longer pending for this consumer.
 ///
-/// KEYS: stream, delayed zset. ARGV: group, consumer, id.
+/// KEYS: stream, delayed zset. ARGV: group, consumer, id (and an unused
+/// delay, so it takes the arguments of [`NACK`]).
 pub(crate) const RENEW: &str = r#"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
@@ -93,4 +97,26 @@ for i = 3, #ARGV do
   end
 end
 return 1
+"#;
+
+/// Refresh the idle time of entries `consumer` holds (buffered by the
+/// engine, or handed out), so that no claim pass takes them while they are
+/// held: `XCLAIM ... JUSTID` resets the idle time without counting a
+/// delivery. Returns one 1 or 0 per id: 0 when the entry is no longer
+/// pending for this consumer.
+///
+/// KEYS: stream. ARGV: group, consumer, id...
+pub(crate) const EXTEND: &str = r#"
+local out = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
 "#;

@@ -203,7 +203,8 @@ pub(crate) fn parse_xreadgroup(v: Value) -> Result<Vec<Entry>> {
 }
 
 /// The reply of the claim script: `[[id, fields, count], ...]`.
-pub(crate) fn parse_claimed(v: Value) -> Result<Vec<(Entry, u32)>> {
+/// Entries of the claim scripts: `(entry, delivery counter, recovered)`.
+pub(crate) fn parse_claimed(v: Value) -> Result<Vec<(Entry, u32, bool)>> {
     let items = into_seq(v).map_err(|v| bad("claim script", &v))?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {
@@ -212,9 +213,11 @@ pub(crate) fn parse_claimed(v: Value) -> Result<Vec<(Entry, u32)>> {
             .get(2)
             .and_then(as_int)
             .ok_or_else(|| bad("claimed entry count", &Value::Nil))?;
+        let recovered = parts.get(3).and_then(as_int) == Some(1);
         parts.truncate(2);
         if let Some(entry) = parse_entry(Value::Array(parts))? {
-            out.push((entry, u32::try_from(count.max(1)).unwrap_or(u32::MAX)));
+            let count = u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+            out.push((entry, count, recovered));
         }
     }
     Ok(out)
