@@ -21,6 +21,10 @@ use crate::support::{
     left_out, next_within, publish, random_suffix, same_envelope, subscribe, take_acking, Context,
     Cx,
 };
+use crate::leases::{
+    batch_member_nacked_alone, delayed_nacks_beside_fresh, late_settlement_changes_nothing,
+    resume_with_start_at_keeps_backlog, slow_handler_no_redelivery,
+};
 use crate::{Case, CaseError, CaseFuture, CaseResult, Fixture};
 
 /// A long ack deadline, for cases where only an explicit settlement may
@@ -77,6 +81,11 @@ cases![
     publish_batch_in_order,
     prefetch_limits_unsettled,
     health_reports_up,
+    slow_handler_no_redelivery,
+    late_settlement_changes_nothing,
+    batch_member_nacked_alone,
+    resume_with_start_at_keeps_backlog,
+    delayed_nacks_beside_fresh,
 ];
 
 /// Run `body` with a fresh context and clean up after it.

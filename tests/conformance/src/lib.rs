@@ -14,6 +14,7 @@ use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use oona_core::{Error, ErrorKind, Retention, Topic, Transport};
 
 pub mod cases;
+pub mod leases;
 pub mod proxy;
 mod support;
 
