@@ -13,6 +13,13 @@
 //! and hides the panic message. The dead letter keeps the original envelope
 //! intact, so the message can be replayed once the bug is fixed.
 //!
+//! **Leases and time limits.** While a handler runs, the runner extends
+//! the delivery's lease every half ack deadline
+//! ([`oona_core::Delivery::extend`]), so a handler slower than the deadline
+//! is not raced by a redelivery of its own message. With
+//! [`Runner::handler_timeout`] a call that runs too long is dropped and
+//! its message nacked with reason `handler timed out after ...`.
+//!
 //! **Concurrency.** With [`Runner::concurrency`]`(n)` at most `n` handler
 //! calls run at once. Messages with a key go to one of `n` sequential
 //! workers chosen by [`shard_for_key`], so messages with the same key are
@@ -210,6 +217,13 @@ pub fn shard_for_key(key: &str, shards: usize) -> usize {
     (h % shards.max(1) as u64) as usize
 }
 
+/// How the runner treats a handler call: retry backoff and time limit.
+#[derive(Debug, Clone, Copy, Default)]
+struct Policy {
+    backoff: Option<Backoff>,
+    timeout: Option<Duration>,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Backoff {
     base: Duration,
@@ -231,7 +245,7 @@ pub struct Runner<T, C> {
     codec: C,
     concurrency: usize,
     shutdown: Shutdown,
-    backoff: Option<Backoff>,
+    policy: Policy,
     _t: PhantomData<fn() -> T>,
 }
 
@@ -256,7 +270,7 @@ where
             codec,
             concurrency: 1,
             shutdown: Shutdown::new(),
-            backoff: None,
+            policy: Policy::default(),
             _t: PhantomData,
         }
     }
@@ -278,7 +292,18 @@ where
     /// Delay redelivery after a temporary failure without its own delay:
     /// `base * 2^(attempt-1)`, at most `max`. Default: no delay.
     pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.backoff = Some(Backoff { base, max });
+        self.policy.backoff = Some(Backoff { base, max });
+        self
+    }
+
+    /// Give each handler call at most `limit`: a call still running then
+    /// is dropped and its message nacked (a temporary failure, reason
+    /// `handler timed out after ...`), so it is retried and, on its last
+    /// attempt, dead-lettered. Default: no limit. Either way the runner
+    /// extends the delivery's lease while the handler runs, so a slow
+    /// handler is never raced by a redelivery of its own message.
+    pub fn handler_timeout(mut self, limit: Duration) -> Self {
+        self.policy.timeout = Some(limit);
         self
     }
 
@@ -292,7 +317,7 @@ where
             Arc::new(self.codec),
             Arc::new(handler),
             self.concurrency,
-            self.backoff,
+            self.policy,
             counters.clone(),
             self.shutdown,
         )
@@ -311,7 +336,7 @@ where
             Arc::new(self.codec),
             Arc::new(handler),
             self.concurrency,
-            self.backoff,
+            self.policy,
             counters.clone(),
             self.shutdown.clone(),
         ));
@@ -377,7 +402,7 @@ impl RunHandle {
 struct Ctx<T, C, H> {
     codec: Arc<C>,
     handler: Arc<H>,
-    backoff: Option<Backoff>,
+    policy: Policy,
     counters: Arc<Counters>,
     _t: PhantomData<fn() -> T>,
 }
@@ -387,7 +412,7 @@ impl<T, C, H> Clone for Ctx<T, C, H> {
         Ctx {
             codec: self.codec.clone(),
             handler: self.handler.clone(),
-            backoff: self.backoff,
+            policy: self.policy,
             counters: self.counters.clone(),
             _t: PhantomData,
         }
@@ -401,7 +426,7 @@ async fn drive<T, C, H>(
     codec: Arc<C>,
     handler: Arc<H>,
     concurrency: usize,
-    backoff: Option<Backoff>,
+    policy: Policy,
     counters: Arc<Counters>,
     shutdown: Shutdown,
 ) -> StopReason
@@ -413,7 +438,7 @@ where
     let ctx: Ctx<T, C, H> = Ctx {
         codec,
         handler,
-        backoff,
+        policy,
         counters: counters.clone(),
         _t: PhantomData,
     };
@@ -527,13 +552,20 @@ where
                 let handler = ctx.handler.clone();
                 // Calling inside the future also catches a panic in `call`
                 // itself, before it returns its future.
-                let result = AssertUnwindSafe(async move { handler.call(incoming).await })
-                    .catch_unwind()
-                    .await;
-                match result {
-                    Ok(Ok(())) => Outcome::Ack,
-                    Ok(Err(e)) => outcome_of(&e, delivery.attempt(), ctx.backoff),
-                    Err(panic) => {
+                let call = AssertUnwindSafe(async move { handler.call(incoming).await })
+                    .catch_unwind();
+                match leased(&delivery, call, ctx.policy.timeout).await {
+                    None => {
+                        let limit = ctx.policy.timeout.unwrap_or_default();
+                        tracing::warn!(?limit, "oona: handler timed out; nacking");
+                        Outcome::Nack {
+                            delay: ctx.policy.backoff.map(|b| b.delay(delivery.attempt())),
+                            reason: Some(format!("handler timed out after {limit:?}")),
+                        }
+                    }
+                    Some(Ok(Ok(()))) => Outcome::Ack,
+                    Some(Ok(Err(e))) => outcome_of(&e, delivery.attempt(), ctx.policy.backoff),
+                    Some(Err(panic)) => {
                         inc(&counters.panics);
                         let msg = panic_message(panic.as_ref());
                         tracing::error!(panic = %msg, "oona: handler panicked; dead-lettering");
@@ -566,6 +598,38 @@ where
     }
     .instrument(span)
     .await
+}
+
+/// Run `work` while keeping `delivery`'s lease: extended by an ack
+/// deadline every half deadline. `None` when `timeout` passed first (the
+/// work is dropped).
+async fn leased<F: std::future::Future>(
+    delivery: &Delivery,
+    work: F,
+    timeout: Option<Duration>,
+) -> Option<F::Output> {
+    let lease = delivery.info().ack_deadline;
+    let every = (lease / 2).max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let limit = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(work, limit);
+    let mut extending = true;
+    loop {
+        tokio::select! {
+            out = &mut work => return Some(out),
+            _ = &mut limit => return None,
+            _ = tick.tick(), if extending => {
+                // A transport without leases of its own says Unsupported;
+                // a lease already gone says LeaseExpired: stop trying.
+                extending = delivery.extend(lease).is_ok();
+            }
+        }
+    }
 }
 
 fn outcome_of(e: &HandlerError, attempt: u32, backoff: Option<Backoff>) -> Outcome {

@@ -338,3 +338,70 @@ async fn runners_stop_when_the_transport_closes() {
         .unwrap_err();
     assert_eq!(e.kind(), oona::ErrorKind::Closed, "{e}");
 }
+
+#[tokio::test]
+async fn a_handler_slower_than_the_ack_deadline_keeps_its_lease() {
+    let bus = bus().await;
+    let t = topic("control.kasmina.slow");
+    let calls = Arc::new(Mutex::new(Vec::<(u32, u32)>::new()));
+    let seen = calls.clone();
+    let deadline = std::time::Duration::from_millis(200);
+    let handle = bus
+        .runner::<Cmd>(sub(&t, "kasmina").ack_deadline(deadline))
+        .start(move |msg: Incoming<Cmd>| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push((msg.value().id, msg.attempt()));
+                // Three deadlines: only the runner's extensions keep it.
+                tokio::time::sleep(deadline * 3).await;
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    bus.publish(&t, &cmd(1, "slow")).await.unwrap();
+    bus.publish(&t, &cmd(2, "slow")).await.unwrap();
+    wait_stats(&handle, |s| s.acked == 2).await;
+    tokio::time::sleep(deadline * 2).await;
+    let summary = handle.shutdown().await.unwrap();
+    assert_eq!(summary.received, 2, "{summary}");
+    assert_eq!(summary.settle_errors, 0, "{summary}");
+    assert_eq!(*calls.lock().unwrap(), vec![(1, 1), (2, 1)]);
+}
+
+#[tokio::test]
+async fn a_handler_past_its_timeout_is_nacked_then_dead_lettered() {
+    let bus = bus().await;
+    let t = topic("control.kasmina.hung");
+    let mut dlq = bus
+        .subscribe_raw(Subscription::new(
+            t.dead_letter(),
+            Name::new("audit").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let seen = attempts.clone();
+    let handle = bus
+        .runner::<Cmd>(sub(&t, "kasmina").max_attempts(2))
+        .handler_timeout(std::time::Duration::from_millis(100))
+        .start(move |_msg: Incoming<Cmd>| {
+            let seen = seen.clone();
+            async move {
+                seen.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    bus.publish(&t, &cmd(7, "hang")).await.unwrap();
+    let dead = read_dead_letters(&mut dlq, 1).await;
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        dead[0].reason,
+        "max attempts reached (2 of 2); last: nacked: handler timed out after 100ms"
+    );
+    let summary = handle.shutdown().await.unwrap();
+    assert_eq!((summary.nacked, summary.dead_lettered), (2, 1), "{summary}");
+}

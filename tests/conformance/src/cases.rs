@@ -16,14 +16,14 @@ use oona_core::{
 };
 use rand::Rng;
 
+use crate::leases::{
+    batch_member_nacked_alone, delayed_nacks_beside_fresh, late_settlement_changes_nothing,
+    resume_with_start_at_keeps_backlog, slow_handler_no_redelivery,
+};
 use crate::support::{
     check, diff, duplicates, expect_delivery, expect_quiet, failed, group, hook, is_kind, kind_of,
     left_out, next_within, publish, random_suffix, same_envelope, subscribe, take_acking, Context,
     Cx,
-};
-use crate::leases::{
-    batch_member_nacked_alone, delayed_nacks_beside_fresh, late_settlement_changes_nothing,
-    resume_with_start_at_keeps_backlog, slow_handler_no_redelivery,
 };
 use crate::{Case, CaseError, CaseFuture, CaseResult, Fixture};
 

@@ -52,13 +52,16 @@ async fn slow_handler_no_redelivery_in(cx: &Cx<'_>) -> CaseResult {
     let deadline = cx.t.ack_deadline;
     let topic = cx.topic("control")?;
     let a = cx.client().await?;
-    let s = sub(&topic, &group("slow")).prefetch(N).ack_deadline(deadline);
+    let s = sub(&topic, &group("slow"))
+        .prefetch(N)
+        .ack_deadline(deadline);
     let mut st = subscribe(&a, s).await?;
     let sent: Vec<Envelope> = (0..N).map(|i| numbered(&topic, i)).collect();
     a.publish_batch(sent.clone()).await.ctx("publish_batch")?;
     let mut seen = HashSet::new();
     for i in 0..N {
-        let d = expect_delivery(&mut st, cx.t.wait(), &format!("delivery {} of {N}", i + 1)).await?;
+        let d =
+            expect_delivery(&mut st, cx.t.wait(), &format!("delivery {} of {N}", i + 1)).await?;
         check!(
             d.attempt() == 1,
             "a healthy message was redelivered: {} at attempt {} after {i} slow handlings",
@@ -68,7 +71,12 @@ async fn slow_handler_no_redelivery_in(cx: &Cx<'_>) -> CaseResult {
         check!(seen.insert(id(&d)), "delivered twice: {}", id(&d));
         tokio::time::sleep(deadline / 10).await;
         let r = d.ack().await;
-        check!(r.is_ok(), "ack of delivery {} failed: {}", i + 1, kind_of(&r));
+        check!(
+            r.is_ok(),
+            "ack of delivery {} failed: {}",
+            i + 1,
+            kind_of(&r)
+        );
     }
     expect_quiet(
         &mut st,
@@ -200,7 +208,11 @@ async fn resume_with_start_at_keeps_backlog_in(cx: &Cx<'_>) -> CaseResult {
             "the transport declares start_at_time = false".into(),
         ));
     }
-    let at = |t: Timestamp| sub(&topic, &g).ack_deadline(long).start(StartPosition::At(t));
+    let at = |t: Timestamp| {
+        sub(&topic, &g)
+            .ack_deadline(long)
+            .start(StartPosition::At(t))
+    };
     let mut sa = subscribe(&a, at(Timestamp::now())).await?;
     let sent: Vec<Envelope> = (0..5).map(|i| numbered(&topic, i)).collect();
     for e in &sent {
@@ -254,17 +266,26 @@ async fn delayed_nacks_beside_fresh_in(cx: &Cx<'_>) -> CaseResult {
     let mut nacks = tokio::task::JoinSet::new();
     while nacked_at.len() < N {
         let Some(d) = next_within(&mut st, cx.t.wait(), &mut transient).await? else {
-            return Err(failed(format!("{} of {N} first deliveries", nacked_at.len())));
+            return Err(failed(format!(
+                "{} of {N} first deliveries",
+                nacked_at.len()
+            )));
         };
-        check!(d.attempt() == 1, "first delivery at attempt {}", d.attempt());
+        check!(
+            d.attempt() == 1,
+            "first delivery at attempt {}",
+            d.attempt()
+        );
         nacked_at.insert(id(&d), Instant::now());
         nacks.spawn(async move { d.nack(Some(delay)).await });
         while let Some(r) = nacks.try_join_next() {
-            r.map_err(|e| failed(format!("nack task: {e}")))?.ctx("delayed nack")?;
+            r.map_err(|e| failed(format!("nack task: {e}")))?
+                .ctx("delayed nack")?;
         }
     }
     while let Some(r) = nacks.join_next().await {
-        r.map_err(|e| failed(format!("nack task: {e}")))?.ctx("delayed nack")?;
+        r.map_err(|e| failed(format!("nack task: {e}")))?
+            .ctx("delayed nack")?;
     }
     let nacking = started.elapsed();
     check!(
@@ -305,7 +326,11 @@ async fn delayed_nacks_beside_fresh_in(cx: &Cx<'_>) -> CaseResult {
                 waited + cx.t.early >= delay,
                 "a nack delayed {delay:?} came back after {waited:?}"
             );
-            check!(d.attempt() == 2, "delayed nack back at attempt {}", d.attempt());
+            check!(
+                d.attempt() == 2,
+                "delayed nack back at attempt {}",
+                d.attempt()
+            );
             check!(back.insert(key), "a delayed nack came back twice");
         }
         d.ack().await.ctx("ack")?;
