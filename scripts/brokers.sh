@@ -467,6 +467,7 @@ managedLedgerCacheSizeMB=64
 allowAutoTopicCreation=true
 allowAutoTopicCreationType=non-partitioned
 brokerDeleteInactiveTopicsEnabled=false
+acknowledgmentAtBatchIndexLevelEnabled=true
 listeningInterface=lo
 httpServerEnabled=false
 dbStorage_writeCacheMaxSizeMb=64

@@ -85,7 +85,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::delivery::{Delivery, DeliveryInfo, DeliveryStream, Settle, Settlement};
-use crate::envelope::{ContentType, Envelope};
+use crate::envelope::{ContentType, Envelope, EventId};
 use crate::error::{Error, ErrorKind, Result};
 use crate::rules;
 use crate::subscription::Subscription;
@@ -198,6 +198,14 @@ pub trait Source: Send + Sync + 'static {
         Ok(vec![true; tokens.len()])
     }
 
+    /// Called as the engine hands the message out; `false` when the source
+    /// no longer holds it (its partition moved to another consumer, say):
+    /// the engine then drops it unseen. Must not block.
+    fn handing_out(&self, token: &Self::Token) -> bool {
+        let _ = token;
+        true
+    }
+
     /// The engine has finished: nothing more is read or settled through
     /// this source.
     async fn close(&self) {}
@@ -237,6 +245,9 @@ struct Item<T> {
 struct Held<T> {
     token: T,
     key: Option<String>,
+    /// Key-ordered subscriptions: the message's id, to hold its key while
+    /// a redelivery of it is on its way.
+    event: Option<EventId>,
     recovered: bool,
     deadline: Instant,
     touched: Instant,
@@ -249,8 +260,13 @@ struct State<T> {
     held: HashMap<u64, Held<T>>,
     leases: BTreeSet<(Instant, u64)>,
     next_id: u64,
-    /// Key-ordered subscriptions: keys with a delivery out.
+    /// Key-ordered subscriptions: keys with a delivery out or a
+    /// redelivery on its way (see `returning`).
     busy_keys: HashMap<String, usize>,
+    /// Key-ordered subscriptions: messages given back for redelivery, whose
+    /// key stays held until they come back here (or, if the broker gives
+    /// them to another consumer, until the instant).
+    returning: HashMap<EventId, (String, Instant)>,
     /// Recovered messages buffered or out.
     recovered: usize,
     /// Of `held`, recovered deliveries out.
@@ -273,6 +289,7 @@ impl<T> State<T> {
             leases: BTreeSet::new(),
             next_id: 0,
             busy_keys: HashMap::new(),
+            returning: HashMap::new(),
             recovered: 0,
             recovered_out: 0,
             errors: VecDeque::new(),
@@ -298,8 +315,11 @@ impl<T> State<T> {
         let mut skipped: Vec<&str> = Vec::new();
         for (i, it) in self.buffer.iter().enumerate() {
             let key = it.envelope.key.as_deref().filter(|_| key_ordered);
-            let blocked =
-                key.is_some_and(|k| self.busy_keys.contains_key(k) || skipped.contains(&k));
+            // Its own redelivery marker does not hold it back.
+            let own = usize::from(key.is_some() && self.returning.contains_key(&it.envelope.event_id));
+            let blocked = key.is_some_and(|k| {
+                self.busy_keys.get(k).is_some_and(|n| *n > own) || skipped.contains(&k)
+            });
             if blocked || (it.recovered && out > 0) {
                 if let Some(k) = key {
                     skipped.push(k);
@@ -311,17 +331,58 @@ impl<T> State<T> {
         None
     }
 
+    fn release_key(&mut self, k: &str) {
+        if let Some(n) = self.busy_keys.get_mut(k) {
+            *n -= 1;
+            if *n == 0 {
+                self.busy_keys.remove(k);
+            }
+        }
+    }
+
+    /// Hold the key of `h` until its redelivery comes back (key order).
+    fn hold_key_for_return(&mut self, h: &Held<T>, within: Duration) {
+        if let (Some(k), Some(e)) = (&h.key, &h.event) {
+            *self.busy_keys.entry(k.clone()).or_insert(0) += 1;
+            let until = Instant::now() + within;
+            if let Some((old, _)) = self.returning.insert(e.clone(), (k.clone(), until)) {
+                self.release_key(&old);
+            }
+        }
+    }
+
+    /// Drop the marker of a redelivery that came back (or gave up on).
+    fn returned(&mut self, e: &EventId) {
+        if let Some((k, _)) = self.returning.remove(e) {
+            self.release_key(&k);
+        }
+    }
+
+    /// Let go of keys whose redelivery went elsewhere; the next instant one
+    /// is due.
+    fn purge_returning(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        let gone: Vec<EventId> = self
+            .returning
+            .iter()
+            .filter(|(_, (_, until))| *until <= now)
+            .map(|(e, _)| e.clone())
+            .collect();
+        if !gone.is_empty() {
+            for e in &gone {
+                self.returned(e);
+            }
+            self.wake_stream();
+        }
+        self.returning.values().map(|(_, until)| *until).min()
+    }
+
     /// Take a held message off the books (settled or expired).
     fn unhold(&mut self, id: u64) -> Option<Held<T>> {
         let h = self.held.remove(&id)?;
         self.leases.remove(&(h.deadline, id));
         if let Some(k) = &h.key {
-            if let Some(n) = self.busy_keys.get_mut(k) {
-                *n -= 1;
-                if *n == 0 {
-                    self.busy_keys.remove(k);
-                }
-            }
+            self.release_key(k);
         }
         if h.recovered {
             self.recovered -= 1;
@@ -362,6 +423,9 @@ impl<S: Source> Shared<S> {
                 Ok(env) => rules::exceeded_attempts(env, &info),
             };
             if let Some((dl, reason)) = dead {
+                if let Ok(env) = &f.message {
+                    self.lock().returned(&env.event_id);
+                }
                 tracing::info!(topic = %self.sub.topic, group = %self.sub.group, position = ?f.position, %reason, "dead-lettering");
                 if let Err(e) = self.source.dead_letter(f.token.clone(), dl).await {
                     tracing::warn!(topic = %self.sub.topic, error = %e, "dead-lettering failed; retrying");
@@ -413,6 +477,7 @@ impl<S: Source> Shared<S> {
             Held {
                 token,
                 key: None,
+                event: None,
                 recovered,
                 deadline,
                 touched: Instant::now(),
@@ -446,7 +511,19 @@ impl<S: Source> Shared<S> {
         Ok(h)
     }
 
-    async fn apply(&self, token: S::Token, settlement: Settlement) -> Result<()> {
+    /// Key order: a redelivered message's key waits for it.
+    fn returning(&self, h: &Held<S::Token>, delay: Duration) {
+        if self.sub.key_ordered {
+            self.lock()
+                .hold_key_for_return(h, delay + self.sub.ack_deadline);
+        }
+    }
+
+    async fn apply(&self, held: Held<S::Token>, settlement: Settlement) -> Result<()> {
+        if let Settlement::Redeliver { delay } = &settlement {
+            self.returning(&held, *delay);
+        }
+        let token = held.token;
         let result = match settlement {
             Settlement::Ack => return self.source.ack(token).await,
             Settlement::Redeliver { delay } => {
@@ -489,6 +566,7 @@ impl<S: Source> Shared<S> {
             }
         }
         for h in due {
+            self.returning(&h, Duration::ZERO);
             if !h.retry {
                 tracing::debug!(topic = %self.sub.topic, group = %self.sub.group, "lease ran out unsettled; redelivering");
             }
@@ -620,6 +698,7 @@ async fn run<S: Source>(shared: Arc<Shared<S>>, closed: impl Future<Output = ()>
     let mut closing = false;
     loop {
         let p = plan(&shared, fetch.is_some(), fetch_ok_at);
+        let marker = shared.lock().purge_returning();
         if p.stop {
             break;
         }
@@ -630,6 +709,7 @@ async fn run<S: Source>(shared: Arc<Shared<S>>, closed: impl Future<Output = ()>
         }
         let mut wake_at = p.wake_at;
         for t in [
+            marker,
             S::BROKER_LEASES.then_some(next_extend),
             fetch_ok_at.filter(|_| fetch.is_none()),
         ]
@@ -775,18 +855,32 @@ impl<S: Source> Stream for EngineStream<S> {
         if st.ended {
             return Poll::Ready(None);
         }
-        let Some(i) = st.next_eligible(shared.sub.key_ordered) else {
-            if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                st.waker = Some(cx.waker().clone());
+        let item = loop {
+            let Some(i) = st.next_eligible(shared.sub.key_ordered) else {
+                if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    st.waker = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            };
+            let Some(item) = st.buffer.remove(i) else {
+                return Poll::Pending;
+            };
+            if shared.source.handing_out(&item.token) {
+                break item;
             }
-            return Poll::Pending;
-        };
-        let Some(item) = st.buffer.remove(i) else {
-            return Poll::Pending;
+            // Gone to another consumer, which delivers it.
+            if item.recovered {
+                st.recovered -= 1;
+            }
+            shared.wake.notify_one();
         };
         let id = item.id;
         let deadline = Instant::now() + shared.sub.ack_deadline;
         let key = item.envelope.key.clone().filter(|_| shared.sub.key_ordered);
+        let event = key.as_ref().map(|_| item.envelope.event_id.clone());
+        if let Some(e) = &event {
+            st.returned(e);
+        }
         if let Some(k) = &key {
             *st.busy_keys.entry(k.clone()).or_insert(0) += 1;
         }
@@ -799,6 +893,7 @@ impl<S: Source> Stream for EngineStream<S> {
             Held {
                 token: item.token,
                 key,
+                event,
                 recovered: item.recovered,
                 deadline,
                 touched: item.touched,
@@ -840,7 +935,7 @@ struct EngineSettle<S: Source> {
 impl<S: Source> Settle for EngineSettle<S> {
     async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()> {
         let held = self.shared.take_held(self.id)?;
-        self.shared.apply(held.token, settlement).await
+        self.shared.apply(held, settlement).await
     }
 
     fn extend(&self, by: Duration) -> Result<()> {

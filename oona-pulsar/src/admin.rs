@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use oona_core::{Error, ErrorKind, Result, Retention, Topic};
+use oona_core::{Error, ErrorKind, Name, Result, Retention, Topic};
 use serde::{Deserialize, Serialize};
 
 use crate::config::PulsarConfig;
@@ -159,6 +159,34 @@ impl Admin {
             )
         })?;
         Ok(Some(p.retention()))
+    }
+
+    /// Create subscription `group` on `topic` at the earliest message;
+    /// `false` when it exists already.
+    pub(crate) async fn create_subscription(&self, topic: &Topic, group: &Name) -> Result<bool> {
+        let what = format!("create subscription {group} on {topic}");
+        let rb = self
+            .http
+            .put(format!("{}/subscription/{group}", self.topic_url(topic)))
+            .json(&"earliest");
+        let resp = self.send(&what, rb).await?;
+        if resp.status().as_u16() == 409 {
+            return Ok(false);
+        }
+        Self::check(&what, resp).await?;
+        Ok(true)
+    }
+
+    /// Move subscription `group` of `topic` to the first message published
+    /// at or after `unix_ms`.
+    pub(crate) async fn reset_cursor(&self, topic: &Topic, group: &Name, unix_ms: u64) -> Result<()> {
+        let what = format!("reset subscription {group} on {topic} to {unix_ms}");
+        let rb = self.http.post(format!(
+            "{}/subscription/{group}/resetcursor/{unix_ms}",
+            self.topic_url(topic)
+        ));
+        Self::check(&what, self.send(&what, rb).await?).await?;
+        Ok(())
     }
 
     /// Delete `topic` with its subscriptions; a missing topic is fine.

@@ -1,13 +1,24 @@
-//! Subscriptions: one protocol connection and one task per subscription.
+//! Subscriptions as the core's delivery engine sees them: one protocol
+//! connection and one task per subscription.
 //!
-//! The task owns the connection. It hands deliveries to the stream, tracks
-//! each one's ack deadline, batches acks and redelivery requests into one
-//! command each, and keeps the broker's permits equal to the
-//! subscription's prefetch: a permit comes back only when a delivery is
-//! settled (or its deadline passes), so at most `prefetch` deliveries are
-//! ever unsettled.
+//! The task owns the connection: it turns the broker's messages into
+//! [`Fetched`] messages (one per member of a producer batch), batches acks
+//! and redelivery requests into one command each, holds nack delays, and
+//! keeps the broker's permits equal to the prefetch (a permit comes back
+//! when a message is settled). The engine owns leases, attempts and the
+//! rest of the rules.
+//!
+//! **Batches.** Members of a producer batch are settled one by one: an ack
+//! of a member is sent at once as a batch-index ack (the `ack_set` of the
+//! members still unacked), and once every member handed out is settled the
+//! entry is acked whole, or, if a member was nacked, asked back. A broker
+//! with `acknowledgmentAtBatchIndexLevelEnabled=true` then hands out only
+//! the members not acked (and says which in the message's `ack_set`, which
+//! is honoured here); without it the partial acks are ignored by the broker
+//! (nothing is lost) and the whole batch comes back.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +29,12 @@ use futures::{SinkExt, StreamExt};
 use prost::Message as _;
 use pulsar::message::proto::{self, base_command::Type, MessageIdData, MessageMetadata};
 use pulsar::message::Message;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use oona_core::engine::{self, Fetched, Poison};
 use oona_core::{
-    rules, ContentType, Delivery, DeliveryInfo, DeliveryStream, Error, ErrorKind, Result, Settle,
-    Settlement, StartPosition, Subscription,
+    ContentType, DeliveryStream, Envelope, Error, ErrorKind, Result, StartPosition, Subscription,
 };
 
 use crate::conn::{await_success, command, conn_err, Frames};
@@ -32,6 +43,9 @@ use crate::{mapping, NAME};
 
 /// Most commands folded into one ack or redelivery request.
 const COALESCE: usize = 4096;
+
+/// Longest a fetch waits for the broker.
+const FETCH_WAIT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct EntryKey {
@@ -48,33 +62,43 @@ impl EntryKey {
     }
 }
 
-/// A broker entry (one message, or one batch of messages) handed out and
-/// not yet settled.
+/// The engine's handle of one message: its entry, its index in a producer
+/// batch, and the connection (session) it came on.
+#[derive(Debug, Clone)]
+pub(crate) struct Token {
+    key: EntryKey,
+    id: MessageIdData,
+    index: Option<i32>,
+    size: i32,
+    session: u64,
+}
+
+/// A broker entry (one message, or one producer batch) with members out.
 struct Entry {
     id: MessageIdData,
-    /// Messages of the entry not yet settled (1 unless batched).
+    /// Members handed to the engine and not yet settled.
     outstanding: u32,
-    /// A message of a batch asked for redelivery: the whole entry goes back
-    /// once every message of it is settled (with the longest delay asked).
+    /// Batch members not acked yet (bit set: unacked), as sent in
+    /// batch-index acks.
+    unacked: Vec<i64>,
+    size: i32,
+    /// A member asked for redelivery: the entry goes back once every
+    /// member out is settled (with the longest delay asked).
     redeliver: Option<Duration>,
-    deadline: Instant,
 }
 
 enum Cmd {
-    Ack {
-        key: EntryKey,
-        id: MessageIdData,
-        batched: bool,
-    },
-    Redeliver {
-        key: EntryKey,
-        delay: Duration,
-    },
+    Ack(Token),
+    Redeliver(Token, Duration),
+    /// Write what is queued; answered once the broker confirmed.
+    Flush(oneshot::Sender<()>),
+    /// Leave the group and end the task.
+    Close(oneshot::Sender<()>),
 }
 
-struct Shared {
+pub(crate) struct Shared {
     cmd_tx: mpsc::UnboundedSender<Cmd>,
-    inner: Arc<Inner>,
+    session: AtomicU64,
 }
 
 impl Shared {
@@ -87,77 +111,126 @@ impl Shared {
             .with_transport(NAME)
         })
     }
-}
 
-struct Settler {
-    shared: Arc<Shared>,
-    key: EntryKey,
-    id: MessageIdData,
-    batched: bool,
-}
-
-#[async_trait]
-impl Settle for Settler {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()> {
-        match settlement {
-            Settlement::Ack => self.shared.send(Cmd::Ack {
-                key: self.key,
-                id: self.id,
-                batched: self.batched,
-            }),
-            Settlement::Redeliver { delay } => self.shared.send(Cmd::Redeliver {
-                key: self.key,
-                delay,
-            }),
-            Settlement::DeadLetter { dead_letter, .. } => {
-                // Publish first: if it fails the message stays unacked and
-                // comes back after its deadline.
-                self.shared.inner.publish(*dead_letter).await?;
-                self.shared.send(Cmd::Ack {
-                    key: self.key,
-                    id: self.id,
-                    batched: self.batched,
-                })
-            }
+    /// Write what every settlement so far queued (Transport::flush).
+    pub(crate) async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Cmd::Flush(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
         }
     }
 }
 
-/// Subscribe and start the subscription's task.
+struct PulsarSource {
+    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Fetched<Token>>>,
+}
+
+#[async_trait]
+impl engine::Source for PulsarSource {
+    type Token = Token;
+
+    async fn fetch(&self, max: usize) -> Result<Vec<Fetched<Token>>> {
+        let mut rx = self.rx.lock().await;
+        let mut out = Vec::new();
+        match tokio::time::timeout(FETCH_WAIT, rx.recv()).await {
+            Ok(Some(f)) => out.push(f),
+            Ok(None) => return Err(closed_sub()),
+            Err(_) => return Ok(out),
+        }
+        while out.len() < max {
+            match rx.try_recv() {
+                Ok(f) => out.push(f),
+                Err(_) => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, token: Token) -> Result<()> {
+        self.shared.send(Cmd::Ack(token))
+    }
+
+    async fn redeliver(&self, token: Token, delay: Duration) -> Result<Option<Fetched<Token>>> {
+        self.shared.send(Cmd::Redeliver(token, delay))?;
+        Ok(None)
+    }
+
+    async fn dead_letter(&self, token: Token, dead_letter: Envelope) -> Result<()> {
+        // Publish first: if it fails the message stays unacked and the
+        // engine gives it back.
+        self.inner.publish(dead_letter).await?;
+        self.shared.send(Cmd::Ack(token))
+    }
+
+    async fn release(&self, _tokens: Vec<Token>) {
+        // Left unacked: the broker hands them to the group's other
+        // consumers when this one leaves, without counting a delivery.
+    }
+
+    fn handing_out(&self, token: &Token) -> bool {
+        // Messages of a lost connection are redelivered by the broker.
+        token.session == self.shared.session.load(Ordering::Acquire)
+    }
+
+    async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.shared.send(Cmd::Close(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        }
+    }
+}
+
+fn closed_sub() -> Error {
+    Error::new(ErrorKind::Closed, "the subscription's connection task ended").with_transport(NAME)
+}
+
+/// Subscribe and start the subscription's task and engine.
 pub(crate) async fn subscribe(inner: Arc<Inner>, sub: Subscription) -> Result<DeliveryStream> {
     let full = inner.full_topic(&sub.topic);
     let consumer_id = inner.next_consumer_id();
     let (frames, early) = open(&inner, &sub, &full, consumer_id).await?;
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         cmd_tx,
-        inner: Arc::clone(&inner),
+        session: AtomicU64::new(1),
     });
+    inner.track_subscription(Arc::downgrade(&shared));
     let task = Task {
         shutdown: inner.shutdown_signal(),
         inner: Arc::clone(&inner),
-        shared,
+        shared: Arc::clone(&shared),
         cmd_rx,
         out_tx,
         full,
         consumer_id,
         prefetch: u32::try_from(sub.prefetch.max(1)).unwrap_or(u32::MAX),
-        sub,
+        sub: sub.clone(),
         pending: HashMap::new(),
-        deadlines: BTreeSet::new(),
         delayed: BTreeSet::new(),
         delayed_ids: HashMap::new(),
         permits: 0,
         acks: Vec::new(),
         redeliveries: Vec::new(),
-        draining: false,
+        flush_waiters: Vec::new(),
+        awaiting: Vec::new(),
         request_id: 100,
     };
     inner.track_task(tokio::spawn(task.run(frames, early)));
-    Ok(Box::pin(futures::stream::poll_fn(move |cx| {
-        out_rx.poll_recv(cx)
-    })))
+    let source = PulsarSource {
+        inner: Arc::clone(&inner),
+        shared,
+        rx: tokio::sync::Mutex::new(out_rx),
+    };
+    let mut shutdown = inner.shutdown_signal();
+    let closed = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    let (stream, engine_task) = engine::start(source, sub, closed);
+    inner.track_task(engine_task);
+    Ok(stream)
 }
 
 /// Look up the topic's broker, connect, subscribe and give the first
@@ -195,8 +268,7 @@ async fn open(
     };
     let initial = match sub.start {
         StartPosition::Latest => proto::command_subscribe::InitialPosition::Latest,
-        // `At` reads from the start and skips what is older (see
-        // `Task::before_start`).
+        // `At` made the subscription already (see `transport::start_at`).
         StartPosition::Earliest | StartPosition::At(_) => {
             proto::command_subscribe::InitialPosition::Earliest
         }
@@ -250,7 +322,7 @@ fn flow(consumer_id: u64, permits: u32) -> Message {
 }
 
 enum Exit {
-    /// The transport was closed, or the stream dropped and drained.
+    /// The transport was closed, or the engine closed the source.
     Done,
     /// The connection broke; reconnect.
     Lost(Error),
@@ -261,22 +333,22 @@ struct Task {
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
     cmd_rx: mpsc::UnboundedReceiver<Cmd>,
-    out_tx: mpsc::UnboundedSender<Result<Delivery>>,
+    out_tx: mpsc::UnboundedSender<Fetched<Token>>,
     sub: Subscription,
     full: String,
     consumer_id: u64,
     prefetch: u32,
     pending: HashMap<EntryKey, Entry>,
-    deadlines: BTreeSet<(Instant, EntryKey)>,
     delayed: BTreeSet<(Instant, EntryKey)>,
     delayed_ids: HashMap<EntryKey, MessageIdData>,
     /// Permits earned back and not yet sent.
     permits: u32,
     acks: Vec<MessageIdData>,
     redeliveries: Vec<MessageIdData>,
-    /// The stream was dropped: take no new messages, wait until what was
-    /// handed out is settled or past its deadline, then leave the group.
-    draining: bool,
+    /// Flushes asked for since the last write.
+    flush_waiters: Vec<oneshot::Sender<()>>,
+    /// Flushes waiting for the broker's answer to an ack with a request id.
+    awaiting: Vec<(u64, Vec<oneshot::Sender<()>>)>,
     request_id: u64,
 }
 
@@ -305,7 +377,6 @@ impl Task {
                             tokio::select! {
                                 _ = tokio::time::sleep(backoff) => {}
                                 _ = shutdown.changed() => {}
-                                _ = self.out_tx.closed() => return,
                             }
                             backoff = (backoff * 2).min(Duration::from_secs(2));
                             continue;
@@ -317,21 +388,16 @@ impl Task {
                 Exit::Done => return,
                 Exit::Lost(e) => {
                     tracing::warn!(topic = %self.sub.topic, group = %self.sub.group, error = %e, "connection lost; resubscribing");
-                    if self.draining {
-                        // The broker hands the unsettled messages to the
-                        // group's other consumers.
-                        return;
-                    }
                     // The broker redelivers everything unacked of a lost
-                    // consumer; start afresh.
+                    // consumer; what the engine still holds of this
+                    // session is dropped at hand-out.
+                    self.shared.session.fetch_add(1, Ordering::AcqRel);
                     self.pending.clear();
-                    self.deadlines.clear();
                     self.delayed.clear();
                     self.delayed_ids.clear();
                     self.permits = 0;
-                    self.acks.clear();
                     self.redeliveries.clear();
-                    let _ = self.out_tx.send(Err(e.set_temporary(true)));
+                    self.answer_flushes();
                 }
             }
         }
@@ -344,7 +410,7 @@ impl Task {
     async fn session(&mut self, frames: Frames, early: Vec<Message>) -> Exit {
         let (mut sink, mut source) = frames.split();
         for m in early {
-            if let Err(e) = self.on_frame(&mut sink, m).await {
+            if let Err(e) = self.on_frame(&mut sink, m) {
                 return Exit::Lost(e);
             }
         }
@@ -354,24 +420,28 @@ impl Task {
                 self.close(&mut sink, &mut source).await;
                 return Exit::Done;
             }
-            let wake = self.next_wake();
+            let wake = self.delayed.first().map(|(t, _)| *t);
+            let mut closing = None;
             let step: Result<()> = tokio::select! {
                 biased;
                 _ = shutdown.changed() => Ok(()),
                 cmd = self.cmd_rx.recv() => {
-                    if let Some(cmd) = cmd {
-                        self.on_cmd(cmd);
-                        for _ in 0..COALESCE {
-                            match self.cmd_rx.try_recv() {
-                                Ok(c) => self.on_cmd(c),
-                                Err(_) => break,
-                            }
+                    match cmd {
+                        Some(Cmd::Close(w)) => closing = Some(Some(w)),
+                        Some(cmd) => self.on_cmd(cmd),
+                        None => closing = Some(None),
+                    }
+                    for _ in 0..COALESCE {
+                        match self.cmd_rx.try_recv() {
+                            Ok(Cmd::Close(w)) => closing = Some(Some(w)),
+                            Ok(c) => self.on_cmd(c),
+                            Err(_) => break,
                         }
                     }
                     Ok(())
                 }
                 frame = source.next() => match frame {
-                    Some(Ok(m)) => self.on_frame(&mut sink, m).await,
+                    Some(Ok(m)) => self.on_frame(&mut sink, m),
                     Some(Err(e)) => Err(conn_err(format!("reading from the broker: {e}"))),
                     None => Err(conn_err("the broker closed the connection")),
                 },
@@ -379,46 +449,46 @@ impl Task {
                     self.on_timers();
                     Ok(())
                 }
-                _ = self.out_tx.closed(), if !self.draining => {
-                    self.draining = true;
-                    Ok(())
-                }
             };
             if let Err(e) = step {
                 return Exit::Lost(e);
             }
+            if let Some(w) = closing {
+                self.close(&mut sink, &mut source).await;
+                if let Some(w) = w {
+                    let _ = w.send(());
+                }
+                return Exit::Done;
+            }
             if let Err(e) = self.flush(&mut sink).await {
                 return Exit::Lost(e);
             }
-            if self.draining && self.pending.is_empty() && self.delayed.is_empty() {
-                self.close(&mut sink, &mut source).await;
-                return Exit::Done;
-            }
         }
     }
 
-    fn next_wake(&self) -> Option<Instant> {
-        let d = self.deadlines.first().map(|(t, _)| *t);
-        let r = self.delayed.first().map(|(t, _)| *t);
-        match (d, r) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    async fn on_frame(&mut self, sink: &mut Sink, m: Message) -> Result<()> {
+    fn on_frame(&mut self, sink: &mut Sink, m: Message) -> Result<()> {
         let c = &m.command;
         if c.ping.is_some() {
             return sink
-                .send(command(Type::Pong, |c| {
+                .start_send_unpin(command(Type::Pong, |c| {
                     c.pong = Some(proto::CommandPong {})
                 }))
-                .await
                 .map_err(|e| conn_err(format!("send PONG: {e}")));
         }
         if c.close_consumer.is_some() {
             // The broker moves the topic (unload, failover): resubscribe.
             return Err(conn_err("the broker closed the consumer"));
+        }
+        if let Some(r) = &c.ack_response {
+            let id = r.request_id;
+            // Answered in order: earlier receipts are done too.
+            while let Some(pos) = self.awaiting.iter().position(|(rid, _)| Some(*rid) <= id) {
+                let (_, ws) = self.awaiting.remove(pos);
+                for w in ws {
+                    let _ = w.send(());
+                }
+            }
+            return Ok(());
         }
         let Some(msg) = c.message.clone() else {
             return Ok(());
@@ -427,170 +497,127 @@ impl Task {
             tracing::warn!(topic = %self.sub.topic, "message without payload frame ignored");
             return Ok(());
         };
-        if self.draining {
-            // Never handed out; the broker gives it to another consumer
-            // when this one leaves.
-            return Ok(());
-        }
         self.on_message(msg, payload);
         Ok(())
     }
 
     fn on_message(&mut self, msg: proto::CommandMessage, payload: pulsar::Payload) {
-        let redeliveries = msg.redelivery_count.unwrap_or(0);
-        let attempt = redeliveries.saturating_add(1);
+        let attempt = msg.redelivery_count.unwrap_or(0).saturating_add(1);
+        // Set bits: members the broker still has unacked (batch-index acks).
+        let remaining = msg.ack_set;
         let mut id = msg.message_id;
+        id.ack_set.clear();
         id.batch_index = None;
         id.batch_size = None;
-        id.ack_set.clear();
         let key = EntryKey::of(&id);
         let pulsar::Payload { metadata, data } = payload;
         let members = split(metadata, Bytes::from(data));
         let batched = members.len() != 1 || members.iter().any(|m| m.index.is_some());
-        let deadline = Instant::now() + self.sub.ack_deadline;
         if self.pending.contains_key(&key) {
-            // Already handed out and unsettled (a duplicate dispatch):
-            // the first copy decides.
+            // Already out and unsettled (a duplicate dispatch): the first
+            // copy decides.
             self.permits = self.permits.saturating_add(count(&members));
+            return;
+        }
+        let size = i32::try_from(members.len()).unwrap_or(i32::MAX);
+        let mut unacked = vec![0i64; members.len().div_ceil(64)];
+        let session = self.shared.session.load(Ordering::Acquire);
+        let mut out = 0u32;
+        for member in members {
+            let i = member.index.unwrap_or(0);
+            if batched && !remaining.is_empty() && !bit(&remaining, i) {
+                continue; // acked before (batch-index ack)
+            }
+            set_bit(&mut unacked, i);
+            let position = match member.index {
+                Some(i) => format!("{}:{}:{i}", id.ledger_id, id.entry_id),
+                None => mapping::position(&id),
+            };
+            let message = member
+                .decoded
+                .and_then(|(m, p)| mapping::from_message(&m, p, &self.sub.topic))
+                .map_err(|e| Poison::new(member.raw.clone(), ContentType::json(), e));
+            let token = Token {
+                key,
+                id: id.clone(),
+                index: member.index.filter(|_| batched),
+                size,
+                session,
+            };
+            if self
+                .out_tx
+                .send(Fetched::new(token, message, attempt, Some(position)))
+                .is_ok()
+            {
+                out += 1;
+            }
+        }
+        if out == 0 {
             return;
         }
         self.pending.insert(
             key,
             Entry {
-                id: id.clone(),
-                outstanding: count(&members),
+                id,
+                outstanding: out,
+                unacked,
+                size,
                 redeliver: None,
-                deadline,
             },
         );
-        self.deadlines.insert((deadline, key));
-        for member in members {
-            let position = match member.index {
-                Some(i) => format!("{}:{}:{i}", id.ledger_id, id.entry_id),
-                None => mapping::position(&id),
-            };
-            let info = DeliveryInfo::new(&self.sub, attempt, Some(position));
-            let decoded = member
-                .decoded
-                .and_then(|(m, p)| mapping::from_message(&m, p, &self.sub.topic).map(|e| (e, m)));
-            match decoded {
-                Ok((env, meta)) => {
-                    if redeliveries == 0 && self.before_start(&meta) {
-                        self.on_cmd(Cmd::Ack {
-                            key,
-                            id: id.clone(),
-                            batched,
-                        });
-                        continue;
-                    }
-                    if let Some((dl, reason)) = rules::exceeded_attempts(&env, &info) {
-                        tracing::info!(topic = %self.sub.topic, event_id = %env.event_id, %reason, "dead-lettering");
-                        self.dead_letter(dl, key, id.clone(), batched);
-                        continue;
-                    }
-                    let settler = Settler {
-                        shared: Arc::clone(&self.shared),
-                        key,
-                        id: id.clone(),
-                        batched,
-                    };
-                    // A dropped stream is noticed by the select loop; the
-                    // delivery then stays pending until its deadline.
-                    let _ = self
-                        .out_tx
-                        .send(Ok(Delivery::new(env, info, Box::new(settler))));
-                }
-                Err(e) => {
-                    let raw = member.raw.clone();
-                    let (dl, reason) = rules::poison_dead_letter(
-                        &self.sub.topic,
-                        raw,
-                        ContentType::json(),
-                        &e,
-                        &info,
-                    );
-                    tracing::warn!(topic = %self.sub.topic, %reason, "poison message dead-lettered");
-                    self.dead_letter(dl, key, id.clone(), batched);
-                }
-            }
-        }
-    }
-
-    /// Whether a first delivery predates a `StartPosition::At` instant.
-    fn before_start(&self, meta: &MessageMetadata) -> bool {
-        match self.sub.start {
-            StartPosition::At(t) => meta.publish_time < t.unix_millis(),
-            _ => false,
-        }
-    }
-
-    /// Publish a dead letter decided at receipt, then ack the original. If
-    /// the publish fails the message stays pending and comes back after its
-    /// deadline, to be decided again.
-    fn dead_letter(
-        &self,
-        dl: oona_core::Envelope,
-        key: EntryKey,
-        id: MessageIdData,
-        batched: bool,
-    ) {
-        let shared = Arc::clone(&self.shared);
-        tokio::spawn(async move {
-            match shared.inner.publish(dl).await {
-                Ok(_) => {
-                    let _ = shared.send(Cmd::Ack { key, id, batched });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "dead letter publish failed; the message comes back after its ack deadline");
-                }
-            }
-        });
     }
 
     fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Ack { key, id, batched } => {
-                let Some(entry) = self.pending.get_mut(&key) else {
-                    // Past its deadline (already redelivered) or from
-                    // before a reconnect: a plain message can still be
-                    // acked by id; a batch member cannot without acking
-                    // its siblings, so it comes back.
-                    if !batched {
-                        self.acks.push(id);
-                    }
-                    return;
-                };
-                entry.outstanding = entry.outstanding.saturating_sub(1);
-                self.permits = self.permits.saturating_add(1);
-                if entry.outstanding == 0 {
-                    if let Some(e) = self.remove(key) {
-                        match e.redeliver {
-                            Some(delay) => self.schedule(key, e.id, delay),
-                            None => self.acks.push(e.id),
-                        }
-                    }
+            Cmd::Ack(t) => self.on_ack(t),
+            Cmd::Redeliver(t, delay) => {
+                if t.session != self.shared.session.load(Ordering::Acquire) {
+                    return; // the broker redelivers it already
                 }
-            }
-            Cmd::Redeliver { key, delay } => {
-                let Some(entry) = self.pending.get_mut(&key) else {
+                let Some(entry) = self.pending.get_mut(&t.key) else {
                     return;
                 };
                 entry.outstanding = entry.outstanding.saturating_sub(1);
                 entry.redeliver = Some(entry.redeliver.map_or(delay, |d| d.max(delay)));
                 self.permits = self.permits.saturating_add(1);
-                if entry.outstanding == 0 {
-                    if let Some(e) = self.remove(key) {
-                        self.schedule(key, e.id, e.redeliver.unwrap_or(delay));
-                    }
-                }
+                self.settled(t.key);
             }
+            Cmd::Flush(w) => self.flush_waiters.push(w),
+            Cmd::Close(_) => {}
         }
     }
 
-    fn remove(&mut self, key: EntryKey) -> Option<Entry> {
-        let e = self.pending.remove(&key)?;
-        self.deadlines.remove(&(e.deadline, key));
-        Some(e)
+    fn on_ack(&mut self, t: Token) {
+        let current = t.session == self.shared.session.load(Ordering::Acquire);
+        let Some(entry) = self.pending.get_mut(&t.key).filter(|_| current) else {
+            // From before a reconnect: ack by id (a batch member by its
+            // index alone), which the broker applies to the subscription.
+            self.acks.push(member_ack(&t.id, t.index, t.size, None));
+            return;
+        };
+        entry.outstanding = entry.outstanding.saturating_sub(1);
+        self.permits = self.permits.saturating_add(1);
+        if let Some(i) = t.index {
+            clear_bit(&mut entry.unacked, i);
+            if entry.outstanding > 0 || entry.redeliver.is_some() {
+                let ack = member_ack(&entry.id, Some(i), entry.size, Some(&entry.unacked));
+                self.acks.push(ack);
+            }
+        }
+        self.settled(t.key);
+    }
+
+    /// Once every member out of an entry is settled: ack it whole, or ask
+    /// for it back (after the longest delay asked).
+    fn settled(&mut self, key: EntryKey) {
+        if self.pending.get(&key).is_some_and(|e| e.outstanding == 0) {
+            if let Some(e) = self.pending.remove(&key) {
+                match e.redeliver {
+                    Some(delay) => self.schedule(key, e.id, delay),
+                    None => self.acks.push(e.id),
+                }
+            }
+        }
     }
 
     fn schedule(&mut self, key: EntryKey, id: MessageIdData, delay: Duration) {
@@ -608,21 +635,6 @@ impl Task {
 
     fn on_timers(&mut self) {
         let now = Instant::now();
-        while let Some(&(t, key)) = self.deadlines.first() {
-            if t > now {
-                break;
-            }
-            self.deadlines.pop_first();
-            if let Some(e) = self.pending.remove(&key) {
-                self.permits = self.permits.saturating_add(e.outstanding);
-                // Ask the broker to hand it out again: it counts the
-                // redelivery (the next attempt number). A draining consumer
-                // asks too before it leaves: Pulsar hands a departed
-                // consumer's unacked messages to the others without
-                // counting them.
-                self.redeliveries.push(e.id);
-            }
-        }
         while let Some(&(t, key)) = self.delayed.first() {
             if t > now {
                 break;
@@ -637,6 +649,12 @@ impl Task {
     /// Send what the last step produced: acks, redelivery requests and
     /// earned-back permits, each as one command.
     async fn flush(&mut self, sink: &mut Sink) -> Result<()> {
+        let waiters = std::mem::take(&mut self.flush_waiters);
+        // A flush with acks to write asks the broker to confirm them.
+        let receipt = (!waiters.is_empty() && !self.acks.is_empty()).then(|| {
+            self.request_id += 1;
+            self.request_id
+        });
         if !self.acks.is_empty() {
             let ids = std::mem::take(&mut self.acks);
             let consumer_id = self.consumer_id;
@@ -645,6 +663,7 @@ impl Task {
                     consumer_id,
                     ack_type: proto::command_ack::AckType::Individual as i32,
                     message_id: ids,
+                    request_id: receipt,
                     ..Default::default()
                 })
             }))
@@ -668,7 +687,7 @@ impl Task {
         // Give permits back in chunks (half the prefetch) so a busy
         // consumer sends one FLOW per many messages.
         let threshold = (self.prefetch / 2).max(1);
-        if !self.draining && self.permits >= threshold {
+        if self.permits >= threshold {
             let n = std::mem::take(&mut self.permits);
             sink.feed(flow(self.consumer_id, n))
                 .await
@@ -676,7 +695,27 @@ impl Task {
         }
         sink.flush()
             .await
-            .map_err(|e| conn_err(format!("write to the broker: {e}")))
+            .map_err(|e| conn_err(format!("write to the broker: {e}")))?;
+        match receipt {
+            Some(id) => self.awaiting.push((id, waiters)),
+            None => {
+                for w in waiters {
+                    let _ = w.send(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn answer_flushes(&mut self) {
+        for w in self.flush_waiters.drain(..) {
+            let _ = w.send(());
+        }
+        for (_, ws) in self.awaiting.drain(..) {
+            for w in ws {
+                let _ = w.send(());
+            }
+        }
     }
 
     /// Flush settlements, leave the group and end the stream.
@@ -688,7 +727,7 @@ impl Task {
         let held: Vec<MessageIdData> = self.delayed_ids.drain().map(|(_, id)| id).collect();
         self.delayed.clear();
         self.redeliveries.extend(held);
-        self.draining = true;
+        self.permits = 0;
         if let Err(e) = self.flush(sink).await {
             tracing::debug!(error = %e, "flush on close");
             return;
@@ -724,7 +763,56 @@ impl Task {
             };
             let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
         }
+        self.answer_flushes();
         let _ = sink.close().await;
+    }
+}
+
+/// An individual ack of `id`, or of member `index` of its batch of `size`
+/// (`unacked`: the members still unacked, else all but `index`).
+fn member_ack(
+    id: &MessageIdData,
+    index: Option<i32>,
+    size: i32,
+    unacked: Option<&[i64]>,
+) -> MessageIdData {
+    let mut m = id.clone();
+    if let Some(i) = index {
+        let words = match unacked {
+            Some(u) => u.to_vec(),
+            None => {
+                let n = usize::try_from(size.max(0)).unwrap_or(0);
+                let mut all = vec![0i64; n.div_ceil(64)];
+                for j in 0..size.max(0) {
+                    set_bit(&mut all, j);
+                }
+                clear_bit(&mut all, i);
+                all
+            }
+        };
+        m.ack_set = words;
+        m.batch_size = Some(size);
+        m.batch_index = Some(i);
+    }
+    m
+}
+
+fn bit(words: &[i64], i: i32) -> bool {
+    let i = usize::try_from(i).unwrap_or(usize::MAX);
+    words.get(i / 64).is_some_and(|w| (*w >> (i % 64)) & 1 == 1)
+}
+
+fn set_bit(words: &mut [i64], i: i32) {
+    let i = usize::try_from(i).unwrap_or(usize::MAX);
+    if let Some(w) = words.get_mut(i / 64) {
+        *w |= 1 << (i % 64);
+    }
+}
+
+fn clear_bit(words: &mut [i64], i: i32) {
+    let i = usize::try_from(i).unwrap_or(usize::MAX);
+    if let Some(w) = words.get_mut(i / 64) {
+        *w &= !(1 << (i % 64));
     }
 }
 

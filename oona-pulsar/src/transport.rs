@@ -11,7 +11,7 @@ use tokio::sync::{watch, OnceCell};
 
 use oona_core::{
     rules, Capabilities, DeliveryStream, Envelope, Error, ErrorKind, Health, HealthStatus, Receipt,
-    Result, Subscription, Topic, TopicPolicy, Transport,
+    Result, StartPosition, Subscription, Topic, TopicPolicy, Transport,
 };
 
 use crate::admin::Admin;
@@ -52,6 +52,7 @@ pub(crate) struct Inner {
     closed: AtomicBool,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    subscriptions: Mutex<Vec<std::sync::Weak<crate::consumer::Shared>>>,
 }
 
 static NEXT_CONSUMER: AtomicU64 = AtomicU64::new(1);
@@ -158,6 +159,7 @@ impl PulsarTransport {
                 closed: AtomicBool::new(false),
                 shutdown,
                 tasks: Mutex::new(Vec::new()),
+                subscriptions: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -209,6 +211,13 @@ impl Inner {
 
     pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+
+    /// Remember a subscription so `Transport::flush` reaches it.
+    pub(crate) fn track_subscription(&self, sub: std::sync::Weak<crate::consumer::Shared>) {
+        let mut subs = lock(&self.subscriptions);
+        subs.retain(|s| s.strong_count() > 0);
+        subs.push(sub);
     }
 
     pub(crate) fn track_task(&self, h: tokio::task::JoinHandle<()>) {
@@ -355,7 +364,7 @@ impl Transport for PulsarTransport {
         Capabilities::default()
             .with_key_ordered_competing(true)
             .with_nack_delay(true)
-            .with_start_at_time(true)
+            .with_start_at_time(self.inner.admin.is_some())
             .with_retention(self.inner.admin.is_some())
             .with_max_payload_bytes(MAX_PAYLOAD_BYTES)
     }
@@ -387,6 +396,9 @@ impl Transport for PulsarTransport {
     async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
         self.inner.check_open()?;
         let topic = subscription.topic.clone();
+        if let StartPosition::At(t) = subscription.start {
+            self.start_at(&subscription, t).await?;
+        }
         let stream = consumer::subscribe(Arc::clone(&self.inner), subscription).await?;
         if self.inner.admin.is_some() {
             // The subscription created the topic; give it its plane's
@@ -452,6 +464,18 @@ impl Transport for PulsarTransport {
         }
     }
 
+    async fn flush(&self) -> Result<()> {
+        self.inner.check_open()?;
+        let subs: Vec<_> = lock(&self.inner.subscriptions)
+            .iter()
+            .filter_map(|s| s.upgrade())
+            .collect();
+        for s in subs {
+            s.flush().await;
+        }
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
         if self.inner.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -471,6 +495,31 @@ impl Transport for PulsarTransport {
                 let _ = p.lock().await.close().await;
             })
             .await;
+        }
+        Ok(())
+    }
+}
+
+impl PulsarTransport {
+    /// `StartPosition::At` applies when the group is created, never on
+    /// resume: the subscription is created through the admin API at the
+    /// earliest message and its cursor reset to the time; an existing one
+    /// is left as it is. (Pulsar's `start_message_rollback_duration_sec`
+    /// would rewind on every subscribe.)
+    async fn start_at(&self, sub: &Subscription, t: oona_core::Timestamp) -> Result<()> {
+        let Some(admin) = &self.inner.admin else {
+            return Err(Error::new(
+                ErrorKind::ConfigInvalid,
+                "StartPosition::At needs the admin API on Pulsar: set admin_url",
+            )
+            .with_transport(NAME));
+        };
+        // The topic first, with its plane's retention.
+        self.inner.producer(&sub.topic, None).await?;
+        if admin.create_subscription(&sub.topic, &sub.group).await? {
+            admin
+                .reset_cursor(&sub.topic, &sub.group, t.unix_millis())
+                .await?;
         }
         Ok(())
     }

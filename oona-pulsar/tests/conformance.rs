@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use oona_conformance::{Fixture, Timing};
-use oona_core::{Error, ErrorKind, Retention, Topic, Transport};
+use oona_core::wire::fields;
+use oona_core::{Envelope, Error, ErrorKind, Retention, Topic, Transport};
 use oona_pulsar::PulsarTransport;
 
 struct PulsarFixture {
@@ -60,6 +61,59 @@ impl Fixture for PulsarFixture {
             .map_err(|e| broker_error("raw send", e))?
             .await
             .map_err(|e| broker_error("raw send receipt", e))?;
+        Ok(())
+    }
+
+    async fn publish_producer_batch(
+        &self,
+        topic: &Topic,
+        envelopes: Vec<Envelope>,
+    ) -> oona_core::Result<()> {
+        let (tenant, ns) = self.broker.tenant_namespace();
+        let client = self.broker.raw_client().await;
+        let mut p = client
+            .producer()
+            .with_topic(format!("persistent://{tenant}/{ns}/{topic}"))
+            .with_options(pulsar::ProducerOptions {
+                batch_size: Some(u32::try_from(envelopes.len()).unwrap_or(u32::MAX)),
+                ..Default::default()
+            })
+            .build()
+            .await
+            .map_err(|e| broker_error("batching producer", e))?;
+        let mut receipts = Vec::new();
+        for env in &envelopes {
+            // The wire format of the crate README: envelope fields as
+            // properties, the key as the message key.
+            let msg = pulsar::producer::Message {
+                payload: env.payload.to_vec(),
+                properties: fields::encode(env).into_iter().collect(),
+                partition_key: env.key.clone(),
+                event_time: Some(env.timestamp.unix_millis()),
+                ..Default::default()
+            };
+            receipts.push(
+                p.send_non_blocking(msg)
+                    .await
+                    .map_err(|e| broker_error("batch send", e))?,
+            );
+        }
+        p.send_batch()
+            .await
+            .map_err(|e| broker_error("send batch", e))?;
+        let mut entries = std::collections::HashSet::new();
+        for r in receipts {
+            let r = r.await.map_err(|e| broker_error("batch receipt", e))?;
+            if let Some(id) = r.message_id {
+                entries.insert((id.ledger_id, id.entry_id));
+            }
+        }
+        if entries.len() != 1 {
+            return Err(broker_error(
+                "batching producer",
+                format!("the batch landed in {} entries, not one", entries.len()),
+            ));
+        }
         Ok(())
     }
 

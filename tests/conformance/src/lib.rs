@@ -42,6 +42,20 @@ pub trait Fixture: Send + Sync + 'static {
         Err(unsupported("write_raw"))
     }
 
+    /// Publish `envelopes` to `topic` as one producer batch of the broker's
+    /// own client (one broker entry holding them all, as a batching
+    /// producer of another service writes them), in Oona's documented wire
+    /// format. The default leaves the batch case to
+    /// [`Transport::publish_batch`].
+    async fn publish_producer_batch(
+        &self,
+        topic: &Topic,
+        envelopes: Vec<oona_core::Envelope>,
+    ) -> oona_core::Result<()> {
+        let _ = (topic, envelopes);
+        Err(unsupported("publish_producer_batch"))
+    }
+
     /// Cut every connection of clients made by [`Fixture::connect`] (a
     /// [`proxy::TcpProxy`] cut, or a broker stop). Until
     /// [`Fixture::restore_connections`], new connections must fail too.
