@@ -316,7 +316,8 @@ impl<T> State<T> {
         for (i, it) in self.buffer.iter().enumerate() {
             let key = it.envelope.key.as_deref().filter(|_| key_ordered);
             // Its own redelivery marker does not hold it back.
-            let own = usize::from(key.is_some() && self.returning.contains_key(&it.envelope.event_id));
+            let own =
+                usize::from(key.is_some() && self.returning.contains_key(&it.envelope.event_id));
             let blocked = key.is_some_and(|k| {
                 self.busy_keys.get(k).is_some_and(|n| *n > own) || skipped.contains(&k)
             });

@@ -1,35 +1,34 @@
-//! Subscriptions: a consumer-group member per [`Subscription`], manual
-//! offset commits of settled messages, and a retry topic per group for
-//! nacks and expired ack deadlines.
+//! Subscriptions as the core's delivery engine sees them: a consumer-group
+//! member per [`Subscription`], manual offset commits of settled messages,
+//! and a retry topic per group for nacks and expired leases.
 //!
-//! One task per subscription owns the `StreamConsumer`. It tracks every
-//! offset it has read per partition; a settlement marks its offset done,
-//! and the committed offset of a partition only moves past a contiguous run
-//! of settled offsets, so a later ack never commits past an earlier
-//! unsettled message. Commits go out every `commit_interval`, and
-//! synchronously when partitions are revoked and on close.
+//! One OS thread per subscription owns the `BaseConsumer`: it polls,
+//! serves rebalance callbacks (which may wait for settlements without
+//! blocking an async runtime), holds delayed retries by pausing their retry
+//! partition, and commits. It tracks every offset it has read per
+//! partition; a settlement marks its offset done, and the committed offset
+//! of a partition only moves past a contiguous run of settled offsets, so a
+//! later ack never commits past an earlier unsettled message. Commits go
+//! out every `commit_interval`, on `Transport::flush` (synchronously), when
+//! partitions are revoked and on close. The engine owns leases, attempts,
+//! prefetch and key order.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{FutureExt as _, StreamExt as _};
+use oona_core::engine::{self, Fetched, Poison};
 use oona_core::{
-    rules, ContentType, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Name,
-    Result, Settle, Settlement, StartPosition, Subscription, Topic,
+    ContentType, DeliveryStream, Envelope, Error, ErrorKind, Name, Result, StartPosition,
+    Subscription, Topic,
 };
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _, OwnedHeaders};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::{mpsc, Notify};
-use tokio::time::Instant;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::headers::{self, name as hname};
 use crate::options::GroupProtocol;
@@ -62,15 +61,12 @@ fn unix_ms_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Unix milliseconds of a tokio instant.
-fn unix_ms_at(at: Instant) -> u64 {
-    let now = Instant::now();
-    if at > now {
-        unix_ms_now() + (at - now).as_millis() as u64
-    } else {
-        unix_ms_now()
-    }
-}
+/// Longest a fetch waits for the poll thread.
+const FETCH_WAIT: Duration = Duration::from_millis(500);
+/// Longest one poll of the thread blocks (commands wait at most this).
+const POLL_WAIT: Duration = Duration::from_millis(50);
+
+type TopicPartition = (Arc<str>, i32);
 
 #[derive(Default)]
 struct Part {
@@ -80,9 +76,6 @@ struct Part {
     /// Next offset to commit (one past the last contiguous settled one).
     commit: Option<i64>,
     dirty: bool,
-    /// Last offset read, to log gaps (legitimate in Kafka after compaction
-    /// or transactions; anything else points at the broker).
-    last_read: Option<i64>,
 }
 
 impl Part {
@@ -98,19 +91,19 @@ impl Part {
     }
 }
 
+/// A record read and not yet settled (with the engine, or waiting here
+/// for its retry time).
 struct InFlight {
-    kafka_topic: Arc<str>,
-    partition: i32,
+    tp: TopicPartition,
     offset: i64,
     epoch: u64,
-    deadline: Instant,
     raw: Raw,
     attempt: u32,
     position: String,
-    /// A republish (retry or dead letter) is under way.
-    busy: bool,
-    /// The stream has yielded it to the consumer (until then it can be
-    /// withdrawn when its partition moves).
+    /// Given to the engine (it counts against the prefetch).
+    sent: bool,
+    /// The engine has handed it out (until then it is withdrawn when its
+    /// partition moves).
     taken: bool,
 }
 
@@ -125,72 +118,44 @@ struct Raw {
 
 #[derive(Default)]
 struct State {
-    parts: HashMap<(Arc<str>, i32), Part>,
+    parts: HashMap<TopicPartition, Part>,
     inflight: HashMap<u64, InFlight>,
-    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     next_id: u64,
     next_epoch: u64,
-    /// The loop has ended: settlements can no longer be committed.
-    ended: bool,
     /// Partitions this member holds now. Records of other partitions
     /// (fetched before a revoke, handed over after it) are dropped: their
     /// new owner delivers them, and committing them here could move the
     /// new owner's offset.
-    assigned: HashSet<(Arc<str>, i32)>,
-    /// Key-ordered subscriptions: keys whose redelivery is on its way
-    /// through the retry topic, held until it is read back here (or, if
-    /// another member reads it, until this instant).
-    retrying: HashMap<Bytes, Instant>,
+    assigned: HashSet<TopicPartition>,
+    /// Retry records not due yet, one per retry partition, which stays
+    /// paused until then (Unix ms).
+    waiting: HashMap<TopicPartition, (u64, Fetched<u64>)>,
+    /// The poll thread has ended: settlements can no longer be committed.
+    ended: bool,
 }
 
 impl State {
-    fn track(&mut self, topic: &Arc<str>, partition: i32, offset: i64) -> u64 {
+    fn track(&mut self, tp: &TopicPartition, offset: i64) -> u64 {
         let next_epoch = &mut self.next_epoch;
-        let part = self
-            .parts
-            .entry((Arc::clone(topic), partition))
-            .or_insert_with(|| {
-                *next_epoch += 1;
-                tracing::debug!(
-                    topic = &**topic,
-                    partition,
-                    offset,
-                    "kafka: first record of a partition (re)assigned here"
-                );
-                Part {
-                    epoch: *next_epoch,
-                    ..Part::default()
-                }
-            });
-        if let Some(last) = part.last_read {
-            if offset > last + 1 {
-                tracing::debug!(
-                    topic = &**topic,
-                    partition,
-                    first = last + 1,
-                    last = offset - 1,
-                    "kafka: offsets skipped by the fetch"
-                );
+        let part = self.parts.entry(tp.clone()).or_insert_with(|| {
+            *next_epoch += 1;
+            Part {
+                epoch: *next_epoch,
+                ..Part::default()
             }
-        }
-        part.last_read = Some(offset);
+        });
         part.pending.insert(offset, false);
         part.epoch
     }
 
-    fn current(&self, topic: &Arc<str>, partition: i32, epoch: u64) -> bool {
-        self.parts
-            .get(&(Arc::clone(topic), partition))
-            .is_some_and(|p| p.epoch == epoch)
+    fn current(&self, tp: &TopicPartition, epoch: u64) -> bool {
+        self.parts.get(tp).is_some_and(|p| p.epoch == epoch)
     }
 
-    /// Remove a delivery and mark its offset settled.
+    /// Remove a record and mark its offset settled.
     fn finish(&mut self, id: u64) {
         if let Some(f) = self.inflight.remove(&id) {
-            if let Some(p) = self
-                .parts
-                .get_mut(&(Arc::clone(&f.kafka_topic), f.partition))
-            {
+            if let Some(p) = self.parts.get_mut(&f.tp) {
                 if p.epoch == f.epoch {
                     p.settle(f.offset);
                 }
@@ -220,49 +185,52 @@ impl State {
     }
 }
 
-struct Shared {
+pub(crate) struct Shared {
     state: Mutex<State>,
-    /// Wakes the loop when a settlement frees a slot it waits for.
-    wake: Notify,
-    /// The loop waits for a slot: settlements must wake it.
-    waiting: AtomicBool,
-    /// Signalled on every settlement, for a revoke waiting on them.
+    /// Signalled on every settlement: the poll thread waits on it for room,
+    /// a revoke for the deliveries of its partitions.
     settled: std::sync::Condvar,
+    cmds: Mutex<std::sync::mpsc::Sender<Cmd>>,
 }
 
 impl Shared {
-    /// Whether another delivery may be handed out. When not, the loop
-    /// asks settlements to wake it, then looks once more (a settlement may
-    /// have freed a slot in between).
-    fn has_room(&self, prefetch: usize) -> bool {
-        if self.lock().inflight.len() < prefetch {
-            return true;
-        }
-        self.waiting.store(true, Ordering::Release);
-        self.lock().inflight.len() < prefetch
-    }
-
-    /// Wake the loop if it waits for a slot, and a revoke waiting for
-    /// settlements.
-    fn freed(&self) {
-        self.settled.notify_all();
-        if self.waiting.swap(false, Ordering::AcqRel) {
-            self.wake.notify_one();
-        }
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is plain data; a panic elsewhere must not wedge it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn send(&self, cmd: Cmd) -> bool {
+        self.cmds
+            .lock()
+            .map(|tx| tx.send(cmd).is_ok())
+            .unwrap_or(false)
+    }
+
+    fn finish(&self, id: u64) {
+        self.lock().finish(id);
+        self.settled.notify_all();
+    }
+
+    /// Commit what is settled, synchronously (Transport::flush).
+    pub(crate) async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Cmd::Flush(tx)) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
+    }
+}
+
+enum Cmd {
+    Flush(oneshot::Sender<()>),
+    Stop,
 }
 
 struct Ctx {
     shared: Arc<Shared>,
-    /// Longest a revoke waits for unsettled deliveries of its partitions.
+    /// Longest a revoke waits for deliveries of its partitions.
     revoke_wait: Duration,
     /// Told when the member gets its first assignment.
-    assigned: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    assigned: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 impl ClientContext for Ctx {}
@@ -297,42 +265,23 @@ impl ConsumerContext for Ctx {
             return;
         };
         tracing::debug!(partitions = ?listed(revoked), "kafka: partitions revoked");
-        // Commit what is settled before the partitions go to another
-        // member, then forget them: later settlements of their deliveries
-        // can no longer be committed by us (the new owner redelivers them).
+        let of_revoked = |tp: &TopicPartition| revoked.find_partition(&tp.0, tp.1).is_some();
+        // Runs on the subscription's poll thread, so it may wait: the
+        // deliveries of these partitions out with the consumer get up to
+        // `revoke_wait` to be settled, as Kafka consumers do in their
+        // revoke callback, so the new owner starts after them (no
+        // duplicates, per-key order kept). What was never handed out is
+        // withdrawn at once (the engine skips it).
         let tpl = {
             let mut st = self.shared.lock();
-            // Let the deliveries of these partitions be settled first (up to
-            // `revoke_wait`), as Kafka consumers do in their revoke
-            // callback: the new owner then starts after them, so a
-            // rebalance neither duplicates them nor breaks per-key order.
-            // Settlements come from other tasks; this waits on a condvar.
-            // Deliveries still waiting in the stream's channel are withdrawn
-            // (the stream skips them).
-            let untaken: Vec<u64> = st
-                .inflight
-                .iter()
-                .filter(|(_, f)| {
-                    !f.taken
-                        && !f.busy
-                        && revoked
-                            .find_partition(&f.kafka_topic, f.partition)
-                            .is_some()
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            for id in untaken {
-                st.inflight.remove(&id);
-            }
+            st.waiting.retain(|tp, _| !of_revoked(tp));
+            st.inflight.retain(|_, f| f.taken || !of_revoked(&f.tp));
             let until = std::time::Instant::now() + self.revoke_wait;
             loop {
-                let pending = !st.ended
-                    && st.inflight.values().any(|f| {
-                        revoked
-                            .find_partition(&f.kafka_topic, f.partition)
-                            .is_some()
-                            && st.current(&f.kafka_topic, f.partition, f.epoch)
-                    });
+                let pending = st
+                    .inflight
+                    .values()
+                    .any(|f| of_revoked(&f.tp) && st.current(&f.tp, f.epoch));
                 let now = std::time::Instant::now();
                 if !pending || now >= until {
                     break;
@@ -356,164 +305,6 @@ impl ConsumerContext for Ctx {
             }
         }
     }
-}
-
-/// What a republish task does.
-enum Republish {
-    /// To the retry topic as attempt `attempt + 1`, not before the instant
-    /// (Unix ms); dead-lettered instead if that exceeds `max_attempts`.
-    Retry { not_before: u64 },
-    /// To the dead-letter topic.
-    DeadLetter(Box<Envelope>),
-}
-
-#[derive(Clone)]
-struct Ctl {
-    inner: Arc<Inner>,
-    shared: Arc<Shared>,
-    sub: Arc<Subscription>,
-    main_topic: Arc<str>,
-    retry: Arc<str>,
-}
-
-impl Ctl {
-    async fn republish(
-        &self,
-        raw: &Raw,
-        attempt: u32,
-        position: &str,
-        what: Republish,
-    ) -> Result<()> {
-        match what {
-            Republish::DeadLetter(dl) => self.inner.publish_dead_letter(&dl).await,
-            Republish::Retry { not_before } => {
-                let next = attempt + 1;
-                let info = DeliveryInfo::new(&self.sub, next, Some(position.to_string()));
-                let (envelope, _) = headers::decode(
-                    raw.headers.as_ref(),
-                    raw.key.as_deref(),
-                    raw.payload.clone(),
-                    &self.sub.topic,
-                )?;
-                if let Some((dl, reason)) = rules::exceeded_attempts(&envelope, &info) {
-                    tracing::debug!(%reason, "kafka: dead-lettering");
-                    return self.inner.publish_dead_letter(&dl).await;
-                }
-                let hs = headers::for_retry(raw.headers.as_ref(), next, not_before);
-                self.inner
-                    .send(&self.retry, raw.key.as_deref(), &raw.payload, hs)
-                    .await?;
-                if let (true, Some(k)) = (self.sub.key_ordered, &raw.key) {
-                    // Hold the key until the retry is read back (set while
-                    // the original still holds it: no gap).
-                    let wait = Duration::from_millis(not_before.saturating_sub(unix_ms_now()));
-                    let until = Instant::now() + wait + self.sub.ack_deadline;
-                    self.shared.lock().retrying.insert(k.clone(), until);
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Republish delivery `id` in the background, then settle its offset.
-    /// On failure it is handed back to the deadline timer, retried in 1 s.
-    fn spawn_republish(&self, id: u64, what: Republish) {
-        let ctl = self.clone();
-        tokio::spawn(async move {
-            let (raw, attempt, position) = {
-                let st = ctl.shared.lock();
-                match st.inflight.get(&id) {
-                    Some(f) => (f.raw.clone(), f.attempt, f.position.clone()),
-                    None => return,
-                }
-            };
-            let res = ctl.republish(&raw, attempt, &position, what).await;
-            let mut st = ctl.shared.lock();
-            match res {
-                Ok(()) => st.finish(id),
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka: republish failed; retrying");
-                    let at = Instant::now() + Duration::from_secs(1);
-                    if let Some(f) = st.inflight.get_mut(&id) {
-                        f.busy = false;
-                        f.deadline = at;
-                    }
-                    st.deadlines.push(Reverse((at, id)));
-                }
-            }
-            drop(st);
-            ctl.shared.settled.notify_all();
-            ctl.shared.wake.notify_one();
-        });
-    }
-}
-
-struct KafkaSettle {
-    ctl: Ctl,
-    id: u64,
-}
-
-#[async_trait]
-impl Settle for KafkaSettle {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<()> {
-        let ctl = &self.ctl;
-        let (raw, attempt, position) = {
-            let mut st = ctl.shared.lock();
-            if st.ended {
-                return Err(closed_error());
-            }
-            let Some(f) = st.inflight.get_mut(&self.id) else {
-                // Its ack deadline passed (it was redelivered) or its
-                // partition moved to another member, which redelivers it.
-                tracing::debug!("kafka: settlement of an expired or revoked delivery ignored");
-                return Ok(());
-            };
-            if f.busy {
-                return Ok(());
-            }
-            if matches!(settlement, Settlement::Ack) {
-                st.finish(self.id);
-                drop(st);
-                ctl.shared.freed();
-                return Ok(());
-            }
-            f.busy = true;
-            (f.raw.clone(), f.attempt, f.position.clone())
-        };
-        let what = match settlement {
-            Settlement::Redeliver { delay } => Republish::Retry {
-                not_before: unix_ms_now() + delay.as_millis() as u64,
-            },
-            Settlement::DeadLetter { dead_letter, .. } => Republish::DeadLetter(dead_letter),
-            // Handled above.
-            Settlement::Ack => Republish::Retry { not_before: 0 },
-        };
-        let res = ctl.republish(&raw, attempt, &position, what).await;
-        let mut st = ctl.shared.lock();
-        match res {
-            Ok(()) => st.finish(self.id),
-            Err(_) => {
-                if let Some(f) = st.inflight.get_mut(&self.id) {
-                    f.busy = false;
-                }
-            }
-        }
-        drop(st);
-        ctl.shared.freed();
-        res
-    }
-}
-
-/// A decoded record waiting to be handed out.
-struct Ready {
-    kafka_topic: Arc<str>,
-    partition: i32,
-    offset: i64,
-    epoch: u64,
-    envelope: Envelope,
-    raw: Raw,
-    attempt: u32,
-    position: String,
 }
 
 /// Resolve the start position of a group that has no committed offsets
@@ -619,7 +410,8 @@ fn while_coordinator_moves<T>(
     }
 }
 
-/// Start a subscription: its stream and the task behind it.
+/// Start a subscription: its stream, and the task that ends when the
+/// subscription has left its group.
 pub(crate) async fn start(
     inner: Arc<Inner>,
     sub: Subscription,
@@ -635,12 +427,69 @@ pub(crate) async fn start(
             .await
             .map_err(|e| Error::new(ErrorKind::Internal, format!("start task: {e}")))??;
     }
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
-        wake: Notify::new(),
-        waiting: AtomicBool::new(false),
         settled: std::sync::Condvar::new(),
+        cmds: Mutex::new(cmd_tx),
     });
+    let (assigned_tx, assigned_rx) = oneshot::channel();
+    let consumer = create_consumer(&inner, &sub, &retry, &shared, assigned_tx)?;
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let ctl = Ctl {
+        inner: Arc::clone(&inner),
+        shared: Arc::clone(&shared),
+        main_topic: Arc::from(sub.topic.as_str()),
+        retry: Arc::from(retry.as_str()),
+        sub: Arc::new(sub.clone()),
+    };
+    let (done_tx, done_rx) = oneshot::channel();
+    let shutdown = inner.shutdown.subscribe();
+    let poller = ctl.clone();
+    std::thread::Builder::new()
+        .name("oona-kafka-sub".into())
+        .spawn(move || {
+            poll_loop(&poller, &consumer, &out_tx, &cmd_rx, &shutdown);
+            finish(&poller, consumer);
+            let _ = done_tx.send(());
+        })
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("poll thread: {e}")))?;
+    // Return once this member holds its share of the group, so that what
+    // is published next is not first handed to a member about to lose
+    // the partition (which would deliver it twice).
+    let join_timeout = inner.opts.timeout;
+    match tokio::time::timeout(join_timeout, assigned_rx).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err(closed_error()),
+        Err(_) => {
+            shared.send(Cmd::Stop);
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!("kafka: joining consumer group took over {join_timeout:?}"),
+            )
+            .with_transport(NAME));
+        }
+    }
+    inner.track_subscription(Arc::downgrade(&shared));
+    let source = KafkaSource {
+        ctl,
+        rx: tokio::sync::Mutex::new(out_rx),
+        done: Mutex::new(Some(done_rx)),
+    };
+    let mut closed = inner.shutdown.subscribe();
+    let (stream, task) = engine::start(source, sub, async move {
+        let _ = closed.wait_for(|s| *s).await;
+    });
+    Ok((stream, task))
+}
+
+fn create_consumer(
+    inner: &Inner,
+    sub: &Subscription,
+    retry: &str,
+    shared: &Arc<Shared>,
+    assigned: oneshot::Sender<()>,
+) -> Result<BaseConsumer<Ctx>> {
     let o = &inner.opts;
     let mut cfg = o.client_config();
     let max_poll = (sub.ack_deadline * 2).max(Duration::from_secs(300));
@@ -662,307 +511,170 @@ pub(crate) async fn start(
         )
         .set("heartbeat.interval.ms", o.heartbeat.as_millis().to_string());
     }
-    let (assigned_tx, assigned_rx) = tokio::sync::oneshot::channel();
-    let consumer: StreamConsumer<Ctx> = cfg
+    let consumer: BaseConsumer<Ctx> = cfg
         .create_with_context(Ctx {
-            shared: Arc::clone(&shared),
+            shared: Arc::clone(shared),
             revoke_wait: sub.ack_deadline.min(Duration::from_secs(10)),
-            assigned: Mutex::new(Some(assigned_tx)),
+            assigned: Mutex::new(Some(assigned)),
         })
         .map_err(|e| kafka_error("create consumer", e))?;
     consumer
-        .subscribe(&[sub.topic.as_str(), &retry])
+        .subscribe(&[sub.topic.as_str(), retry])
         .map_err(|e| kafka_error("subscribe", e))?;
-    // Unbounded, yet holding at most `prefetch` live deliveries (the
-    // in-flight limit) plus withdrawn ones the stream has yet to skip.
-    let (tx, rx) = mpsc::unbounded_channel();
-    let stream_shared = Arc::clone(&shared);
-    let ctl = Ctl {
-        inner: Arc::clone(&inner),
-        shared,
-        main_topic: Arc::from(sub.topic.as_str()),
-        sub: Arc::new(sub),
-        retry: Arc::from(retry.as_str()),
-    };
-    let shutdown = inner.shutdown.subscribe();
-    let join_timeout = ctl.inner.opts.timeout;
-    let task = tokio::spawn(run(ctl, consumer, tx, shutdown));
-    // Return once this member holds its share of the group, so that what
-    // is published next is not first handed to a member about to lose
-    // the partition (which would deliver it twice).
-    match tokio::time::timeout(join_timeout, assigned_rx).await {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) => return Err(closed_error()),
-        Err(_) => {
-            return Err(Error::new(
-                ErrorKind::Timeout,
-                format!("kafka: joining consumer group took over {join_timeout:?}"),
-            )
-            .with_transport(NAME))
-        }
-    }
-    // The stream skips deliveries withdrawn while they waited in the
-    // channel (their partition moved: the new owner delivers them).
-    let stream = futures::stream::unfold((rx, stream_shared), |(mut rx, shared)| async move {
-        loop {
-            let (id, d) = rx.recv().await?;
-            let keep = {
-                let mut st = shared.lock();
-                let current = st
-                    .inflight
-                    .get(&id)
-                    .is_some_and(|f| st.current(&f.kafka_topic, f.partition, f.epoch));
-                match st.inflight.get_mut(&id) {
-                    Some(f) if current => f.taken = true,
-                    _ => {
-                        st.inflight.remove(&id);
-                    }
-                }
-                current
-            };
-            if keep {
-                return Some((Ok(d), (rx, shared)));
-            }
-            shared.freed();
-        }
-    })
-    .boxed();
-    Ok((stream, task))
+    Ok(consumer)
 }
 
-async fn run(
-    ctl: Ctl,
-    consumer: StreamConsumer<Ctx>,
-    out: mpsc::UnboundedSender<(u64, Delivery)>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+#[derive(Clone)]
+struct Ctl {
+    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+    sub: Arc<Subscription>,
+    main_topic: Arc<str>,
+    retry: Arc<str>,
+}
+
+/// The poll thread: read (ahead of the engine, so rebalances are served
+/// while the consumer is busy), give the engine up to the prefetch, hold
+/// delayed retries, commit.
+fn poll_loop(
+    ctl: &Ctl,
+    consumer: &BaseConsumer<Ctx>,
+    out: &mpsc::UnboundedSender<Fetched<u64>>,
+    cmds: &std::sync::mpsc::Receiver<Cmd>,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
 ) {
-    let main_topic: Arc<str> = Arc::clone(&ctl.main_topic);
     let prefetch = ctl.sub.prefetch.max(1);
-    // Buffered records (read, not yet handed out) past which the loop stops
-    // reading: librdkafka then stops fetching once its own queue is full
-    // (`queued.max.messages.kbytes`). Pausing partitions instead would
-    // make librdkafka drop and refetch what it holds on every resume.
+    // Read ahead at most this many: librdkafka then stops fetching once
+    // its own queue is full (`queued.max.messages.kbytes`). Pausing
+    // partitions instead would make librdkafka drop and refetch what it
+    // holds on every resume.
     let read_limit = (prefetch * 4).max(1024);
-    let mut ready: VecDeque<Ready> = VecDeque::new();
-    let mut delayed: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
-    let mut delayed_items: HashMap<u64, Ready> = HashMap::new();
-    let mut delayed_seq = 0u64;
-    let mut draining = false;
-    let mut commit_tick = tokio::time::interval(ctl.inner.opts.commit_interval);
-    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    if *shutdown.borrow() {
-        return finish(ctl, consumer, out).await;
-    }
-    let mut messages = consumer.stream();
+    let every = ctl.inner.opts.commit_interval;
+    let mut next_commit = std::time::Instant::now() + every;
+    let mut ready: VecDeque<Fetched<u64>> = VecDeque::new();
     loop {
-        // Hand out what is ready while there is room.
-        if !draining {
-            let now_ms = unix_ms_now();
-            while let Some(Reverse((at, seq))) = delayed.peek().copied() {
-                if at > now_ms {
-                    break;
+        loop {
+            match cmds.try_recv() {
+                Ok(Cmd::Flush(tx)) => {
+                    commit(ctl, consumer, CommitMode::Sync);
+                    let _ = tx.send(());
                 }
-                delayed.pop();
-                if let Some(r) = delayed_items.remove(&seq) {
-                    ready.push_back(r);
-                }
-            }
-            if ctl.sub.key_ordered {
-                hand_out_key_ordered(&ctl, &out, prefetch, &mut ready, &delayed_items);
-            } else {
-                while !ready.is_empty() {
-                    if !ctl.shared.has_room(prefetch) {
-                        break;
-                    }
-                    let Some(r) = ready.pop_front() else { break };
-                    send(&out, hand_out(&ctl, r));
-                }
+                Ok(Cmd::Stop) | Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
             }
         }
-        // Flow control: stop reading while much is buffered. Rebalance
-        // events wait meanwhile; they are served as soon as deliveries are
-        // settled or expire.
-        let reading = !draining && ready.len() + delayed_items.len() < read_limit;
-        let next_timer = {
-            let mut st = ctl.shared.lock();
-            // Deadlines of settled deliveries are dropped lazily; rebuild
-            // the heap when they dominate so memory stays flat.
-            if st.deadlines.len() > 4 * st.inflight.len() + 4096 {
-                let State {
-                    deadlines,
-                    inflight,
-                    ..
-                } = &mut *st;
-                deadlines.retain(|Reverse((_, id))| inflight.contains_key(id));
-            }
-            let d = st.deadlines.peek().map(|Reverse((at, _))| *at);
-            let w = delayed.peek().map(|Reverse((ms, _))| {
-                Instant::now() + Duration::from_millis(ms.saturating_sub(unix_ms_now()))
-            });
-            match (d, w) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
+        if *shutdown.borrow() || out.is_closed() {
+            return;
+        }
+        release_due(ctl, consumer, &mut ready);
+        hand_to_engine(ctl, &mut ready, out, prefetch);
+        if std::time::Instant::now() >= next_commit {
+            commit(ctl, consumer, CommitMode::Async);
+            next_commit = std::time::Instant::now() + every;
+        }
+        if ready.len() >= read_limit {
+            // Rebalance events wait meanwhile; they are served as soon as
+            // deliveries are settled (or their leases run out).
+            let st = ctl.shared.lock();
+            let _ = ctl
+                .shared
+                .settled
+                .wait_timeout(st, Duration::from_millis(5));
+            continue;
+        }
+        // Records waiting for the engine: come back soon to hand them on.
+        let mut wait = if ready.is_empty() {
+            POLL_WAIT
+        } else {
+            Duration::from_millis(1)
         };
-        let sleep_until = next_timer.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        if draining {
-            ctl.shared.waiting.store(true, Ordering::Release);
-        }
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => break,
-            _ = out.closed(), if !draining => {
-                draining = true;
-                drain(&ctl);
+        // Take what librdkafka already holds without waiting, so one pass
+        // handles a batch.
+        for _ in 0..256 {
+            match consumer.poll(wait) {
+                Some(Ok(m)) => on_message(ctl, consumer, &m, &mut ready),
+                Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
+                None => break,
             }
-            m = messages.next(), if reading => {
-                let mut m = m;
-                // Take what librdkafka already holds without waiting, so one
-                // wake-up handles a batch.
-                let mut taken = 0;
-                loop {
-                    match m {
-                        Some(Ok(m)) => on_message(&ctl, &main_topic, &m, &mut ready, &mut delayed, &mut delayed_items, &mut delayed_seq),
-                        Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
-                        None => break,
-                    }
-                    taken += 1;
-                    if taken >= 256 {
-                        break;
-                    }
-                    m = match messages.next().now_or_never() {
-                        Some(next) => next,
-                        None => break,
-                    };
-                }
-            }
-            _ = ctl.shared.wake.notified() => {}
-            _ = tokio::time::sleep_until(sleep_until) => expire(&ctl),
-            _ = commit_tick.tick() => commit(&ctl, &consumer, CommitMode::Async),
-        }
-        if draining {
-            if ctl.shared.lock().inflight.is_empty() {
+            wait = Duration::ZERO;
+            if ready.len() >= read_limit {
                 break;
             }
-            // Keep the group membership alive while republishes finish.
-            commit(&ctl, &consumer, CommitMode::Async);
-        }
-    }
-    drop(messages);
-    finish(ctl, consumer, out).await;
-}
-
-fn send(out: &mpsc::UnboundedSender<(u64, Delivery)>, d: Option<(u64, Delivery)>) {
-    if let Some(d) = d {
-        if out.send(d).is_err() {
-            // The stream is gone; the loop notices and drains.
-            tracing::debug!("kafka: delivery stream dropped");
         }
     }
 }
 
-/// Hand out with per-key order (`Subscription::key_ordered`): a record is
-/// held while a delivery of its key is unsettled here, while a redelivery
-/// of its key is on its way through the retry topic, and (for records of
-/// the topic) while a retry record of its key waits here. A key lives on
-/// one partition, which one member holds, so this orders the key in the
-/// group.
-fn hand_out_key_ordered(
+/// Give the engine what it has room for (records withdrawn by a revoke
+/// meanwhile are skipped: their new owner has them).
+fn hand_to_engine(
     ctl: &Ctl,
-    out: &mpsc::UnboundedSender<(u64, Delivery)>,
+    ready: &mut VecDeque<Fetched<u64>>,
+    out: &mpsc::UnboundedSender<Fetched<u64>>,
     prefetch: usize,
-    ready: &mut VecDeque<Ready>,
-    delayed_items: &HashMap<u64, Ready>,
 ) {
     if ready.is_empty() {
         return;
     }
-    let (mut blocked, retrying) = {
-        let mut st = ctl.shared.lock();
-        // Records of partitions revoked since they were read go at once
-        // (their new owner delivers them); left in place, each would cost
-        // its key one pass of the loop, seconds after a rebalance.
-        ready.retain(|r| st.current(&r.kafka_topic, r.partition, r.epoch));
-        let now = Instant::now();
-        st.retrying.retain(|_, until| *until > now);
-        let blocked: HashSet<Bytes> = st
-            .inflight
-            .values()
-            .filter_map(|f| f.raw.key.clone())
-            .collect();
-        let retrying: HashSet<Bytes> = st.retrying.keys().cloned().collect();
-        (blocked, retrying)
-    };
-    // Keys with a retry record here: the retry goes first.
-    let mut retry_first: HashSet<Bytes> = delayed_items
-        .values()
-        .chain(ready.iter())
-        .filter(|r| !Arc::ptr_eq(&r.kafka_topic, &ctl.main_topic))
-        .filter_map(|r| r.raw.key.clone())
-        .collect();
-    retry_first.extend(retrying);
-    let mut i = 0;
-    let mut held = false;
-    while i < ready.len() {
-        if !ctl.shared.has_room(prefetch) {
-            break;
+    let mut st = ctl.shared.lock();
+    let mut outstanding = st.inflight.values().filter(|f| f.sent).count();
+    while outstanding < prefetch {
+        let Some(f) = ready.pop_front() else { break };
+        if let Some(x) = st.inflight.get_mut(&f.token) {
+            x.sent = true;
+            outstanding += 1;
+            let _ = out.send(f);
         }
-        let r = &ready[i];
-        if let Some(k) = &r.raw.key {
-            let from_topic = Arc::ptr_eq(&r.kafka_topic, &ctl.main_topic);
-            if blocked.contains(k) || (from_topic && retry_first.contains(k)) {
-                held = true;
-                i += 1;
-                continue;
-            }
-        }
-        let Some(r) = ready.remove(i) else { break };
-        if let Some(k) = &r.raw.key {
-            blocked.insert(k.clone());
-            if !Arc::ptr_eq(&r.kafka_topic, &ctl.main_topic) {
-                // Its retry was read: the marker has done its work.
-                ctl.shared.lock().retrying.remove(k);
-            }
-        }
-        send(out, hand_out(ctl, r));
     }
-    if held {
-        // A record waits for its key's delivery to be settled: that
-        // settlement must wake the loop, not the next timer tick.
-        ctl.shared.waiting.store(true, Ordering::Release);
+}
+
+fn tpl_of(tp: &TopicPartition) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&tp.0, tp.1);
+    tpl
+}
+
+/// Retry records whose time has come go to the engine, and their
+/// partition reads on.
+fn release_due(ctl: &Ctl, consumer: &BaseConsumer<Ctx>, ready: &mut VecDeque<Fetched<u64>>) {
+    let now = unix_ms_now();
+    let due: Vec<(TopicPartition, Fetched<u64>)> = {
+        let mut st = ctl.shared.lock();
+        let keys: Vec<TopicPartition> = st
+            .waiting
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        keys.into_iter()
+            .filter_map(|tp| st.waiting.remove(&tp).map(|(_, f)| (tp, f)))
+            .collect()
+    };
+    for (tp, f) in due {
+        if let Err(e) = consumer.resume(&tpl_of(&tp)) {
+            tracing::warn!(error = %e, "kafka: resuming a retry partition failed");
+        }
+        ready.push_back(f);
     }
 }
 
 fn on_message(
     ctl: &Ctl,
-    main_topic: &Arc<str>,
+    consumer: &BaseConsumer<Ctx>,
     m: &BorrowedMessage<'_>,
-    ready: &mut VecDeque<Ready>,
-    delayed: &mut BinaryHeap<Reverse<(u64, u64)>>,
-    delayed_items: &mut HashMap<u64, Ready>,
-    delayed_seq: &mut u64,
+    ready: &mut VecDeque<Fetched<u64>>,
 ) {
-    let kafka_topic: Arc<str> = if m.topic() == &**main_topic {
-        Arc::clone(main_topic)
+    let main = m.topic() == &*ctl.main_topic;
+    let kafka_topic = if main {
+        Arc::clone(&ctl.main_topic)
     } else {
         Arc::clone(&ctl.retry)
     };
     let (partition, offset) = (m.partition(), m.offset());
-    let position = if Arc::ptr_eq(&kafka_topic, main_topic) {
+    let tp: TopicPartition = (kafka_topic, partition);
+    let position = if main {
         format!("{partition}/{offset}")
     } else {
-        format!("{kafka_topic}/{partition}/{offset}")
-    };
-    let epoch = {
-        let mut st = ctl.shared.lock();
-        if !st.assigned.contains(&(Arc::clone(&kafka_topic), partition)) {
-            tracing::debug!(
-                position,
-                "kafka: record of a partition no longer held dropped"
-            );
-            return;
-        }
-        st.track(&kafka_topic, partition, offset)
+        format!("{}/{partition}/{offset}", ctl.retry)
     };
     let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
     let raw = Raw {
@@ -970,219 +682,69 @@ fn on_message(
         headers: m.headers().map(|h| h.detach()),
         key: m.key().map(Bytes::copy_from_slice),
     };
-    match headers::decode(m.headers(), m.key(), payload.clone(), &ctl.sub.topic) {
-        Ok((envelope, internal)) => {
-            let r = Ready {
-                kafka_topic,
-                partition,
-                offset,
-                epoch,
-                envelope,
-                raw,
-                attempt: internal.attempt.unwrap_or(1).max(1),
-                position,
-            };
-            match internal.not_before {
-                Some(at) if at > unix_ms_now() => {
-                    *delayed_seq += 1;
-                    delayed.push(Reverse((at, *delayed_seq)));
-                    delayed_items.insert(*delayed_seq, r);
-                }
-                _ => ready.push_back(r),
-            }
-        }
-        Err(err) => {
-            // Not an envelope: dead-letter the raw value with the reason.
-            let ct = m
-                .headers()
-                .and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == hname::CONTENT_TYPE)
-                        .and_then(|h| h.value)
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .map(ContentType::new)
-                })
-                .unwrap_or_else(|| ContentType::new(ContentType::OCTET_STREAM));
-            let info = DeliveryInfo::new(&ctl.sub, 1, Some(position.clone()));
-            let (dl, reason) = rules::poison_dead_letter(&ctl.sub.topic, payload, ct, &err, &info);
-            tracing::warn!(%reason, position, "kafka: record is not an envelope; dead-lettering");
-            let id = register(
-                ctl,
-                kafka_topic,
-                partition,
-                offset,
-                epoch,
-                raw,
-                1,
-                position,
-                true,
-            );
-            ctl.spawn_republish(id, Republish::DeadLetter(Box::new(dl)));
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn register(
-    ctl: &Ctl,
-    kafka_topic: Arc<str>,
-    partition: i32,
-    offset: i64,
-    epoch: u64,
-    raw: Raw,
-    attempt: u32,
-    position: String,
-    busy: bool,
-) -> u64 {
-    let deadline = Instant::now() + ctl.sub.ack_deadline;
+    let (message, internal) =
+        match headers::decode(m.headers(), m.key(), payload.clone(), &ctl.sub.topic) {
+            Ok((env, internal)) => (Ok(env), internal),
+            Err(err) => (
+                Err(Poison::new(payload, content_type(m), err)),
+                Default::default(),
+            ),
+        };
+    let attempt = internal.attempt.unwrap_or(1).max(1);
     let mut st = ctl.shared.lock();
+    if !st.assigned.contains(&tp) {
+        tracing::debug!(
+            position,
+            "kafka: record of a partition no longer held dropped"
+        );
+        return;
+    }
+    let epoch = st.track(&tp, offset);
     st.next_id += 1;
     let id = st.next_id;
     st.inflight.insert(
         id,
         InFlight {
-            kafka_topic,
-            partition,
+            tp: tp.clone(),
             offset,
             epoch,
-            deadline,
             raw,
             attempt,
-            position,
-            busy,
+            position: position.clone(),
+            sent: false,
             taken: false,
         },
     );
-    if !busy {
-        st.deadlines.push(Reverse((deadline, id)));
-    }
-    id
-}
-
-/// Turn a ready record into a delivery, unless its partition was revoked
-/// meanwhile (the new owner delivers it) or it is past its last attempt.
-fn hand_out(ctl: &Ctl, r: Ready) -> Option<(u64, Delivery)> {
-    if !ctl
-        .shared
-        .lock()
-        .current(&r.kafka_topic, r.partition, r.epoch)
-    {
-        return None;
-    }
-    let info = DeliveryInfo::new(&ctl.sub, r.attempt, Some(r.position.clone()));
-    if let Some((dl, reason)) = rules::exceeded_attempts(&r.envelope, &info) {
-        tracing::debug!(%reason, "kafka: dead-lettering");
-        let id = register(
-            ctl,
-            r.kafka_topic,
-            r.partition,
-            r.offset,
-            r.epoch,
-            r.raw,
-            r.attempt,
-            r.position,
-            true,
-        );
-        ctl.spawn_republish(id, Republish::DeadLetter(Box::new(dl)));
-        return None;
-    }
-    let id = register(
-        ctl,
-        r.kafka_topic,
-        r.partition,
-        r.offset,
-        r.epoch,
-        r.raw,
-        r.attempt,
-        r.position,
-        false,
-    );
-    let d = Delivery::new(
-        r.envelope,
-        info,
-        Box::new(KafkaSettle {
-            ctl: ctl.clone(),
-            id,
-        }),
-    );
-    Some((id, d))
-}
-
-/// Deliveries past their ack deadline come back: republished to the retry
-/// topic as the next attempt (or dead-lettered after the last).
-fn expire(ctl: &Ctl) {
-    let now = Instant::now();
-    let mut due = Vec::new();
-    {
-        let mut st = ctl.shared.lock();
-        while let Some(Reverse((at, id))) = st.deadlines.peek().copied() {
-            if at > now {
-                break;
-            }
-            st.deadlines.pop();
-            let stale = match st.inflight.get(&id) {
-                Some(f) if f.busy || f.deadline != at => continue,
-                Some(f) => !st.current(&f.kafka_topic, f.partition, f.epoch),
-                None => continue,
-            };
-            if stale {
-                // Its partition moved on; the new owner redelivers it.
-                st.inflight.remove(&id);
-                continue;
-            }
-            if let Some(f) = st.inflight.get_mut(&id) {
-                f.busy = true;
-                due.push(id);
+    let fetched = Fetched::new(id, message, attempt, Some(position));
+    match internal.not_before {
+        Some(at) if at > unix_ms_now() => {
+            // Not due: its retry partition pauses until then, so nothing
+            // else of it is held in memory.
+            st.waiting.insert(tp.clone(), (at, fetched));
+            drop(st);
+            if let Err(e) = consumer.pause(&tpl_of(&tp)) {
+                tracing::warn!(error = %e, "kafka: pausing a retry partition failed");
             }
         }
-    }
-    for id in due {
-        tracing::debug!("kafka: ack deadline passed; redelivering");
-        ctl.spawn_republish(
-            id,
-            Republish::Retry {
-                not_before: unix_ms_now(),
-            },
-        );
+        _ => ready.push_back(fetched),
     }
 }
 
-/// The stream was dropped: nobody will settle what is in flight, so each
-/// delivery is republished as its next attempt, due at its ack deadline,
-/// and the member can leave the group now instead of after the deadline.
-fn drain(ctl: &Ctl) {
-    let mut todo = Vec::new();
-    {
-        let mut st = ctl.shared.lock();
-        let mut stale = Vec::new();
-        for (id, f) in st.inflight.iter() {
-            if f.busy {
-                continue;
-            }
-            // Never seen by the consumer (dropped with the channel) or of a
-            // partition no longer held: left unsettled, so the next owner
-            // reads them again as they were.
-            if !f.taken || !st.current(&f.kafka_topic, f.partition, f.epoch) {
-                stale.push(*id);
-            } else {
-                todo.push((*id, unix_ms_at(f.deadline)));
-            }
-        }
-        for id in stale {
-            st.inflight.remove(&id);
-        }
-        for (id, _) in &todo {
-            if let Some(f) = st.inflight.get_mut(id) {
-                f.busy = true;
-            }
-        }
-    }
-    for (id, not_before) in todo {
-        ctl.spawn_republish(id, Republish::Retry { not_before });
-    }
+/// The content type a record claims (for the dead letter of a record that
+/// is no envelope).
+fn content_type(m: &BorrowedMessage<'_>) -> ContentType {
+    m.headers()
+        .and_then(|h| {
+            h.iter()
+                .find(|h| h.key == hname::CONTENT_TYPE)
+                .and_then(|h| h.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(ContentType::new)
+        })
+        .unwrap_or_else(|| ContentType::new(ContentType::OCTET_STREAM))
 }
 
-fn commit(ctl: &Ctl, consumer: &StreamConsumer<Ctx>, mode: CommitMode) {
+fn commit(ctl: &Ctl, consumer: &BaseConsumer<Ctx>, mode: CommitMode) {
     let tpl = ctl.shared.lock().commits(None);
     if tpl.count() == 0 {
         return;
@@ -1199,39 +761,147 @@ fn commit(ctl: &Ctl, consumer: &StreamConsumer<Ctx>, mode: CommitMode) {
     }
 }
 
-async fn finish(
+/// Commit what is settled and leave the group.
+fn finish(ctl: &Ctl, consumer: BaseConsumer<Ctx>) {
+    commit(ctl, &consumer, CommitMode::Sync);
+    ctl.shared.lock().ended = true;
+    ctl.shared.settled.notify_all();
+    consumer.unsubscribe();
+    drop(consumer);
+}
+
+struct KafkaSource {
     ctl: Ctl,
-    consumer: StreamConsumer<Ctx>,
-    out: mpsc::UnboundedSender<(u64, Delivery)>,
-) {
-    // The stream ends now; settlements still in flight are refused from
-    // here on, and what was settled is committed before leaving the group.
-    drop(out);
-    // Republishes under way (nacks, expiries) settle their offsets when
-    // done; wait for them so their offsets are committed too.
-    let until = Instant::now() + ctl.inner.opts.timeout;
-    loop {
-        let busy = ctl.shared.lock().inflight.values().any(|f| f.busy);
-        if !busy || Instant::now() >= until {
-            break;
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Fetched<u64>>>,
+    /// Fired when the poll thread has left the group.
+    done: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl KafkaSource {
+    /// The record of `id`, to republish it.
+    fn raw(&self, id: u64) -> Result<(Raw, u32, String)> {
+        let st = self.ctl.shared.lock();
+        if st.ended {
+            return Err(closed_error());
         }
-        let _ = tokio::time::timeout(Duration::from_millis(20), ctl.shared.wake.notified()).await;
+        st.inflight
+            .get(&id)
+            .map(|f| (f.raw.clone(), f.attempt, f.position.clone()))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::AlreadySettled,
+                    "its partition moved to another member, which delivers it",
+                )
+                .with_transport(NAME)
+            })
     }
-    let tpl = {
-        let mut st = ctl.shared.lock();
-        st.ended = true;
-        st.commits(None)
-    };
-    tokio::task::spawn_blocking(move || {
-        if tpl.count() > 0 {
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                tracing::warn!(error = %e, "kafka: final offset commit failed");
+}
+
+#[async_trait]
+impl engine::Source for KafkaSource {
+    type Token = u64;
+
+    async fn fetch(&self, max: usize) -> Result<Vec<Fetched<u64>>> {
+        let mut rx = self.rx.lock().await;
+        let mut out = Vec::new();
+        match tokio::time::timeout(FETCH_WAIT, rx.recv()).await {
+            Ok(Some(f)) => out.push(f),
+            Ok(None) => return Err(closed_error()),
+            Err(_) => return Ok(out),
+        }
+        while out.len() < max {
+            match rx.try_recv() {
+                Ok(f) => out.push(f),
+                Err(_) => break,
             }
         }
-        consumer.unsubscribe();
-        drop(consumer);
-    })
-    .await
-    .unwrap_or_else(|e| tracing::warn!(error = %e, "kafka: consumer close task failed"));
-    let _ = NAME;
+        // Withdrawn meanwhile (its partition moved): the new owner has it.
+        let st = self.ctl.shared.lock();
+        out.retain(|f| st.inflight.contains_key(&f.token));
+        Ok(out)
+    }
+
+    async fn ack(&self, id: u64) -> Result<()> {
+        self.ctl.shared.finish(id);
+        Ok(())
+    }
+
+    /// To the retry topic as the next attempt, not before `delay` from now;
+    /// then its offset is settled.
+    async fn redeliver(&self, id: u64, delay: Duration) -> Result<Option<Fetched<u64>>> {
+        let (raw, attempt, _) = self.raw(id)?;
+        let not_before = unix_ms_now() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let hs = headers::for_retry(raw.headers.as_ref(), attempt + 1, not_before);
+        self.ctl
+            .inner
+            .send(&self.ctl.retry, raw.key.as_deref(), &raw.payload, hs)
+            .await?;
+        self.ctl.shared.finish(id);
+        Ok(None)
+    }
+
+    async fn dead_letter(&self, id: u64, dead_letter: Envelope) -> Result<()> {
+        self.raw(id)?;
+        self.ctl.inner.publish_dead_letter(&dead_letter).await?;
+        self.ctl.shared.finish(id);
+        Ok(())
+    }
+
+    async fn release(&self, ids: Vec<u64>) {
+        // Left unsettled: the commit stops before them, and the group's
+        // next owner of their partitions reads them again.
+        let mut st = self.ctl.shared.lock();
+        for id in ids {
+            st.inflight.remove(&id);
+        }
+    }
+
+    fn handing_out(&self, id: &u64) -> bool {
+        let mut st = self.ctl.shared.lock();
+        let current = st
+            .inflight
+            .get(id)
+            .is_some_and(|f| st.current(&f.tp, f.epoch));
+        match st.inflight.get_mut(id) {
+            Some(f) if current => {
+                f.taken = true;
+                true
+            }
+            _ => {
+                st.inflight.remove(id);
+                false
+            }
+        }
+    }
+
+    async fn close(&self) {
+        self.ctl.shared.send(Cmd::Stop);
+        let done = self.done.lock().ok().and_then(|mut d| d.take());
+        if let Some(done) = done {
+            let _ = tokio::time::timeout(self.ctl.inner.opts.timeout, done).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_commit_only_past_contiguous_settled_runs() {
+        let mut p = Part::default();
+        for o in 10..15 {
+            p.pending.insert(o, false);
+        }
+        p.settle(11);
+        assert_eq!(p.commit, None, "10 is unsettled");
+        p.settle(10);
+        assert_eq!(p.commit, Some(12));
+        p.settle(14);
+        assert_eq!(p.commit, Some(12), "12 and 13 are unsettled");
+        p.settle(13);
+        assert_eq!(p.commit, Some(12), "12 is unsettled");
+        p.settle(12);
+        assert_eq!(p.commit, Some(15));
+    }
 }

@@ -48,6 +48,7 @@ pub(crate) struct Inner {
     closed: AtomicBool,
     pub(crate) shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    subscriptions: Mutex<Vec<std::sync::Weak<crate::consumer::Shared>>>,
 }
 
 impl std::fmt::Debug for KafkaTransport {
@@ -118,6 +119,7 @@ impl KafkaTransport {
                 closed: AtomicBool::new(false),
                 shutdown,
                 tasks: Mutex::new(Vec::new()),
+                subscriptions: Mutex::new(Vec::new()),
             }),
         };
         let wait = t.inner.opts.timeout.min(Duration::from_secs(10));
@@ -156,6 +158,14 @@ impl KafkaTransport {
 }
 
 impl Inner {
+    /// Remember a subscription so `Transport::flush` reaches it.
+    pub(crate) fn track_subscription(&self, sub: std::sync::Weak<crate::consumer::Shared>) {
+        if let Ok(mut subs) = self.subscriptions.lock() {
+            subs.retain(|s| s.strong_count() > 0);
+            subs.push(sub);
+        }
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -573,6 +583,24 @@ impl Transport for KafkaTransport {
             ),
             Err(e) => Health::new(HealthStatus::Down, NAME, e.to_string(), None),
         }
+    }
+
+    /// Commits what every subscription has settled (synchronously) and
+    /// waits for queued publishes.
+    async fn flush(&self) -> Result<()> {
+        if self.inner.is_closed() {
+            return Err(closed_error());
+        }
+        let subs: Vec<_> = self
+            .inner
+            .subscriptions
+            .lock()
+            .map(|s| s.iter().filter_map(|w| w.upgrade()).collect())
+            .unwrap_or_default();
+        for s in subs {
+            s.flush().await;
+        }
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {

@@ -179,7 +179,12 @@ impl Admin {
 
     /// Move subscription `group` of `topic` to the first message published
     /// at or after `unix_ms`.
-    pub(crate) async fn reset_cursor(&self, topic: &Topic, group: &Name, unix_ms: u64) -> Result<()> {
+    pub(crate) async fn reset_cursor(
+        &self,
+        topic: &Topic,
+        group: &Name,
+        unix_ms: u64,
+    ) -> Result<()> {
         let what = format!("reset subscription {group} on {topic} to {unix_ms}");
         let rb = self.http.post(format!(
             "{}/subscription/{group}/resetcursor/{unix_ms}",

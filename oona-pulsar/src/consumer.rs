@@ -183,7 +183,11 @@ impl engine::Source for PulsarSource {
 }
 
 fn closed_sub() -> Error {
-    Error::new(ErrorKind::Closed, "the subscription's connection task ended").with_transport(NAME)
+    Error::new(
+        ErrorKind::Closed,
+        "the subscription's connection task ended",
+    )
+    .with_transport(NAME)
 }
 
 /// Subscribe and start the subscription's task and engine.
