@@ -255,4 +255,58 @@ impl fmt::Debug for Delivery {
 /// An `Err` item reports a problem: after a temporary one (connection lost
 /// and being re-established) the stream goes on; after a permanent one it
 /// ends. The stream ends (`None`) when the transport is closed.
-pub type DeliveryStream = BoxStream<'static, Result<Delivery>>;
+///
+/// Dropping it stops the subscription: messages read but not handed out
+/// go back to the broker at once, in the background. [`DeliveryStream::close`]
+/// does the same and returns when they are back, so a process may exit
+/// right after (deliveries already handed out can still be settled).
+pub struct DeliveryStream {
+    inner: BoxStream<'static, Result<Delivery>>,
+    close: Option<CloseHook>,
+}
+
+type CloseHook = Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>;
+
+impl DeliveryStream {
+    /// A stream of deliveries (with nothing to wait for on close).
+    pub fn new(stream: impl futures::Stream<Item = Result<Delivery>> + Send + 'static) -> Self {
+        DeliveryStream {
+            inner: Box::pin(stream),
+            close: None,
+        }
+    }
+
+    /// Made by the engine: `hook` runs after the stream is dropped, and
+    /// resolves when what it held is given back.
+    pub(crate) fn with_close(mut self, hook: CloseHook) -> Self {
+        self.close = Some(hook);
+        self
+    }
+
+    /// Stop consuming and wait until the messages read but not handed out
+    /// are back with the broker.
+    pub async fn close(mut self) {
+        let hook = self.close.take();
+        drop(self);
+        if let Some(hook) = hook {
+            hook().await;
+        }
+    }
+}
+
+impl futures::Stream for DeliveryStream {
+    type Item = Result<Delivery>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+impl fmt::Debug for DeliveryStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeliveryStream").finish_non_exhaustive()
+    }
+}

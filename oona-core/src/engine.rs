@@ -80,7 +80,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::{FutureExt as _, Stream, StreamExt as _};
+use futures::{FutureExt as _, Stream};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -221,14 +221,22 @@ pub fn start<S: Source>(
     subscription: Subscription,
     closed: impl Future<Output = ()> + Send + 'static,
 ) -> (DeliveryStream, tokio::task::JoinHandle<()>) {
+    let (released_tx, mut released) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
         source,
         sub: subscription,
         state: Mutex::new(State::new()),
         wake: Notify::new(),
+        released: released_tx,
     });
     let task = tokio::spawn(run(Arc::clone(&shared), closed));
-    (EngineStream { shared }.boxed(), task)
+    let stream = DeliveryStream::new(EngineStream { shared }).with_close(Box::new(move || {
+        async move {
+            let _ = released.wait_for(|r| *r).await;
+        }
+        .boxed()
+    }));
+    (stream, task)
 }
 
 struct Item<T> {
@@ -399,6 +407,9 @@ struct Shared<S: Source> {
     state: Mutex<State<S::Token>>,
     /// Wakes the engine task: room freed, stream dropped, timers changed.
     wake: Notify,
+    /// Set once what was read but not handed out is given back (or the
+    /// engine ended).
+    released: tokio::sync::watch::Sender<bool>,
 }
 
 impl<S: Source> Shared<S> {
@@ -785,6 +796,7 @@ async fn run<S: Source>(shared: Arc<Shared<S>>, closed: impl Future<Output = ()>
     if !buffered.is_empty() {
         shared.source.release(buffered).await;
     }
+    shared.released.send_replace(true);
     if !closing {
         // The stream was dropped: deliveries handed out can still be
         // settled, until their leases run out.

@@ -75,7 +75,13 @@ fn make(url: String) -> KafkaFixture {
         .next()
         .unwrap_or("127.0.0.1:9092")
         .to_string();
-    let proxy = cut_proxy();
+    // A consumer child of a case connects directly: its parent owns the
+    // proxy's port.
+    let proxy = if oona_conformance::is_child_process() {
+        None
+    } else {
+        cut_proxy()
+    };
     let bootstrap = proxy
         .as_ref()
         .map(|p| p.addr().to_string())
@@ -115,6 +121,12 @@ impl Fixture for KafkaFixture {
             .await
             .map(|_| ())
             .map_err(|(e, _)| broker_error("raw produce", e))
+    }
+
+    fn known_gap(&self, case: &str) -> Option<&'static str> {
+        (case == "killed_consumers_lose_nothing").then_some(
+            "attempt counts do not survive a consumer crash on Kafka yet (kept in retry headers; a crashing message is attempt 1 again), issue 11's next step",
+        )
     }
 
     async fn cut_connections(&self) -> oona_core::Result<()> {

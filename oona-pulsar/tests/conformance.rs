@@ -117,6 +117,12 @@ impl Fixture for PulsarFixture {
         Ok(())
     }
 
+    fn known_gap(&self, case: &str) -> Option<&'static str> {
+        (case == "killed_consumers_lose_nothing").then_some(
+            "Pulsar does not count a redelivery when a consumer dies, so a crashing message loops; durable attempts are issue 11's next step",
+        )
+    }
+
     async fn cut_connections(&self) -> oona_core::Result<()> {
         self.proxy()?
             .cut()
@@ -159,6 +165,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .try_init();
     oona_conformance::run_with_env(support::ENV, |url| PulsarFixture {
-        broker: support::Broker::cuttable(&url).expect("the broker's cut listener"),
+        // A consumer child of a case connects directly: its parent owns
+        // the proxy's port.
+        broker: if oona_conformance::is_child_process() {
+            support::Broker::direct(&url).expect("the broker's URL")
+        } else {
+            support::Broker::cuttable(&url).expect("the broker's cut listener")
+        },
     })
 }

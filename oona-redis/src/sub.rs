@@ -141,7 +141,9 @@ impl RedisSource {
             .await
             .map_err(|e| redis_error(e, "claim script failed"))?;
         let claimed = wire::parse_claimed(v)?;
-        if claimed.iter().any(|(_, _, recovered)| *recovered) {
+        // More may be due (a full batch), or the next recovered entry:
+        // claim again on the next fetch rather than after the interval.
+        if claimed.len() >= max || claimed.iter().any(|(_, _, recovered)| *recovered) {
             self.claim_now.store(true, Ordering::Release);
         }
         Ok(claimed

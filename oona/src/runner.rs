@@ -32,11 +32,11 @@
 //!
 //! **Graceful shutdown.** When the [`Shutdown`] token fires the runner stops
 //! taking deliveries from the stream, lets every delivery it already took
-//! finish and settle, asks the transport to write out settlements it
-//! batches ([`Transport::flush`]), drops the stream and returns a
-//! [`RunSummary`]. Deliveries the
-//! transport prefetched but the runner never took stay unsettled and are
-//! redelivered by the broker to another consumer after the ack deadline.
+//! finish and settle, closes the stream (what the subscription read ahead
+//! but the runner never took goes back to the broker at once, without an
+//! attempt), asks the transport to write out settlements it batches
+//! ([`Transport::flush`]) and returns a [`RunSummary`]. When it returns,
+//! the process may exit: nothing it acked comes back.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -510,14 +510,16 @@ where
     // exit) and wait for every task. Their settlements are awaited inside.
     drop(shards);
     while tasks.join_next().await.is_some() {}
-    // Settlements a transport batches (Redis acks) are written now, so the
-    // summary's acks are on the broker when this returns.
+    // What the subscription read but the runner never took goes back to
+    // the broker now (not after an ack deadline), then settlements a
+    // transport batches (Redis acks, Kafka commits, Pulsar acks) are
+    // written, so the summary's acks are on the broker when this returns
+    // and the process may exit.
+    stream.close().await;
     if let Err(e) = transport.flush().await {
         inc(&counters.settle_errors);
         tracing::warn!(error = %e, "oona: flushing settlements failed; unflushed messages will be redelivered after the ack deadline");
     }
-    // Only now let the transport know this consumer is gone.
-    drop(stream);
     stop
 }
 

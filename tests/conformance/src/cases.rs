@@ -20,6 +20,7 @@ use crate::leases::{
     batch_member_nacked_alone, delayed_nacks_beside_fresh, late_settlement_changes_nothing,
     resume_with_start_at_keeps_backlog, slow_handler_no_redelivery,
 };
+use crate::processes::{killed_consumers_lose_nothing, shutdown_then_exit_keeps_acks};
 use crate::support::{
     check, diff, duplicates, expect_delivery, expect_quiet, failed, group, hook, is_kind, kind_of,
     left_out, next_within, publish, random_suffix, same_envelope, subscribe, take_acking, Context,
@@ -86,6 +87,8 @@ cases![
     batch_member_nacked_alone,
     resume_with_start_at_keeps_backlog,
     delayed_nacks_beside_fresh,
+    killed_consumers_lose_nothing,
+    shutdown_then_exit_keeps_acks,
 ];
 
 /// Run `body` with a fresh context and clean up after it.

@@ -14,7 +14,9 @@ use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use oona_core::{Error, ErrorKind, Retention, Topic, Transport};
 
 pub mod cases;
+mod child;
 pub mod leases;
+pub mod processes;
 pub mod proxy;
 mod support;
 
@@ -73,6 +75,22 @@ pub trait Fixture: Send + Sync + 'static {
     async fn applied_retention(&self, topic: &Topic) -> oona_core::Result<Retention> {
         let _ = topic;
         Err(unsupported("applied_retention"))
+    }
+
+    /// Whether clients in other processes reach the same broker (the
+    /// cases that kill consumer processes need it; an in-process broker
+    /// says no).
+    fn multi_process(&self) -> bool {
+        true
+    }
+
+    /// A case this transport is known to fail, with why (an open issue's
+    /// work). The case still runs: a failure is reported as ignored with
+    /// `KNOWN GAP: why` and the failure, and a pass fails the run ("known
+    /// gap now passes: remove it"), so the list cannot go stale.
+    fn known_gap(&self, case: &str) -> Option<&'static str> {
+        let _ = case;
+        None
     }
 
     /// Time and size knobs of the cases.
@@ -250,6 +268,13 @@ pub fn all_cases() -> Vec<Case> {
     cases::ALL.to_vec()
 }
 
+/// Whether this process is a consumer child of a case (see the cases that
+/// kill consumer processes): a fixture then connects directly, without the
+/// proxy its parent owns.
+pub fn is_child_process() -> bool {
+    std::env::var_os(child::ENV).is_some()
+}
+
 /// Whether `OONA_TEST_REQUIRE=1`: a missing broker URL fails the run
 /// instead of leaving every case out.
 pub fn broker_required() -> bool {
@@ -297,6 +322,9 @@ where
                 let _guard = rt.enter();
                 make(url)
             };
+            if let Ok(spec) = std::env::var(child::ENV) {
+                return child::main(Arc::new(fixture), &rt, &spec);
+            }
             run_on(args, rt, fixture)
         }
         None if broker_required() => setup_failed(
@@ -384,8 +412,10 @@ fn run_on<F: Fixture>(mut args: Arguments, rt: tokio::runtime::Runtime, fixture:
             let rt = Arc::clone(&rt);
             let fixture = Arc::clone(&fixture);
             let gate = Arc::clone(&gate);
+            let name = kind.clone();
             Trial::ignorable_test(case.name, move || {
                 let limit = fixture.timing().case_limit();
+                let gap = fixture.known_gap(case.name);
                 let result = rt.block_on(async move {
                     let run = async {
                         match tokio::time::timeout(limit, (case.run)(fixture.as_ref())).await {
@@ -403,12 +433,19 @@ fn run_on<F: Fixture>(mut args: Arguments, rt: tokio::runtime::Runtime, fixture:
                         run.await
                     }
                 });
-                match result {
-                    Ok(()) => Ok(Completion::Completed),
-                    Err(CaseError::LeftOut(why)) => {
+                match (result, gap) {
+                    (Ok(()), None) => Ok(Completion::Completed),
+                    (Ok(()), Some(gap)) => Err(Failed::from(format!(
+                        "known gap now passes: remove it from the fixture ({gap})"
+                    ))),
+                    (Err(CaseError::LeftOut(why)), _) => {
                         Ok(Completion::ignored_with(format!("left out: {why}")))
                     }
-                    Err(CaseError::Failed(msg)) => Err(Failed::from(msg)),
+                    (Err(CaseError::Failed(msg)), Some(gap)) => {
+                        eprintln!("KNOWN GAP [{name}] {}: {gap}; failing: {msg}", case.name);
+                        Ok(Completion::ignored_with(format!("KNOWN GAP: {gap}")))
+                    }
+                    (Err(CaseError::Failed(msg)), None) => Err(Failed::from(msg)),
                 }
             })
             .with_kind(kind.clone())

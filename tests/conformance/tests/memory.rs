@@ -26,6 +26,10 @@ impl Fixture for MemoryFixture {
         Ok(Arc::new(self.broker.connect_same()))
     }
 
+    fn multi_process(&self) -> bool {
+        false // the broker lives in this process
+    }
+
     async fn write_raw(&self, topic: &Topic, raw: &[u8]) -> oona_core::Result<()> {
         self.broker.inject_raw(topic, Bytes::copy_from_slice(raw))
     }

@@ -189,17 +189,19 @@ impl Transport for Mutant {
         let fault = self.fault;
         let s = self.inner.subscribe(subscription).await?;
         if fault == Fault::SwapSameKey {
-            return Ok(swap_same_key(s)
-                .map(move |r| r.map(|d| wrap(fault, d)))
-                .boxed());
+            return Ok(DeliveryStream::new(
+                swap_same_key(s).map(move |r| r.map(|d| wrap(fault, d))),
+            ));
         }
         if fault == Fault::StreamEndsOnError {
-            return Ok(s
-                .take_while(|r| futures::future::ready(r.is_ok()))
-                .map(move |r| r.map(|d| wrap(fault, d)))
-                .boxed());
+            return Ok(DeliveryStream::new(
+                s.take_while(|r| futures::future::ready(r.is_ok()))
+                    .map(move |r| r.map(|d| wrap(fault, d))),
+            ));
         }
-        Ok(s.map(move |r| r.map(|d| wrap(fault, d))).boxed())
+        Ok(DeliveryStream::new(
+            s.map(move |r| r.map(|d| wrap(fault, d))),
+        ))
     }
     async fn delete_topic(&self, topic: &Topic) -> Result<()> {
         self.inner.delete_topic(topic).await
@@ -232,7 +234,7 @@ fn swap_same_key(inner: DeliveryStream) -> DeliveryStream {
         held: None,
         out: Default::default(),
     };
-    futures::stream::unfold(st, |mut st| async move {
+    let s = futures::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(d) = st.out.pop_front() {
                 return Some((Ok(d), st));
@@ -267,8 +269,8 @@ fn swap_same_key(inner: DeliveryStream) -> DeliveryStream {
                 }
             }
         }
-    })
-    .boxed()
+    });
+    DeliveryStream::new(s)
 }
 
 struct MutantFixture {
