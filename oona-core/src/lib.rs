@@ -8,6 +8,7 @@ pub mod delivery;
 pub mod engine;
 pub mod envelope;
 pub mod error;
+pub mod layer;
 pub mod memory;
 pub mod rules;
 pub mod subscription;

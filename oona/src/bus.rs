@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::StreamExt as _;
+use oona_core::layer::{ConsumeLayer, PublishLayer, PublishNext};
 use oona_core::{
     Codec, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Health, Json,
     PolicySet, Priority, Receipt, Result, Subscription, Topic, Transport,
@@ -57,6 +58,8 @@ pub struct Bus {
     transport: Arc<dyn Transport>,
     sender_id: Arc<str>,
     policies: Arc<PolicySet>,
+    publish_layers: Arc<[Arc<dyn PublishLayer>]>,
+    consume_layers: Arc<[Arc<dyn ConsumeLayer>]>,
 }
 
 impl fmt::Debug for Bus {
@@ -64,6 +67,8 @@ impl fmt::Debug for Bus {
         f.debug_struct("Bus")
             .field("transport", &self.transport.name())
             .field("sender_id", &self.sender_id)
+            .field("publish_layers", &self.publish_layers.len())
+            .field("consume_layers", &self.consume_layers.len())
             .finish()
     }
 }
@@ -79,7 +84,32 @@ impl Bus {
             transport,
             sender_id: Arc::from(Self::DEFAULT_SENDER_ID),
             policies: Arc::new(PolicySet::default()),
+            publish_layers: Arc::new([]),
+            consume_layers: Arc::new([]),
         }
+    }
+
+    /// Run every publish of this bus through `layer` (after the layers
+    /// added before it); see [`oona_core::layer`].
+    pub fn with_publish_layer(mut self, layer: impl PublishLayer) -> Self {
+        let mut v = self.publish_layers.to_vec();
+        v.push(Arc::new(layer));
+        self.publish_layers = v.into();
+        self
+    }
+
+    /// Run every delivery this bus's handler runners take through `layer`
+    /// (inside the layers added before it); see [`oona_core::layer`].
+    pub fn with_consume_layer(mut self, layer: impl ConsumeLayer) -> Self {
+        let mut v = self.consume_layers.to_vec();
+        v.push(Arc::new(layer));
+        self.consume_layers = v.into();
+        self
+    }
+
+    /// The consume layers, for the runners.
+    pub(crate) fn consume_layers(&self) -> &Arc<[Arc<dyn ConsumeLayer>]> {
+        &self.consume_layers
     }
 
     /// Publish as `sender_id` (`tamiyo-controller-1`).
@@ -174,7 +204,16 @@ impl Bus {
             sender = %envelope.sender_id,
             transport = self.transport.name(),
         );
-        self.transport.publish(envelope).instrument(span).await
+        if self.publish_layers.is_empty() {
+            return self.transport.publish(envelope).instrument(span).await;
+        }
+        let mut receipts = PublishNext::new(&self.publish_layers, self.transport.as_ref())
+            .run(vec![envelope])
+            .instrument(span)
+            .await?;
+        receipts
+            .pop()
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "a publish layer returned no receipt"))
     }
 
     /// Publish several envelopes in order (one round trip where the
@@ -193,8 +232,8 @@ impl Bus {
             count = envelopes.len(),
             transport = self.transport.name(),
         );
-        self.transport
-            .publish_batch(envelopes)
+        PublishNext::new(&self.publish_layers, self.transport.as_ref())
+            .run(envelopes)
             .instrument(span)
             .await
     }

@@ -16,6 +16,10 @@ pub use oona_core::*;
 /// The core crate itself, for paths like `oona::oona_core::wire`.
 pub use oona_core;
 
+/// The attribute for implementing Oona's async traits (layers, handlers,
+/// transports) without adding the dependency yourself.
+pub use async_trait::async_trait;
+
 /// The platform's typed contracts (feature `contracts`): payload types bound
 /// to their topics, and the protobuf, Avro and content-type codecs.
 #[cfg(feature = "contracts")]

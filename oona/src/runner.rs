@@ -35,7 +35,7 @@
 //! finish and settle, closes the stream (what the subscription read ahead
 //! but the runner never took goes back to the broker at once, without an
 //! attempt), asks the transport to write out settlements it batches
-//! ([`Transport::flush`]) and returns a [`RunSummary`]. When it returns,
+//! ([`oona_core::Transport::flush`]) and returns a [`RunSummary`]. When it returns,
 //! the process may exit: nothing it acked comes back.
 
 use std::fmt;
@@ -45,11 +45,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::FutureExt as _;
 use futures::StreamExt as _;
-use oona_core::{
-    Codec, Delivery, DeliveryStream, Error, ErrorKind, Outcome, Result, Subscription, Transport,
-};
+use oona_core::layer::{ConsumeLayer, ConsumeNext, Handled};
+use oona_core::{Codec, Delivery, DeliveryStream, Error, ErrorKind, Outcome, Result, Subscription};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
@@ -312,7 +312,7 @@ where
         let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
         let counters = Arc::new(Counters::default());
         let stop = drive(
-            self.bus.transport().clone(),
+            self.bus.clone(),
             stream,
             Arc::new(self.codec),
             Arc::new(handler),
@@ -331,7 +331,7 @@ where
         let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
         let counters = Arc::new(Counters::default());
         let task = tokio::spawn(drive(
-            self.bus.transport().clone(),
+            self.bus.clone(),
             stream,
             Arc::new(self.codec),
             Arc::new(handler),
@@ -400,6 +400,7 @@ impl RunHandle {
 }
 
 struct Ctx<T, C, H> {
+    layers: Arc<[Arc<dyn ConsumeLayer>]>,
     codec: Arc<C>,
     handler: Arc<H>,
     policy: Policy,
@@ -410,6 +411,7 @@ struct Ctx<T, C, H> {
 impl<T, C, H> Clone for Ctx<T, C, H> {
     fn clone(&self) -> Self {
         Ctx {
+            layers: self.layers.clone(),
             codec: self.codec.clone(),
             handler: self.handler.clone(),
             policy: self.policy,
@@ -421,7 +423,7 @@ impl<T, C, H> Clone for Ctx<T, C, H> {
 
 #[allow(clippy::too_many_arguments)] // private; one call per entry point
 async fn drive<T, C, H>(
-    transport: Arc<dyn Transport>,
+    bus: Bus,
     mut stream: DeliveryStream,
     codec: Arc<C>,
     handler: Arc<H>,
@@ -436,6 +438,7 @@ where
     H: Handler<T>,
 {
     let ctx: Ctx<T, C, H> = Ctx {
+        layers: bus.consume_layers().clone(),
         codec,
         handler,
         policy,
@@ -516,7 +519,7 @@ where
     // written, so the summary's acks are on the broker when this returns
     // and the process may exit.
     stream.close().await;
-    if let Err(e) = transport.flush().await {
+    if let Err(e) = bus.transport().flush().await {
         inc(&counters.settle_errors);
         tracing::warn!(error = %e, "oona: flushing settlements failed; unflushed messages will be redelivered after the ack deadline");
     }
@@ -539,6 +542,45 @@ where
         outcome = tracing::field::Empty,
     );
     async move {
+        let terminal = |d: Delivery| -> BoxFuture<'_, Handled> { Box::pin(handle(ctx, d)) };
+        let handled = ConsumeNext::new(&ctx.layers, &terminal).run(delivery).await;
+        count(&ctx.counters, &handled);
+    }
+    .instrument(span)
+    .await
+}
+
+/// What a settled delivery adds to the counters.
+fn count(counters: &Counters, h: &Handled) {
+    let (name, counter) = match &h.outcome {
+        Outcome::Ack => ("ack", &counters.acked),
+        Outcome::Nack { .. } => ("nack", &counters.nacked),
+        Outcome::Reject { .. } => ("reject", &counters.rejected),
+    };
+    tracing::Span::current().record("outcome", name);
+    match &h.settled {
+        Ok(()) => {
+            inc(counter);
+            if h.dead_lettered {
+                inc(&counters.dead_lettered);
+            }
+        }
+        Err(e) => {
+            inc(&counters.settle_errors);
+            tracing::warn!(error = %e, "oona: settlement failed; the broker will redeliver after the ack deadline");
+        }
+    }
+}
+
+/// The innermost step of the consume chain: decode, call the handler
+/// (keeping the lease), settle by the result.
+async fn handle<T, C, H>(ctx: &Ctx<T, C, H>, delivery: Delivery) -> Handled
+where
+    T: Send + 'static,
+    C: Codec<T>,
+    H: Handler<T>,
+{
+    {
         let counters = &ctx.counters;
         let outcome = match ctx.codec.decode(delivery.envelope()) {
             Err(e) => {
@@ -554,8 +596,8 @@ where
                 let handler = ctx.handler.clone();
                 // Calling inside the future also catches a panic in `call`
                 // itself, before it returns its future.
-                let call = AssertUnwindSafe(async move { handler.call(incoming).await })
-                    .catch_unwind();
+                let call =
+                    AssertUnwindSafe(async move { handler.call(incoming).await }).catch_unwind();
                 match leased(&delivery, call, ctx.policy.timeout).await {
                     None => {
                         let limit = ctx.policy.timeout.unwrap_or_default();
@@ -578,28 +620,8 @@ where
                 }
             }
         };
-        let last = delivery.is_last_attempt();
-        let (name, counter, dead) = match &outcome {
-            Outcome::Ack => ("ack", &counters.acked, false),
-            Outcome::Nack { .. } => ("nack", &counters.nacked, last),
-            Outcome::Reject { .. } => ("reject", &counters.rejected, true),
-        };
-        tracing::Span::current().record("outcome", name);
-        match delivery.settle(outcome).await {
-            Ok(()) => {
-                inc(counter);
-                if dead {
-                    inc(&counters.dead_lettered);
-                }
-            }
-            Err(e) => {
-                inc(&counters.settle_errors);
-                tracing::warn!(error = %e, "oona: settlement failed; the broker will redeliver after the ack deadline");
-            }
-        }
+        Handled::settle(delivery, outcome).await
     }
-    .instrument(span)
-    .await
 }
 
 /// Run `work` while keeping `delivery`'s lease: extended by an ack

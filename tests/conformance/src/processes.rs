@@ -49,10 +49,10 @@ fn acked(line: &str) -> Option<(String, u32)> {
 }
 
 const KILLS: usize = 20;
-const NORMAL: usize = 100;
+const NORMAL: usize = 200;
 
 /// Consumer processes of one group, prefetch 20, are killed with SIGKILL
-/// mid-batch 20 times (after five acks each) while a message among 100
+/// mid-batch 20 times (after five acks each) while a message among 200
 /// aborts every process it is handed to. Nothing is lost: every message is
 /// acked at least once (duplicates are counted, at-least-once); the
 /// aborting message is dead-lettered after `max_attempts` crashes, and
