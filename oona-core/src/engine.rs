@@ -169,6 +169,12 @@ pub trait Source: Send + Sync + 'static {
     /// [`Source::extend`] for every message it holds.
     const BROKER_LEASES: bool = false;
 
+    /// The source keeps what it read ready in this process and hands it
+    /// over with [`Source::take_ready`] (an in-process broker, a client
+    /// with its own read-ahead): the engine then calls [`Source::fetch`]
+    /// only for a consumer that waits, never to read ahead.
+    const HOLDS_READY: bool = false;
+
     /// Read up to `max` messages (see the checklist). An empty result is
     /// fine; an `Err` of a temporary kind is reported once and retried.
     async fn fetch(&self, max: usize) -> Result<Vec<Fetched<Self::Token>>>;
@@ -196,6 +202,15 @@ pub trait Source: Send + Sync + 'static {
     /// [`Source::BROKER_LEASES`].
     async fn extend(&self, tokens: Vec<Self::Token>) -> Result<Vec<bool>> {
         Ok(vec![true; tokens.len()])
+    }
+
+    /// Messages the source already holds for this consumer, without I/O or
+    /// waiting (what [`Source::fetch`] would return at once), for the
+    /// consumer's own poll: a message goes from the source to the handler
+    /// without a task switch. The default has none.
+    fn take_ready(&self, max: usize) -> Vec<Fetched<Self::Token>> {
+        let _ = max;
+        Vec::new()
     }
 
     /// Called as the engine hands the message out; `false` when the source
@@ -287,6 +302,21 @@ struct State<T> {
     ended: bool,
     /// The transport was closed: settlements are refused.
     closed: bool,
+    /// A fetch is under way (by the engine task or the stream).
+    fetching: bool,
+    /// The engine waits for room to read: settlements wake it.
+    wants_room: bool,
+    /// The consumer waits for a message and the source had none ready:
+    /// the engine reads as soon as there is any room.
+    consumer_waiting: bool,
+    /// Reads fail for a reason that may pass: do not read before this.
+    fetch_ok_at: Option<Instant>,
+}
+
+/// What buffering a read left to do with I/O.
+struct After<T> {
+    dead: Vec<(T, Envelope)>,
+    release: Vec<T>,
 }
 
 impl<T> State<T> {
@@ -305,6 +335,10 @@ impl<T> State<T> {
             dropped: false,
             ended: false,
             closed: false,
+            fetching: false,
+            wants_room: false,
+            consumer_waiting: false,
+            fetch_ok_at: None,
         }
     }
 
@@ -421,7 +455,20 @@ impl<S: Source> Shared<S> {
     /// Buffer what a source read, dead-lettering poison and messages past
     /// their last attempt on the way.
     async fn accept(&self, fetched: Vec<Fetched<S::Token>>) {
-        let mut release = Vec::new();
+        let after = self.take_in(fetched);
+        self.finish(after).await;
+    }
+
+    /// The part of [`Shared::accept`] that needs no I/O: buffer what may be
+    /// handed out; return the dead letters to publish and what to give
+    /// back (the stream is gone).
+    fn take_in(&self, fetched: Vec<Fetched<S::Token>>) -> After<S::Token> {
+        let mut after = After {
+            dead: Vec::new(),
+            release: Vec::new(),
+        };
+        let mut st = self.lock();
+        let mut pushed = false;
         for f in fetched {
             let info = DeliveryInfo::new(&self.sub, f.attempt, f.position.clone());
             let dead = match &f.message {
@@ -436,19 +483,15 @@ impl<S: Source> Shared<S> {
             };
             if let Some((dl, reason)) = dead {
                 if let Ok(env) = &f.message {
-                    self.lock().returned(&env.event_id);
+                    st.returned(&env.event_id);
                 }
                 tracing::info!(topic = %self.sub.topic, group = %self.sub.group, position = ?f.position, %reason, "dead-lettering");
-                if let Err(e) = self.source.dead_letter(f.token.clone(), dl).await {
-                    tracing::warn!(topic = %self.sub.topic, error = %e, "dead-lettering failed; retrying");
-                    self.retry_later(f.token, false);
-                }
+                after.dead.push((f.token, dl));
                 continue;
             }
             let Ok(envelope) = f.message else { continue };
-            let mut st = self.lock();
             if st.dropped || st.ended {
-                release.push(f.token);
+                after.release.push(f.token);
                 continue;
             }
             let id = st.next_id;
@@ -465,11 +508,47 @@ impl<S: Source> Shared<S> {
                 recovered: f.recovered,
                 touched: Instant::now(),
             });
+            pushed = true;
+        }
+        if pushed {
             st.wake_stream();
         }
-        if !release.is_empty() {
-            self.source.release(release).await;
+        after
+    }
+
+    /// The I/O [`Shared::take_in`] left.
+    async fn finish(&self, after: After<S::Token>) {
+        for (token, dl) in after.dead {
+            if let Err(e) = self.source.dead_letter(token.clone(), dl).await {
+                tracing::warn!(topic = %self.sub.topic, error = %e, "dead-lettering failed; retrying");
+                self.retry_later(token, false);
+            }
         }
+        if !after.release.is_empty() {
+            self.source.release(after.release).await;
+        }
+    }
+
+    /// Whether a fetch may start now, and for how many; marks it started.
+    /// `eager`: the consumer waits for a message (any room will do).
+    fn begin_fetch(&self, st: &mut State<S::Token>, eager: bool) -> Option<usize> {
+        let prefetch = self.sub.prefetch.max(1);
+        let room = prefetch.saturating_sub(st.buffer.len() + st.held.len());
+        // Read ahead in large batches; a waiting consumer takes any room.
+        let may = !st.fetching
+            && !st.dropped
+            && !st.ended
+            && st.recovered == 0
+            && room > 0
+            && (eager || st.consumer_waiting || (!S::HOLDS_READY && room * 2 >= prefetch))
+            && st.fetch_ok_at.is_none_or(|t| Instant::now() >= t);
+        if !may {
+            // A settlement that makes room must wake the engine.
+            st.wants_room = true;
+            return None;
+        }
+        st.fetching = true;
+        Some(room)
     }
 
     /// Give `token` back one [`RETRY_AFTER`] from now (a settlement or dead
@@ -518,8 +597,18 @@ impl<S: Source> Shared<S> {
                 ),
             )
         })?;
+        // Wake the engine only when the room freed lets it read.
+        let prefetch = self.sub.prefetch.max(1);
+        let room = prefetch.saturating_sub(st.buffer.len() + st.held.len());
+        let wake =
+            st.wants_room && (st.consumer_waiting || (!S::HOLDS_READY && room * 2 >= prefetch));
+        if wake {
+            st.wants_room = false;
+        }
         drop(st);
-        self.wake.notify_one();
+        if wake {
+            self.wake.notify_one();
+        }
         Ok(h)
     }
 
@@ -658,8 +747,7 @@ impl<S: Source> Shared<S> {
         let new = h.deadline;
         st.leases.remove(&(old, id));
         st.leases.insert((new, id));
-        drop(st);
-        self.wake.notify_one();
+        // The engine wakes at the old deadline and finds the new one.
         Ok(())
     }
 
@@ -679,21 +767,22 @@ struct Plan {
     wake_at: Option<Instant>,
 }
 
-fn plan<S: Source>(shared: &Shared<S>, fetching: bool, fetch_ok_at: Option<Instant>) -> Plan {
-    let st = shared.lock();
+fn plan<S: Source>(shared: &Shared<S>, fetching: bool) -> Plan {
+    let mut st = shared.lock();
     let stop = st.dropped || st.ended;
-    let prefetch = shared.sub.prefetch.max(1);
-    let room = prefetch.saturating_sub(st.buffer.len() + st.held.len());
-    let may = !stop
-        && !fetching
-        && st.recovered == 0
-        && room > 0
-        && (st.buffer.is_empty() || room * 2 >= prefetch)
-        && fetch_ok_at.is_none_or(|t| Instant::now() >= t);
+    let fetch = if stop || fetching {
+        None
+    } else {
+        shared.begin_fetch(&mut st, false)
+    };
+    let mut wake_at = st.leases.first().map(|(t, _)| *t);
+    if let Some(t) = st.fetch_ok_at.filter(|_| fetch.is_none()) {
+        wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+    }
     Plan {
         stop,
-        fetch: may.then_some(room),
-        wake_at: st.leases.first().map(|(t, _)| *t),
+        fetch,
+        wake_at,
     }
 }
 
@@ -704,29 +793,24 @@ async fn run<S: Source>(shared: Arc<Shared<S>>, closed: impl Future<Output = ()>
     let tick = (shared.sub.ack_deadline / 4).max(Duration::from_millis(10));
     let mut next_extend = Instant::now() + tick;
     let mut fetch: Option<FetchFuture<S::Token>> = None;
-    let mut fetch_ok_at: Option<Instant> = None;
     let mut failing = false;
     let mut backoff = Duration::from_millis(50);
     let mut closing = false;
     loop {
-        let p = plan(&shared, fetch.is_some(), fetch_ok_at);
+        let p = plan(&shared, fetch.is_some());
         let marker = shared.lock().purge_returning();
         if p.stop {
             break;
         }
         if let Some(max) = p.fetch {
-            fetch_ok_at = None;
+            shared.lock().fetch_ok_at = None;
             let s = Arc::clone(&shared);
             fetch = Some(async move { s.source.fetch(max).await }.boxed());
         }
         let mut wake_at = p.wake_at;
-        for t in [
-            marker,
-            S::BROKER_LEASES.then_some(next_extend),
-            fetch_ok_at.filter(|_| fetch.is_none()),
-        ]
-        .into_iter()
-        .flatten()
+        for t in [marker, S::BROKER_LEASES.then_some(next_extend)]
+            .into_iter()
+            .flatten()
         {
             wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
         }
@@ -738,6 +822,7 @@ async fn run<S: Source>(shared: Arc<Shared<S>>, closed: impl Future<Output = ()>
             }
             r = async { fetch.as_mut().map(|f| f.as_mut()).expect("fetch is some").await }, if fetch.is_some() => {
                 fetch = None;
+                shared.lock().fetching = false;
                 match r {
                     Ok(items) => {
                         if failing {
@@ -755,7 +840,7 @@ async fn run<S: Source>(shared: Arc<Shared<S>>, closed: impl Future<Output = ()>
                             st.wake_stream();
                         }
                         failing = true;
-                        fetch_ok_at = Some(Instant::now() + backoff);
+                        shared.lock().fetch_ok_at = Some(Instant::now() + backoff);
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
                     Err(e) => {
@@ -785,6 +870,7 @@ async fn run<S: Source>(shared: Arc<Shared<S>>, closed: impl Future<Output = ()>
                 .release(items.into_iter().map(|f| f.token).collect())
                 .await;
         }
+        shared.lock().fetching = false;
     }
     {
         let mut st = shared.lock();
@@ -870,6 +956,30 @@ impl<S: Source> Stream for EngineStream<S> {
         }
         let item = loop {
             let Some(i) = st.next_eligible(shared.sub.key_ordered) else {
+                // Nothing to hand out: take what the source already holds,
+                // here and now (no task switch); else the engine reads.
+                if let Some(max) = shared.begin_fetch(&mut st, true) {
+                    drop(st);
+                    let ready = shared.source.take_ready(max);
+                    let got = !ready.is_empty();
+                    if got {
+                        let after = shared.take_in(ready);
+                        if !after.dead.is_empty() || !after.release.is_empty() {
+                            let s = Arc::clone(shared);
+                            tokio::spawn(async move { s.finish(after).await });
+                        }
+                    }
+                    st = shared.lock();
+                    st.fetching = false;
+                    if got {
+                        continue;
+                    }
+                }
+                // The engine reads for us as soon as there is room.
+                if !st.consumer_waiting {
+                    st.consumer_waiting = true;
+                    shared.wake.notify_one();
+                }
                 if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     st.waker = Some(cx.waker().clone());
                 }
@@ -879,6 +989,7 @@ impl<S: Source> Stream for EngineStream<S> {
                 return Poll::Pending;
             };
             if shared.source.handing_out(&item.token) {
+                st.consumer_waiting = false;
                 break item;
             }
             // Gone to another consumer, which delivers it.
@@ -913,11 +1024,7 @@ impl<S: Source> Stream for EngineStream<S> {
                 retry: false,
             },
         );
-        let refill = st.buffer.is_empty();
         drop(st);
-        if refill {
-            shared.wake.notify_one();
-        }
         let info = DeliveryInfo::new(&shared.sub, item.attempt, item.position);
         tracing::trace!(topic = %shared.sub.topic, event_id = %item.envelope.event_id, attempt = info.attempt, "handed out");
         let settle = EngineSettle {

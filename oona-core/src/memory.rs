@@ -762,31 +762,28 @@ impl MemorySource {
         Ok((out, next))
     }
 
-    /// Change the pending entry of `token` if this consumer still holds it.
-    fn with_held(&self, token: Token, f: impl FnOnce(&mut Group, &mut State)) -> Result<()> {
-        self.broker.check_online()?;
-        let mut st = self.broker.lock();
-        let held = st
-            .topics
+    /// Whether this consumer still holds the entry of `token`.
+    fn holds(&self, st: &State, token: Token) -> bool {
+        st.topics
             .get(&self.sub.topic)
             .and_then(|t| t.groups.get(&self.sub.group))
             .and_then(|g| g.pending.get(&token.seq))
             .is_some_and(|p| {
                 matches!(p.state, PendingState::Held { holder, take } if holder == self.holder && take == token.take)
-            });
-        if held {
-            // Taken out and put back so `f` may also append to other topics.
-            let mut group = match st
+            })
+    }
+
+    /// Change the group of `token`'s entry if this consumer still holds it.
+    fn with_held(&self, token: Token, f: impl FnOnce(&mut Group)) -> Result<()> {
+        self.broker.check_online()?;
+        let mut st = self.broker.lock();
+        if self.holds(&st, token) {
+            if let Some(g) = st
                 .topics
                 .get_mut(&self.sub.topic)
-                .and_then(|t| t.groups.remove(&self.sub.group))
+                .and_then(|t| t.groups.get_mut(&self.sub.group))
             {
-                Some(g) => g,
-                None => return Ok(()),
-            };
-            f(&mut group, &mut st);
-            if let Some(t) = st.topics.get_mut(&self.sub.topic) {
-                t.groups.insert(self.sub.group.clone(), group);
+                f(g);
             }
         }
         drop(st);
@@ -796,7 +793,7 @@ impl MemorySource {
 
     /// Make an entry deliverable from `at` (`uncount`: the take is undone).
     fn put_back(&self, token: Token, at: Instant, uncount: bool) -> Result<()> {
-        self.with_held(token, |g, _| {
+        self.with_held(token, |g| {
             if let Some(p) = g.pending.get_mut(&token.seq) {
                 if uncount {
                     p.attempts = p.attempts.saturating_sub(1);
@@ -811,6 +808,7 @@ impl MemorySource {
 #[async_trait]
 impl Source for MemorySource {
     type Token = Token;
+    const HOLDS_READY: bool = true;
 
     async fn fetch(&self, max: usize) -> Result<Vec<Fetched<Token>>> {
         let until = Instant::now() + FETCH_WAIT;
@@ -837,8 +835,15 @@ impl Source for MemorySource {
         }
     }
 
+    fn take_ready(&self, max: usize) -> Vec<Fetched<Token>> {
+        if self.closed.is_closed() || self.broker.check_online().is_err() {
+            return Vec::new();
+        }
+        self.take(max).map(|(got, _)| got).unwrap_or_default()
+    }
+
     async fn ack(&self, token: Token) -> Result<()> {
-        self.with_held(token, |g, _| {
+        self.with_held(token, |g| {
             g.pending.remove(&token.seq);
         })
     }
@@ -849,21 +854,27 @@ impl Source for MemorySource {
     }
 
     async fn dead_letter(&self, token: Token, dead_letter: Envelope) -> Result<()> {
-        let broker = Arc::clone(&self.broker);
-        let mut result = Ok(());
-        self.with_held(token, |g, st| {
+        self.broker.check_online()?;
+        let mut st = self.broker.lock();
+        if self.holds(&st, token) {
             // Publish first, then forget: if the dead-letter topic is full
             // the entry stays held and the engine gives it back.
             let dl = (
                 dead_letter.topic.clone(),
                 Stored::Envelope(Box::new(dead_letter)),
             );
-            result = broker.append_locked(st, vec![dl]).map(|_| ());
-            if result.is_ok() {
+            self.broker.append_locked(&mut st, vec![dl])?;
+            if let Some(g) = st
+                .topics
+                .get_mut(&self.sub.topic)
+                .and_then(|t| t.groups.get_mut(&self.sub.group))
+            {
                 g.pending.remove(&token.seq);
             }
-        })?;
-        result
+        }
+        drop(st);
+        self.broker.changed.notify_waiters();
+        Ok(())
     }
 
     async fn release(&self, tokens: Vec<Token>) {

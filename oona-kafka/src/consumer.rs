@@ -800,6 +800,7 @@ impl KafkaSource {
 #[async_trait]
 impl engine::Source for KafkaSource {
     type Token = u64;
+    const HOLDS_READY: bool = true;
 
     async fn fetch(&self, max: usize) -> Result<Vec<Fetched<u64>>> {
         let mut rx = self.rx.lock().await;
@@ -819,6 +820,22 @@ impl engine::Source for KafkaSource {
         let st = self.ctl.shared.lock();
         out.retain(|f| st.inflight.contains_key(&f.token));
         Ok(out)
+    }
+
+    fn take_ready(&self, max: usize) -> Vec<Fetched<u64>> {
+        let Ok(mut rx) = self.rx.try_lock() else {
+            return Vec::new(); // a fetch is waiting on it
+        };
+        let mut out = Vec::new();
+        while out.len() < max {
+            match rx.try_recv() {
+                Ok(f) => out.push(f),
+                Err(_) => break,
+            }
+        }
+        let st = self.ctl.shared.lock();
+        out.retain(|f| st.inflight.contains_key(&f.token));
+        out
     }
 
     async fn ack(&self, id: u64) -> Result<()> {

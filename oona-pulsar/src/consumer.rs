@@ -130,6 +130,7 @@ struct PulsarSource {
 #[async_trait]
 impl engine::Source for PulsarSource {
     type Token = Token;
+    const HOLDS_READY: bool = true;
 
     async fn fetch(&self, max: usize) -> Result<Vec<Fetched<Token>>> {
         let mut rx = self.rx.lock().await;
@@ -146,6 +147,20 @@ impl engine::Source for PulsarSource {
             }
         }
         Ok(out)
+    }
+
+    fn take_ready(&self, max: usize) -> Vec<Fetched<Token>> {
+        let Ok(mut rx) = self.rx.try_lock() else {
+            return Vec::new(); // a fetch is waiting on it
+        };
+        let mut out = Vec::new();
+        while out.len() < max {
+            match rx.try_recv() {
+                Ok(f) => out.push(f),
+                Err(_) => break,
+            }
+        }
+        out
     }
 
     async fn ack(&self, token: Token) -> Result<()> {
