@@ -597,11 +597,16 @@ impl<S: Source> Shared<S> {
                 ),
             )
         })?;
-        // Wake the engine only when the room freed lets it read.
+        // A consumer waiting for room takes from a source that holds
+        // messages ready itself; otherwise wake the engine, and only when
+        // the room freed lets it read.
         let prefetch = self.sub.prefetch.max(1);
         let room = prefetch.saturating_sub(st.buffer.len() + st.held.len());
+        if S::HOLDS_READY && st.consumer_waiting && room > 0 {
+            st.wake_stream();
+        }
         let wake =
-            st.wants_room && (st.consumer_waiting || (!S::HOLDS_READY && room * 2 >= prefetch));
+            !S::HOLDS_READY && st.wants_room && (st.consumer_waiting || room * 2 >= prefetch);
         if wake {
             st.wants_room = false;
         }
@@ -957,7 +962,10 @@ impl<S: Source> Stream for EngineStream<S> {
         let item = loop {
             let Some(i) = st.next_eligible(shared.sub.key_ordered) else {
                 // Nothing to hand out: take what the source already holds,
-                // here and now (no task switch); else the engine reads.
+                // here and now (no task switch); else the engine reads (a
+                // source that holds messages ready: only when it had none
+                // although there was room).
+                let mut engine_reads = !S::HOLDS_READY;
                 if let Some(max) = shared.begin_fetch(&mut st, true) {
                     drop(st);
                     let ready = shared.source.take_ready(max);
@@ -974,10 +982,10 @@ impl<S: Source> Stream for EngineStream<S> {
                     if got {
                         continue;
                     }
+                    engine_reads = true;
                 }
-                // The engine reads for us as soon as there is room.
-                if !st.consumer_waiting {
-                    st.consumer_waiting = true;
+                st.consumer_waiting = true;
+                if engine_reads {
                     shared.wake.notify_one();
                 }
                 if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
