@@ -959,13 +959,26 @@ impl<S: Source> Stream for EngineStream<S> {
         if st.ended {
             return Poll::Ready(None);
         }
+        // Nothing to hand out: take what the source already holds, here
+        // and now (no task switch); else the engine reads (for a source that
+        // holds messages ready: only when it had none although there was
+        // room). Once per poll; the buffer is looked at again after it,
+        // since the engine may have filled it while the lock was released.
+        let mut tried = false;
+        let mut engine_reads = !S::HOLDS_READY;
         let item = loop {
             let Some(i) = st.next_eligible(shared.sub.key_ordered) else {
-                // Nothing to hand out: take what the source already holds,
-                // here and now (no task switch); else the engine reads (a
-                // source that holds messages ready: only when it had none
-                // although there was room).
-                let mut engine_reads = !S::HOLDS_READY;
+                if tried {
+                    st.consumer_waiting = true;
+                    if engine_reads {
+                        shared.wake.notify_one();
+                    }
+                    if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        st.waker = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
+                tried = true;
                 if let Some(max) = shared.begin_fetch(&mut st, true) {
                     drop(st);
                     let ready = shared.source.take_ready(max);
@@ -980,18 +993,12 @@ impl<S: Source> Stream for EngineStream<S> {
                     st = shared.lock();
                     st.fetching = false;
                     if got {
-                        continue;
+                        tried = false; // progress: the source may hold more
+                    } else {
+                        engine_reads = true;
                     }
-                    engine_reads = true;
                 }
-                st.consumer_waiting = true;
-                if engine_reads {
-                    shared.wake.notify_one();
-                }
-                if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    st.waker = Some(cx.waker().clone());
-                }
-                return Poll::Pending;
+                continue;
             };
             let Some(item) = st.buffer.remove(i) else {
                 return Poll::Pending;
