@@ -124,7 +124,7 @@ impl Shared {
 struct PulsarSource {
     inner: Arc<Inner>,
     shared: Arc<Shared>,
-    inbox: engine::Inbox<Token>,
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Fetched<Token>>>,
 }
 
 #[async_trait]
@@ -133,14 +133,34 @@ impl engine::Source for PulsarSource {
     const HOLDS_READY: bool = true;
 
     async fn fetch(&self, max: usize) -> Result<Vec<Fetched<Token>>> {
-        self.inbox
-            .fetch(max, FETCH_WAIT)
-            .await
-            .ok_or_else(closed_sub)
+        let mut rx = self.rx.lock().await;
+        let mut out = Vec::new();
+        match tokio::time::timeout(FETCH_WAIT, rx.recv()).await {
+            Ok(Some(f)) => out.push(f),
+            Ok(None) => return Err(closed_sub()),
+            Err(_) => return Ok(out),
+        }
+        while out.len() < max {
+            match rx.try_recv() {
+                Ok(f) => out.push(f),
+                Err(_) => break,
+            }
+        }
+        Ok(out)
     }
 
     fn take_ready(&self, max: usize) -> Vec<Fetched<Token>> {
-        self.inbox.take_ready(max)
+        let Ok(mut rx) = self.rx.try_lock() else {
+            return Vec::new(); // a fetch is waiting on it
+        };
+        let mut out = Vec::new();
+        while out.len() < max {
+            match rx.try_recv() {
+                Ok(f) => out.push(f),
+                Err(_) => break,
+            }
+        }
+        out
     }
 
     async fn ack(&self, token: Token) -> Result<()> {
@@ -221,7 +241,7 @@ pub(crate) async fn subscribe(inner: Arc<Inner>, sub: Subscription) -> Result<De
     let source = PulsarSource {
         inner: Arc::clone(&inner),
         shared,
-        inbox: engine::Inbox::new(out_rx),
+        rx: tokio::sync::Mutex::new(out_rx),
     };
     let mut shutdown = inner.shutdown_signal();
     let closed = async move {
