@@ -2,7 +2,7 @@
 //! exit: the test binary runs itself with [`ENV`] set, and instead of the
 //! suite it consumes one subscription through the fixture, printing one
 //! line per event on stdout (`acked <event id> <attempt>`, `crash`,
-//! `flushed`).
+//! `hung`, `flushed`).
 
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
@@ -33,24 +33,43 @@ pub(crate) struct Spec {
     /// `None`: consume until killed (aborting on [`CRASH`]); `Some(n)`:
     /// ack `n`, close the stream, flush, exit 0 without closing.
     pub exit_after: Option<usize>,
+    /// `Some(n)`: after `n` acks, take the next delivery and hang with it
+    /// (saying `hung`) until killed. A kill then lands mid-batch at a known
+    /// point: every ack the child made has been reported, none is in
+    /// flight (a kill racing an ack would leave an ack at the broker that
+    /// the parent never heard of).
+    pub hang_after: Option<usize>,
+}
+
+fn opt(n: Option<usize>) -> String {
+    n.map_or(String::new(), |n| n.to_string())
+}
+
+fn parse_opt(s: &str) -> Option<Option<usize>> {
+    if s.is_empty() {
+        Some(None)
+    } else {
+        s.parse().ok().map(Some)
+    }
 }
 
 impl Spec {
     fn encode(&self) -> String {
         format!(
-            "{};{};{};{};{};{}",
+            "{};{};{};{};{};{};{}",
             self.topic,
             self.group,
             self.prefetch,
             self.ack_deadline.as_millis(),
             self.max_attempts,
-            self.exit_after.map_or(String::new(), |n| n.to_string())
+            opt(self.exit_after),
+            opt(self.hang_after)
         )
     }
 
     fn parse(s: &str) -> Option<Spec> {
         let p: Vec<&str> = s.split(';').collect();
-        let [topic, group, prefetch, deadline, max, exit] = p.as_slice() else {
+        let [topic, group, prefetch, deadline, max, exit, hang] = p.as_slice() else {
             return None;
         };
         Some(Spec {
@@ -59,11 +78,8 @@ impl Spec {
             prefetch: prefetch.parse().ok()?,
             ack_deadline: Duration::from_millis(deadline.parse().ok()?),
             max_attempts: max.parse().ok()?,
-            exit_after: if exit.is_empty() {
-                None
-            } else {
-                Some(exit.parse().ok()?)
-            },
+            exit_after: parse_opt(exit)?,
+            hang_after: parse_opt(hang)?,
         })
     }
 }
@@ -110,6 +126,10 @@ async fn consume(fixture: Arc<dyn Fixture>, spec: Spec) -> oona_core::Result<()>
         if d.envelope().payload.as_ref() == CRASH {
             say("crash");
             std::process::abort();
+        }
+        if spec.hang_after.is_some_and(|n| acked >= n) {
+            say("hung");
+            std::future::pending::<()>().await;
         }
         // Handling takes a moment, so a kill lands mid-batch.
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -52,7 +52,8 @@ const KILLS: usize = 20;
 const NORMAL: usize = 200;
 
 /// Consumer processes of one group, prefetch 20, are killed with SIGKILL
-/// mid-batch 20 times (after five acks each) while a message among 200
+/// mid-batch 20 times (after five acks each, holding their sixth delivery
+/// and what they read ahead) while a message among 200
 /// aborts every process it is handed to. Nothing is lost: every message is
 /// acked at least once (duplicates are counted, at-least-once); the
 /// aborting message is dead-lettered after `max_attempts` crashes, and
@@ -90,13 +91,14 @@ async fn killed_consumers_lose_nothing_in(cx: &Cx<'_>) -> CaseResult {
     let crash_id = crash.event_id.to_string();
     sent.insert(5, crash);
     a.publish_batch(sent.clone()).await.ctx("publish_batch")?;
-    let spec = Spec {
+    let mut spec = Spec {
         topic: topic.clone(),
         group: g.clone(),
         prefetch: 20,
         ack_deadline: deadline,
         max_attempts,
         exit_after: None,
+        hang_after: None,
     };
     let mut acks: HashMap<String, Vec<u32>> = HashMap::new();
     let mut dead: Vec<DeadLetterInfo> = Vec::new();
@@ -105,8 +107,11 @@ async fn killed_consumers_lose_nothing_in(cx: &Cx<'_>) -> CaseResult {
     let limit = cx.t.wait() * 6;
     let mut transient_dl = 0;
     while (killed < KILLS || dead.is_empty()) && idle < 2 && started.elapsed() < limit {
+        // Killed after five acks, holding the next delivery and what it
+        // read ahead; once there were enough kills, children run until
+        // the crashing message is dead-lettered.
+        spec.hang_after = (killed < KILLS).then_some(5);
         let mut child = spawn(&spec)?;
-        let mut this_round = 0;
         let outcome = loop {
             let Some(line) = child.line(deadline * 3 + cx.t.late()).await else {
                 break None; // nothing to do (or it exited)
@@ -114,12 +119,11 @@ async fn killed_consumers_lose_nothing_in(cx: &Cx<'_>) -> CaseResult {
             if line == "crash" {
                 break Some(true);
             }
+            if line == "hung" {
+                break Some(false);
+            }
             if let Some((id, attempt)) = acked(&line) {
                 acks.entry(id).or_default().push(attempt);
-                this_round += 1;
-                if this_round >= 5 && killed < KILLS {
-                    break Some(false);
-                }
             }
         };
         match outcome {
@@ -271,6 +275,7 @@ async fn shutdown_then_exit_keeps_acks_in(cx: &Cx<'_>) -> CaseResult {
         ack_deadline: long,
         max_attempts: 5,
         exit_after: Some(30),
+        hang_after: None,
     })?;
     let mut first = HashSet::new();
     let mut flushed = false;
