@@ -135,6 +135,60 @@ impl<T> Fetched<T> {
     }
 }
 
+/// Where a source whose client reads ahead on its own (a task or thread
+/// of the transport) leaves messages for the engine: [`Inbox::fetch`] and
+/// [`Inbox::take_ready`] are the two halves of [`Source::fetch`] and
+/// [`Source::take_ready`] for such a source.
+pub struct Inbox<T> {
+    rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Fetched<T>>>,
+}
+
+impl<T> Inbox<T> {
+    /// The receiving end of what the reader sends.
+    pub fn new(rx: tokio::sync::mpsc::UnboundedReceiver<Fetched<T>>) -> Self {
+        Inbox {
+            rx: tokio::sync::Mutex::new(rx),
+        }
+    }
+
+    /// Up to `max` messages, waiting at most `wait` for the first; `None`
+    /// once the reader is gone.
+    pub async fn fetch(&self, max: usize, wait: Duration) -> Option<Vec<Fetched<T>>> {
+        let mut rx = self.rx.lock().await;
+        let first = match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return None,
+            Err(_) => return Some(Vec::new()),
+        };
+        let mut out = vec![first];
+        drain(&mut rx, &mut out, max);
+        Some(out)
+    }
+
+    /// Up to `max` messages already there, without waiting (none while a
+    /// fetch waits).
+    pub fn take_ready(&self, max: usize) -> Vec<Fetched<T>> {
+        let mut out = Vec::new();
+        if let Ok(mut rx) = self.rx.try_lock() {
+            drain(&mut rx, &mut out, max);
+        }
+        out
+    }
+}
+
+fn drain<T>(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Fetched<T>>,
+    out: &mut Vec<Fetched<T>>,
+    max: usize,
+) {
+    while out.len() < max {
+        match rx.try_recv() {
+            Ok(f) => out.push(f),
+            Err(_) => break,
+        }
+    }
+}
+
 /// An entry that is not an envelope; it is dead-lettered with its raw bytes.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -687,6 +741,16 @@ impl<S: Source> Shared<S> {
         }
     }
 
+    /// A timer went off: give back expired leases, and refresh broker
+    /// leases every `tick`.
+    async fn on_timer(&self, next_extend: &mut Instant, tick: Duration) {
+        self.expire().await;
+        if S::BROKER_LEASES && Instant::now() >= *next_extend {
+            self.extend_broker().await;
+            *next_extend = Instant::now() + tick;
+        }
+    }
+
     /// Refresh the broker's lease of what is held here, before half a
     /// deadline has passed since the last refresh.
     async fn extend_broker(&self) {
@@ -825,7 +889,12 @@ async fn run<S: Source>(shared: Arc<Shared<S>>, closed: impl Future<Output = ()>
                 closing = true;
                 break;
             }
-            r = async { fetch.as_mut().map(|f| f.as_mut()).expect("fetch is some").await }, if fetch.is_some() => {
+            r = async {
+                match fetch.as_mut() {
+                    Some(f) => f.await,
+                    None => std::future::pending().await,
+                }
+            }, if fetch.is_some() => {
                 fetch = None;
                 shared.lock().fetching = false;
                 match r {
@@ -858,13 +927,7 @@ async fn run<S: Source>(shared: Arc<Shared<S>>, closed: impl Future<Output = ()>
                 }
             }
             _ = shared.wake.notified() => {}
-            _ = sleep_until(wake_at) => {
-                shared.expire().await;
-                if S::BROKER_LEASES && Instant::now() >= next_extend {
-                    shared.extend_broker().await;
-                    next_extend = Instant::now() + tick;
-                }
-            }
+            _ = sleep_until(wake_at) => shared.on_timer(&mut next_extend, tick).await,
         }
     }
     // Stopping: what was read but never handed out goes back at once.
@@ -920,13 +983,7 @@ async fn linger<S: Source>(shared: &Shared<S>, closed: impl Future<Output = ()>,
                 return;
             }
             _ = shared.wake.notified() => {}
-            _ = sleep_until(wake_at) => {
-                shared.expire().await;
-                if S::BROKER_LEASES && Instant::now() >= next_extend {
-                    shared.extend_broker().await;
-                    next_extend = Instant::now() + tick;
-                }
-            }
+            _ = sleep_until(wake_at) => shared.on_timer(&mut next_extend, tick).await,
         }
         // Redelivered messages land in the buffer of a dropped stream.
         let buffered = shared.drain_buffer();

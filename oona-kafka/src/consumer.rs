@@ -473,7 +473,7 @@ pub(crate) async fn start(
     inner.track_subscription(Arc::downgrade(&shared));
     let source = KafkaSource {
         ctl,
-        rx: tokio::sync::Mutex::new(out_rx),
+        inbox: engine::Inbox::new(out_rx),
         done: Mutex::new(Some(done_rx)),
     };
     let mut closed = inner.shutdown.subscribe();
@@ -772,12 +772,20 @@ fn finish(ctl: &Ctl, consumer: BaseConsumer<Ctx>) {
 
 struct KafkaSource {
     ctl: Ctl,
-    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Fetched<u64>>>,
+    inbox: engine::Inbox<u64>,
     /// Fired when the poll thread has left the group.
     done: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 impl KafkaSource {
+    /// Without records withdrawn meanwhile (their partition moved: the new
+    /// owner has them).
+    fn still_held(&self, mut out: Vec<Fetched<u64>>) -> Vec<Fetched<u64>> {
+        let st = self.ctl.shared.lock();
+        out.retain(|f| st.inflight.contains_key(&f.token));
+        out
+    }
+
     /// The record of `id`, to republish it.
     fn raw(&self, id: u64) -> Result<(Raw, u32, String)> {
         let st = self.ctl.shared.lock();
@@ -803,39 +811,16 @@ impl engine::Source for KafkaSource {
     const HOLDS_READY: bool = true;
 
     async fn fetch(&self, max: usize) -> Result<Vec<Fetched<u64>>> {
-        let mut rx = self.rx.lock().await;
-        let mut out = Vec::new();
-        match tokio::time::timeout(FETCH_WAIT, rx.recv()).await {
-            Ok(Some(f)) => out.push(f),
-            Ok(None) => return Err(closed_error()),
-            Err(_) => return Ok(out),
-        }
-        while out.len() < max {
-            match rx.try_recv() {
-                Ok(f) => out.push(f),
-                Err(_) => break,
-            }
-        }
-        // Withdrawn meanwhile (its partition moved): the new owner has it.
-        let st = self.ctl.shared.lock();
-        out.retain(|f| st.inflight.contains_key(&f.token));
-        Ok(out)
+        let out = self
+            .inbox
+            .fetch(max, FETCH_WAIT)
+            .await
+            .ok_or_else(closed_error)?;
+        Ok(self.still_held(out))
     }
 
     fn take_ready(&self, max: usize) -> Vec<Fetched<u64>> {
-        let Ok(mut rx) = self.rx.try_lock() else {
-            return Vec::new(); // a fetch is waiting on it
-        };
-        let mut out = Vec::new();
-        while out.len() < max {
-            match rx.try_recv() {
-                Ok(f) => out.push(f),
-                Err(_) => break,
-            }
-        }
-        let st = self.ctl.shared.lock();
-        out.retain(|f| st.inflight.contains_key(&f.token));
-        out
+        self.still_held(self.inbox.take_ready(max))
     }
 
     async fn ack(&self, id: u64) -> Result<()> {

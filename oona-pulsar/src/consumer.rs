@@ -124,7 +124,7 @@ impl Shared {
 struct PulsarSource {
     inner: Arc<Inner>,
     shared: Arc<Shared>,
-    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Fetched<Token>>>,
+    inbox: engine::Inbox<Token>,
 }
 
 #[async_trait]
@@ -133,34 +133,14 @@ impl engine::Source for PulsarSource {
     const HOLDS_READY: bool = true;
 
     async fn fetch(&self, max: usize) -> Result<Vec<Fetched<Token>>> {
-        let mut rx = self.rx.lock().await;
-        let mut out = Vec::new();
-        match tokio::time::timeout(FETCH_WAIT, rx.recv()).await {
-            Ok(Some(f)) => out.push(f),
-            Ok(None) => return Err(closed_sub()),
-            Err(_) => return Ok(out),
-        }
-        while out.len() < max {
-            match rx.try_recv() {
-                Ok(f) => out.push(f),
-                Err(_) => break,
-            }
-        }
-        Ok(out)
+        self.inbox
+            .fetch(max, FETCH_WAIT)
+            .await
+            .ok_or_else(closed_sub)
     }
 
     fn take_ready(&self, max: usize) -> Vec<Fetched<Token>> {
-        let Ok(mut rx) = self.rx.try_lock() else {
-            return Vec::new(); // a fetch is waiting on it
-        };
-        let mut out = Vec::new();
-        while out.len() < max {
-            match rx.try_recv() {
-                Ok(f) => out.push(f),
-                Err(_) => break,
-            }
-        }
-        out
+        self.inbox.take_ready(max)
     }
 
     async fn ack(&self, token: Token) -> Result<()> {
@@ -241,7 +221,7 @@ pub(crate) async fn subscribe(inner: Arc<Inner>, sub: Subscription) -> Result<De
     let source = PulsarSource {
         inner: Arc::clone(&inner),
         shared,
-        rx: tokio::sync::Mutex::new(out_rx),
+        inbox: engine::Inbox::new(out_rx),
     };
     let mut shutdown = inner.shutdown_signal();
     let closed = async move {
