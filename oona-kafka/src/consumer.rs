@@ -11,7 +11,8 @@
 //! later ack never commits past an earlier unsettled message. Commits go
 //! out every `commit_interval`, on `Transport::flush` (synchronously), when
 //! partitions are revoked and on close. The engine owns leases, attempts,
-//! prefetch and key order.
+//! prefetch and key order. Attempts that must survive a crash of the
+//! member travel in the commit metadata ([`crate::marks`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +32,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::headers::{self, name as hname};
+use crate::marks::Marks;
 use crate::options::GroupProtocol;
 use crate::transport::{closed_error, kafka_error, Inner, NAME};
 
@@ -75,7 +77,15 @@ struct Part {
     pending: BTreeMap<i64, bool>,
     /// Next offset to commit (one past the last contiguous settled one).
     commit: Option<i64>,
+    /// The first offset read since the partition was assigned: where its
+    /// committed offset stands until a settlement moves it.
+    base: Option<i64>,
     dirty: bool,
+    /// The hand-out marks as committed (or about to be).
+    marks: Marks,
+    /// Records before this offset were out with a member that vanished
+    /// (the marks found at assignment): they come back as recovered.
+    recovered_below: i64,
 }
 
 impl Part {
@@ -88,6 +98,26 @@ impl Part {
             self.commit = Some(o + 1);
             self.dirty = true;
         }
+        if let Some(c) = self.commit.filter(|_| !self.marks.charged.is_empty()) {
+            self.marks.charged = self.marks.charged.split_off(&c);
+        }
+    }
+
+    fn commit_offset(&self) -> Option<i64> {
+        self.commit.or(self.base)
+    }
+
+    /// Add this partition's offset and marks to `tpl`.
+    fn add_to(&self, tpl: &mut TopicPartitionList, t: &str, p: i32) -> bool {
+        let Some(c) = self.commit_offset() else {
+            return false;
+        };
+        let mut e = tpl.add_partition(t, p);
+        if e.set_offset(Offset::Offset(c)).is_err() {
+            return false;
+        }
+        e.set_metadata(self.marks.encode(c));
+        true
     }
 }
 
@@ -100,6 +130,8 @@ struct InFlight {
     raw: Raw,
     attempt: u32,
     position: String,
+    /// Out with a member that vanished: handed out alone, one at a time.
+    recovered: bool,
     /// Given to the engine (it counts against the prefetch).
     sent: bool,
     /// The engine has handed it out (until then it is withdrawn when its
@@ -132,6 +164,11 @@ struct State {
     waiting: HashMap<TopicPartition, (u64, Fetched<u64>)>,
     /// The poll thread has ended: settlements can no longer be committed.
     ended: bool,
+    /// The engine gave back what it had not handed out: nothing more goes
+    /// to it.
+    stopping: bool,
+    /// Recording hand-out marks failed: not before this.
+    marks_retry_at: Option<std::time::Instant>,
 }
 
 impl State {
@@ -145,7 +182,40 @@ impl State {
             }
         });
         part.pending.insert(offset, false);
+        part.base.get_or_insert(offset);
         part.epoch
+    }
+
+    /// Start an assigned partition with the marks its last commit carries.
+    fn assign(&mut self, tp: TopicPartition, marks: Marks) {
+        self.next_epoch += 1;
+        let part = Part {
+            epoch: self.next_epoch,
+            recovered_below: marks.below,
+            marks,
+            ..Part::default()
+        };
+        self.parts.insert(tp.clone(), part);
+        self.assigned.insert(tp);
+    }
+
+    /// Lower the marks of the partitions `of` to what is still out with the
+    /// consumer (taken and unsettled), leaving what a vanished member had
+    /// out recovered: read-ahead that was never handed out is not charged
+    /// to the next owner.
+    fn lower_marks(&mut self, of: impl Fn(&TopicPartition) -> bool) {
+        let mut out: HashMap<TopicPartition, i64> = HashMap::new();
+        for f in self.inflight.values().filter(|f| f.taken && of(&f.tp)) {
+            let o = out.entry(f.tp.clone()).or_insert(0);
+            *o = (*o).max(f.offset + 1);
+        }
+        for (tp, part) in self.parts.iter_mut().filter(|(tp, _)| of(tp)) {
+            let floor = out.get(tp).copied().unwrap_or(0).max(part.recovered_below);
+            if floor < part.marks.below {
+                part.marks.below = floor;
+                part.dirty = true;
+            }
+        }
     }
 
     fn current(&self, tp: &TopicPartition, epoch: u64) -> bool {
@@ -175,10 +245,8 @@ impl State {
                     continue;
                 }
             }
-            if let Some(c) = part.commit {
-                if tpl.add_partition_offset(t, *p, Offset::Offset(c)).is_ok() {
-                    part.dirty = false;
-                }
+            if part.add_to(&mut tpl, t, *p) {
+                part.dirty = false;
             }
         }
         tpl
@@ -229,6 +297,8 @@ struct Ctx {
     shared: Arc<Shared>,
     /// Longest a revoke waits for deliveries of its partitions.
     revoke_wait: Duration,
+    /// Longest reading the marks of assigned partitions takes.
+    lookup_timeout: Duration,
     /// Told when the member gets its first assignment.
     assigned: Mutex<Option<oneshot::Sender<()>>>,
 }
@@ -244,13 +314,26 @@ fn listed(tpl: &TopicPartitionList) -> Vec<String> {
 }
 
 impl ConsumerContext for Ctx {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(a) = rebalance {
             tracing::debug!(partitions = ?listed(a), "kafka: partitions assigned");
+            // The marks of their last commit: what their last owner may
+            // have had out when it vanished.
+            let found = consumer
+                .committed_offsets((*a).clone(), Timeout::After(self.lookup_timeout))
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "kafka: reading the commit metadata of assigned partitions failed; a crash of their last owner is not charged to what it had out");
+                })
+                .ok();
             {
                 let mut st = self.shared.lock();
                 for e in a.elements() {
-                    st.assigned.insert((Arc::from(e.topic()), e.partition()));
+                    let marks = found
+                        .as_ref()
+                        .and_then(|c| c.find_partition(e.topic(), e.partition()))
+                        .map(|c| Marks::parse(c.metadata()))
+                        .unwrap_or_default();
+                    st.assign((Arc::from(e.topic()), e.partition()), marks);
                 }
             }
             let tx = self.assigned.lock().ok().and_then(|mut t| t.take());
@@ -291,6 +374,7 @@ impl ConsumerContext for Ctx {
                     Err(p) => p.into_inner().0,
                 };
             }
+            st.lower_marks(of_revoked);
             let tpl = st.commits(Some(revoked));
             for e in revoked.elements() {
                 let tp = (Arc::from(e.topic()), e.partition());
@@ -502,6 +586,9 @@ fn create_consumer(
         // Bounds what librdkafka prefetches per partition (default 64 MB).
         .set("queued.max.messages.kbytes", "16384")
         .set("max.poll.interval.ms", max_poll.as_millis().to_string());
+    if o.static_membership {
+        cfg.set("group.instance.id", sub.consumer.as_str());
+    }
     if o.group_protocol == GroupProtocol::Classic {
         // With KIP-848's protocol these are the broker's, and librdkafka
         // refuses them.
@@ -515,6 +602,7 @@ fn create_consumer(
         .create_with_context(Ctx {
             shared: Arc::clone(shared),
             revoke_wait: sub.ack_deadline.min(Duration::from_secs(10)),
+            lookup_timeout: o.timeout.min(Duration::from_secs(10)),
             assigned: Mutex::new(Some(assigned)),
         })
         .map_err(|e| kafka_error("create consumer", e))?;
@@ -567,7 +655,7 @@ fn poll_loop(
             return;
         }
         release_due(ctl, consumer, &mut ready);
-        hand_to_engine(ctl, &mut ready, out, prefetch);
+        hand_to_engine(ctl, consumer, &mut ready, out, prefetch);
         if std::time::Instant::now() >= next_commit {
             commit(ctl, consumer, CommitMode::Async);
             next_commit = std::time::Instant::now() + every;
@@ -605,9 +693,13 @@ fn poll_loop(
 }
 
 /// Give the engine what it has room for (records withdrawn by a revoke
-/// meanwhile are skipped: their new owner has them).
+/// meanwhile are skipped: their new owner has them). Hand-out marks go to
+/// the broker first (see [`crate::marks`]): a record past its partition's
+/// mark raises it a prefetch ahead; a recovered record goes alone, its
+/// attempt recorded.
 fn hand_to_engine(
     ctl: &Ctl,
+    consumer: &BaseConsumer<Ctx>,
     ready: &mut VecDeque<Fetched<u64>>,
     out: &mpsc::UnboundedSender<Fetched<u64>>,
     prefetch: usize,
@@ -615,16 +707,93 @@ fn hand_to_engine(
     if ready.is_empty() {
         return;
     }
-    let mut st = ctl.shared.lock();
+    let mut guard = ctl.shared.lock();
+    if guard.stopping
+        || guard
+            .marks_retry_at
+            .is_some_and(|t| std::time::Instant::now() < t)
+    {
+        return;
+    }
+    let st = &mut *guard;
     let mut outstanding = st.inflight.values().filter(|f| f.sent).count();
+    let mut recovered_out = st.inflight.values().any(|f| f.sent && f.recovered);
+    let mut batch = Vec::new();
+    let mut before: HashMap<TopicPartition, Marks> = HashMap::new();
     while outstanding < prefetch {
         let Some(f) = ready.pop_front() else { break };
-        if let Some(x) = st.inflight.get_mut(&f.token) {
-            x.sent = true;
-            outstanding += 1;
-            let _ = out.send(f);
+        let Some(x) = st.inflight.get_mut(&f.token) else {
+            continue;
+        };
+        let Some(part) = st.parts.get_mut(&x.tp).filter(|p| p.epoch == x.epoch) else {
+            continue;
+        };
+        if x.recovered {
+            if recovered_out {
+                ready.push_front(f);
+                break;
+            }
+            recovered_out = true;
+        }
+        if x.recovered || x.offset >= part.marks.below {
+            before
+                .entry(x.tp.clone())
+                .or_insert_with(|| part.marks.clone());
+            if x.recovered {
+                part.marks.charged.insert(x.offset, x.attempt);
+            }
+            let window = i64::try_from(prefetch).unwrap_or(i64::MAX);
+            part.marks.below = part.marks.below.max(x.offset.saturating_add(window));
+        }
+        x.sent = true;
+        outstanding += 1;
+        batch.push(f);
+    }
+    if !before.is_empty() {
+        let mut tpl = TopicPartitionList::new();
+        for tp in before.keys() {
+            if let Some(part) = st.parts.get(tp) {
+                part.add_to(&mut tpl, &tp.0, tp.1);
+            }
+        }
+        drop(guard);
+        // The poll thread is the only committer, so this commit cannot
+        // pass an older one.
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::warn!(topic = %ctl.sub.topic, error = %e, "kafka: recording hand-out marks failed; retrying before handing records on");
+            undo_marks(ctl, ready, batch, before);
+            return;
+        }
+        ctl.shared.lock().marks_retry_at = None;
+    } else {
+        drop(guard);
+    }
+    for f in batch {
+        let _ = out.send(f);
+    }
+}
+
+/// Marks could not be recorded: put them back as they were and the batch
+/// back at the front of `ready`, in order, and wait a moment.
+fn undo_marks(
+    ctl: &Ctl,
+    ready: &mut VecDeque<Fetched<u64>>,
+    batch: Vec<Fetched<u64>>,
+    before: HashMap<TopicPartition, Marks>,
+) {
+    let mut st = ctl.shared.lock();
+    for (tp, m) in before {
+        if let Some(part) = st.parts.get_mut(&tp) {
+            part.marks = m;
         }
     }
+    for f in batch.into_iter().rev() {
+        if let Some(x) = st.inflight.get_mut(&f.token) {
+            x.sent = false;
+        }
+        ready.push_front(f);
+    }
+    st.marks_retry_at = Some(std::time::Instant::now() + Duration::from_millis(200));
 }
 
 fn tpl_of(tp: &TopicPartition) -> TopicPartitionList {
@@ -700,6 +869,10 @@ fn on_message(
         return;
     }
     let epoch = st.track(&tp, offset);
+    let (recovered, attempt) = match st.parts.get(&tp) {
+        Some(p) if offset < p.recovered_below => (true, p.marks.after_crash(offset, attempt)),
+        _ => (false, attempt),
+    };
     st.next_id += 1;
     let id = st.next_id;
     st.inflight.insert(
@@ -711,11 +884,12 @@ fn on_message(
             raw,
             attempt,
             position: position.clone(),
+            recovered,
             sent: false,
             taken: false,
         },
     );
-    let fetched = Fetched::new(id, message, attempt, Some(position));
+    let fetched = Fetched::new(id, message, attempt, Some(position)).recovered(recovered);
     match internal.not_before {
         Some(at) if at > unix_ms_now() => {
             // Not due: its retry partition pauses until then, so nothing
@@ -851,11 +1025,14 @@ impl engine::Source for KafkaSource {
 
     async fn release(&self, ids: Vec<u64>) {
         // Left unsettled: the commit stops before them, and the group's
-        // next owner of their partitions reads them again.
+        // next owner of their partitions reads them again, uncharged (the
+        // engine gives back only when it stops).
         let mut st = self.ctl.shared.lock();
+        st.stopping = true;
         for id in ids {
             st.inflight.remove(&id);
         }
+        st.lower_marks(|_| true);
     }
 
     fn handing_out(&self, id: &u64) -> bool {

@@ -5,6 +5,7 @@
 mod consumer;
 pub mod headers;
 mod incremental;
+mod marks;
 mod options;
 mod transport;
 

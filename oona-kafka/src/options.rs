@@ -33,6 +33,13 @@ pub struct KafkaOptions {
     /// `heartbeat` interval (default a third of the session timeout;
     /// classic protocol only).
     pub heartbeat: Duration,
+    /// `static_membership`: each subscription joins its group as a static
+    /// member (KIP-345) whose `group.instance.id` is the subscription's
+    /// consumer name (default false). A process restarted with the same
+    /// consumer names takes its partitions back at once instead of after
+    /// the session timeout; a member that closes does not leave the group
+    /// (its partitions wait for the session timeout or its return).
+    pub static_membership: bool,
     /// `fetch_wait`: longest a fetch waits for data (default 100 ms).
     pub fetch_wait: Duration,
     /// `commit_interval`: settled offsets are committed at most this often
@@ -84,6 +91,7 @@ impl Default for KafkaOptions {
             group_protocol: GroupProtocol::default(),
             session_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_millis(3333),
+            static_membership: false,
             fetch_wait: Duration::from_millis(100),
             commit_interval: Duration::from_millis(100),
             timeout: Duration::from_secs(30),
@@ -102,7 +110,8 @@ impl KafkaOptions {
     /// are an error naming them.
     ///
     /// Keys: `client_id`, `partitions`, `replication`, `linger`,
-    /// `idempotence`, `batch_messages`, `group_protocol`, `session_timeout`, `heartbeat`, `fetch_wait`,
+    /// `idempotence`, `batch_messages`, `group_protocol`, `session_timeout`, `heartbeat`,
+    /// `static_membership`, `fetch_wait`,
     /// `commit_interval`, `timeout`, `tls`, `tls_ca`, `tls_cert`, `tls_key`,
     /// `tls_key_password`, `sasl_mechanism` (user and password from the
     /// URL's user info), `brokers` (more `host:port`s, comma-separated).
@@ -198,6 +207,9 @@ impl KafkaOptions {
         }
         if let Some(v) = heartbeat {
             o.heartbeat = v;
+        }
+        if let Some(v) = url.take_bool("static_membership")? {
+            o.static_membership = v;
         }
         if let Some(v) = url.take_duration("fetch_wait")? {
             o.fetch_wait = v;

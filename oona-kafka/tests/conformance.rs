@@ -86,10 +86,16 @@ fn make(url: String) -> KafkaFixture {
         .as_ref()
         .map(|p| p.addr().to_string())
         .unwrap_or_else(|| direct.clone());
-    let query = url
+    let mut query = url
         .split_once('?')
         .map(|(_, q)| format!("?{q}"))
         .unwrap_or_default();
+    if oona_conformance::is_child_process() {
+        // Children of one consumer name are one member restarted: it
+        // takes its partitions back at once (no session timeout per kill).
+        query.push(if query.is_empty() { '?' } else { '&' });
+        query.push_str("static_membership=true");
+    }
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &direct);
     KafkaFixture {
@@ -121,12 +127,6 @@ impl Fixture for KafkaFixture {
             .await
             .map(|_| ())
             .map_err(|(e, _)| broker_error("raw produce", e))
-    }
-
-    fn known_gap(&self, case: &str) -> Option<&'static str> {
-        (case == "killed_consumers_lose_nothing").then_some(
-            "attempt counts do not survive a consumer crash on Kafka yet (kept in retry headers; a crashing message is attempt 1 again), issue 11's next step",
-        )
     }
 
     async fn cut_connections(&self) -> oona_core::Result<()> {

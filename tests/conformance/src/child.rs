@@ -27,14 +27,17 @@ pub(crate) const CRASH: &[u8] = b"crash";
 pub(crate) struct Spec {
     pub topic: Topic,
     pub group: Name,
+    /// The consumer name; `None`: a unique one. Children with one name
+    /// are one consumer restarted (as a pod of a stateful set is).
+    pub consumer: Option<Name>,
     pub prefetch: usize,
     pub ack_deadline: Duration,
     pub max_attempts: u32,
     /// `None`: consume until killed (aborting on [`CRASH`]); `Some(n)`:
     /// ack `n`, close the stream, flush, exit 0 without closing.
     pub exit_after: Option<usize>,
-    /// `Some(n)`: after `n` acks, take the next delivery and hang with it
-    /// (saying `hung`) until killed. A kill then lands mid-batch at a known
+    /// `Some(n)`: after `n` acks, hang with the next first delivery
+    /// (attempt 1; saying `hung`) until killed. A kill then lands mid-batch at a known
     /// point: every ack the child made has been reported, none is in
     /// flight (a kill racing an ack would leave an ack at the broker that
     /// the parent never heard of).
@@ -56,9 +59,10 @@ fn parse_opt(s: &str) -> Option<Option<usize>> {
 impl Spec {
     fn encode(&self) -> String {
         format!(
-            "{};{};{};{};{};{};{}",
+            "{};{};{};{};{};{};{};{}",
             self.topic,
             self.group,
+            self.consumer.as_ref().map_or("", |c| c.as_str()),
             self.prefetch,
             self.ack_deadline.as_millis(),
             self.max_attempts,
@@ -69,12 +73,17 @@ impl Spec {
 
     fn parse(s: &str) -> Option<Spec> {
         let p: Vec<&str> = s.split(';').collect();
-        let [topic, group, prefetch, deadline, max, exit, hang] = p.as_slice() else {
+        let [topic, group, consumer, prefetch, deadline, max, exit, hang] = p.as_slice() else {
             return None;
         };
         Some(Spec {
             topic: Topic::new(*topic).ok()?,
             group: Name::new(*group).ok()?,
+            consumer: if consumer.is_empty() {
+                None
+            } else {
+                Some(Name::new(*consumer).ok()?)
+            },
             prefetch: prefetch.parse().ok()?,
             ack_deadline: Duration::from_millis(deadline.parse().ok()?),
             max_attempts: max.parse().ok()?,
@@ -114,7 +123,11 @@ fn say(line: &str) {
 
 async fn consume(fixture: Arc<dyn Fixture>, spec: Spec) -> oona_core::Result<()> {
     let t = fixture.connect().await?;
-    let sub = Subscription::new(spec.topic.clone(), spec.group.clone())
+    let mut sub = Subscription::new(spec.topic.clone(), spec.group.clone());
+    if let Some(c) = spec.consumer.clone() {
+        sub = sub.consumer(c);
+    }
+    let sub = sub
         .prefetch(spec.prefetch)
         .ack_deadline(spec.ack_deadline)
         .max_attempts(spec.max_attempts);
@@ -127,7 +140,13 @@ async fn consume(fixture: Arc<dyn Fixture>, spec: Spec) -> oona_core::Result<()>
             say("crash");
             std::process::abort();
         }
-        if spec.hang_after.is_some_and(|n| acked >= n) {
+        // A first delivery: the kill is charged to a message no earlier
+        // kill was (so only the crashing message counts many).
+        if spec.hang_after.is_some_and(|n| acked >= n) && d.attempt() == 1 {
+            // Its acks are on the broker: the kill takes only what it
+            // holds (else batched acks lost with it would put the same
+            // record under the next kill again and again).
+            t.flush().await?;
             say("hung");
             std::future::pending::<()>().await;
         }

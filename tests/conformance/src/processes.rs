@@ -49,11 +49,11 @@ fn acked(line: &str) -> Option<(String, u32)> {
 }
 
 const KILLS: usize = 20;
-const NORMAL: usize = 200;
+const NORMAL: usize = 1000;
 
 /// Consumer processes of one group, prefetch 20, are killed with SIGKILL
-/// mid-batch 20 times (after five acks each, holding their sixth delivery
-/// and what they read ahead) while a message among 200
+/// mid-batch 20 times (after five acks each, holding a first delivery and
+/// what they read ahead) while a message among 1,000
 /// aborts every process it is handed to. Nothing is lost: every message is
 /// acked at least once (duplicates are counted, at-least-once); the
 /// aborting message is dead-lettered after `max_attempts` crashes, and
@@ -91,9 +91,12 @@ async fn killed_consumers_lose_nothing_in(cx: &Cx<'_>) -> CaseResult {
     let crash_id = crash.event_id.to_string();
     sent.insert(5, crash);
     a.publish_batch(sent.clone()).await.ctx("publish_batch")?;
+    // One consumer, restarted after each kill (a transport that knows
+    // restarted members may hand back their share at once).
     let mut spec = Spec {
         topic: topic.clone(),
         group: g.clone(),
+        consumer: Some(group("restarted")),
         prefetch: 20,
         ack_deadline: deadline,
         max_attempts,
@@ -107,7 +110,7 @@ async fn killed_consumers_lose_nothing_in(cx: &Cx<'_>) -> CaseResult {
     let limit = cx.t.wait() * 6;
     let mut transient_dl = 0;
     while (killed < KILLS || dead.is_empty()) && idle < 2 && started.elapsed() < limit {
-        // Killed after five acks, holding the next delivery and what it
+        // Killed after five acks, holding a first delivery and what it
         // read ahead; once there were enough kills, children run until
         // the crashing message is dead-lettered.
         spec.hang_after = (killed < KILLS).then_some(5);
@@ -201,8 +204,13 @@ async fn killed_consumers_lose_nothing_in(cx: &Cx<'_>) -> CaseResult {
     let lost: Vec<&String> = normal.iter().filter(|id| !acks.contains_key(*id)).collect();
     let duplicates: usize = acks.values().map(|v| v.len().saturating_sub(1)).sum();
     let max_attempt = acks.values().flatten().max().copied().unwrap_or(0);
+    let most_charged = acks
+        .values()
+        .max_by_key(|v| v.iter().max().copied().unwrap_or(0))
+        .cloned()
+        .unwrap_or_default();
     println!(
-        "killed_consumers_lose_nothing [{}]: {} published, {killed} SIGKILLs, {aborted} aborts by the crashing message, lost {}, duplicates {duplicates}, highest attempt of a healthy message {max_attempt}, {} dead letters, {:?}",
+        "killed_consumers_lose_nothing [{}]: {} published, {killed} SIGKILLs, {aborted} aborts by the crashing message, lost {}, duplicates {duplicates}, highest attempt of a healthy message {max_attempt} (its acks at attempts {most_charged:?}), {} dead letters, {:?}",
         cx.fx.name(),
         sent.len(),
         lost.len(),
@@ -271,6 +279,7 @@ async fn shutdown_then_exit_keeps_acks_in(cx: &Cx<'_>) -> CaseResult {
     let mut child = spawn(&Spec {
         topic: topic.clone(),
         group: g.clone(),
+        consumer: None,
         prefetch: 64,
         ack_deadline: long,
         max_attempts: 5,
