@@ -89,6 +89,9 @@ pub(crate) struct Inner {
     pub(crate) renew: redis::Script,
     pub(crate) release: redis::Script,
     pub(crate) extend: redis::Script,
+    pub(crate) kread: redis::Script,
+    pub(crate) kheads: redis::Script,
+    pub(crate) kdone: redis::Script,
     /// Reader tasks, awaited (briefly) by `close`.
     pub(crate) readers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -189,6 +192,9 @@ impl RedisTransport {
             renew: redis::Script::new(scripts::RENEW),
             release: redis::Script::new(scripts::RELEASE),
             extend: redis::Script::new(scripts::EXTEND),
+            kread: redis::Script::new(scripts::KREAD),
+            kheads: redis::Script::new(scripts::KHEADS),
+            kdone: redis::Script::new(scripts::KDONE),
             readers: Mutex::new(Vec::new()),
         });
         if !inner.cfg.housekeeping.is_zero() {
@@ -279,6 +285,37 @@ impl Inner {
 
     pub(crate) fn delayed_key(&self, topic: &Topic, group: &str) -> String {
         format!("{}{}:delayed:{}", self.cfg.prefix, topic, group)
+    }
+
+    /// The key queues of `group` on `topic` (left when a key-ordered
+    /// group's entries were still pending).
+    async fn key_queues(&self, topic: &Topic, group: &str) -> Result<Vec<String>> {
+        let pattern = format!("{}*", glob_escape(&self.key_queue_prefix(topic, group)));
+        let mut conn = self.conn.clone();
+        let mut cursor = 0u64;
+        let mut out = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error(e, "SCAN for key queues failed"))?;
+            out.extend(keys);
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Prefix of the key queues of a key-ordered group (see
+    /// [`scripts::KREAD`]): `<prefix><topic>:korder:<group>:`.
+    pub(crate) fn key_queue_prefix(&self, topic: &Topic, group: &str) -> String {
+        format!("{}{}:korder:{}:", self.cfg.prefix, topic, group)
     }
 
     fn topics_key(&self) -> String {
@@ -482,10 +519,9 @@ impl Transport for RedisTransport {
     }
 
     fn capabilities(&self) -> Capabilities {
-        // key_ordered_competing: not implemented (one stream per topic, no
-        // key-hashed partitions), so declared false.
+        // key_ordered_competing: per-group key queues (scripts::KREAD).
         Capabilities::default()
-            .with_key_ordered_competing(false)
+            .with_key_ordered_competing(true)
             .with_max_payload_bytes(MAX_PAYLOAD_BYTES)
     }
 
@@ -529,13 +565,6 @@ impl Transport for RedisTransport {
 
     async fn subscribe(&self, mut subscription: Subscription) -> Result<DeliveryStream> {
         self.inner.check_open()?;
-        if subscription.key_ordered {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "key-ordered competing consumers are not supported by the Redis transport (capabilities().key_ordered_competing is false); use one consumer per group for total order",
-            )
-            .with_transport(NAME));
-        }
         let cfg = &self.inner.cfg;
         if subscription.prefetch == Subscription::DEFAULT_PREFETCH {
             if let Some(p) = cfg.default_prefetch {
@@ -601,6 +630,9 @@ impl Transport for RedisTransport {
             .ignore();
         for g in &groups {
             pipe.cmd("DEL").arg(inner.delayed_key(topic, g)).ignore();
+            for q in inner.key_queues(topic, g).await? {
+                pipe.cmd("DEL").arg(q).ignore();
+            }
         }
         pipe.cmd("SREM")
             .arg(inner.topics_key())
@@ -672,4 +704,16 @@ impl Transport for RedisTransport {
         self.inner.acker.flush(true).await;
         Ok(())
     }
+}
+
+/// `s` with the glob characters of `SCAN MATCH` escaped.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }

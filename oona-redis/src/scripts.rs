@@ -120,3 +120,106 @@ for i = 3, #ARGV do
 end
 return out
 "#;
+
+/// Key-ordered subscriptions keep, per group and key, the queue
+/// `<prefix><topic>:korder:<group>:<key>`: a sorted set of the group's
+/// pending entry ids of that key in stream order (ids zero-padded, so
+/// lexical order is stream order). Only the queue's head may be handed out;
+/// an entry leaves its queue when it is acked or dead-lettered, or, found
+/// at the head but no longer pending (trimmed, or settled by a client that
+/// knows no queues), when the next one is looked at.
+macro_rules! pad_lua {
+    () => {
+        r#"
+local function pad(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return string.rep('0', 20 - #ms) .. ms .. '-' .. string.rep('0', 20 - #seq) .. seq
+end
+local function unpad(m)
+  local ms, seq = string.match(m, '^0*(%d+)-0*(%d+)$')
+  return ms .. '-' .. seq
+end
+"#
+    };
+}
+
+/// Key-ordered read: `XREADGROUP ... >` for `consumer` and every keyed entry
+/// read into its key's queue, in one step (no other consumer can see a
+/// later entry of the key as its head while an earlier one is being read).
+/// Returns `{entries, last}`; when nothing was read `last` is the id of
+/// the stream's last entry (the caller blocks for entries after it).
+///
+/// KEYS: stream. ARGV: group, consumer, count, queue prefix, key field.
+pub(crate) const KREAD: &str = concat!(
+    pad_lua!(),
+    r#"
+local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+if not r then
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if last[1] then return {{}, last[1][1]} end
+  return {{}, '0-0'}
+end
+local entries = r[1][2]
+for _, e in ipairs(entries) do
+  local f = e[2]
+  for i = 1, #f, 2 do
+    if f[i] == ARGV[5] then
+      redis.call('ZADD', ARGV[4] .. f[i + 1], 0, pad(e[1]))
+      break
+    end
+  end
+end
+return {entries, ''}
+"#
+);
+
+/// Key-ordered hand-out check of entries `consumer` holds: for each, 1 when
+/// it is the head of its key's queue (it may go), 0 when an earlier entry
+/// of its key is still pending in the group (it waits; its idle time is
+/// refreshed so no claim pass takes it meanwhile), -1 when it is no longer
+/// pending for this consumer.
+///
+/// KEYS: stream. ARGV: group, consumer, queue prefix, then key, id pairs.
+pub(crate) const KHEADS: &str = concat!(
+    pad_lua!(),
+    r#"
+local out = {}
+for i = 4, #ARGV, 2 do
+  local q, id = ARGV[3] .. ARGV[i], ARGV[i + 1]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if not p[1] or p[1][2] ~= ARGV[2] then
+    out[#out + 1] = -1
+  else
+    local me = pad(id)
+    redis.call('ZADD', q, 'NX', 0, me)
+    local state = 0
+    while true do
+      local h = redis.call('ZRANGE', q, 0, 0)[1]
+      if h == me then
+        state = 1
+        break
+      end
+      local hid = unpad(h)
+      if redis.call('XPENDING', KEYS[1], ARGV[1], hid, hid, 1)[1] then break end
+      redis.call('ZREM', q, h)
+    end
+    if state == 0 then redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID') end
+    out[#out + 1] = state
+  end
+end
+return out
+"#
+);
+
+/// Key-ordered settlement: the entry leaves its key's queue (after `XACK`
+/// when `ack` is 1; a dead letter is acked in its own transaction).
+///
+/// KEYS: stream. ARGV: group, queue, id, ack.
+pub(crate) const KDONE: &str = concat!(
+    pad_lua!(),
+    r#"
+if ARGV[4] == '1' then redis.call('XACK', KEYS[1], ARGV[1], ARGV[3]) end
+redis.call('ZREM', ARGV[2], pad(ARGV[3]))
+return 1
+"#
+);

@@ -4,6 +4,7 @@
 //! timing (leases, expiry, prefetch, crash charging); this maps it onto
 //! Redis.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -78,7 +79,25 @@ pub(crate) struct RedisSource {
     /// The last claim pass found a recovered entry: look for the next one
     /// at once (a crashed consumer's entries come back one at a time).
     claim_now: AtomicBool,
+    /// Key-ordered subscriptions: the group-wide key queues.
+    korder: Option<KeyOrder>,
 }
+
+/// Per-key order across the consumers of a group (see
+/// [`crate::scripts::KREAD`]): a keyed entry goes to the engine only once it
+/// heads its key's queue; until then it waits here.
+struct KeyOrder {
+    /// `<prefix><topic>:korder:<group>:`
+    prefix: String,
+    /// Key of each keyed entry held here (to take it off its queue).
+    keys: Mutex<HashMap<String, String>>,
+    /// Read, and not yet the head of its key.
+    waiting: Mutex<Vec<Fetched<String>>>,
+}
+
+/// How often a consumer with waiting entries looks whether they head their
+/// keys yet (another consumer's settlement frees them).
+const HEAD_POLL: Duration = Duration::from_millis(10);
 
 pub(crate) fn start(
     inner: Arc<Inner>,
@@ -93,6 +112,11 @@ pub(crate) fn start(
         read: tokio::sync::Mutex::new(read_conn),
         next_claim: Mutex::new(Instant::now()),
         claim_now: AtomicBool::new(false),
+        korder: sub.key_ordered.then(|| KeyOrder {
+            prefix: inner.key_queue_prefix(&sub.topic, sub.group.as_str()),
+            keys: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(Vec::new()),
+        }),
         inner: Arc::clone(&inner),
         sub: sub.clone(),
     };
@@ -110,13 +134,18 @@ impl RedisSource {
         let message = wire::decode(&mut entry, &self.sub.topic)
             .map_err(|e| Poison::new(wire::raw_json(&entry), ContentType::json(), e));
         let id = entry.id;
+        if let (Some(ko), Ok(env)) = (&self.korder, &message) {
+            if let Some(k) = &env.key {
+                lock(&ko.keys).insert(id.clone(), k.clone());
+            }
+        }
         Fetched::new(id.clone(), message, attempt, Some(id)).recovered(recovered)
     }
 
     /// Whether this fetch starts with a claim pass.
     fn claim_due(&self) -> bool {
         let now = Instant::now();
-        let mut next = self.next_claim.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = lock(&self.next_claim);
         if self.claim_now.swap(false, Ordering::AcqRel) || now >= *next {
             *next = now + self.inner.cfg.claim_interval;
             return true;
@@ -153,7 +182,7 @@ impl RedisSource {
     }
 
     async fn read(&self, max: usize) -> Result<Vec<Fetched<String>>> {
-        let next_claim = *self.next_claim.lock().unwrap_or_else(|p| p.into_inner());
+        let next_claim = *lock(&self.next_claim);
         let block = next_claim
             .saturating_duration_since(Instant::now())
             .min(self.inner.cfg.block)
@@ -192,6 +221,201 @@ impl RedisSource {
     }
 }
 
+/// Key-ordered subscriptions (see [`KeyOrder`]).
+impl RedisSource {
+    async fn fetch_key_ordered(&self, ko: &KeyOrder, max: usize) -> Result<Vec<Fetched<String>>> {
+        let until = Instant::now() + self.inner.cfg.block;
+        loop {
+            let waiting = std::mem::take(&mut *lock(&ko.waiting));
+            let mut out = self.admit(ko, waiting).await?;
+            if out.len() > max {
+                // Still heads: handed on by a later fetch.
+                lock(&ko.waiting).extend(out.split_off(max));
+            }
+            let mut last = None;
+            if out.len() < max {
+                let mut got = if self.claim_due() {
+                    self.claim(max - out.len()).await?
+                } else {
+                    Vec::new()
+                };
+                let held = lock(&ko.waiting).len() + out.len();
+                let room = (max - out.len()).min(self.sub.prefetch.saturating_sub(held));
+                if got.is_empty() && room > 0 {
+                    let (read, l) = self.kread(ko, room).await?;
+                    got = read;
+                    last = l;
+                }
+                out.extend(self.admit(ko, got).await?);
+            }
+            if !out.is_empty() || Instant::now() >= until || self.inner.cancel.is_cancelled() {
+                return Ok(out);
+            }
+            match last.filter(|_| lock(&ko.waiting).is_empty()) {
+                Some(last) => self.wait_after(&last, until).await?,
+                None => tokio::time::sleep(HEAD_POLL).await,
+            }
+        }
+    }
+
+    /// See [`crate::scripts::KREAD`].
+    async fn kread(
+        &self,
+        ko: &KeyOrder,
+        max: usize,
+    ) -> Result<(Vec<Fetched<String>>, Option<String>)> {
+        let mut conn = self.inner.conn.clone();
+        let v = self
+            .inner
+            .kread
+            .key(&*self.key)
+            .arg(&*self.group)
+            .arg(self.sub.consumer.as_str())
+            .arg(max)
+            .arg(&ko.prefix)
+            .arg(oona_core::wire::fields::name::KEY)
+            .invoke_async::<Value>(&mut conn)
+            .await;
+        let v = match v {
+            Ok(v) => v,
+            Err(e) if e.code() == Some("NOGROUP") => {
+                create_group(&mut conn, &self.key, &self.group, "0").await?;
+                return Ok((Vec::new(), None));
+            }
+            Err(e) => return Err(redis_error(e, "key-ordered read failed")),
+        };
+        let (entries, last) = wire::parse_kread(v)?;
+        let fetched = entries.into_iter().map(|e| self.fetched(e, 1, false));
+        Ok((fetched.collect(), last))
+    }
+
+    /// Block until the stream has an entry after `last` (or `until`).
+    async fn wait_after(&self, last: &str, until: Instant) -> Result<()> {
+        let block = until
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let mut conn = self.read.lock().await;
+        redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(ms(block))
+            .arg("STREAMS")
+            .arg(&*self.key)
+            .arg(last)
+            .query_async::<Value>(&mut *conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| redis_error(e, "XREAD failed"))
+    }
+
+    /// Of `items`, the ones that may go now: unkeyed ones, and keyed ones
+    /// that head their key's queue (see [`crate::scripts::KHEADS`]). The
+    /// others wait here; ones no longer pending for this consumer are
+    /// dropped (another consumer has them).
+    async fn admit(
+        &self,
+        ko: &KeyOrder,
+        items: Vec<Fetched<String>>,
+    ) -> Result<Vec<Fetched<String>>> {
+        let mut keyed: Vec<(String, Fetched<String>)> = Vec::new();
+        let mut ready = Vec::new();
+        {
+            let keys = lock(&ko.keys);
+            for f in items {
+                match keys.get(&f.token) {
+                    Some(k) => keyed.push((k.clone(), f)),
+                    None => ready.push(f),
+                }
+            }
+        }
+        if keyed.is_empty() {
+            return Ok(ready);
+        }
+        let mut conn = self.inner.conn.clone();
+        let mut inv = self.inner.kheads.key(&*self.key);
+        inv.arg(&*self.group)
+            .arg(self.sub.consumer.as_str())
+            .arg(&ko.prefix);
+        for (k, f) in &keyed {
+            inv.arg(k).arg(&f.token);
+        }
+        let states = match inv.invoke_async::<Vec<i64>>(&mut conn).await {
+            Ok(s) => s,
+            Err(e) => {
+                lock(&ko.waiting).extend(keyed.into_iter().map(|(_, f)| f));
+                return Err(redis_error(e, "key-ordered hand-out check failed"));
+            }
+        };
+        let mut waiting = lock(&ko.waiting);
+        for ((_, f), state) in keyed.into_iter().zip(states) {
+            match state {
+                1 => ready.push(f),
+                0 => waiting.push(f),
+                _ => {
+                    lock(&ko.keys).remove(&f.token);
+                }
+            }
+        }
+        Ok(ready)
+    }
+
+    /// Refresh the idle time of entries waiting here for their keys (the
+    /// engine refreshes only what it holds), dropping the ones another
+    /// consumer took.
+    async fn extend_waiting(&self, ko: &KeyOrder) {
+        let ids: Vec<String> = lock(&ko.waiting).iter().map(|f| f.token.clone()).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let mut conn = self.inner.conn.clone();
+        let mut inv = self.inner.extend.key(&*self.key);
+        inv.arg(&*self.group)
+            .arg(self.sub.consumer.as_str())
+            .arg(&ids);
+        match inv.invoke_async::<Vec<i64>>(&mut conn).await {
+            Ok(kept) => {
+                let gone: Vec<&String> = ids
+                    .iter()
+                    .zip(kept)
+                    .filter(|(_, k)| *k != 1)
+                    .map(|(id, _)| id)
+                    .collect();
+                lock(&ko.waiting).retain(|f| !gone.contains(&&f.token));
+            }
+            Err(e) => tracing::debug!(error = %e, "refreshing waiting entries failed"),
+        }
+    }
+
+    /// Take a settled entry off its key's queue (acking it first if `ack`);
+    /// `false` when it is not a keyed entry of a key-ordered subscription.
+    async fn key_done(&self, id: &str, ack: bool) -> Result<bool> {
+        let Some(ko) = &self.korder else {
+            return Ok(false);
+        };
+        let Some(k) = lock(&ko.keys).remove(id) else {
+            return Ok(false);
+        };
+        let mut conn = self.inner.conn.clone();
+        self.inner
+            .kdone
+            .key(&*self.key)
+            .arg(&*self.group)
+            .arg(format!("{}{k}", ko.prefix))
+            .arg(id)
+            .arg(if ack { "1" } else { "0" })
+            .invoke_async::<()>(&mut conn)
+            .await
+            .map_err(|e| redis_error(e, "key-ordered settlement failed"))?;
+        Ok(true)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain bookkeeping; a panic elsewhere must not wedge the subscription.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn not_pending(id: &str) -> Error {
     Error::new(
         ErrorKind::AlreadySettled,
@@ -214,6 +438,9 @@ impl Source for RedisSource {
             return Ok(Vec::new());
         }
         let max = max.clamp(1, self.inner.cfg.read_batch.max(1));
+        if let Some(ko) = &self.korder {
+            return self.fetch_key_ordered(ko, max).await;
+        }
         if self.claim_due() {
             let claimed = self.claim(max).await?;
             if !claimed.is_empty() {
@@ -225,6 +452,9 @@ impl Source for RedisSource {
 
     async fn ack(&self, id: String) -> Result<()> {
         self.inner.check_open()?;
+        if self.key_done(&id, true).await? {
+            return Ok(());
+        }
         self.inner
             .acker
             .ack(Arc::clone(&self.key), Arc::clone(&self.group), id)
@@ -283,6 +513,10 @@ impl Source for RedisSource {
         if added {
             inner.mark_recorded(&dl.topic);
         }
+        if let Err(e) = self.key_done(&id, false).await {
+            // The next look at its key's queue drops it (not pending).
+            tracing::debug!(error = %e, "taking a dead letter off its key queue failed");
+        }
         Ok(())
     }
 
@@ -290,6 +524,13 @@ impl Source for RedisSource {
     async fn release(&self, ids: Vec<String>) {
         if ids.is_empty() {
             return;
+        }
+        if let Some(ko) = &self.korder {
+            // Still pending, so still on their key queues.
+            let mut keys = lock(&ko.keys);
+            for id in &ids {
+                keys.remove(id);
+            }
         }
         let mut conn = self.inner.conn.clone();
         let mut inv = self.inner.release.key(&*self.key);
@@ -313,6 +554,18 @@ impl Source for RedisSource {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| redis_error(e, "refreshing leases failed"))?;
+        if let Some(ko) = &self.korder {
+            self.extend_waiting(ko).await;
+        }
         Ok(kept.into_iter().map(|k| k == 1).collect())
+    }
+
+    /// Key-ordered: what waits here goes back to the group at once.
+    async fn close(&self) {
+        if let Some(ko) = &self.korder {
+            let waiting = std::mem::take(&mut *lock(&ko.waiting));
+            self.release(waiting.into_iter().map(|f| f.token).collect())
+                .await;
+        }
     }
 }

@@ -171,6 +171,28 @@ pub(crate) fn parse_entry(v: Value) -> Result<Option<Entry>> {
     Ok(Some(Entry { id, fields }))
 }
 
+/// The reply of the key-ordered read script: `{entries, last}`; `last`
+/// (the stream's last id) only when nothing was read.
+pub(crate) fn parse_kread(v: Value) -> Result<(Vec<Entry>, Option<String>)> {
+    let mut parts = into_seq(v)
+        .map_err(|v| bad("key-ordered read", &v))?
+        .into_iter();
+    let entries = parts.next().map(into_seq).unwrap_or(Ok(Vec::new()));
+    let entries = entries.map_err(|v| bad("key-ordered read entries", &v))?;
+    let last = parts
+        .next()
+        .as_ref()
+        .and_then(as_string)
+        .filter(|l| !l.is_empty());
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        if let Some(entry) = parse_entry(e)? {
+            out.push(entry);
+        }
+    }
+    Ok((out, last))
+}
+
 /// The entries of an XREADGROUP reply on one stream (`Nil` on timeout).
 pub(crate) fn parse_xreadgroup(v: Value) -> Result<Vec<Entry>> {
     let streams: Vec<Value> = match v {

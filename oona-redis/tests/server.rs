@@ -374,10 +374,6 @@ async fn foreign_entries_and_delayed_nacks_across_consumers() {
             .ack_deadline(Duration::from_secs(60))
     };
     let mut sa = a.subscribe(sub("a")).await.unwrap();
-    let Err(refused) = a.subscribe(sub("k").key_ordered(true)).await else {
-        panic!("a key-ordered subscription was accepted");
-    };
-    assert_eq!(refused.kind(), oona_core::ErrorKind::Unsupported);
 
     // What a Python service with plain redis-py writes (README example).
     let mut raw = server.raw();
@@ -452,4 +448,73 @@ async fn foreign_entries_and_delayed_nacks_across_consumers() {
     assert_eq!(text("payload"), "{\"layer\":3}");
     assert_eq!(pending(&mut raw, &b.stream_key(&topic), group.as_str()), 0);
     b.close().await.unwrap();
+}
+
+/// Key-ordered groups keep a queue per key in Redis
+/// (`<topic>:korder:<group>:<key>`); settled entries leave it, so a key
+/// that is done leaves nothing behind, and deleting the topic deletes what
+/// pending entries left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_queues_leave_nothing_behind() {
+    let (name, bin) = binaries().remove(0);
+    let server = Server::start(&bin, &format!("{name}-korder"));
+    let topic = Topic::new("control.korder.commands").unwrap();
+    let bus = RedisTransport::connect_url(&server.url()).await.unwrap();
+    let sub = Subscription::new(topic.clone(), Name::new("ordered").unwrap())
+        .key_ordered(true)
+        .ack_deadline(Duration::from_secs(60));
+    let mut s = bus.subscribe(sub).await.unwrap();
+    let keyed = |i: usize| {
+        Envelope::builder(topic.clone(), format!("{i}"))
+            .sender_id("t")
+            .key(format!("k{}", i % 3))
+            .build()
+    };
+    bus.publish_batch((0..30).map(keyed).collect())
+        .await
+        .unwrap();
+    let mut raw = server.raw();
+    let queues = |raw: &mut redis::Connection| -> Vec<String> {
+        redis::cmd("KEYS")
+            .arg(format!("{}:korder:*", bus.stream_key(&topic)))
+            .query(raw)
+            .unwrap()
+    };
+    let mut held = Vec::new();
+    for i in 0..30 {
+        let d = tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .unwrap_or_else(|_| panic!("delivery {i}"))
+            .unwrap()
+            .unwrap();
+        if i < 27 {
+            d.ack().await.unwrap();
+        } else {
+            held.push(d);
+        }
+    }
+    // Three held, one per key: their queues remain, holding one entry each.
+    let mut left = queues(&mut raw);
+    left.sort();
+    assert_eq!(left.len(), 3, "{left:?}");
+    for q in &left {
+        let n: i64 = redis::cmd("ZCARD").arg(q).query(&mut raw).unwrap();
+        assert_eq!(n, 1, "{q}");
+    }
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    assert!(queues(&mut raw).is_empty(), "{:?}", queues(&mut raw));
+    // Pending entries' queues go with the topic.
+    bus.publish(keyed(99)).await.unwrap();
+    let _d = tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(queues(&mut raw).len(), 1);
+    drop(s);
+    bus.delete_topic(&topic).await.unwrap();
+    assert!(queues(&mut raw).is_empty());
+    bus.close().await.unwrap();
 }
