@@ -524,16 +524,20 @@ impl<S: Source> Shared<S> {
         let mut st = self.lock();
         let mut pushed = false;
         for f in fetched {
-            let info = DeliveryInfo::new(&self.sub, f.attempt, f.position.clone());
+            // The facts of a delivery are built only for a dead letter.
+            let info = || DeliveryInfo::new(&self.sub, f.attempt, f.position.clone());
             let dead = match &f.message {
                 Err(p) => Some(rules::poison_dead_letter(
                     &self.sub.topic,
                     p.raw.clone(),
                     p.content_type.clone(),
                     &p.error,
-                    &info,
+                    &info(),
                 )),
-                Ok(env) => rules::exceeded_attempts(env, &info),
+                Ok(env) if f.attempt > self.sub.max_attempts => {
+                    rules::exceeded_attempts(env, &info())
+                }
+                Ok(_) => None,
             };
             if let Some((dl, reason)) = dead {
                 if let Ok(env) = &f.message {

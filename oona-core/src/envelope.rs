@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -23,7 +24,7 @@ use crate::topic::Topic;
 /// never a reason to drop a message.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct EventId(String);
+pub struct EventId(Arc<str>);
 
 impl EventId {
     /// Longest accepted id.
@@ -31,7 +32,7 @@ impl EventId {
 
     /// A fresh UUID v4 id.
     pub fn new() -> Self {
-        EventId(uuid::Uuid::new_v4().to_string())
+        EventId(uuid::Uuid::new_v4().to_string().into())
     }
 
     /// Accept an id from elsewhere.
@@ -47,7 +48,7 @@ impl EventId {
                 ),
             ));
         }
-        Ok(EventId(id))
+        Ok(EventId(id.into()))
     }
 
     /// The id as a string.
@@ -88,13 +89,13 @@ impl TryFrom<String> for EventId {
 
 impl From<EventId> for String {
     fn from(e: EventId) -> String {
-        e.0
+        e.0.to_string()
     }
 }
 
 impl From<uuid::Uuid> for EventId {
     fn from(u: uuid::Uuid) -> Self {
-        EventId(u.to_string())
+        EventId(u.to_string().into())
     }
 }
 
@@ -246,8 +247,8 @@ impl fmt::Display for Priority {
 
 /// A MIME content type of the payload.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ContentType(String);
+#[serde(from = "String", into = "String")]
+pub struct ContentType(Arc<str>);
 
 impl ContentType {
     /// `application/json`, the default.
@@ -261,7 +262,7 @@ impl ContentType {
 
     /// A content type from a MIME string.
     pub fn new(mime: impl Into<String>) -> Self {
-        ContentType(mime.into())
+        ContentType(mime.into().into())
     }
 
     /// `application/json`.
@@ -308,7 +309,19 @@ impl fmt::Debug for ContentType {
 
 impl From<&str> for ContentType {
     fn from(s: &str) -> Self {
-        ContentType(s.to_string())
+        ContentType(s.into())
+    }
+}
+
+impl From<String> for ContentType {
+    fn from(s: String) -> Self {
+        ContentType(s.into())
+    }
+}
+
+impl From<ContentType> for String {
+    fn from(c: ContentType) -> String {
+        c.0.to_string()
     }
 }
 

@@ -23,6 +23,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -32,7 +33,7 @@ use crate::error::{Error, ErrorKind, Result};
 /// A validated topic name, `<plane>.<subsystem>.<event>`.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct Topic(String);
+pub struct Topic(Arc<str>);
 
 impl Topic {
     /// Longest accepted topic name, in bytes.
@@ -46,7 +47,7 @@ impl Topic {
     pub fn new(name: impl Into<String>) -> Result<Self> {
         let name = name.into();
         validate_topic(&name)?;
-        Ok(Topic(name))
+        Ok(Topic(name.into()))
     }
 
     /// The name as a string.
@@ -84,18 +85,18 @@ impl Topic {
         // that case replace the last segment so the result stays valid.
         let candidate = format!("{}.{}", self.0, Self::DEAD_LETTER_SUFFIX);
         if validate_topic(&candidate).is_ok() {
-            return Topic(candidate);
+            return Topic(candidate.into());
         }
         let mut parts: Vec<&str> = self.0.split('.').collect();
         parts.pop();
         let mut base = parts.join(".");
         base.truncate(Self::MAX_LEN - Self::DEAD_LETTER_SUFFIX.len() - 1);
-        Topic(format!("{base}.{}", Self::DEAD_LETTER_SUFFIX))
+        Topic(format!("{base}.{}", Self::DEAD_LETTER_SUFFIX).into())
     }
 
     /// Convert into the owned name.
     pub fn into_string(self) -> String {
-        self.0
+        self.0.to_string()
     }
 }
 
@@ -193,7 +194,7 @@ impl TryFrom<&str> for Topic {
 
 impl From<Topic> for String {
     fn from(t: Topic) -> String {
-        t.0
+        t.0.to_string()
     }
 }
 
@@ -207,7 +208,7 @@ impl AsRef<str> for Topic {
 /// letters, digits, `.`, `_` and `-` (legal in every broker's naming).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct Name(String);
+pub struct Name(Arc<str>);
 
 impl Name {
     /// Longest accepted name.
@@ -234,14 +235,14 @@ impl Name {
                 format!("invalid name {name:?}: contains {bad:?} (allowed: A-Z a-z 0-9 . _ -)"),
             ));
         }
-        Ok(Name(name))
+        Ok(Name(name.into()))
     }
 
     /// A unique name with the given prefix, e.g. for anonymous consumers.
     pub fn unique(prefix: &str) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
         Name::new(format!("{prefix}-{}", &id[..12]))
-            .unwrap_or_else(|_| Name(format!("consumer-{}", &id[..12])))
+            .unwrap_or_else(|_| Name(format!("consumer-{}", &id[..12]).into()))
     }
 
     /// The name as a string.
@@ -285,7 +286,7 @@ impl TryFrom<&str> for Name {
 
 impl From<Name> for String {
     fn from(n: Name) -> String {
-        n.0
+        n.0.to_string()
     }
 }
 
