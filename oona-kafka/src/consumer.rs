@@ -93,6 +93,11 @@ impl Part {
         if let Some(s) = self.pending.get_mut(&offset) {
             *s = true;
         }
+        // Settled: not charged again if it comes back (an ack the offset
+        // could not commit yet, behind an unsettled record).
+        if self.marks.charged.remove(&offset).is_some() {
+            self.dirty = true;
+        }
         while let Some((&o, &true)) = self.pending.first_key_value() {
             self.pending.pop_first();
             self.commit = Some(o + 1);
@@ -750,10 +755,15 @@ fn hand_to_engine(
         batch.push(f);
     }
     if !before.is_empty() {
-        let mut tpl = TopicPartitionList::new();
+        // Everything settled so far goes with the marks: a settlement
+        // that took a charge away must be on the broker before the next
+        // recovered record can crash this member.
+        let mut tpl = st.commits(None);
         for tp in before.keys() {
             if let Some(part) = st.parts.get(tp) {
-                part.add_to(&mut tpl, &tp.0, tp.1);
+                if tpl.find_partition(&tp.0, tp.1).is_none() {
+                    part.add_to(&mut tpl, &tp.0, tp.1);
+                }
             }
         }
         drop(guard);
@@ -761,7 +771,7 @@ fn hand_to_engine(
         // pass an older one.
         if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
             tracing::warn!(topic = %ctl.sub.topic, error = %e, "kafka: recording hand-out marks failed; retrying before handing records on");
-            undo_marks(ctl, ready, batch, before);
+            undo_marks(ctl, ready, batch, before, &tpl);
             return;
         }
         ctl.shared.lock().marks_retry_at = None;
@@ -780,11 +790,17 @@ fn undo_marks(
     ready: &mut VecDeque<Fetched<u64>>,
     batch: Vec<Fetched<u64>>,
     before: HashMap<TopicPartition, Marks>,
+    tried: &TopicPartitionList,
 ) {
     let mut st = ctl.shared.lock();
     for (tp, m) in before {
         if let Some(part) = st.parts.get_mut(&tp) {
             part.marks = m;
+        }
+    }
+    for e in tried.elements() {
+        if let Some(p) = st.parts.get_mut(&(Arc::from(e.topic()), e.partition())) {
+            p.dirty = true;
         }
     }
     for f in batch.into_iter().rev() {
@@ -1065,6 +1081,24 @@ impl engine::Source for KafkaSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_settled_record_behind_an_unsettled_one_is_not_charged_again() {
+        let mut p = Part::default();
+        for o in 10..13 {
+            p.pending.insert(o, false);
+        }
+        p.marks.below = 20;
+        p.marks.charged.insert(11, 3);
+        p.settle(11);
+        assert_eq!(p.commit, None, "10 is unsettled: 11 is not committed");
+        assert!(p.dirty, "the charge's removal is committed");
+        assert_eq!(
+            p.marks.after_crash(11, 1),
+            2,
+            "back as a duplicate, charged once"
+        );
+    }
 
     #[test]
     fn offsets_commit_only_past_contiguous_settled_runs() {

@@ -204,13 +204,13 @@ async fn killed_consumers_lose_nothing_in(cx: &Cx<'_>) -> CaseResult {
     let lost: Vec<&String> = normal.iter().filter(|id| !acks.contains_key(*id)).collect();
     let duplicates: usize = acks.values().map(|v| v.len().saturating_sub(1)).sum();
     let max_attempt = acks.values().flatten().max().copied().unwrap_or(0);
-    let most_charged = acks
-        .values()
-        .max_by_key(|v| v.iter().max().copied().unwrap_or(0))
-        .cloned()
+    let (most_charged_id, most_charged) = acks
+        .iter()
+        .max_by_key(|(_, v)| v.iter().max().copied().unwrap_or(0))
+        .map(|(id, v)| (id.clone(), v.clone()))
         .unwrap_or_default();
     println!(
-        "killed_consumers_lose_nothing [{}]: {} published, {killed} SIGKILLs, {aborted} aborts by the crashing message, lost {}, duplicates {duplicates}, highest attempt of a healthy message {max_attempt} (its acks at attempts {most_charged:?}), {} dead letters, {:?}",
+        "killed_consumers_lose_nothing [{}]: {} published, {killed} SIGKILLs, {aborted} aborts by the crashing message, lost {}, duplicates {duplicates}, highest attempt of a healthy message {max_attempt} ({most_charged_id}, acked at attempts {most_charged:?}), {} dead letters, {:?}",
         cx.fx.name(),
         sent.len(),
         lost.len(),
