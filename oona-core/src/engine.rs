@@ -332,14 +332,17 @@ struct Held<T> {
     retry: bool,
 }
 
+/// Looked up on every hand-out and settlement: a fast hasher.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 struct State<T> {
     buffer: VecDeque<Item<T>>,
-    held: HashMap<u64, Held<T>>,
+    held: FastMap<u64, Held<T>>,
     leases: BTreeSet<(Instant, u64)>,
     next_id: u64,
     /// Key-ordered subscriptions: keys with a delivery out or a
     /// redelivery on its way (see `returning`).
-    busy_keys: HashMap<String, usize>,
+    busy_keys: FastMap<String, usize>,
     /// Key-ordered subscriptions: messages given back for redelivery, whose
     /// key stays held until they come back here (or, if the broker gives
     /// them to another consumer, until the instant).
@@ -377,10 +380,10 @@ impl<T> State<T> {
     fn new() -> Self {
         State {
             buffer: VecDeque::new(),
-            held: HashMap::new(),
+            held: FastMap::default(),
             leases: BTreeSet::new(),
             next_id: 0,
-            busy_keys: HashMap::new(),
+            busy_keys: FastMap::default(),
             returning: HashMap::new(),
             recovered: 0,
             recovered_out: 0,
