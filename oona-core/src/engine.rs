@@ -330,7 +330,13 @@ struct Held<T> {
     touched: Instant,
     /// Not a delivery: a failed settlement waiting to be retried.
     retry: bool,
+    /// The delivery's message and attempt, so its redelivery here never
+    /// comes back at a lower attempt (see `State::given_back`).
+    given: Option<(EventId, u32)>,
 }
+
+/// Most give-backs remembered (see `State::given_back`).
+const GIVEN_BACK_MAX: usize = 65_536;
 
 /// Looked up on every hand-out and settlement: a fast hasher.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -347,6 +353,11 @@ struct State<T> {
     /// key stays held until they come back here (or, if the broker gives
     /// them to another consumer, until the instant).
     returning: HashMap<EventId, (String, Instant)>,
+    /// Attempts of messages given back for redelivery by this engine, by
+    /// event id: when one comes back here, its attempt is at least one
+    /// more, even if the broker lost its count (Pulsar keeps it in memory
+    /// and can forget it).
+    given_back: FastMap<EventId, u32>,
     /// Recovered messages buffered or out.
     recovered: usize,
     /// Of `held`, recovered deliveries out.
@@ -385,6 +396,7 @@ impl<T> State<T> {
             next_id: 0,
             busy_keys: FastMap::default(),
             returning: HashMap::new(),
+            given_back: FastMap::default(),
             recovered: 0,
             recovered_out: 0,
             errors: VecDeque::new(),
@@ -526,7 +538,12 @@ impl<S: Source> Shared<S> {
         };
         let mut st = self.lock();
         let mut pushed = false;
-        for f in fetched {
+        for mut f in fetched {
+            if let (false, Ok(env)) = (st.given_back.is_empty(), &f.message) {
+                if let Some(prev) = st.given_back.remove(&env.event_id) {
+                    f.attempt = f.attempt.max(prev.saturating_add(1));
+                }
+            }
             // The facts of a delivery are built only for a dead letter.
             let info = || DeliveryInfo::new(&self.sub, f.attempt, f.position.clone());
             let dead = match &f.message {
@@ -634,6 +651,7 @@ impl<S: Source> Shared<S> {
                 deadline,
                 touched: Instant::now(),
                 retry: true,
+                given: None,
             },
         );
         drop(st);
@@ -679,10 +697,17 @@ impl<S: Source> Shared<S> {
     }
 
     /// Key order: a redelivered message's key waits for it.
+    /// And its attempt is remembered for when it comes back here.
     fn returning(&self, h: &Held<S::Token>, delay: Duration) {
+        let mut st = self.lock();
+        if let Some((e, attempt)) = &h.given {
+            if st.given_back.len() >= GIVEN_BACK_MAX {
+                st.given_back.clear(); // gone elsewhere, most of them
+            }
+            st.given_back.insert(e.clone(), *attempt);
+        }
         if self.sub.key_ordered {
-            self.lock()
-                .hold_key_for_return(h, delay + self.sub.ack_deadline);
+            st.hold_key_for_return(h, delay + self.sub.ack_deadline);
         }
     }
 
@@ -1101,6 +1126,7 @@ impl<S: Source> Stream for EngineStream<S> {
                 deadline,
                 touched: item.touched,
                 retry: false,
+                given: Some((item.envelope.event_id.clone(), item.attempt)),
             },
         );
         drop(st);
