@@ -142,13 +142,14 @@ impl Fixture for PulsarFixture {
         // the subscription's dispatcher and clears it when the last
         // consumer leaves. `redeliver_after_ack_deadline` drops its only
         // consumer and then connects a new client, which takes over a
-        // second on a loaded 2-core machine: with a 1 s deadline the first
-        // consumer's lease can run out, and the subscription empty, before
-        // the second has subscribed, and the count is gone (attempt 1). A
-        // 3 s deadline keeps the group's next consumer subscribed when the
-        // lease runs out, which is the situation the case describes. See
-        // the crate README on attempts.
-        Timing::default().with_ack_deadline(Duration::from_secs(3))
+        // second on a loaded 2-core machine, and over 3 s once in CI: when
+        // the first consumer's lease runs out, and the subscription empties,
+        // before the second has subscribed, the count is gone (attempt 1).
+        // A 5 s deadline keeps the group's next consumer subscribed when the
+        // lease runs out, which is the situation the case describes. Oona's
+        // own attempt marks for Pulsar (issue 11's next step) remove the
+        // need. See the crate README on attempts.
+        Timing::default().with_ack_deadline(Duration::from_secs(5))
     }
 
     async fn applied_retention(&self, topic: &Topic) -> oona_core::Result<Retention> {
