@@ -322,16 +322,14 @@ struct Item<T> {
 struct Held<T> {
     token: T,
     key: Option<String>,
-    /// Key-ordered subscriptions: the message's id, to hold its key while
-    /// a redelivery of it is on its way.
-    event: Option<EventId>,
     recovered: bool,
     deadline: Instant,
     touched: Instant,
     /// Not a delivery: a failed settlement waiting to be retried.
     retry: bool,
-    /// The delivery's message and attempt, so its redelivery here never
-    /// comes back at a lower attempt (see `State::given_back`).
+    /// The delivery's message and attempt (`None` for a retry): its
+    /// redelivery here never comes back at a lower attempt (see
+    /// `State::given_back`), and a key-ordered key waits for it.
     given: Option<(EventId, u32)>,
 }
 
@@ -411,6 +409,11 @@ impl<T> State<T> {
         }
     }
 
+    /// What a read may add without going past `prefetch`.
+    fn room(&self, prefetch: usize) -> usize {
+        prefetch.saturating_sub(self.buffer.len() + self.held.len())
+    }
+
     fn wake_stream(&mut self) {
         if let Some(w) = self.waker.take() {
             w.wake();
@@ -454,7 +457,7 @@ impl<T> State<T> {
 
     /// Hold the key of `h` until its redelivery comes back (key order).
     fn hold_key_for_return(&mut self, h: &Held<T>, within: Duration) {
-        if let (Some(k), Some(e)) = (&h.key, &h.event) {
+        if let (Some(k), Some((e, _))) = (&h.key, &h.given) {
             *self.busy_keys.entry(k.clone()).or_insert(0) += 1;
             let until = Instant::now() + within;
             if let Some((old, _)) = self.returning.insert(e.clone(), (k.clone(), until)) {
@@ -611,7 +614,7 @@ impl<S: Source> Shared<S> {
     /// `eager`: the consumer waits for a message (any room will do).
     fn begin_fetch(&self, st: &mut State<S::Token>, eager: bool) -> Option<usize> {
         let prefetch = self.sub.prefetch.max(1);
-        let room = prefetch.saturating_sub(st.buffer.len() + st.held.len());
+        let room = st.room(prefetch);
         // Read ahead in large batches; a waiting consumer takes any room.
         let may = !st.fetching
             && !st.dropped
@@ -646,7 +649,6 @@ impl<S: Source> Shared<S> {
             Held {
                 token,
                 key: None,
-                event: None,
                 recovered,
                 deadline,
                 touched: Instant::now(),
@@ -680,7 +682,7 @@ impl<S: Source> Shared<S> {
         // messages ready itself; otherwise wake the engine, and only when
         // the room freed lets it read.
         let prefetch = self.sub.prefetch.max(1);
-        let room = prefetch.saturating_sub(st.buffer.len() + st.held.len());
+        let room = st.room(prefetch);
         if S::HOLDS_READY && st.consumer_waiting && room > 0 {
             st.wake_stream();
         }
@@ -1105,11 +1107,8 @@ impl<S: Source> Stream for EngineStream<S> {
         let id = item.id;
         let deadline = Instant::now() + shared.sub.ack_deadline;
         let key = item.envelope.key.clone().filter(|_| shared.sub.key_ordered);
-        let event = key.as_ref().map(|_| item.envelope.event_id.clone());
-        if let Some(e) = &event {
-            st.returned(e);
-        }
         if let Some(k) = &key {
+            st.returned(&item.envelope.event_id);
             *st.busy_keys.entry(k.clone()).or_insert(0) += 1;
         }
         if item.recovered {
@@ -1121,7 +1120,6 @@ impl<S: Source> Stream for EngineStream<S> {
             Held {
                 token: item.token,
                 key,
-                event,
                 recovered: item.recovered,
                 deadline,
                 touched: item.touched,

@@ -536,11 +536,10 @@ impl Broker {
 }
 
 impl State {
-    /// The topic's log, created with its plane's policy when missing. The
-    /// name is cloned only on creation (this runs on every publish and
-    /// take; `entry` would clone it every time).
+    /// The topic's log, created with its plane's policy when missing: one
+    /// lookup (this runs on every publish and take; cloning the `Arc`-backed
+    /// name is cheap).
     fn topic_mut(&mut self, topic: &Topic, policies: &PolicySet) -> Result<&mut TopicLog> {
-        // One lookup (this runs on every publish, take and settlement).
         Ok(self
             .topics
             .entry(topic.clone())
@@ -772,16 +771,19 @@ impl MemorySource {
             })
     }
 
+    /// This subscription's group.
+    fn group_mut<'s>(&self, st: &'s mut State) -> Option<&'s mut Group> {
+        st.topics
+            .get_mut(&self.sub.topic)
+            .and_then(|t| t.groups.get_mut(&self.sub.group))
+    }
+
     /// Change the group of `token`'s entry if this consumer still holds it.
     fn with_held(&self, token: Token, f: impl FnOnce(&mut Group)) -> Result<()> {
         self.broker.check_online()?;
         let mut st = self.broker.lock();
         if self.holds(&st, token) {
-            if let Some(g) = st
-                .topics
-                .get_mut(&self.sub.topic)
-                .and_then(|t| t.groups.get_mut(&self.sub.group))
-            {
+            if let Some(g) = self.group_mut(&mut st) {
                 f(g);
             }
         }
@@ -863,11 +865,7 @@ impl Source for MemorySource {
                 Stored::Envelope(Box::new(dead_letter)),
             );
             self.broker.append_locked(&mut st, vec![dl])?;
-            if let Some(g) = st
-                .topics
-                .get_mut(&self.sub.topic)
-                .and_then(|t| t.groups.get_mut(&self.sub.group))
-            {
+            if let Some(g) = self.group_mut(&mut st) {
                 g.pending.remove(&token.seq);
             }
         }

@@ -103,9 +103,6 @@ impl Part {
             self.commit = Some(o + 1);
             self.dirty = true;
         }
-        if let Some(c) = self.commit.filter(|_| !self.marks.charged.is_empty()) {
-            self.marks.charged = self.marks.charged.split_off(&c);
-        }
     }
 
     fn commit_offset(&self) -> Option<i64> {

@@ -368,23 +368,33 @@ impl RedisSource {
         if ids.is_empty() {
             return;
         }
-        let mut conn = self.inner.conn.clone();
-        let mut inv = self.inner.extend.key(&*self.key);
-        inv.arg(&*self.group)
-            .arg(self.sub.consumer.as_str())
-            .arg(&ids);
-        match inv.invoke_async::<Vec<i64>>(&mut conn).await {
+        match self.extend_ids(&ids).await {
             Ok(kept) => {
                 let gone: Vec<&String> = ids
                     .iter()
                     .zip(kept)
-                    .filter(|(_, k)| *k != 1)
+                    .filter(|(_, k)| !*k)
                     .map(|(id, _)| id)
                     .collect();
                 lock(&ko.waiting).retain(|f| !gone.contains(&&f.token));
             }
             Err(e) => tracing::debug!(error = %e, "refreshing waiting entries failed"),
         }
+    }
+
+    /// See [`crate::scripts::EXTEND`]: per id, whether it is still pending
+    /// for this consumer (its idle time now reset).
+    async fn extend_ids(&self, ids: &[String]) -> Result<Vec<bool>> {
+        let mut conn = self.inner.conn.clone();
+        let mut inv = self.inner.extend.key(&*self.key);
+        inv.arg(&*self.group)
+            .arg(self.sub.consumer.as_str())
+            .arg(ids);
+        let kept: Vec<i64> = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| redis_error(e, "refreshing leases failed"))?;
+        Ok(kept.into_iter().map(|k| k == 1).collect())
     }
 
     /// Take a settled entry off its key's queue (acking it first if `ack`);
@@ -545,19 +555,11 @@ impl Source for RedisSource {
 
     /// See [`crate::scripts::EXTEND`].
     async fn extend(&self, ids: Vec<String>) -> Result<Vec<bool>> {
-        let mut conn = self.inner.conn.clone();
-        let mut inv = self.inner.extend.key(&*self.key);
-        inv.arg(&*self.group)
-            .arg(self.sub.consumer.as_str())
-            .arg(&ids);
-        let kept: Vec<i64> = inv
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| redis_error(e, "refreshing leases failed"))?;
+        let kept = self.extend_ids(&ids).await?;
         if let Some(ko) = &self.korder {
             self.extend_waiting(ko).await;
         }
-        Ok(kept.into_iter().map(|k| k == 1).collect())
+        Ok(kept)
     }
 
     /// Key-ordered: what waits here goes back to the group at once.
