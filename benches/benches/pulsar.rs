@@ -15,9 +15,17 @@
 //! - publish, 100 in flight (`publish_batch` of 100 vs 100
 //!   `send_non_blocking` receipts awaited together);
 //! - consume + ack of a pre-filled topic (a Shared subscription acking
-//!   every message on both sides), timed from the first message.
+//!   every message on both sides), timed from the first message;
+//! - latency publish -> handler at a fixed 1,000 msg/s (p50 / p99 / p99.9),
+//!   each side publishing with its own producer and consuming from a
+//!   Shared subscription made before the first publish.
+//!
+//! `OONA_BENCH_ONLY=publish|consume|latency` runs one part.
 
-use oona_benches::{bench_topic, envelope, print_throughput as row, rounds, Res, PAYLOAD};
+use oona_benches::{
+    bench_topic, envelope, percentiles, print_throughput as row, rounds, stamp_of, Percentiles,
+    Res, PAYLOAD,
+};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -72,27 +80,50 @@ async fn run(url: &str) -> Res<()> {
     println!();
     println!("| scenario | Oona | raw | Oona/raw | target |");
     println!("|---|---:|---:|---:|---|");
-    let (o, r) = rounds(
-        ROUNDS,
-        |i| publish_single(&cx, i, true),
-        |i| publish_single(&cx, i, false),
-    )
-    .await?;
-    row("publish, 1 per call (msg/s)", o, r, "≥ 90%");
-    let (o, r) = rounds(
-        ROUNDS,
-        |i| publish_batched(&cx, i, true),
-        |i| publish_batched(&cx, i, false),
-    )
-    .await?;
-    row("publish, 100 in flight (msg/s)", o, r, "≥ 90%");
-    let (o, r) = rounds(
-        ROUNDS,
-        |i| consume(&cx, i, true),
-        |i| consume(&cx, i, false),
-    )
-    .await?;
-    row("consume + ack, pre-filled (msg/s)", o, r, "≥ 90%");
+    let only = std::env::var("OONA_BENCH_ONLY").unwrap_or_default();
+    let part = |p: &str| only.is_empty() || only == p;
+    if part("publish") {
+        let (o, r) = rounds(
+            ROUNDS,
+            |i| publish_single(&cx, i, true),
+            |i| publish_single(&cx, i, false),
+        )
+        .await?;
+        row("publish, 1 per call (msg/s)", o, r, "≥ 90%");
+        let (o, r) = rounds(
+            ROUNDS,
+            |i| publish_batched(&cx, i, true),
+            |i| publish_batched(&cx, i, false),
+        )
+        .await?;
+        row("publish, 100 in flight (msg/s)", o, r, "≥ 90%");
+    }
+    if part("consume") {
+        let (o, r) = rounds(
+            ROUNDS,
+            |i| consume(&cx, i, true),
+            |i| consume(&cx, i, false),
+        )
+        .await?;
+        row("consume + ack, pre-filled (msg/s)", o, r, "≥ 90%");
+    }
+    if part("latency") {
+        let lo = latency(&cx, 0, true).await?;
+        let lr = latency(&cx, 0, false).await?;
+        println!();
+        println!(
+            "latency publish→handler at {LATENCY_RATE} msg/s ({} messages), ms:",
+            lo.n
+        );
+        println!("| | p50 | p99 | p99.9 | max |");
+        println!("|---|---:|---:|---:|---:|");
+        for (who, l) in [("Oona", lo), ("raw", lr)] {
+            println!(
+                "| {who} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                l.p50, l.p99, l.p999, l.max
+            );
+        }
+    }
     cx.oona.close().await?;
     Ok(())
 }
@@ -262,4 +293,99 @@ async fn consume(cx: &Ctx, i: usize, oona: bool) -> Res<f64> {
         took
     };
     Ok(N as f64 / took.as_secs_f64())
+}
+
+const LATENCY_RATE: u64 = 1_000;
+
+/// Publish at [`LATENCY_RATE`] for 3 s (one message each tick, its receipt
+/// not awaited before the next) and measure publish -> handler.
+async fn latency(cx: &Ctx, i: usize, oona: bool) -> Res<Percentiles> {
+    const SECS: u64 = 3;
+    const N: usize = (LATENCY_RATE * SECS) as usize;
+    let t = bench_topic("latency", i, oona)?;
+    cx.oona.publish(envelope(&t, 0)).await?;
+    let base = Instant::now();
+    let nanos = move || u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let tick = Duration::from_nanos(1_000_000_000 / LATENCY_RATE);
+    let mut lats: Vec<u64> = Vec::with_capacity(N);
+    let mut record = |p: &[u8]| {
+        let s = stamp_of(p);
+        if s != 0 {
+            lats.push(nanos().saturating_sub(s));
+        }
+    };
+    if oona {
+        let sub = Subscription::new(t.clone(), Name::new("bench")?).start(StartPosition::Earliest);
+        let mut s = cx.oona.subscribe(sub).await?;
+        let producer = async {
+            let start = tokio::time::Instant::now();
+            let mut inflight = Vec::with_capacity(N);
+            for n in 0..N as u32 {
+                tokio::time::sleep_until(start + tick * n).await;
+                let o = cx.oona.clone();
+                let e = envelope(&t, nanos().max(1));
+                inflight.push(tokio::spawn(async move { o.publish(e).await.map(|_| ()) }));
+            }
+            for h in inflight {
+                h.await??;
+            }
+            Res::Ok(())
+        };
+        let consumer = async {
+            for _ in 0..=N {
+                let d = s.next().await.ok_or("stream ended")??;
+                record(&d.envelope().payload);
+                d.ack().await?;
+            }
+            Res::Ok(())
+        };
+        let (p, c) = tokio::join!(producer, consumer);
+        p?;
+        c?;
+    } else {
+        let rec = RawRecord::new(&t);
+        let mut producer = cx.raw_producer(&t).await?;
+        let mut c: pulsar::Consumer<Vec<u8>, _> = cx
+            .raw
+            .consumer()
+            .with_topic(cx.full(&t))
+            .with_subscription("bench")
+            .with_subscription_type(pulsar::SubType::Shared)
+            .with_options(
+                pulsar::ConsumerOptions::default()
+                    .with_initial_position(pulsar::consumer::InitialPosition::Earliest),
+            )
+            .build()
+            .await?;
+        let produce = async {
+            let start = tokio::time::Instant::now();
+            let mut receipts = Vec::with_capacity(N);
+            for n in 0..N as u32 {
+                tokio::time::sleep_until(start + tick * n).await;
+                receipts.push(
+                    producer
+                        .send_non_blocking(rec.message(nanos().max(1)))
+                        .await?,
+                );
+            }
+            for r in receipts {
+                r.await?;
+            }
+            Res::Ok(())
+        };
+        let consume = async {
+            for _ in 0..=N {
+                let m = c.next().await.ok_or("stream ended")??;
+                record(&m.payload.data);
+                c.ack(&m).await?;
+            }
+            Res::Ok(())
+        };
+        let (p, r) = tokio::join!(produce, consume);
+        p?;
+        r?;
+        let _ = c.close().await;
+    }
+    let _ = cx.oona.delete_topic(&t).await;
+    Ok(percentiles(&mut lats))
 }

@@ -84,11 +84,17 @@ impl Admin {
         Ok(Some(Admin { http, base, config }))
     }
 
-    fn topic_url(&self, topic: &Topic) -> String {
+    fn namespace_url(&self) -> String {
         format!(
-            "{}/admin/v2/persistent/{}/{}/{}",
-            self.base, self.config.tenant, self.config.namespace, topic
+            "{}/admin/v2/persistent/{}/{}",
+            self.base, self.config.tenant, self.config.namespace
         )
+    }
+
+    /// The URL of the topic with local name `local` (an Oona topic, or a
+    /// marks topic of one).
+    fn topic_url(&self, local: &str) -> String {
+        format!("{}/{local}", self.namespace_url())
     }
 
     fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -132,7 +138,7 @@ impl Admin {
         let what = format!("set retention of {topic}");
         let rb = self
             .http
-            .post(format!("{}/retention", self.topic_url(topic)))
+            .post(format!("{}/retention", self.topic_url(topic.as_str())))
             .json(&RetentionPolicies::of(retention));
         Self::check(&what, self.send(&what, rb).await?).await?;
         Ok(())
@@ -143,7 +149,7 @@ impl Admin {
         let what = format!("get retention of {topic}");
         let rb = self
             .http
-            .get(format!("{}/retention", self.topic_url(topic)));
+            .get(format!("{}/retention", self.topic_url(topic.as_str())));
         let resp = Self::check(&what, self.send(&what, rb).await?).await?;
         let text = resp
             .text()
@@ -167,7 +173,10 @@ impl Admin {
         let what = format!("create subscription {group} on {topic}");
         let rb = self
             .http
-            .put(format!("{}/subscription/{group}", self.topic_url(topic)))
+            .put(format!(
+                "{}/subscription/{group}",
+                self.topic_url(topic.as_str())
+            ))
             .json(&"earliest");
         let resp = self.send(&what, rb).await?;
         if resp.status().as_u16() == 409 {
@@ -188,18 +197,63 @@ impl Admin {
         let what = format!("reset subscription {group} on {topic} to {unix_ms}");
         let rb = self.http.post(format!(
             "{}/subscription/{group}/resetcursor/{unix_ms}",
-            self.topic_url(topic)
+            self.topic_url(topic.as_str())
         ));
         Self::check(&what, self.send(&what, rb).await?).await?;
         Ok(())
     }
 
-    /// Delete `topic` with its subscriptions; a missing topic is fine.
-    pub(crate) async fn delete_topic(&self, topic: &Topic) -> Result<()> {
-        let what = format!("delete {topic}");
+    /// Let the broker compact the topic `local` once `bytes` are written
+    /// since the last compaction (a topic-level policy).
+    pub(crate) async fn set_compaction_threshold(&self, local: &str, bytes: u64) -> Result<()> {
+        let what = format!("set the compaction threshold of {local}");
         let rb = self
             .http
-            .delete(self.topic_url(topic))
+            .post(format!("{}/compactionThreshold", self.topic_url(local)))
+            .json(&bytes);
+        Self::check(&what, self.send(&what, rb).await?).await?;
+        Ok(())
+    }
+
+    /// Delete `topic` with its subscriptions and the marks topics of its
+    /// groups (see `crate::marks`); a missing topic is fine.
+    pub(crate) async fn delete_topic(&self, topic: &Topic) -> Result<()> {
+        for marks in self.marks_topics(topic).await? {
+            self.delete_local(&marks).await?;
+        }
+        self.delete_local(topic.as_str()).await
+    }
+
+    /// The local names of the marks topics of `topic`'s groups.
+    async fn marks_topics(&self, topic: &Topic) -> Result<Vec<String>> {
+        let what = format!(
+            "list the topics of {}/{}",
+            self.config.tenant, self.config.namespace
+        );
+        let resp = Self::check(
+            &what,
+            self.send(&what, self.http.get(self.namespace_url()))
+                .await?,
+        )
+        .await?;
+        let names: Vec<String> = resp
+            .json()
+            .await
+            .map_err(|e| admin_err(ErrorKind::Broker, format!("admin API {what}: {e}")))?;
+        let prefix = crate::marks::prefix(topic.as_str());
+        Ok(names
+            .iter()
+            .filter_map(|n| n.rsplit('/').next())
+            .filter(|local| local.starts_with(prefix.as_str()))
+            .map(str::to_string)
+            .collect())
+    }
+
+    async fn delete_local(&self, local: &str) -> Result<()> {
+        let what = format!("delete {local}");
+        let rb = self
+            .http
+            .delete(self.topic_url(local))
             .query(&[("force", "true")]);
         let resp = self.send(&what, rb).await?;
         if resp.status().as_u16() == 404 {

@@ -20,6 +20,7 @@ use oona_core::{ConnectUrl, Error, ErrorKind, PolicySet, Result};
 /// | `tls_ca_file` | none | PEM file of extra trusted CAs for `pulsar+ssl://` and an `https` admin URL |
 /// | `operation_timeout` | `30s` | how long a lookup, subscribe or admin call may take |
 /// | `producer_queue` | `10000` | most publishes in flight per connection before `publish` waits |
+/// | `crash_counts` | `true` | count a consumer's crash as an attempt of what it held, so a message that crashes consumers reaches its dead-letter topic (see *Attempts across crashes* in the crate docs); `false` saves a write before each hand-out (about one publish round trip of latency) and leaves crashes uncounted, as Pulsar's own clients do |
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct PulsarConfig {
@@ -41,6 +42,8 @@ pub struct PulsarConfig {
     pub operation_timeout: Duration,
     /// Publishes in flight per connection.
     pub producer_queue: usize,
+    /// Count crashes of consumers as attempts (the marks topics).
+    pub crash_counts: bool,
     /// Retention and payload limits by plane.
     pub policies: PolicySet,
 }
@@ -123,6 +126,7 @@ impl PulsarConfig {
                 "query parameter `producer_queue`: must be at least 1",
             ));
         }
+        let crash_counts = url.take::<bool>("crash_counts")?.unwrap_or(true);
         url.finish()?;
         let scheme = if tls { "pulsar+ssl" } else { "pulsar" };
         let host = if host.contains(':') && !host.starts_with('[') {
@@ -140,6 +144,7 @@ impl PulsarConfig {
             tls_ca_file,
             operation_timeout,
             producer_queue,
+            crash_counts,
             policies: PolicySet::default(),
         })
     }
@@ -185,8 +190,9 @@ mod tests {
         assert_eq!(c.service_url, "pulsar://127.0.0.1:6650");
         assert_eq!((c.tenant.as_str(), c.namespace.as_str()), ("esper", "dev"));
         assert!(!c.tls && c.token.is_none() && c.admin_url.is_none());
+        assert!(c.crash_counts, "crashes count unless turned off");
         let c = PulsarConfig::parse(
-            "pulsar+ssl://broker.example?token=abc&admin_url=https://broker.example:8443/&operation_timeout=5s",
+            "pulsar+ssl://broker.example?token=abc&admin_url=https://broker.example:8443/&operation_timeout=5s&crash_counts=false",
         )
         .unwrap();
         assert_eq!(c.service_url, "pulsar+ssl://broker.example:6651");
@@ -194,6 +200,7 @@ mod tests {
         assert_eq!(c.token.as_deref(), Some("abc"));
         assert_eq!(c.admin_url.as_deref(), Some("https://broker.example:8443"));
         assert_eq!(c.operation_timeout, Duration::from_secs(5));
+        assert!(!c.crash_counts);
     }
 
     #[test]
@@ -205,6 +212,8 @@ mod tests {
         assert!(e.to_string().contains("`tenant`"), "{e}");
         let e = PulsarConfig::parse("pulsar://h?admin_url=ftp://x").unwrap_err();
         assert!(e.to_string().contains("`admin_url`"), "{e}");
+        let e = PulsarConfig::parse("pulsar://h?crash_counts=maybe").unwrap_err();
+        assert!(e.to_string().contains("`crash_counts`"), "{e}");
         let e = PulsarConfig::parse("pulsar://h/esper/dev").unwrap_err();
         assert!(e.to_string().contains("path"), "{e}");
         assert_eq!(

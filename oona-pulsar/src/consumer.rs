@@ -38,6 +38,7 @@ use oona_core::{
 };
 
 use crate::conn::{await_success, command, conn_err, Frames};
+use crate::marks::{EntryKey, Marker, Staged};
 use crate::transport::Inner;
 use crate::{mapping, NAME};
 
@@ -46,21 +47,6 @@ const COALESCE: usize = 4096;
 
 /// Longest a fetch waits for the broker.
 const FETCH_WAIT: Duration = Duration::from_millis(500);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct EntryKey {
-    ledger: u64,
-    entry: u64,
-}
-
-impl EntryKey {
-    fn of(id: &MessageIdData) -> Self {
-        EntryKey {
-            ledger: id.ledger_id,
-            entry: id.entry_id,
-        }
-    }
-}
 
 /// The engine's handle of one message: its entry, its index in a producer
 /// batch, and the connection (session) it came on.
@@ -189,8 +175,11 @@ fn closed_sub() -> Error {
 pub(crate) async fn subscribe(inner: Arc<Inner>, sub: Subscription) -> Result<DeliveryStream> {
     let full = inner.full_topic(&sub.topic);
     let consumer_id = inner.next_consumer_id();
-    let (frames, early) = open(&inner, &sub, &full, consumer_id).await?;
     let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let marks = Marker::start(&inner, &full, &sub.group, consumer_id, out_tx).await?;
+    let prefetch = u32::try_from(sub.prefetch.max(1)).unwrap_or(u32::MAX);
+    let command = subscribe_command(&sub, &full, consumer_id);
+    let (frames, early) = open(&inner, &full, command, prefetch).await?;
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         cmd_tx,
@@ -202,11 +191,11 @@ pub(crate) async fn subscribe(inner: Arc<Inner>, sub: Subscription) -> Result<De
         inner: Arc::clone(&inner),
         shared: Arc::clone(&shared),
         cmd_rx,
-        out_tx,
         full,
         consumer_id,
-        prefetch: u32::try_from(sub.prefetch.max(1)).unwrap_or(u32::MAX),
+        prefetch,
         sub: sub.clone(),
+        marks,
         pending: HashMap::new(),
         delayed: BTreeSet::new(),
         delayed_ids: HashMap::new(),
@@ -232,27 +221,8 @@ pub(crate) async fn subscribe(inner: Arc<Inner>, sub: Subscription) -> Result<De
     Ok(stream)
 }
 
-/// Look up the topic's broker, connect, subscribe and give the first
-/// permits.
-async fn open(
-    inner: &Inner,
-    sub: &Subscription,
-    full: &str,
-    consumer_id: u64,
-) -> Result<(Frames, Vec<Message>)> {
-    let timeout = inner.config.operation_timeout;
-    let addr = tokio::time::timeout(timeout, inner.client.lookup_topic(full))
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::Timeout,
-                format!("lookup of {full} took more than {timeout:?}"),
-            )
-            .with_transport(NAME)
-        })?
-        .map_err(|e| crate::transport::pulsar_err(&format!("lookup of {full}"), e))?;
-    let mut frames = inner.connector.connect(&addr).await?;
-    let request_id = 1;
+/// The subscribe command of `sub` on `full`.
+fn subscribe_command(sub: &Subscription, full: &str, consumer_id: u64) -> proto::CommandSubscribe {
     let (sub_type, key_shared_meta) = if sub.key_ordered {
         (
             proto::command_subscribe::SubType::KeyShared,
@@ -272,22 +242,45 @@ async fn open(
             proto::command_subscribe::InitialPosition::Earliest
         }
     };
+    proto::CommandSubscribe {
+        topic: full.to_string(),
+        subscription: sub.group.to_string(),
+        sub_type: sub_type as i32,
+        consumer_id,
+        request_id: 1,
+        consumer_name: Some(sub.consumer.to_string()),
+        durable: Some(true),
+        read_compacted: Some(false),
+        initial_position: Some(initial as i32),
+        key_shared_meta,
+        ..Default::default()
+    }
+}
+
+/// Look up the topic's broker, connect, subscribe and give the first
+/// `permits`.
+pub(crate) async fn open(
+    inner: &Inner,
+    full: &str,
+    subscribe: proto::CommandSubscribe,
+    permits: u32,
+) -> Result<(Frames, Vec<Message>)> {
+    let timeout = inner.config.operation_timeout;
+    let addr = tokio::time::timeout(timeout, inner.client.lookup_topic(full))
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!("lookup of {full} took more than {timeout:?}"),
+            )
+            .with_transport(NAME)
+        })?
+        .map_err(|e| crate::transport::pulsar_err(&format!("lookup of {full}"), e))?;
+    let mut frames = inner.connector.connect(&addr).await?;
+    let (request_id, consumer_id) = (subscribe.request_id, subscribe.consumer_id);
+    let group = subscribe.subscription.clone();
     frames
-        .send(command(Type::Subscribe, |c| {
-            c.subscribe = Some(proto::CommandSubscribe {
-                topic: full.to_string(),
-                subscription: sub.group.to_string(),
-                sub_type: sub_type as i32,
-                consumer_id,
-                request_id,
-                consumer_name: Some(sub.consumer.to_string()),
-                durable: Some(true),
-                read_compacted: Some(false),
-                initial_position: Some(initial as i32),
-                key_shared_meta,
-                ..Default::default()
-            })
-        }))
+        .send(command(Type::Subscribe, |c| c.subscribe = Some(subscribe)))
         .await
         .map_err(|e| conn_err(format!("send SUBSCRIBE: {e}")))?;
     let mut early = Vec::new();
@@ -298,12 +291,11 @@ async fn open(
             let temporary = e.is_temporary();
             Error::new(
                 kind,
-                format!("subscribe {} to {full}: {}", sub.group, e.message()),
+                format!("subscribe {group} to {full}: {}", e.message()),
             )
             .with_transport(NAME)
             .set_temporary(temporary)
         })?;
-    let permits = u32::try_from(sub.prefetch.max(1)).unwrap_or(u32::MAX);
     frames
         .send(flow(consumer_id, permits))
         .await
@@ -311,7 +303,7 @@ async fn open(
     Ok((frames, early))
 }
 
-fn flow(consumer_id: u64, permits: u32) -> Message {
+pub(crate) fn flow(consumer_id: u64, permits: u32) -> Message {
     command(Type::Flow, |c| {
         c.flow = Some(proto::CommandFlow {
             consumer_id,
@@ -332,11 +324,13 @@ struct Task {
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
     cmd_rx: mpsc::UnboundedReceiver<Cmd>,
-    out_tx: mpsc::UnboundedSender<Fetched<Token>>,
     sub: Subscription,
     full: String,
     consumer_id: u64,
     prefetch: u32,
+    /// Gives what is read to the engine, once its hand-out is recorded
+    /// (see `crate::marks`).
+    marks: Marker<Token>,
     pending: HashMap<EntryKey, Entry>,
     delayed: BTreeSet<(Instant, EntryKey)>,
     delayed_ids: HashMap<EntryKey, MessageIdData>,
@@ -365,7 +359,8 @@ impl Task {
                     if self.is_shutdown() {
                         return;
                     }
-                    match open(&self.inner, &self.sub, &self.full, self.consumer_id).await {
+                    let command = subscribe_command(&self.sub, &self.full, self.consumer_id);
+                    match open(&self.inner, &self.full, command, self.prefetch).await {
                         Ok(s) => {
                             backoff = Duration::from_millis(100);
                             s
@@ -390,7 +385,8 @@ impl Task {
                     // The broker redelivers everything unacked of a lost
                     // consumer; what the engine still holds of this
                     // session is dropped at hand-out.
-                    self.shared.session.fetch_add(1, Ordering::AcqRel);
+                    let n = self.shared.session.fetch_add(1, Ordering::AcqRel) + 1;
+                    self.marks.new_session(n);
                     self.pending.clear();
                     self.delayed.clear();
                     self.delayed_ids.clear();
@@ -419,7 +415,10 @@ impl Task {
                 self.close(&mut sink, &mut source).await;
                 return Exit::Done;
             }
-            let wake = self.delayed.first().map(|(t, _)| *t);
+            let wake = match (self.delayed.first().map(|(t, _)| *t), self.marks.wake_at()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let mut closing = None;
             let step: Result<()> = tokio::select! {
                 biased;
@@ -444,6 +443,10 @@ impl Task {
                     Some(Err(e)) => Err(conn_err(format!("reading from the broker: {e}"))),
                     None => Err(conn_err("the broker closed the connection")),
                 },
+                r = self.marks.written(), if self.marks.writing() => {
+                    self.marks.on_written(r);
+                    Ok(())
+                }
                 _ = sleep_until(wake) => {
                     self.on_timers();
                     Ok(())
@@ -462,6 +465,7 @@ impl Task {
             if let Err(e) = self.flush(&mut sink).await {
                 return Exit::Lost(e);
             }
+            self.marks.pump().await;
         }
     }
 
@@ -521,7 +525,7 @@ impl Task {
         let size = i32::try_from(members.len()).unwrap_or(i32::MAX);
         let mut unacked = vec![0i64; members.len().div_ceil(64)];
         let session = self.shared.session.load(Ordering::Acquire);
-        let mut out = 0u32;
+        let mut items = Vec::with_capacity(members.len());
         for member in members {
             let i = member.index.unwrap_or(0);
             if batched && !remaining.is_empty() && !bit(&remaining, i) {
@@ -543,17 +547,13 @@ impl Task {
                 size,
                 session,
             };
-            if self
-                .out_tx
-                .send(Fetched::new(token, message, attempt, Some(position)))
-                .is_ok()
-            {
-                out += 1;
-            }
+            items.push(Fetched::new(token, message, attempt, Some(position)));
         }
-        if out == 0 {
+        if items.is_empty() {
             return;
         }
+        let out = u32::try_from(items.len()).unwrap_or(u32::MAX);
+        self.marks.stage(Staged::new(key, attempt, items));
         self.pending.insert(
             key,
             Entry {
@@ -612,8 +612,14 @@ impl Task {
         if self.pending.get(&key).is_some_and(|e| e.outstanding == 0) {
             if let Some(e) = self.pending.remove(&key) {
                 match e.redeliver {
-                    Some(delay) => self.schedule(key, e.id, delay),
-                    None => self.acks.push(e.id),
+                    Some(delay) => {
+                        self.marks.given_back(&key);
+                        self.schedule(key, e.id, delay);
+                    }
+                    None => {
+                        self.marks.done(&key);
+                        self.acks.push(e.id);
+                    }
                 }
             }
         }
@@ -763,6 +769,7 @@ impl Task {
             let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
         }
         self.answer_flushes();
+        self.marks.close().await;
         let _ = sink.close().await;
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 mod conn;
 mod consumer;
 mod mapping;
+mod marks;
 mod tls;
 mod transport;
 

@@ -200,6 +200,11 @@ impl Inner {
         mapping::full_topic(&self.config.tenant, &self.config.namespace, topic)
     }
 
+    /// The admin API client, if `admin_url` was set.
+    pub(crate) fn admin(&self) -> Option<&Admin> {
+        self.admin.as_ref()
+    }
+
     pub(crate) fn next_consumer_id(&self) -> u64 {
         // Pulsar scopes consumer ids to a connection, so a counter would do;
         // ids unique across clients (random base, process-wide counter) make

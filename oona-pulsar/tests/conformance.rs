@@ -117,12 +117,6 @@ impl Fixture for PulsarFixture {
         Ok(())
     }
 
-    fn known_gap(&self, case: &str) -> Option<&'static str> {
-        (case == "killed_consumers_lose_nothing").then_some(
-            "Pulsar does not count a redelivery when a consumer dies, so a crashing message loops; durable attempts are issue 11's next step",
-        )
-    }
-
     async fn cut_connections(&self) -> oona_core::Result<()> {
         self.proxy()?
             .cut()

@@ -410,3 +410,83 @@ async fn driver_connects_and_rejects_bad_urls() {
     t.close().await.unwrap();
     assert!(!t.health().await.is_up());
 }
+
+/// Every message of the marks topic of `g` on `t` so far, as (key, payload),
+/// read with the broker's own client (what a service in another language
+/// would see).
+async fn marks_of(b: &support::Broker, t: &Topic, g: &Name) -> Vec<(String, Vec<u8>)> {
+    let (tenant, ns) = b.tenant_namespace();
+    let raw = b.raw_client().await;
+    let mut c: pulsar::Consumer<Vec<u8>, _> = raw
+        .consumer()
+        .with_topic(format!("persistent://{tenant}/{ns}/{t}=oona-marks={g}"))
+        .with_subscription(format!("look-{}", uuid::Uuid::new_v4().simple()))
+        .with_subscription_type(pulsar::SubType::Exclusive)
+        .with_options(
+            pulsar::ConsumerOptions::default()
+                .durable(false)
+                .with_initial_position(pulsar::consumer::InitialPosition::Earliest),
+        )
+        .build()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(2), c.next()).await {
+        out.push((m.key().unwrap_or_default(), m.payload.data.clone()));
+    }
+    let _ = c.close().await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_list_hand_outs_and_go_with_the_topic() {
+    let Some(b) = broker() else { return };
+    let Some(admin) = b.admin_url() else {
+        panic!("the test broker has no admin_url");
+    };
+    let (tenant, ns) = b.tenant_namespace();
+    let t = topic("control");
+    let g = group("marks");
+    let oona = PulsarTransport::connect_url(&b.url()).await.unwrap();
+    let sub = Subscription::new(t.clone(), g.clone()).start(StartPosition::Earliest);
+    drop(oona.subscribe(sub.clone()).await.unwrap());
+    for i in 0..3 {
+        let e = Envelope::builder(t.clone(), format!("m{i}")).build();
+        oona.publish(e).await.unwrap();
+    }
+    let mut s = oona.subscribe(sub).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(next(&mut s, WAIT).await.expect("a delivery"));
+    }
+    // Handed out, so listed: one list (the session's key) naming 3 entries.
+    let marks = marks_of(&b, &t, &g).await;
+    let (session, list) = marks.last().cloned().expect("a list before the hand-out");
+    let list = String::from_utf8(list).unwrap();
+    let entries = list.strip_prefix("oona1;held=").expect(&list);
+    assert_eq!(entries.split(',').count(), 3, "{list}");
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    oona.close().await.unwrap();
+    // Closed in order with nothing held: the session's key is deleted.
+    let marks = marks_of(&b, &t, &g).await;
+    let last = marks.iter().rev().find(|(k, _)| *k == session).unwrap();
+    assert!(
+        last.1.is_empty(),
+        "the last list of the session: {:?}",
+        last.1
+    );
+
+    let oona = PulsarTransport::connect_url(&b.url()).await.unwrap();
+    oona.delete_topic(&t).await.unwrap();
+    let names: Vec<String> = reqwest::get(format!("{admin}/admin/v2/persistent/{tenant}/{ns}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let left: Vec<&String> = names.iter().filter(|n| n.contains(t.as_str())).collect();
+    assert!(left.is_empty(), "left after delete_topic: {left:?}");
+    oona.close().await.unwrap();
+}
