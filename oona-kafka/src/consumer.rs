@@ -83,6 +83,9 @@ struct Part {
     dirty: bool,
     /// The hand-out marks as committed (or about to be).
     marks: Marks,
+    /// The `below` of the marks the committer last had on the broker:
+    /// records before it may go out.
+    below_confirmed: i64,
     /// Records before this offset were out with a member that vanished
     /// (the marks found at assignment): they come back as recovered.
     recovered_below: i64,
@@ -134,6 +137,9 @@ struct InFlight {
     position: String,
     /// Out with a member that vanished: handed out alone, one at a time.
     recovered: bool,
+    /// The marks generation its charge was recorded at (recovered records:
+    /// it goes out once the committer has that on the broker).
+    charge: Option<u64>,
     /// Given to the engine (it counts against the prefetch).
     sent: bool,
     /// The engine has handed it out (until then it is withdrawn when its
@@ -171,6 +177,13 @@ struct State {
     stopping: bool,
     /// Recording hand-out marks failed: not before this.
     marks_retry_at: Option<std::time::Instant>,
+    /// Bumped on every change of marks that must reach the broker before a
+    /// record goes out.
+    marks_gen: u64,
+    /// The generation the committer last had on the broker.
+    confirmed_gen: u64,
+    /// The committer has been asked and has not finished.
+    committing: bool,
 }
 
 impl State {
@@ -194,6 +207,7 @@ impl State {
         let part = Part {
             epoch: self.next_epoch,
             recovered_below: marks.below,
+            below_confirmed: marks.below,
             marks,
             ..Part::default()
         };
@@ -215,6 +229,7 @@ impl State {
             let floor = out.get(tp).copied().unwrap_or(0).max(part.recovered_below);
             if floor < part.marks.below {
                 part.marks.below = floor;
+                part.below_confirmed = part.below_confirmed.min(floor);
                 part.dirty = true;
             }
         }
@@ -233,6 +248,20 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Offsets and marks of every partition held, for the committer, with
+    /// the generation and each partition's `below` they carry.
+    fn commit_all(&mut self) -> (TopicPartitionList, u64, Vec<(TopicPartition, u64, i64)>) {
+        let mut tpl = TopicPartitionList::new();
+        let mut belows = Vec::new();
+        for ((t, p), part) in self.parts.iter_mut() {
+            if part.add_to(&mut tpl, t, *p) {
+                part.dirty = false;
+                belows.push(((Arc::clone(t), *p), part.epoch, part.marks.below));
+            }
+        }
+        (tpl, self.marks_gen, belows)
     }
 
     /// Offsets to commit: of every dirty partition, or of `only`.
@@ -257,6 +286,10 @@ impl State {
 
 pub(crate) struct Shared {
     state: Mutex<State>,
+    /// Held while a commit is built and sent, so commits reach the broker
+    /// in the order they were built (the poll thread and the committer
+    /// both commit).
+    commit_lock: Mutex<()>,
     /// Signalled on every settlement: the poll thread waits on it for room,
     /// a revoke for the deliveries of its partitions.
     settled: std::sync::Condvar,
@@ -267,6 +300,10 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is plain data; a panic elsewhere must not wedge it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn commit_turn(&self) -> MutexGuard<'_, ()> {
+        self.commit_lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn send(&self, cmd: Cmd) -> bool {
@@ -357,7 +394,7 @@ impl ConsumerContext for Ctx {
         // revoke callback, so the new owner starts after them (no
         // duplicates, per-key order kept). What was never handed out is
         // withdrawn at once (the engine skips it).
-        let tpl = {
+        {
             let mut st = self.shared.lock();
             st.waiting.retain(|tp, _| !of_revoked(tp));
             st.inflight.retain(|_, f| f.taken || !of_revoked(&f.tp));
@@ -376,6 +413,10 @@ impl ConsumerContext for Ctx {
                     Err(p) => p.into_inner().0,
                 };
             }
+        }
+        let _turn = self.shared.commit_turn();
+        let tpl = {
+            let mut st = self.shared.lock();
             st.lower_marks(of_revoked);
             let tpl = st.commits(Some(revoked));
             for e in revoked.elements() {
@@ -516,6 +557,7 @@ pub(crate) async fn start(
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
+        commit_lock: Mutex::new(()),
         settled: std::sync::Condvar::new(),
         cmds: Mutex::new(cmd_tx),
     });
@@ -535,7 +577,24 @@ pub(crate) async fn start(
     std::thread::Builder::new()
         .name("oona-kafka-sub".into())
         .spawn(move || {
-            poll_loop(&poller, &consumer, &out_tx, &cmd_rx, &shutdown);
+            let consumer = Arc::new(consumer);
+            let (wake, woken) = std::sync::mpsc::channel();
+            let committing = {
+                let (ctl, consumer) = (poller.clone(), Arc::clone(&consumer));
+                std::thread::Builder::new()
+                    .name("oona-kafka-commit".into())
+                    .spawn(move || committer(&ctl, &consumer, &woken))
+            };
+            match committing {
+                Ok(handle) => {
+                    poll_loop(&poller, &consumer, &out_tx, &cmd_rx, &shutdown, &wake);
+                    drop(wake);
+                    let _ = handle.join();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "kafka: no commit thread; the subscription ends")
+                }
+            }
             finish(&poller, consumer);
             let _ = done_tx.send(());
         })
@@ -632,6 +691,7 @@ fn poll_loop(
     out: &mpsc::UnboundedSender<Fetched<u64>>,
     cmds: &std::sync::mpsc::Receiver<Cmd>,
     shutdown: &tokio::sync::watch::Receiver<bool>,
+    committer: &std::sync::mpsc::Sender<()>,
 ) {
     let prefetch = ctl.sub.prefetch.max(1);
     // Read ahead at most this many: librdkafka then stops fetching once
@@ -657,7 +717,7 @@ fn poll_loop(
             return;
         }
         release_due(ctl, consumer, &mut ready);
-        hand_to_engine(ctl, consumer, &mut ready, out, prefetch);
+        hand_to_engine(ctl, &mut ready, out, prefetch, committer);
         if std::time::Instant::now() >= next_commit {
             commit(ctl, consumer, CommitMode::Async);
             next_commit = std::time::Instant::now() + every;
@@ -695,33 +755,31 @@ fn poll_loop(
 }
 
 /// Give the engine what it has room for (records withdrawn by a revoke
-/// meanwhile are skipped: their new owner has them). Hand-out marks go to
-/// the broker first (see [`crate::marks`]): a record past its partition's
-/// mark raises it a prefetch ahead; a recovered record goes alone, its
-/// attempt recorded.
+/// meanwhile are skipped: their new owner has them). A record goes only
+/// once marks on the broker cover its hand-out (see [`crate::marks`]):
+/// before its partition's confirmed `below`, which the committer keeps a
+/// window ahead (raised when consumption is half a window from it); a
+/// recovered record alone, once its charge is committed.
 fn hand_to_engine(
     ctl: &Ctl,
-    consumer: &BaseConsumer<Ctx>,
     ready: &mut VecDeque<Fetched<u64>>,
     out: &mpsc::UnboundedSender<Fetched<u64>>,
     prefetch: usize,
+    committer: &std::sync::mpsc::Sender<()>,
 ) {
     if ready.is_empty() {
         return;
     }
     let mut guard = ctl.shared.lock();
-    if guard.stopping
-        || guard
-            .marks_retry_at
-            .is_some_and(|t| std::time::Instant::now() < t)
-    {
+    if guard.stopping {
         return;
     }
     let st = &mut *guard;
+    // Two prefetches: the raise is on its way while one prefetch goes out.
+    let window = i64::try_from(prefetch.saturating_mul(2)).unwrap_or(i64::MAX);
     let mut outstanding = st.inflight.values().filter(|f| f.sent).count();
     let mut recovered_out = st.inflight.values().any(|f| f.sent && f.recovered);
     let mut batch = Vec::new();
-    let mut before: HashMap<TopicPartition, Marks> = HashMap::new();
     while outstanding < prefetch {
         let Some(f) = ready.pop_front() else { break };
         let Some(x) = st.inflight.get_mut(&f.token) else {
@@ -730,83 +788,86 @@ fn hand_to_engine(
         let Some(part) = st.parts.get_mut(&x.tp).filter(|p| p.epoch == x.epoch) else {
             continue;
         };
-        if x.recovered {
-            if recovered_out {
-                ready.push_front(f);
-                break;
-            }
-            recovered_out = true;
+        if x.offset.saturating_add(window / 2) >= part.marks.below {
+            part.marks.below = x.offset.saturating_add(window);
+            part.dirty = true;
+            st.marks_gen += 1;
         }
-        if x.recovered || x.offset >= part.marks.below {
-            before
-                .entry(x.tp.clone())
-                .or_insert_with(|| part.marks.clone());
-            if x.recovered {
-                part.marks.charged.insert(x.offset, x.attempt);
+        let go = if x.recovered {
+            match x.charge {
+                _ if recovered_out => false,
+                Some(g) => g <= st.confirmed_gen,
+                None => {
+                    part.marks.charged.insert(x.offset, x.attempt);
+                    part.dirty = true;
+                    st.marks_gen += 1;
+                    x.charge = Some(st.marks_gen);
+                    false
+                }
             }
-            let window = i64::try_from(prefetch).unwrap_or(i64::MAX);
-            part.marks.below = part.marks.below.max(x.offset.saturating_add(window));
+        } else {
+            x.offset < part.below_confirmed
+        };
+        if !go {
+            ready.push_front(f);
+            break;
         }
+        recovered_out |= x.recovered;
         x.sent = true;
         outstanding += 1;
         batch.push(f);
     }
-    if !before.is_empty() {
-        // Everything settled so far goes with the marks: a settlement
-        // that took a charge away must be on the broker before the next
-        // recovered record can crash this member.
-        let mut tpl = st.commits(None);
-        for tp in before.keys() {
-            if let Some(part) = st.parts.get(tp) {
-                if tpl.find_partition(&tp.0, tp.1).is_none() {
-                    part.add_to(&mut tpl, &tp.0, tp.1);
-                }
-            }
-        }
-        drop(guard);
-        // The poll thread is the only committer, so this commit cannot
-        // pass an older one.
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            tracing::warn!(topic = %ctl.sub.topic, error = %e, "kafka: recording hand-out marks failed; retrying before handing records on");
-            undo_marks(ctl, ready, batch, before, &tpl);
-            return;
-        }
-        ctl.shared.lock().marks_retry_at = None;
-    } else {
-        drop(guard);
+    let retry_ok = st
+        .marks_retry_at
+        .is_none_or(|t| std::time::Instant::now() >= t);
+    if st.confirmed_gen < st.marks_gen && !st.committing && retry_ok {
+        st.committing = true;
+        let _ = committer.send(());
     }
+    drop(guard);
     for f in batch {
         let _ = out.send(f);
     }
 }
 
-/// Marks could not be recorded: put them back as they were and the batch
-/// back at the front of `ready`, in order, and wait a moment.
-fn undo_marks(
-    ctl: &Ctl,
-    ready: &mut VecDeque<Fetched<u64>>,
-    batch: Vec<Fetched<u64>>,
-    before: HashMap<TopicPartition, Marks>,
-    tried: &TopicPartitionList,
-) {
-    let mut st = ctl.shared.lock();
-    for (tp, m) in before {
-        if let Some(part) = st.parts.get_mut(&tp) {
-            part.marks = m;
+/// Commits the hand-out marks (with every offset settled so far) on their
+/// own thread, so the poll thread hands records on while a raised mark is
+/// on its way. Ends when the poll thread drops its end of `wake`.
+fn committer(ctl: &Ctl, consumer: &BaseConsumer<Ctx>, wake: &std::sync::mpsc::Receiver<()>) {
+    while wake.recv().is_ok() {
+        let turn = ctl.shared.commit_turn();
+        let (tpl, gen, belows) = ctl.shared.lock().commit_all();
+        let result = if tpl.count() == 0 {
+            Ok(())
+        } else {
+            consumer.commit(&tpl, CommitMode::Sync)
+        };
+        drop(turn);
+        let mut st = ctl.shared.lock();
+        st.committing = false;
+        match result {
+            Ok(()) => {
+                st.confirmed_gen = st.confirmed_gen.max(gen);
+                st.marks_retry_at = None;
+                for (tp, epoch, below) in belows {
+                    if let Some(p) = st.parts.get_mut(&tp).filter(|p| p.epoch == epoch) {
+                        p.below_confirmed = below;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(topic = %ctl.sub.topic, error = %e, "kafka: recording hand-out marks failed; retrying before handing records on");
+                for (tp, _, _) in belows {
+                    if let Some(p) = st.parts.get_mut(&tp) {
+                        p.dirty = true;
+                    }
+                }
+                st.marks_retry_at = Some(std::time::Instant::now() + Duration::from_millis(200));
+            }
         }
+        drop(st);
+        ctl.shared.settled.notify_all();
     }
-    for e in tried.elements() {
-        if let Some(p) = st.parts.get_mut(&(Arc::from(e.topic()), e.partition())) {
-            p.dirty = true;
-        }
-    }
-    for f in batch.into_iter().rev() {
-        if let Some(x) = st.inflight.get_mut(&f.token) {
-            x.sent = false;
-        }
-        ready.push_front(f);
-    }
-    st.marks_retry_at = Some(std::time::Instant::now() + Duration::from_millis(200));
 }
 
 fn tpl_of(tp: &TopicPartition) -> TopicPartitionList {
@@ -898,6 +959,7 @@ fn on_message(
             attempt,
             position: position.clone(),
             recovered,
+            charge: None,
             sent: false,
             taken: false,
         },
@@ -932,6 +994,15 @@ fn content_type(m: &BorrowedMessage<'_>) -> ContentType {
 }
 
 fn commit(ctl: &Ctl, consumer: &BaseConsumer<Ctx>, mode: CommitMode) {
+    let _turn = match mode {
+        // A periodic commit skips a turn while the committer is at it.
+        CommitMode::Async => match ctl.shared.commit_lock.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        },
+        CommitMode::Sync => ctl.shared.commit_turn(),
+    };
     let tpl = ctl.shared.lock().commits(None);
     if tpl.count() == 0 {
         return;
@@ -949,7 +1020,7 @@ fn commit(ctl: &Ctl, consumer: &BaseConsumer<Ctx>, mode: CommitMode) {
 }
 
 /// Commit what is settled and leave the group.
-fn finish(ctl: &Ctl, consumer: BaseConsumer<Ctx>) {
+fn finish(ctl: &Ctl, consumer: Arc<BaseConsumer<Ctx>>) {
     commit(ctl, &consumer, CommitMode::Sync);
     ctl.shared.lock().ended = true;
     ctl.shared.settled.notify_all();

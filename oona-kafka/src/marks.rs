@@ -5,10 +5,11 @@
 //! `oona1;below=<offset>;charged=<offset>:<attempt>,...`
 //!
 //! - `below`: every record of the partition before this offset may have
-//!   been handed out by the member that committed it. A member raises it
-//!   (synchronously, a window ahead) *before* it gives a record at or past
-//!   it to its consumer, and lowers it again when it leaves in order (what
-//!   it read ahead was never handed out). A new owner that finds
+//!   been handed out by the member that committed it. A member gives its
+//!   consumer only records before the `below` it has on the broker; its
+//!   commit thread raises the mark two prefetches ahead when consumption
+//!   comes within a prefetch of it. It lowers the mark again when it
+//!   leaves in order (what it read ahead was never handed out). A new owner that finds
 //!   uncommitted records below it knows their holder vanished: it hands
 //!   them out as recovered, one at a time, each at one attempt more.
 //! - `charged`: the attempt at which a recovered record was handed out

@@ -76,8 +76,14 @@ struct Entry {
 enum Cmd {
     Ack(Token),
     Redeliver(Token, Duration),
-    /// Write what is queued; answered once the broker confirmed.
-    Flush(oneshot::Sender<()>),
+    /// Never handed out: off this session's marks list.
+    Release(Vec<Token>),
+    /// Write what is queued; each answered once the broker confirmed the
+    /// acks, and the marks list.
+    Flush {
+        acks: oneshot::Sender<()>,
+        marks: oneshot::Sender<()>,
+    },
     /// Leave the group and end the task.
     Close(oneshot::Sender<()>),
 }
@@ -100,9 +106,11 @@ impl Shared {
 
     /// Write what every settlement so far queued (Transport::flush).
     pub(crate) async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.send(Cmd::Flush(tx)).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        let (acks, acked) = oneshot::channel();
+        let (marks, marked) = oneshot::channel();
+        if self.send(Cmd::Flush { acks, marks }).is_ok() {
+            let both = futures::future::join(acked, marked);
+            let _ = tokio::time::timeout(Duration::from_secs(5), both).await;
         }
     }
 }
@@ -145,9 +153,11 @@ impl engine::Source for PulsarSource {
         self.shared.send(Cmd::Ack(token))
     }
 
-    async fn release(&self, _tokens: Vec<Token>) {
+    async fn release(&self, tokens: Vec<Token>) {
         // Left unacked: the broker hands them to the group's other
-        // consumers when this one leaves, without counting a delivery.
+        // consumers when this one leaves, without counting a delivery;
+        // off the marks list, so they are not charged either.
+        let _ = self.shared.send(Cmd::Release(tokens));
     }
 
     fn handing_out(&self, token: &Token) -> bool {
@@ -581,7 +591,16 @@ impl Task {
                 self.permits = self.permits.saturating_add(1);
                 self.settled(t.key);
             }
-            Cmd::Flush(w) => self.flush_waiters.push(w),
+            Cmd::Release(tokens) => {
+                let session = self.shared.session.load(Ordering::Acquire);
+                for t in tokens.iter().filter(|t| t.session == session) {
+                    self.marks.released(&t.key);
+                }
+            }
+            Cmd::Flush { acks, marks } => {
+                self.flush_waiters.push(acks);
+                self.marks.flush(marks);
+            }
             Cmd::Close(_) => {}
         }
     }
@@ -728,6 +747,9 @@ impl Task {
         while let Ok(c) = self.cmd_rx.try_recv() {
             self.on_cmd(c);
         }
+        // Flushes asked for meanwhile are answered once everything below
+        // is done, the marks list included.
+        let waiters = std::mem::take(&mut self.flush_waiters);
         // Held nacks go back now rather than being lost with the consumer.
         let held: Vec<MessageIdData> = self.delayed_ids.drain().map(|(_, id)| id).collect();
         self.delayed.clear();
@@ -735,6 +757,7 @@ impl Task {
         self.permits = 0;
         if let Err(e) = self.flush(sink).await {
             tracing::debug!(error = %e, "flush on close");
+            self.marks.close().await;
             return;
         }
         self.request_id += 1;
@@ -768,8 +791,11 @@ impl Task {
             };
             let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
         }
-        self.answer_flushes();
         self.marks.close().await;
+        self.answer_flushes();
+        for w in waiters {
+            let _ = w.send(());
+        }
         let _ = sink.close().await;
     }
 }

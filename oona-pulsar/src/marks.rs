@@ -41,7 +41,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, SinkExt};
 use pulsar::message::proto::{self, base_command::Type, MessageIdData};
 use pulsar::{Producer, TokioExecutor};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use oona_core::engine::Fetched;
@@ -223,6 +223,8 @@ impl<T> Staged<T> {
 struct Write<T> {
     done: BoxFuture<'static, Result<()>>,
     batch: Vec<Staged<T>>,
+    /// Flushes answered once this write is on the broker.
+    flushes: Vec<oneshot::Sender<()>>,
 }
 
 /// Between the broker's messages and the engine: this subscription's list,
@@ -249,6 +251,10 @@ pub(crate) struct Marker<T> {
     retry_at: Option<Instant>,
     /// The list on the broker is not the empty one.
     listed: bool,
+    /// The list changed in a way the broker must see now (entries given
+    /// back unhanded, a flush).
+    urgent: bool,
+    flushes: Vec<oneshot::Sender<()>>,
 }
 
 impl<T: Send + 'static> Marker<T> {
@@ -278,6 +284,8 @@ impl<T: Send + 'static> Marker<T> {
             last_write: None,
             retry_at: None,
             listed: false,
+            urgent: false,
+            flushes: Vec::new(),
         };
         if !inner.config.crash_counts {
             return Ok(marker);
@@ -341,10 +349,13 @@ impl<T: Send + 'static> Marker<T> {
         }
     }
 
-    fn hand_on(&self, s: Staged<T>) {
+    fn hand_on(&mut self, s: Staged<T>) {
         for mut f in s.items {
             f.attempt = s.attempt;
-            let _ = self.out.send(f.recovered(s.recovered));
+            if self.out.send(f.recovered(s.recovered)).is_err() {
+                // The engine is gone: never handed out.
+                self.released(&s.key);
+            }
         }
     }
 
@@ -361,6 +372,24 @@ impl<T: Send + 'static> Marker<T> {
             m.1 = Some(Instant::now());
         }
         self.turn_over(key);
+    }
+
+    /// The engine gives the entry back unhanded: off the list at once.
+    pub(crate) fn released(&mut self, key: &EntryKey) {
+        if self.mine.remove(key).is_some() {
+            self.urgent = true;
+        }
+        self.turn_over(key);
+    }
+
+    /// Answer `w` once the list as it is now is on the broker.
+    pub(crate) fn flush(&mut self, w: oneshot::Sender<()>) {
+        if self.producer.is_none() || (self.mine.is_empty() && !self.listed) {
+            let _ = w.send(());
+            return;
+        }
+        self.urgent = true;
+        self.flushes.push(w);
     }
 
     fn turn_over(&mut self, key: &EntryKey) {
@@ -438,9 +467,11 @@ impl<T: Send + 'static> Marker<T> {
             }
         }
         let due = self.last_write.is_none_or(|t| t.elapsed() >= REFRESH);
-        if batch.is_empty() && !(due && (self.listed || !self.mine.is_empty())) {
+        let refresh = due && (self.listed || !self.mine.is_empty());
+        if batch.is_empty() && !refresh && !self.urgent {
             return;
         }
+        self.urgent = false;
         for s in &batch {
             self.mine.insert(s.key, (s.attempt, None));
         }
@@ -484,7 +515,12 @@ impl<T: Send + 'static> Marker<T> {
             Ok(())
         }
         .boxed();
-        self.writing.push_back(Write { done, batch });
+        let flushes = std::mem::take(&mut self.flushes);
+        self.writing.push_back(Write {
+            done,
+            batch,
+            flushes,
+        });
     }
 
     /// Entries given back long ago, or beyond the newest [`GIVEN_BACK_MAX`],
@@ -526,8 +562,13 @@ impl<T: Send + 'static> Marker<T> {
             tracing::warn!(error = %e, "marks: recording hand-outs failed; retrying before handing messages on");
             self.retry_at = Some(Instant::now() + Duration::from_secs(1));
             // The later writes wait too, so messages keep their order.
+            self.urgent = true;
+            self.flushes.extend(w.flushes);
             let mut again: Vec<Staged<T>> = w.batch;
-            again.extend(self.writing.drain(..).flat_map(|w| w.batch));
+            for later in self.writing.drain(..) {
+                again.extend(later.batch);
+                self.flushes.extend(later.flushes);
+            }
             again.append(&mut self.staged);
             for s in again {
                 if s.recovered {
@@ -538,6 +579,9 @@ impl<T: Send + 'static> Marker<T> {
                 }
             }
             return;
+        }
+        for f in w.flushes {
+            let _ = f.send(());
         }
         for mut s in w.batch {
             let before = s.attempt;
