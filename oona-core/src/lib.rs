@@ -11,6 +11,7 @@ pub mod error;
 pub mod layer;
 pub mod memory;
 pub mod rules;
+pub mod security;
 pub mod subscription;
 pub mod topic;
 pub mod transport;
