@@ -24,9 +24,14 @@ impl KeyId {
         let id = id.as_ref();
         let bad = |why: String| Error::new(ErrorKind::ConfigInvalid, format!("key id: {why}"));
         if id.len() > Self::MAX_LEN {
-            return Err(bad(format!("{id:?} is longer than {} bytes", Self::MAX_LEN)));
+            return Err(bad(format!(
+                "{id:?} is longer than {} bytes",
+                Self::MAX_LEN
+            )));
         }
-        Name::new(id).map(KeyId).map_err(|e| bad(e.message().to_string()))
+        Name::new(id)
+            .map(KeyId)
+            .map_err(|e| bad(e.message().to_string()))
     }
 
     /// The id.
@@ -50,7 +55,16 @@ impl fmt::Debug for KeyId {
 /// Secret bytes. `Debug` and `Display` print `[redacted]`; the bytes are
 /// reachable only through [`Secret::expose`].
 #[derive(Clone)]
-pub struct Secret(Arc<[u8]>);
+pub struct Secret(Arc<Inner>);
+
+struct Inner {
+    bytes: Vec<u8>,
+    /// HMAC-SHA256 keyed with the bytes, cloned for each message (keying
+    /// hashes two blocks).
+    keyed: HmacSha256,
+}
+
+pub(crate) type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 /// Shortest secret accepted: HMAC-SHA256 keys should be at least as long
 /// as its output.
@@ -69,7 +83,12 @@ impl Secret {
                 ),
             ));
         }
-        Ok(Secret(Arc::from(bytes)))
+        use hmac::Mac as _;
+        let keyed = match HmacSha256::new_from_slice(&bytes) {
+            Ok(m) => m,
+            Err(_) => unreachable!("HMAC takes a key of any length"),
+        };
+        Ok(Secret(Arc::new(Inner { bytes, keyed })))
     }
 
     /// A secret written in standard base64 (padding optional).
@@ -90,9 +109,14 @@ impl Secret {
         Secret::new(bytes)
     }
 
-    /// The bytes, for the MAC.
+    /// The bytes.
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        &self.0.bytes
+    }
+
+    /// A MAC keyed with the secret, ready for a message.
+    pub(crate) fn mac(&self) -> HmacSha256 {
+        self.0.keyed.clone()
     }
 }
 

@@ -24,14 +24,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use hmac::Mac;
 
 use crate::delivery::{Delivery, Outcome};
 use crate::envelope::Envelope;
 use crate::error::Result;
 use crate::layer::{ConsumeLayer, ConsumeNext, Handled, PublishLayer, PublishNext};
-use crate::security::keys::{KeyId, Keyring, Keys, Secret};
+use crate::security::keys::{HmacSha256, KeyId, Keyring, Keys, Secret};
 use crate::transport::Receipt;
 
 /// The header that carries the signature.
@@ -39,36 +38,51 @@ pub const SIGNATURE_HEADER: &str = "oona-sig";
 
 const VERSION: &str = "v1";
 
-type HmacSha256 = Hmac<Sha256>;
-
 fn netstring(mac: &mut HmacSha256, bytes: &[u8]) {
-    mac.update(bytes.len().to_string().as_bytes());
+    decimal(mac, bytes.len());
     mac.update(b":");
     mac.update(bytes);
     mac.update(b",");
 }
 
+/// `n` in decimal, without allocating (once per field of every message).
+fn decimal(mac: &mut HmacSha256, mut n: usize) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    mac.update(&buf[i..]);
+}
+
 /// Feed the canonical form of `env` (see the module docs) to `mac`.
 fn feed(mac: &mut HmacSha256, env: &Envelope) {
-    let opt = |v: &Option<String>| v.as_deref().unwrap_or("").as_bytes().to_vec();
-    let signed: Vec<(&String, &String)> = env
-        .headers
-        .iter()
-        .filter(|(k, _)| k.as_str() != SIGNATURE_HEADER)
-        .collect();
+    fn opt(v: &Option<String>) -> &[u8] {
+        v.as_deref().unwrap_or("").as_bytes()
+    }
+    let signed = || {
+        env.headers
+            .iter()
+            .filter(|(k, _)| k.as_str() != SIGNATURE_HEADER)
+    };
     netstring(mac, b"oona-sig-v1");
     netstring(mac, env.event_id.as_str().as_bytes());
     netstring(mac, env.sender_id.as_bytes());
     netstring(mac, env.timestamp.unix_millis().to_string().as_bytes());
     netstring(mac, env.topic.as_str().as_bytes());
-    netstring(mac, &opt(&env.trace_id));
-    netstring(mac, &opt(&env.correlation_id));
-    netstring(mac, &opt(&env.key));
+    netstring(mac, opt(&env.trace_id));
+    netstring(mac, opt(&env.correlation_id));
+    netstring(mac, opt(&env.key));
     netstring(mac, env.content_type.as_str().as_bytes());
-    netstring(mac, &opt(&env.schema_id));
+    netstring(mac, opt(&env.schema_id));
     netstring(mac, env.priority.as_str().as_bytes());
-    netstring(mac, signed.len().to_string().as_bytes());
-    for (k, v) in signed {
+    netstring(mac, signed().count().to_string().as_bytes());
+    for (k, v) in signed() {
         netstring(mac, k.as_bytes());
         netstring(mac, v.as_bytes());
     }
@@ -76,11 +90,7 @@ fn feed(mac: &mut HmacSha256, env: &Envelope) {
 }
 
 fn mac_of(secret: &Secret, env: &Envelope) -> HmacSha256 {
-    // HMAC takes a key of any length.
-    let mut mac = match HmacSha256::new_from_slice(secret.expose()) {
-        Ok(m) => m,
-        Err(_) => unreachable!("HMAC accepts every key length"),
-    };
+    let mut mac = secret.mac();
     feed(&mut mac, env);
     mac
 }
@@ -91,12 +101,18 @@ fn mac_of(secret: &Secret, env: &Envelope) -> HmacSha256 {
 /// end of the publish path for that reason.
 pub fn sign(env: &mut Envelope, keyring: &Keyring) {
     let (id, secret) = keyring.current();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let tag = mac_of(secret, env).finalize().into_bytes();
-    let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
-    env.headers.insert(
-        SIGNATURE_HEADER.to_string(),
-        format!("{VERSION}:{id}:{hex}"),
-    );
+    let mut value = String::with_capacity(VERSION.len() + id.as_str().len() + 66);
+    value.push_str(VERSION);
+    value.push(':');
+    value.push_str(id.as_str());
+    value.push(':');
+    for b in tag {
+        value.push(char::from(HEX[usize::from(b >> 4)]));
+        value.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    env.headers.insert(SIGNATURE_HEADER.to_string(), value);
 }
 
 /// Why a signature was refused; its `Display` is the dead letter's reason.
