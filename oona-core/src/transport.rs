@@ -75,6 +75,14 @@ pub trait Transport: fmt::Debug + Send + Sync + 'static {
         Ok(())
     }
 
+    /// A record of event ids the broker keeps for a whole consumer group
+    /// (replay protection: [`crate::security::ReplayLayer`]). `None`, the
+    /// default: the broker has no place for one, and each process keeps
+    /// its own.
+    fn nonce_store(&self) -> Option<std::sync::Arc<dyn crate::security::NonceStore>> {
+        None
+    }
+
     /// Stop, flush and release. Idempotent.
     async fn close(&self) -> Result<()>;
 }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 mod acker;
 mod config;
+mod nonces;
 mod scripts;
 mod sub;
 mod wire;
@@ -686,6 +687,13 @@ impl Transport for RedisTransport {
                 )
                 .with_transport(NAME)
             })
+    }
+
+    fn nonce_store(&self) -> Option<Arc<dyn oona_core::security::NonceStore>> {
+        Some(Arc::new(nonces::RedisNonces {
+            conn: self.inner.conn.clone(),
+            prefix: self.inner.cfg.prefix.clone(),
+        }))
     }
 
     async fn close(&self) -> Result<()> {

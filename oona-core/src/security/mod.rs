@@ -1,5 +1,6 @@
-//! Message security: signing keys and signed envelopes, as layers the
-//! facade puts on the publish and consume paths of every transport.
+//! Message security: signing keys and signed envelopes, and replay
+//! protection, as layers the facade puts on the publish and consume paths
+//! of every transport.
 //!
 //! ```
 //! use oona_core::security::{sign, verify, Keyring, Keys, SignLayer, VerifyLayer};
@@ -19,9 +20,11 @@
 //! ```
 
 mod keys;
+mod replay;
 mod sign;
 
 pub use keys::{KeyId, Keyring, Keys, Secret, KEYS_ENV, MIN_SECRET_BYTES};
+pub use replay::{MemoryNonces, NonceStore, ReplayCounts, ReplayError, ReplayLayer};
 pub use sign::{
     sign, verify, SignLayer, SignatureCounts, SignatureError, SignatureStats, VerifyLayer,
     SIGNATURE_HEADER,
