@@ -40,13 +40,40 @@ impl std::fmt::Debug for Driver {
     }
 }
 
+/// What a secret prints as.
+pub const REDACTED: &str = "***";
+
+/// Whether a setting called `key` holds a secret, whose value is never
+/// printed: passwords, tokens, secrets, credentials (`token`,
+/// `tls_key_password`, `sasl.password`, ...).
+pub fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "token", "secret", "credential"]
+        .iter()
+        .any(|w| k.contains(w))
+}
+
 /// A parsed connection URL whose query parameters are consumed as they are
-/// read.
-#[derive(Debug, Clone)]
+/// read. `Debug` shows the password and secret parameters as `***`.
+#[derive(Clone)]
 pub struct ConnectUrl {
     url: url::Url,
     params: BTreeMap<String, String>,
     known: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for ConnectUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let params: BTreeMap<&str, &str> = self
+            .params
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret(k) { REDACTED } else { v.as_str() }))
+            .collect();
+        f.debug_struct("ConnectUrl")
+            .field("url", &self.redacted())
+            .field("params", &params)
+            .finish()
+    }
 }
 
 impl ConnectUrl {
@@ -219,6 +246,24 @@ mod tests {
         assert_eq!(parse_duration("15").unwrap(), Duration::from_millis(15));
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("1d").is_err());
+    }
+
+    #[test]
+    fn debug_hides_passwords_and_secret_parameters() {
+        let u = ConnectUrl::parse(
+            "kafka://svc:hunter2@h:9092?sasl_mechanism=PLAIN&tls_key_password=pw-9&token=tk-7&client_id=c",
+        )
+        .unwrap();
+        let shown = format!("{u:?}");
+        for secret in ["hunter2", "pw-9", "tk-7"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.contains("client_id") && shown.contains("PLAIN"),
+            "{shown}"
+        );
+        assert!(is_secret("sasl.password") && is_secret("OONA_SIGNING_SECRET"));
+        assert!(!is_secret("client_id"));
     }
 
     #[test]

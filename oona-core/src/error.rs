@@ -38,6 +38,9 @@ pub enum ErrorKind {
     Closed,
     /// Credentials were refused.
     Unauthenticated,
+    /// The credentials were accepted but do not allow this operation (on
+    /// this topic, say: the message names it).
+    Unauthorized,
     /// The transport cannot do what was asked.
     Unsupported,
     /// A bounded resource (a topic's capacity, a buffer) is full.
@@ -80,6 +83,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Closed => "closed",
             ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::ResourceExhausted => "resource_exhausted",
             ErrorKind::AlreadySettled => "already_settled",

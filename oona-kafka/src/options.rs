@@ -5,8 +5,9 @@ use std::time::Duration;
 use oona_core::{ConnectUrl, Error, ErrorKind, PolicySet, Result};
 use rdkafka::ClientConfig;
 
-/// Everything the URL says, with defaults filled in.
-#[derive(Debug, Clone)]
+/// Everything the URL says, with defaults filled in. `Debug` shows secret
+/// settings (the SASL password, the TLS key's password) as `***`.
+#[derive(Clone)]
 pub struct KafkaOptions {
     /// `host:port` list (bootstrap servers).
     pub brokers: Vec<String>,
@@ -75,6 +76,41 @@ impl GroupProtocol {
             GroupProtocol::Classic => "classic",
             GroupProtocol::Consumer => "consumer",
         }
+    }
+}
+
+impl std::fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let security: Vec<(&str, &str)> = self
+            .security
+            .iter()
+            .map(|(k, v)| {
+                let v = if oona_core::config::is_secret(k) {
+                    oona_core::config::REDACTED
+                } else {
+                    v.as_str()
+                };
+                (*k, v)
+            })
+            .collect();
+        f.debug_struct("KafkaOptions")
+            .field("brokers", &self.brokers)
+            .field("client_id", &self.client_id)
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("linger", &self.linger)
+            .field("idempotence", &self.idempotence)
+            .field("batch_messages", &self.batch_messages)
+            .field("group_protocol", &self.group_protocol)
+            .field("session_timeout", &self.session_timeout)
+            .field("heartbeat", &self.heartbeat)
+            .field("static_membership", &self.static_membership)
+            .field("fetch_wait", &self.fetch_wait)
+            .field("commit_interval", &self.commit_interval)
+            .field("timeout", &self.timeout)
+            .field("security", &security)
+            .field("policies", &self.policies)
+            .finish()
     }
 }
 
@@ -384,6 +420,12 @@ mod tests {
         assert_eq!(get("sasl.username").as_deref(), Some("alice"));
         assert_eq!(get("sasl.password").as_deref(), Some("s@cret"));
         assert_eq!(o.client_id, "x");
+        let shown = format!("{o:?}");
+        assert!(
+            !shown.contains("s@cret") && shown.contains("***"),
+            "{shown}"
+        );
+        assert!(shown.contains("alice"), "the user is no secret: {shown}");
         let o = parse("kafka://a:1?tls_ca=/etc/ca.pem").unwrap();
         assert!(o.security.contains(&("security.protocol", "ssl".into())));
         assert!(parse("kafka://a:1?tls=false&tls_ca=/x").is_err());

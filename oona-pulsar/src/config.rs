@@ -21,7 +21,9 @@ use oona_core::{ConnectUrl, Error, ErrorKind, PolicySet, Result};
 /// | `operation_timeout` | `30s` | how long a lookup, subscribe or admin call may take |
 /// | `producer_queue` | `10000` | most publishes in flight per connection before `publish` waits |
 /// | `crash_counts` | `true` | count a consumer's crash as an attempt of what it held, so a message that crashes consumers reaches its dead-letter topic (see *Attempts across crashes* in the crate docs); `false` saves a write before each hand-out (about one publish round trip of latency) and leaves crashes uncounted, as Pulsar's own clients do |
-#[derive(Debug, Clone)]
+///
+/// `Debug` shows the token as `***`.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct PulsarConfig {
     /// `pulsar://host:port` or `pulsar+ssl://host:port`, no query.
@@ -46,6 +48,25 @@ pub struct PulsarConfig {
     pub crash_counts: bool,
     /// Retention and payload limits by plane.
     pub policies: PolicySet,
+}
+
+impl std::fmt::Debug for PulsarConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = self.token.as_ref().map(|_| oona_core::config::REDACTED);
+        f.debug_struct("PulsarConfig")
+            .field("service_url", &self.service_url)
+            .field("tls", &self.tls)
+            .field("tenant", &self.tenant)
+            .field("namespace", &self.namespace)
+            .field("token", &token)
+            .field("admin_url", &self.admin_url)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("producer_queue", &self.producer_queue)
+            .field("crash_counts", &self.crash_counts)
+            .field("policies", &self.policies)
+            .finish()
+    }
 }
 
 impl PulsarConfig {
@@ -201,6 +222,8 @@ mod tests {
         assert_eq!(c.admin_url.as_deref(), Some("https://broker.example:8443"));
         assert_eq!(c.operation_timeout, Duration::from_secs(5));
         assert!(!c.crash_counts);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("abc") && shown.contains("***"), "{shown}");
     }
 
     #[test]

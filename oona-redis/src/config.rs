@@ -7,8 +7,9 @@ use oona_core::{ConnectUrl, Error, ErrorKind, PolicySet, Result};
 /// Settings of a [`crate::RedisTransport`].
 ///
 /// Every field has a default and a URL query parameter (named in brackets);
-/// [`RedisConfig::from_url`] rejects unknown parameters by name.
-#[derive(Debug, Clone)]
+/// [`RedisConfig::from_url`] rejects unknown parameters by name. `Debug`
+/// shows the password as `***`.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct RedisConfig {
     /// What the `redis` crate connects to (host, port, TLS, user, password,
@@ -47,6 +48,30 @@ pub struct RedisConfig {
     /// Max attempts of subscriptions that keep the core default
     /// (`max_attempts`).
     pub default_max_attempts: Option<u32>,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = &self.connection.redis;
+        let password = r.password.as_ref().map(|_| oona_core::config::REDACTED);
+        f.debug_struct("RedisConfig")
+            .field("addr", &self.connection.addr.to_string())
+            .field("db", &r.db)
+            .field("username", &r.username)
+            .field("password", &password)
+            .field("prefix", &self.prefix)
+            .field("policies", &self.policies)
+            .field("block", &self.block)
+            .field("claim_interval", &self.claim_interval)
+            .field("read_batch", &self.read_batch)
+            .field("housekeeping", &self.housekeeping)
+            .field("response_timeout", &self.response_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("default_prefetch", &self.default_prefetch)
+            .field("default_ack_deadline", &self.default_ack_deadline)
+            .field("default_max_attempts", &self.default_max_attempts)
+            .finish()
+    }
 }
 
 impl RedisConfig {
@@ -194,6 +219,12 @@ mod tests {
         assert_eq!(c.connection.redis.db, 4);
         assert_eq!(c.connection.redis.username.as_deref(), Some("v"));
         assert_eq!(c.connection.redis.password.as_deref(), Some("p"));
+        let c = RedisConfig::from_url("redis://u:hunter2@127.0.0.1:6380/2").unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("***"),
+            "{shown}"
+        );
         let c = RedisConfig::from_url("redis://127.0.0.1/3").unwrap();
         assert_eq!(c.connection.redis.db, 3);
         assert_eq!(c.prefix, "oona:");

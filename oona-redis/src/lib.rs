@@ -120,8 +120,12 @@ const TRIM_EVERY_MS: u64 = 1000;
 pub(crate) fn redis_error(e: redis::RedisError, what: &str) -> Error {
     let kind = if e.is_timeout() {
         ErrorKind::Timeout
-    } else if e.kind() == redis::ErrorKind::AuthenticationFailed {
+    } else if e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
+    {
         ErrorKind::Unauthenticated
+    } else if e.code() == Some("NOPERM") {
+        ErrorKind::Unauthorized
     } else if e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
@@ -430,10 +434,10 @@ impl Inner {
             wire::xadd(&mut pipe, key, min_id, env);
         }
         let mut conn = self.conn.clone();
-        let ids: Vec<Value> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| redis_error(e, "XADD failed"))?;
+        let ids: Vec<Value> = pipe.query_async(&mut conn).await.map_err(|e| {
+            let topics: Vec<&str> = seen.iter().map(|(t, _)| t.as_str()).collect();
+            redis_error(e, &format!("XADD to {} failed", topics.join(", ")))
+        })?;
         for t in &new_topics {
             self.mark_recorded(t);
         }
@@ -544,7 +548,7 @@ impl Transport for RedisTransport {
         let mut conn = self.inner.conn.clone();
         pipe.query_async::<()>(&mut conn)
             .await
-            .map_err(|e| redis_error(e, "recording the topic policy failed"))?;
+            .map_err(|e| redis_error(e, &format!("recording the policy of {topic} failed")))?;
         self.inner.mark_recorded(topic);
         Ok(())
     }
@@ -591,9 +595,10 @@ impl Transport for RedisTransport {
         let (_, a) = inner.prepare_topic(&mut pipe, &subscription.topic);
         let (_, b) = inner.prepare_topic(&mut pipe, &subscription.dead_letter);
         if a || b {
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| redis_error(e, "recording the topic policy failed"))?;
+            pipe.query_async::<()>(&mut conn).await.map_err(|e| {
+                let what = format!("recording the policy of {} failed", subscription.topic);
+                redis_error(e, &what)
+            })?;
             inner.mark_recorded(&subscription.topic);
             inner.mark_recorded(&subscription.dead_letter);
         }

@@ -37,7 +37,10 @@ pub(crate) async fn create_group(
     match r {
         Ok(()) => Ok(()),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        Err(e) => Err(redis_error(e, "XGROUP CREATE failed")),
+        Err(e) => Err(redis_error(
+            e,
+            &format!("XGROUP CREATE of {group} on {key} failed"),
+        )),
     }
 }
 

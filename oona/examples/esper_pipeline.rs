@@ -740,5 +740,5 @@ fn ms(d: Duration) -> String {
 fn redact(url: &str) -> String {
     oona::ConnectUrl::parse(url)
         .map(|u| u.redacted())
-        .unwrap_or_else(|_| url.to_string())
+        .unwrap_or_else(|_| "<a URL that does not parse>".to_string())
 }

@@ -11,24 +11,12 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{read_dead_letters, sub, wait_stats};
+use common::{read_dead_letters, sub, url_of, wait_stats};
 use oona::security::ReplayLayer;
 use oona::{Bus, Envelope, Incoming, Name, RunHandle, Subscription, Timestamp, Topic};
 
 const WINDOW: Duration = Duration::from_secs(30);
 
-fn url_of(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ if std::env::var("OONA_TEST_REQUIRE").is_ok_and(|v| v.trim() == "1") => {
-            panic!("{var} is not set and OONA_TEST_REQUIRE=1")
-        }
-        _ => {
-            eprintln!("replay: {var} not set; that broker is not tested");
-            None
-        }
-    }
-}
 
 fn fresh_topic() -> Topic {
     Topic::new(format!(

@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use common::{read_dead_letters, sub, wait_stats};
+use common::{read_dead_letters, sub, url_of, wait_stats};
 use oona::security::{sign, Keyring, Keys, SignLayer, VerifyLayer};
 use oona::{Bus, Envelope, Incoming, Name, Subscription, Topic};
 
@@ -17,18 +17,6 @@ const K1: &str = "k1:YWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWE=";
 const K2: &str = "k2:YmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmI=";
 const K9: &str = "k9:enp6enp6enp6enp6enp6enp6enp6enp6enp6enp6eno=";
 
-fn url_of(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ if std::env::var("OONA_TEST_REQUIRE").is_ok_and(|v| v.trim() == "1") => {
-            panic!("{var} is not set and OONA_TEST_REQUIRE=1")
-        }
-        _ => {
-            eprintln!("signing: {var} not set; that broker is not tested");
-            None
-        }
-    }
-}
 
 async fn signed_end_to_end(url: &str) {
     let transport = oona::connect(url).await.unwrap();

@@ -1,0 +1,143 @@
+//! Redis ACL users on the genuine server (`OONA_TEST_REDIS_URL`, with
+//! `OONA_TEST_REQUIRE=1` a missing one fails): wrong credentials are a
+//! permanent `Unauthenticated` error at once, and a user limited to the
+//! telemetry plane gets `Unauthorized`, naming the topic, on the others.
+//! The users are made with `ACL SETUSER` for the test and deleted after.
+
+use std::time::Duration;
+
+use oona_core::{Envelope, ErrorKind, Name, Subscription, Topic, Transport};
+use oona_redis::RedisTransport;
+
+fn url() -> Option<String> {
+    match std::env::var("OONA_TEST_REDIS_URL") {
+        Ok(v) if !v.trim().is_empty() => Some(v),
+        _ if std::env::var("OONA_TEST_REQUIRE").is_ok_and(|v| v.trim() == "1") => {
+            panic!("OONA_TEST_REDIS_URL is not set and OONA_TEST_REQUIRE=1")
+        }
+        _ => {
+            eprintln!("acl: OONA_TEST_REDIS_URL not set; nothing tested");
+            None
+        }
+    }
+}
+
+/// An ACL user for one test, deleted when dropped... by `drop_user`.
+struct User {
+    admin: redis::aio::MultiplexedConnection,
+    name: String,
+}
+
+impl User {
+    async fn create(url: &str, rules: &[&str]) -> User {
+        let client = redis::Client::open(url).unwrap();
+        let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+        let name = format!("oona-acl-{}", uuid::Uuid::new_v4().simple());
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER").arg(&name).arg("reset").arg("on");
+        for r in rules {
+            cmd.arg(*r);
+        }
+        cmd.query_async::<()>(&mut admin).await.unwrap();
+        User { admin, name }
+    }
+
+    /// `url` with this user and `password` in it.
+    fn url(&self, url: &str, password: &str) -> String {
+        let mut u = url::Url::parse(url).unwrap();
+        u.set_username(&self.name).unwrap();
+        u.set_password(Some(password)).unwrap();
+        u.to_string()
+    }
+
+    async fn drop_user(mut self) {
+        redis::cmd("ACL")
+            .arg("DELUSER")
+            .arg(&self.name)
+            .query_async::<()>(&mut self.admin)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_are_refused_at_once() {
+    let Some(url) = url() else { return };
+    let user = User::create(&url, &[">right-password-1", "~*", "&*", "+@all"]).await;
+    let wrong = user.url(&url, "not-the-password-7");
+    let r = tokio::time::timeout(Duration::from_secs(20), RedisTransport::connect_url(&wrong))
+        .await
+        .expect("a refused password is an error, not a retry loop");
+    let e = r.expect_err("a wrong password connects");
+    println!("wrong password: {e}");
+    assert_eq!(e.kind(), ErrorKind::Unauthenticated, "{e}");
+    assert!(!e.is_temporary(), "{e}");
+    assert!(
+        !format!("{e} {e:?}").contains("not-the-password-7"),
+        "{e:?}"
+    );
+    // The right one works.
+    let t = RedisTransport::connect_url(&user.url(&url, "right-password-1"))
+        .await
+        .unwrap();
+    t.close().await.unwrap();
+    user.drop_user().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_telemetry_user_is_refused_the_other_planes_by_topic() {
+    let Some(url) = url() else { return };
+    // The recipe of the README: the plane's keys and the topic registry.
+    let user = User::create(
+        &url,
+        &[
+            ">tel-pw-3",
+            "~oona:telemetry.*",
+            "~oona:_topics",
+            "&*",
+            "+@all",
+        ],
+    )
+    .await;
+    let t = RedisTransport::connect_url(&user.url(&url, "tel-pw-3"))
+        .await
+        .unwrap();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let allowed = Topic::new(format!("telemetry.acl{id}.stats")).unwrap();
+    let control = Topic::new(format!("control.acl{id}.commands")).unwrap();
+    let innovation = Topic::new(format!("innovation.acl{id}.reports")).unwrap();
+    t.publish(
+        Envelope::builder(allowed.clone(), "{}")
+            .sender_id("t")
+            .build(),
+    )
+    .await
+    .expect("its own plane");
+    let e = t
+        .publish(
+            Envelope::builder(control.clone(), "{}")
+                .sender_id("t")
+                .build(),
+        )
+        .await
+        .expect_err("publish to control.*");
+    println!("publish to control.*: {e}");
+    assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
+    assert!(!e.is_temporary(), "{e}");
+    assert!(e.to_string().contains(control.as_str()), "{e}");
+    let r = t
+        .subscribe(Subscription::new(
+            innovation.clone(),
+            Name::new("reader").unwrap(),
+        ))
+        .await;
+    let Err(e) = r else {
+        panic!("a telemetry user subscribed to innovation.*");
+    };
+    println!("subscribe to innovation.*: {e}");
+    assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
+    assert!(e.to_string().contains(innovation.as_str()), "{e}");
+    t.delete_topic(&allowed).await.unwrap();
+    t.close().await.unwrap();
+    user.drop_user().await;
+}
