@@ -17,7 +17,6 @@ use oona::{Bus, Envelope, Incoming, Name, RunHandle, Subscription, Timestamp, To
 
 const WINDOW: Duration = Duration::from_secs(30);
 
-
 fn fresh_topic() -> Topic {
     Topic::new(format!(
         "control.replay{}.commands",

@@ -17,7 +17,6 @@ const K1: &str = "k1:YWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWE=";
 const K2: &str = "k2:YmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmI=";
 const K9: &str = "k9:enp6enp6enp6enp6enp6enp6enp6enp6enp6enp6eno=";
 
-
 async fn signed_end_to_end(url: &str) {
     let transport = oona::connect(url).await.unwrap();
     let plain = Bus::new(transport).with_sender_id("oona-signing-test");
