@@ -48,6 +48,10 @@ pub struct RedisConfig {
     /// Max attempts of subscriptions that keep the core default
     /// (`max_attempts`).
     pub default_max_attempts: Option<u32>,
+    /// A PEM file of the CAs to trust for `rediss://` instead of the
+    /// system's (`tls_ca_file`): a private CA. Certificates are always
+    /// verified.
+    pub tls_ca_file: Option<String>,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -70,6 +74,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("default_prefetch", &self.default_prefetch)
             .field("default_ack_deadline", &self.default_ack_deadline)
             .field("default_max_attempts", &self.default_max_attempts)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }
@@ -112,6 +117,13 @@ impl RedisConfig {
         let default_prefetch: Option<usize> = url.take("prefetch")?;
         let default_ack_deadline = url.take_duration("ack_deadline")?;
         let default_max_attempts: Option<u32> = url.take("max_attempts")?;
+        let tls_ca_file: Option<String> = url.take("tls_ca_file")?;
+        if tls_ca_file.is_some() && scheme != "rediss" {
+            return Err(Error::new(
+                ErrorKind::ConfigInvalid,
+                "query parameter `tls_ca_file` needs a rediss:// URL",
+            ));
+        }
         url.finish()?;
 
         // The redis crate reads host, port, user, password and db from the
@@ -179,6 +191,7 @@ impl RedisConfig {
                 other => other,
             },
             default_max_attempts,
+            tls_ca_file,
         })
     }
 
@@ -252,5 +265,9 @@ mod tests {
             c.connection.addr,
             redis::ConnectionAddr::TcpTls { .. }
         ));
+        let c = RedisConfig::from_url("rediss://h:6380/0?tls_ca_file=/etc/ca.pem").unwrap();
+        assert_eq!(c.tls_ca_file.as_deref(), Some("/etc/ca.pem"));
+        let e = RedisConfig::from_url("redis://h?tls_ca_file=/etc/ca.pem").unwrap_err();
+        assert!(e.to_string().contains("rediss://"), "{e}");
     }
 }

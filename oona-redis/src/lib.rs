@@ -118,6 +118,16 @@ struct Recorded {
 const TRIM_EVERY_MS: u64 = 1000;
 
 pub(crate) fn redis_error(e: redis::RedisError, what: &str) -> Error {
+    if e.to_string().contains("invalid peer certificate") {
+        // rustls refused the server: no retry fixes that.
+        return Error::new(
+            ErrorKind::ConfigInvalid,
+            format!("{what}: the server's TLS certificate does not verify (a private CA is trusted with `tls_ca_file`)"),
+        )
+        .with_source(e)
+        .with_transport(NAME)
+        .set_temporary(false);
+    }
     let kind = if e.is_timeout() {
         ErrorKind::Timeout
     } else if e.kind() == redis::ErrorKind::AuthenticationFailed
@@ -179,9 +189,24 @@ impl RedisTransport {
             // means one is installed already.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = redis::Client::open(config.connection.clone()).map_err(|e| {
-            redis_error(e, "invalid Redis connection settings").set_temporary(false)
-        })?;
+        let client = match &config.tls_ca_file {
+            None => redis::Client::open(config.connection.clone()),
+            Some(ca) => {
+                let root = std::fs::read(ca).map_err(|e| {
+                    Error::new(
+                        ErrorKind::ConfigInvalid,
+                        format!("query parameter `tls_ca_file`: {ca}: {e}"),
+                    )
+                    .with_transport(NAME)
+                })?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root),
+                };
+                redis::Client::build_with_tls(config.connection.clone(), certs)
+            }
+        }
+        .map_err(|e| redis_error(e, "invalid Redis connection settings").set_temporary(false))?;
         let conn = manager(&client, &config, config.response_timeout).await?;
         let inner = Arc::new(Inner {
             acker: acker::Acker::start(conn.clone()),
