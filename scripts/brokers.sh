@@ -12,6 +12,7 @@
 #   OONA_TEST_REDIS_SERVER=/path/redis-server       the binaries, for tests that
 #   OONA_TEST_REDIS8_SERVER=/path/redis-server      start and restart their own server
 #   OONA_TEST_KAFKA_URL=kafka://127.0.0.1:PORT      Apache Kafka 4 (KRaft, scripts/maven/kafka)
+#   OONA_TEST_KAFKA_SASL_URL=kafka://oona-telemetry:...@127.0.0.1:PORT?sasl_mechanism=SCRAM-SHA-256   its SASL listener (access-control tests)
 #   OONA_TEST_KAFKA_CUT_UPSTREAM, _CUT_LISTEN       its listener for a cuttable test proxy
 #   OONA_TEST_PULSAR_URL='pulsar://127.0.0.1:PORT?tenant=esper&namespace=dev&admin_url=...'
 #   OONA_TEST_PULSAR_ADMIN_URL=http://127.0.0.1:PORT   Apache Pulsar 4.0 standalone
@@ -290,10 +291,11 @@ reuse_jvm() {
     return 1
 }
 
-# new_ports NAME: four free ports, kept in NAME's ports file for reuse_jvm.
+# new_ports NAME [N]: N (default four) free ports, kept in NAME's ports
+# file for reuse_jvm.
 new_ports() {
     local ports
-    ports="$(free_ports 4)"
+    ports="$(free_ports "${2:-4}")"
     echo "$ports" >"$BROKERS/$1/ports"
     echo "$ports"
 }
@@ -329,25 +331,33 @@ EOF
 }
 
 up_kafka() {
-    local dir="$BROKERS/kafka" pidfile="$BROKERS/kafka/kafka.pid" libs ports port cport cut_up cut_listen cluster
+    local dir="$BROKERS/kafka" pidfile="$BROKERS/kafka/kafka.pid" libs ports port cport cut_up cut_listen sasl cluster
     mkdir -p "$dir"
     reuse_jvm kafka kafka.Kafka kafka_metadata_ok kafka_env && return 0
     libs="$(maven_libs kafka)"
-    ports="$(new_ports kafka)"
-    read -r port cport cut_up cut_listen <<<"$ports"
+    ports="$(new_ports kafka 5)"
+    read -r port cport cut_up cut_listen sasl <<<"$ports"
     # KRaft combined mode: one process is broker and controller. Group and
     # rebalance settings are Kafka's defaults but for the initial rebalance
-    # delay, which only slows tests down.
+    # delay, which only slows tests down. The SASL listener (SCRAM-SHA-256,
+    # user oona-telemetry) and the KRaft authorizer serve the
+    # access-control tests: PLAINTEXT clients are ANONYMOUS, a super user,
+    # and resources without ACLs stay open to everyone.
     rm -rf "$dir/data"
     cat >"$dir/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,CUT://127.0.0.1:$cut_up
-advertised.listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,CUT://127.0.0.1:$cut_listen
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,CUT://127.0.0.1:$cut_up,SASL://127.0.0.1:$sasl
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,CUT://127.0.0.1:$cut_listen,SASL://127.0.0.1:$sasl
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,CUT:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,CUT:PLAINTEXT,SASL:SASL_PLAINTEXT
+sasl.enabled.mechanisms=SCRAM-SHA-256
+listener.name.sasl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=true
+super.users=User:ANONYMOUS
 log.dirs=$dir/data
 num.partitions=1
 offsets.topic.replication.factor=1
@@ -364,13 +374,16 @@ EOF
         || fail_with_log kafka "$dir/uuid.log" "kafka: StorageTool random-uuid failed"
     cluster="$(tail -n 1 "$dir/uuid.log")"
     java "${jvm[@]}" kafka.tools.StorageTool format -t "$cluster" -c "$dir/server.properties" --standalone \
+        --add-scram "SCRAM-SHA-256=[name=oona-telemetry,password=$KAFKA_TELEMETRY_PASSWORD]" \
         >"$dir/format.log" 2>&1 || fail_with_log kafka "$dir/format.log" "kafka: storage format failed"
     jvm_start kafka "$dir/kafka.log" "${jvm[@]}" kafka.Kafka "$dir/server.properties"
     local until=$((SECONDS + 120))
     while [ "$SECONDS" -lt "$until" ]; do
         if kafka_metadata_ok "$port"; then
+            java -cp "$libs/*" "$SCRIPTS/kafka/Acls.java" "127.0.0.1:$port" >"$dir/acls.log" 2>&1 \
+                || fail_with_log kafka "$dir/acls.log" "kafka: creating the test ACLs failed"
             log "kafka $(kafka_version "$dir/kafka.log") up on 127.0.0.1:$port (KRaft, pid $(cat "$pidfile"))"
-            kafka_env "$port" "$cport" "$cut_up" "$cut_listen"
+            kafka_env "$port" "$cport" "$cut_up" "$cut_listen" "$sasl"
             return 0
         fi
         pid_alive "$(cat "$pidfile")" || fail_with_log kafka "$dir/kafka.log" "kafka exited"
@@ -381,9 +394,13 @@ EOF
 
 kafka_version() { grep -o 'Kafka version: [^ ]*' "$1" | head -n 1 | cut -d' ' -f3; }
 
-# kafka_env PORT CONTROLLER_PORT CUT_UPSTREAM CUT_LISTEN
+# The SCRAM user of the access-control tests (a test fixture, not a secret).
+KAFKA_TELEMETRY_PASSWORD=oona-telemetry-pw
+
+# kafka_env PORT CONTROLLER_PORT CUT_UPSTREAM CUT_LISTEN SASL_PORT
 kafka_env() {
     set_env OONA_TEST_KAFKA_URL "kafka://127.0.0.1:$1"
+    set_env OONA_TEST_KAFKA_SASL_URL "kafka://oona-telemetry:$KAFKA_TELEMETRY_PASSWORD@127.0.0.1:$5?sasl_mechanism=SCRAM-SHA-256"
     set_env OONA_TEST_KAFKA_CUT_UPSTREAM "127.0.0.1:$3"
     set_env OONA_TEST_KAFKA_CUT_LISTEN "127.0.0.1:$4"
 }

@@ -40,9 +40,31 @@ pub struct KafkaTransport {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// The producer's client context: librdkafka reports a refused login
+/// through this callback, not on the request that failed, so it is kept
+/// for `connect` to say.
+pub(crate) struct Watch {
+    refused: Arc<Mutex<Option<String>>>,
+}
+
+impl rdkafka::ClientContext for Watch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code();
+        if matches!(
+            code,
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
+        ) {
+            if let Ok(mut r) = self.refused.lock() {
+                *r = Some(reason.to_string());
+            }
+        }
+        tracing::warn!(error = %error, reason, "librdkafka");
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) opts: KafkaOptions,
-    producer: FutureProducer,
+    producer: FutureProducer<Watch>,
     admin: AdminClient<DefaultClientContext>,
     ensured: Mutex<HashSet<String>>,
     closed: AtomicBool,
@@ -74,13 +96,18 @@ pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
         | Some(RDKafkaErrorCode::Resolve)
         | Some(RDKafkaErrorCode::NetworkException) => ErrorKind::Connection,
         Some(RDKafkaErrorCode::SaslAuthenticationFailed)
-        | Some(RDKafkaErrorCode::Authentication)
-        | Some(RDKafkaErrorCode::TopicAuthorizationFailed)
-        | Some(RDKafkaErrorCode::GroupAuthorizationFailed) => ErrorKind::Unauthenticated,
+        | Some(RDKafkaErrorCode::Authentication) => ErrorKind::Unauthenticated,
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+        | Some(RDKafkaErrorCode::GroupAuthorizationFailed)
+        | Some(RDKafkaErrorCode::ClusterAuthorizationFailed)
+        | Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => ErrorKind::Unauthorized,
         Some(RDKafkaErrorCode::QueueFull) => ErrorKind::ResourceExhausted,
         _ => ErrorKind::Broker,
     };
-    let temporary = kind != ErrorKind::PayloadTooLarge && kind != ErrorKind::Unauthenticated;
+    let temporary = !matches!(
+        kind,
+        ErrorKind::PayloadTooLarge | ErrorKind::Unauthenticated | ErrorKind::Unauthorized
+    );
     Error::new(kind, format!("{what}: {e}"))
         .with_source(e)
         .with_transport(NAME)
@@ -103,8 +130,13 @@ impl KafkaTransport {
             .set("queue.buffering.max.messages", "1000000")
             .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
             .set("message.timeout.ms", opts.timeout.as_millis().to_string());
-        let producer: FutureProducer =
-            pc.create().map_err(|e| kafka_error("create producer", e))?;
+        let refused = Arc::new(Mutex::new(None));
+        let watch = Watch {
+            refused: Arc::clone(&refused),
+        };
+        let producer: FutureProducer<Watch> = pc
+            .create_with_context(watch)
+            .map_err(|e| kafka_error("create producer", e))?;
         let admin: AdminClient<DefaultClientContext> = opts
             .client_config()
             .create()
@@ -124,6 +156,24 @@ impl KafkaTransport {
         };
         let wait = t.inner.opts.timeout.min(Duration::from_secs(10));
         t.inner.metadata(None, wait).await.map_err(|e| {
+            if matches!(
+                e.kind(),
+                ErrorKind::Unauthenticated | ErrorKind::Unauthorized
+            ) {
+                return e; // credentials, not reachability
+            }
+            let reason = refused.lock().ok().and_then(|r| r.clone());
+            if let Some(reason) = reason {
+                return Error::new(
+                    ErrorKind::Unauthenticated,
+                    format!(
+                        "kafka brokers {} refused the credentials: {reason}",
+                        t.inner.opts.brokers.join(",")
+                    ),
+                )
+                .with_transport(NAME)
+                .set_temporary(false);
+            }
             Error::new(
                 ErrorKind::Connection,
                 format!(
@@ -187,6 +237,21 @@ impl Inner {
                 .client()
                 .fetch_metadata(topic.as_deref(), Timeout::After(timeout))
                 .map_err(|e| kafka_error("fetch metadata", e))?;
+            let denied = md.topics().iter().find(|t| {
+                t.error().map(RDKafkaErrorCode::from)
+                    == Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+            });
+            if let Some(t) = denied {
+                return Err(Error::new(
+                    ErrorKind::Unauthorized,
+                    format!(
+                        "topic {}: the credentials do not allow it (TOPIC_AUTHORIZATION_FAILED)",
+                        t.name()
+                    ),
+                )
+                .with_transport(NAME)
+                .set_temporary(false));
+            }
             Ok(md
                 .topics()
                 .iter()

@@ -1,0 +1,84 @@
+//! SASL/SCRAM credentials and ACLs on the genuine broker
+//! (`OONA_TEST_KAFKA_SASL_URL`: the SASL listener and the SCRAM user
+//! `oona-telemetry` that `scripts/brokers.sh` sets up, with ACLs giving it
+//! `telemetry.*` and keeping `control.*` and `innovation.*` from it; with
+//! `OONA_TEST_REQUIRE=1` a missing one fails).
+
+use std::time::Duration;
+
+use oona_core::{Envelope, ErrorKind, Name, Subscription, Topic, Transport};
+use oona_kafka::KafkaTransport;
+
+fn url() -> Option<String> {
+    match std::env::var("OONA_TEST_KAFKA_SASL_URL") {
+        Ok(v) if !v.trim().is_empty() => Some(v),
+        _ if std::env::var("OONA_TEST_REQUIRE").is_ok_and(|v| v.trim() == "1") => {
+            panic!("OONA_TEST_KAFKA_SASL_URL is not set and OONA_TEST_REQUIRE=1")
+        }
+        _ => {
+            eprintln!("acl: OONA_TEST_KAFKA_SASL_URL not set; nothing tested");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_refused_at_once() {
+    let Some(url) = url() else { return };
+    let mut u = url::Url::parse(&url).unwrap();
+    u.set_password(Some("not-the-password-5")).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), oona_kafka::connect(u.as_str()))
+        .await
+        .expect("a refused password is an error, not a retry loop");
+    let e = r.expect_err("a wrong password connects");
+    println!("wrong password: {e}");
+    assert_eq!(e.kind(), ErrorKind::Unauthenticated, "{e}");
+    assert!(!e.is_temporary(), "{e}");
+    assert!(
+        !format!("{e} {e:?}").contains("not-the-password-5"),
+        "{e:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_telemetry_user_is_refused_the_other_planes_by_topic() {
+    let Some(url) = url() else { return };
+    let t: KafkaTransport = oona_kafka::connect(&url).await.unwrap();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let allowed = Topic::new(format!("telemetry.acl{id}.stats")).unwrap();
+    let control = Topic::new(format!("control.acl{id}.commands")).unwrap();
+    let innovation = Topic::new(format!("innovation.acl{id}.reports")).unwrap();
+    t.publish(
+        Envelope::builder(allowed.clone(), "{}")
+            .sender_id("t")
+            .build(),
+    )
+    .await
+    .expect("its own plane");
+    let e = t
+        .publish(
+            Envelope::builder(control.clone(), "{}")
+                .sender_id("t")
+                .build(),
+        )
+        .await
+        .expect_err("publish to control.*");
+    println!("publish to control.*: {e}");
+    assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
+    assert!(!e.is_temporary(), "{e}");
+    assert!(e.to_string().contains(control.as_str()), "{e}");
+    let r = t
+        .subscribe(Subscription::new(
+            innovation.clone(),
+            Name::new("reader").unwrap(),
+        ))
+        .await;
+    let Err(e) = r else {
+        panic!("the telemetry user subscribed to innovation.*");
+    };
+    println!("subscribe to innovation.*: {e}");
+    assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
+    assert!(e.to_string().contains(innovation.as_str()), "{e}");
+    t.delete_topic(&allowed).await.ok();
+    t.close().await.unwrap();
+}
