@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use oona_core::{Envelope, ErrorKind, Name, Subscription, Topic, Transport};
+use oona_core::{ErrorKind, Transport};
 use oona_kafka::KafkaTransport;
 
 fn url() -> Option<String> {
@@ -44,41 +44,6 @@ async fn a_wrong_password_is_refused_at_once() {
 async fn the_telemetry_user_is_refused_the_other_planes_by_topic() {
     let Some(url) = url() else { return };
     let t: KafkaTransport = oona_kafka::connect(&url).await.unwrap();
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let allowed = Topic::new(format!("telemetry.acl{id}.stats")).unwrap();
-    let control = Topic::new(format!("control.acl{id}.commands")).unwrap();
-    let innovation = Topic::new(format!("innovation.acl{id}.reports")).unwrap();
-    t.publish(
-        Envelope::builder(allowed.clone(), "{}")
-            .sender_id("t")
-            .build(),
-    )
-    .await
-    .expect("its own plane");
-    let e = t
-        .publish(
-            Envelope::builder(control.clone(), "{}")
-                .sender_id("t")
-                .build(),
-        )
-        .await
-        .expect_err("publish to control.*");
-    println!("publish to control.*: {e}");
-    assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
-    assert!(!e.is_temporary(), "{e}");
-    assert!(e.to_string().contains(control.as_str()), "{e}");
-    let r = t
-        .subscribe(Subscription::new(
-            innovation.clone(),
-            Name::new("reader").unwrap(),
-        ))
-        .await;
-    let Err(e) = r else {
-        panic!("the telemetry user subscribed to innovation.*");
-    };
-    println!("subscribe to innovation.*: {e}");
-    assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
-    assert!(e.to_string().contains(innovation.as_str()), "{e}");
-    t.delete_topic(&allowed).await.ok();
+    oona_conformance::access::telemetry_user_refused_other_planes(&t).await;
     t.close().await.unwrap();
 }

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use oona_core::{Error, ErrorKind, Retention, Topic, Transport};
 
+pub mod access;
 pub mod cases;
 mod child;
 pub mod leases;
