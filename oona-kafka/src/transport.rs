@@ -155,31 +155,43 @@ impl KafkaTransport {
             }),
         };
         let wait = t.inner.opts.timeout.min(Duration::from_secs(10));
-        t.inner.metadata(None, wait).await.map_err(|e| {
+        let brokers = t.inner.opts.brokers.join(",");
+        let refusal = |reason: String| {
+            Error::new(
+                ErrorKind::Unauthenticated,
+                format!("kafka brokers {brokers} refused the credentials: {reason}"),
+            )
+            .with_transport(NAME)
+            .set_temporary(false)
+        };
+        let refused_now = || refused.lock().ok().and_then(|r| r.clone());
+        // A refused login is reported through the callback as soon as the
+        // broker answers; the metadata request would only time out.
+        let watch = async {
+            loop {
+                if let Some(reason) = refused_now() {
+                    return reason;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let answered = tokio::select! {
+            r = t.inner.metadata(None, wait) => r,
+            reason = watch => return Err(refusal(reason)),
+        };
+        answered.map_err(|e| {
             if matches!(
                 e.kind(),
                 ErrorKind::Unauthenticated | ErrorKind::Unauthorized
             ) {
                 return e; // credentials, not reachability
             }
-            let reason = refused.lock().ok().and_then(|r| r.clone());
-            if let Some(reason) = reason {
-                return Error::new(
-                    ErrorKind::Unauthenticated,
-                    format!(
-                        "kafka brokers {} refused the credentials: {reason}",
-                        t.inner.opts.brokers.join(",")
-                    ),
-                )
-                .with_transport(NAME)
-                .set_temporary(false);
+            if let Some(reason) = refused_now() {
+                return refusal(reason);
             }
             Error::new(
                 ErrorKind::Connection,
-                format!(
-                    "kafka brokers {} did not answer: {e}",
-                    t.inner.opts.brokers.join(",")
-                ),
+                format!("kafka brokers {brokers} did not answer: {e}"),
             )
             .with_transport(NAME)
         })?;
