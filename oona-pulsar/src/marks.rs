@@ -45,11 +45,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use oona_core::engine::Fetched;
-use oona_core::{Error, ErrorKind, Name, Result};
+use oona_core::{Name, Result};
 
 use crate::conn::{command, conn_err};
 use crate::transport::{pulsar_err, Inner};
-use crate::NAME;
 
 const VERSION: &str = "oona1";
 
@@ -291,31 +290,7 @@ impl<T: Send + 'static> Marker<T> {
             return Ok(marker);
         }
         let marks = topic(full, group);
-        let producer = tokio::time::timeout(
-            inner.config.operation_timeout,
-            inner
-                .client
-                .producer()
-                .with_topic(&marks)
-                .with_options(pulsar::ProducerOptions {
-                    batch_size: None,
-                    block_queue_if_full: true,
-                    ..Default::default()
-                })
-                .build(),
-        )
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "creating a producer on {marks} took more than {:?}",
-                    inner.config.operation_timeout
-                ),
-            )
-            .with_transport(NAME)
-        })?
-        .map_err(|e| pulsar_err(&format!("create producer on {marks}"), e))?;
+        let producer = inner.new_producer(&marks).await?;
         if let Some(admin) = inner.admin() {
             let local = marks.rsplit('/').next().unwrap_or(&marks);
             if let Err(e) = admin

@@ -241,6 +241,32 @@ impl Inner {
         Ok(())
     }
 
+    /// A producer on the Pulsar topic `full` (unbatched: batching would
+    /// delay single publishes; the producer pipelines instead).
+    pub(crate) async fn new_producer(&self, full: &str) -> Result<Producer<TokioExecutor>> {
+        let timeout = self.config.operation_timeout;
+        let build = self
+            .client
+            .producer()
+            .with_topic(full)
+            .with_options(pulsar::ProducerOptions {
+                batch_size: None,
+                block_queue_if_full: true,
+                ..Default::default()
+            })
+            .build();
+        tokio::time::timeout(timeout, build)
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("creating a producer on {full} took more than {timeout:?}"),
+                )
+                .with_transport(NAME)
+            })?
+            .map_err(|e| pulsar_err(&format!("create producer on {full}"), e))
+    }
+
     /// The producer of `topic`, created (and the topic's retention
     /// applied) on first use.
     async fn producer(
@@ -251,33 +277,7 @@ impl Inner {
         let cell = Arc::clone(lock(&self.producers).entry(topic.clone()).or_default());
         let p = cell
             .get_or_try_init(|| async {
-                let full = self.full_topic(topic);
-                let producer = tokio::time::timeout(
-                    self.config.operation_timeout,
-                    self.client
-                        .producer()
-                        .with_topic(&full)
-                        .with_options(pulsar::ProducerOptions {
-                            // Batching would delay single publishes; the
-                            // producer pipelines instead.
-                            batch_size: None,
-                            block_queue_if_full: true,
-                            ..Default::default()
-                        })
-                        .build(),
-                )
-                .await
-                .map_err(|_| {
-                    Error::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "creating a producer on {full} took more than {:?}",
-                            self.config.operation_timeout
-                        ),
-                    )
-                    .with_transport(NAME)
-                })?
-                .map_err(|e| pulsar_err(&format!("create producer on {full}"), e))?;
+                let producer = self.new_producer(&self.full_topic(topic)).await?;
                 if let Some(admin) = &self.admin {
                     let retention = policy
                         .map(|p| p.retention)

@@ -5,6 +5,7 @@
 //! with their reason, under load too; on Redis two consumers of a group
 //! share the record of seen ids.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashSet;
@@ -110,35 +111,7 @@ async fn replay_end_to_end(url: &str) {
     bus.transport().close().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory() {
-    let url = format!("memory://r{}", uuid::Uuid::new_v4().simple());
-    replay_end_to_end(&url).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis() {
-    if let Some(url) = url_of("OONA_TEST_REDIS_URL") {
-        replay_end_to_end(&url).await;
-    }
-}
-
-#[cfg(feature = "kafka")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka() {
-    if let Some(url) = url_of("OONA_TEST_KAFKA_URL") {
-        replay_end_to_end(&url).await;
-    }
-}
-
-#[cfg(feature = "pulsar")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pulsar() {
-    if let Some(url) = url_of("OONA_TEST_PULSAR_URL") {
-        replay_end_to_end(&url).await;
-    }
-}
+on_every_transport!(replay_end_to_end);
 
 /// Two consumers of one group, each its own client and layer: on Redis the
 /// record of seen ids is the broker's, so a copy is refused whichever

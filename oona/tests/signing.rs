@@ -4,12 +4,13 @@
 //! a missing one fails): what each bad input gets, and that a rotated key
 //! still verifies.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use common::{read_dead_letters, sub, url_of, wait_stats};
+use common::{read_dead_letters, sub, wait_stats};
 use oona::security::{sign, Keyring, Keys, SignLayer, VerifyLayer};
 use oona::{Bus, Envelope, Incoming, Name, Subscription, Topic};
 
@@ -129,32 +130,4 @@ async fn signed_end_to_end(url: &str) {
     plain.transport().close().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory() {
-    let url = format!("memory://s{}", uuid::Uuid::new_v4().simple());
-    signed_end_to_end(&url).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis() {
-    if let Some(url) = url_of("OONA_TEST_REDIS_URL") {
-        signed_end_to_end(&url).await;
-    }
-}
-
-#[cfg(feature = "kafka")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka() {
-    if let Some(url) = url_of("OONA_TEST_KAFKA_URL") {
-        signed_end_to_end(&url).await;
-    }
-}
-
-#[cfg(feature = "pulsar")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pulsar() {
-    if let Some(url) = url_of("OONA_TEST_PULSAR_URL") {
-        signed_end_to_end(&url).await;
-    }
-}
+on_every_transport!(signed_end_to_end);

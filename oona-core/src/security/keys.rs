@@ -149,10 +149,13 @@ impl Keyring {
         }
     }
 
-    /// Also verify with `secret` under `id` (an older key, or the next one).
+    /// Also verify with `secret` under `id` (an older key, or the next
+    /// one); a listed id gets the new secret and keeps its place.
     pub fn with_key(mut self, id: KeyId, secret: Secret) -> Self {
-        self.keys.retain(|(k, _)| *k != id);
-        self.keys.push((id, secret));
+        match self.keys.iter_mut().find(|(k, _)| *k == id) {
+            Some(entry) => entry.1 = secret,
+            None => self.keys.push((id, secret)),
+        }
         self
     }
 
@@ -331,6 +334,9 @@ mod tests {
             Some(vec![b'a'; 32])
         );
         assert!(k.get("k3").is_none());
+        let k = k.with_key(KeyId::new("k2").unwrap(), Secret::from_base64(A).unwrap());
+        assert_eq!(k.current().0.as_str(), "k2", "a listed id keeps its place");
+        assert_eq!(k.current().1.expose(), [b'a'; 32]);
     }
 
     #[test]

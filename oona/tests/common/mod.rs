@@ -68,3 +68,40 @@ pub fn url_of(var: &str) -> Option<String> {
         }
     }
 }
+
+/// One test per transport running `$run(url)`: memory:// always, each
+/// genuine broker whose URL is set (see [`url_of`]). Not every test file
+/// uses it.
+#[allow(unused_macros)]
+macro_rules! on_every_transport {
+    ($run:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn memory() {
+            $run(&format!("memory://m{}", uuid::Uuid::new_v4().simple())).await;
+        }
+
+        #[cfg(feature = "redis")]
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn redis() {
+            if let Some(url) = common::url_of("OONA_TEST_REDIS_URL") {
+                $run(&url).await;
+            }
+        }
+
+        #[cfg(feature = "kafka")]
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn kafka() {
+            if let Some(url) = common::url_of("OONA_TEST_KAFKA_URL") {
+                $run(&url).await;
+            }
+        }
+
+        #[cfg(feature = "pulsar")]
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn pulsar() {
+            if let Some(url) = common::url_of("OONA_TEST_PULSAR_URL") {
+                $run(&url).await;
+            }
+        }
+    };
+}
