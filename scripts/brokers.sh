@@ -13,6 +13,7 @@
 #   OONA_TEST_REDIS8_SERVER=/path/redis-server      start and restart their own server
 #   OONA_TEST_KAFKA_URL=kafka://127.0.0.1:PORT      Apache Kafka 4 (KRaft, scripts/maven/kafka)
 #   OONA_TEST_KAFKA_SASL_URL=kafka://oona-telemetry:...@127.0.0.1:PORT?sasl_mechanism=SCRAM-SHA-256   its SASL listener (access-control tests)
+#   OONA_TEST_KAFKA_TLS_URL=kafka://127.0.0.1:PORT?tls_ca=.../ca.pem   its SSL listener (a CA made by openssl at start)
 #   OONA_TEST_KAFKA_CUT_UPSTREAM, _CUT_LISTEN       its listener for a cuttable test proxy
 #   OONA_TEST_PULSAR_URL='pulsar://127.0.0.1:PORT?tenant=esper&namespace=dev&admin_url=...'
 #   OONA_TEST_PULSAR_ADMIN_URL=http://127.0.0.1:PORT   Apache Pulsar 4.0 standalone
@@ -271,6 +272,34 @@ fail_with_log() {
     die "$name did not start"
 }
 
+# tls_material DIR: a private CA (DIR/ca.pem) and a certificate for
+# 127.0.0.1 and localhost it signed (DIR/server.pem, its PKCS#8 key
+# DIR/server.key, and both in DIR/server.p12 for Java keystores), made with
+# openssl for each broker start; the TLS tests trust only DIR/ca.pem.
+TLS_STORE_PASSWORD=oona-test-store
+tls_material() {
+    local dir="$1"
+    command -v openssl >/dev/null 2>&1 || {
+        log "installing openssl (Debian)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >&2
+        apt-get install -y -qq openssl >&2
+    }
+    rm -rf "$dir" && mkdir -p "$dir"
+    (
+        cd "$dir"
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 7 \
+            -subj "/CN=oona test CA" 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
+            -subj "/CN=127.0.0.1" 2>/dev/null
+        echo "subjectAltName=IP:127.0.0.1,DNS:localhost" >ext.cnf
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -out server.pem -days 7 -extfile ext.cnf 2>/dev/null
+        openssl pkcs12 -export -in server.pem -inkey server.key -name server \
+            -out server.p12 -passout "pass:$TLS_STORE_PASSWORD"
+    ) >"$dir/openssl.log" 2>&1 || { cat "$dir/openssl.log" >&2; die "openssl could not make the test certificates"; }
+}
+
 # reuse_jvm NAME MATCH PROBE ENVFN: a broker of ours already running (its
 # pidfile's process alive and `PROBE <ports>` answering, with the ports of
 # its ports file) is reused, its URLs written by `ENVFN <ports>`. A stale
@@ -331,28 +360,34 @@ EOF
 }
 
 up_kafka() {
-    local dir="$BROKERS/kafka" pidfile="$BROKERS/kafka/kafka.pid" libs ports port cport cut_up cut_listen sasl cluster
+    local dir="$BROKERS/kafka" pidfile="$BROKERS/kafka/kafka.pid" libs ports port cport cut_up cut_listen sasl ssl cluster
     mkdir -p "$dir"
     reuse_jvm kafka kafka.Kafka kafka_metadata_ok kafka_env && return 0
     libs="$(maven_libs kafka)"
-    ports="$(new_ports kafka 5)"
-    read -r port cport cut_up cut_listen sasl <<<"$ports"
+    ports="$(new_ports kafka 6)"
+    read -r port cport cut_up cut_listen sasl ssl <<<"$ports"
     # KRaft combined mode: one process is broker and controller. Group and
     # rebalance settings are Kafka's defaults but for the initial rebalance
     # delay, which only slows tests down. The SASL listener (SCRAM-SHA-256,
     # user oona-telemetry) and the KRaft authorizer serve the
     # access-control tests: PLAINTEXT clients are ANONYMOUS, a super user,
-    # and resources without ACLs stay open to everyone.
+    # and resources without ACLs stay open to everyone. The SSL listener
+    # (a certificate of a CA made here) serves the TLS tests.
     rm -rf "$dir/data"
+    tls_material "$dir/tls"
     cat >"$dir/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,CUT://127.0.0.1:$cut_up,SASL://127.0.0.1:$sasl
-advertised.listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,CUT://127.0.0.1:$cut_listen,SASL://127.0.0.1:$sasl
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,CUT://127.0.0.1:$cut_up,SASL://127.0.0.1:$sasl,SSL://127.0.0.1:$ssl
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,CUT://127.0.0.1:$cut_listen,SASL://127.0.0.1:$sasl,SSL://127.0.0.1:$ssl
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,CUT:PLAINTEXT,SASL:SASL_PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,CUT:PLAINTEXT,SASL:SASL_PLAINTEXT,SSL:SSL
+listener.name.ssl.ssl.keystore.type=PKCS12
+listener.name.ssl.ssl.keystore.location=$dir/tls/server.p12
+listener.name.ssl.ssl.keystore.password=$TLS_STORE_PASSWORD
+listener.name.ssl.ssl.key.password=$TLS_STORE_PASSWORD
 sasl.enabled.mechanisms=SCRAM-SHA-256
 listener.name.sasl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
@@ -383,7 +418,7 @@ EOF
             java -cp "$libs/*" "$SCRIPTS/kafka/Acls.java" "127.0.0.1:$port" >"$dir/acls.log" 2>&1 \
                 || fail_with_log kafka "$dir/acls.log" "kafka: creating the test ACLs failed"
             log "kafka $(kafka_version "$dir/kafka.log") up on 127.0.0.1:$port (KRaft, pid $(cat "$pidfile"))"
-            kafka_env "$port" "$cport" "$cut_up" "$cut_listen" "$sasl"
+            kafka_env "$port" "$cport" "$cut_up" "$cut_listen" "$sasl" "$ssl"
             return 0
         fi
         pid_alive "$(cat "$pidfile")" || fail_with_log kafka "$dir/kafka.log" "kafka exited"
@@ -397,10 +432,11 @@ kafka_version() { grep -o 'Kafka version: [^ ]*' "$1" | head -n 1 | cut -d' ' -f
 # The SCRAM user of the access-control tests (a test fixture, not a secret).
 KAFKA_TELEMETRY_PASSWORD=oona-telemetry-pw
 
-# kafka_env PORT CONTROLLER_PORT CUT_UPSTREAM CUT_LISTEN SASL_PORT
+# kafka_env PORT CONTROLLER_PORT CUT_UPSTREAM CUT_LISTEN SASL_PORT SSL_PORT
 kafka_env() {
     set_env OONA_TEST_KAFKA_URL "kafka://127.0.0.1:$1"
     set_env OONA_TEST_KAFKA_SASL_URL "kafka://oona-telemetry:$KAFKA_TELEMETRY_PASSWORD@127.0.0.1:$5?sasl_mechanism=SCRAM-SHA-256"
+    set_env OONA_TEST_KAFKA_TLS_URL "kafka://127.0.0.1:$6?tls_ca=$BROKERS/kafka/tls/ca.pem"
     set_env OONA_TEST_KAFKA_CUT_UPSTREAM "127.0.0.1:$3"
     set_env OONA_TEST_KAFKA_CUT_LISTEN "127.0.0.1:$4"
 }
@@ -408,6 +444,8 @@ kafka_env() {
 down_kafka() {
     stop_pidfile kafka "$BROKERS/kafka/kafka.pid" 30 kafka.Kafka
     unset_env OONA_TEST_KAFKA_URL
+    unset_env OONA_TEST_KAFKA_SASL_URL
+    unset_env OONA_TEST_KAFKA_TLS_URL
     unset_env OONA_TEST_KAFKA_CUT_UPSTREAM
     unset_env OONA_TEST_KAFKA_CUT_LISTEN
 }

@@ -265,6 +265,11 @@ impl KafkaOptions {
             ("tls_key_password", "ssl.key.password"),
         ] {
             if let Some(v) = url.take::<String>(key)? {
+                // Named here: librdkafka's own error names neither.
+                if key != "tls_key_password" {
+                    std::fs::metadata(&v)
+                        .map_err(|e| invalid(format!("query parameter `{key}`: {v}: {e}")))?;
+                }
                 tls_files = true;
                 o.security.push((rd, v));
             }
@@ -426,8 +431,14 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("alice"), "the user is no secret: {shown}");
-        let o = parse("kafka://a:1?tls_ca=/etc/ca.pem").unwrap();
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let o = parse(&format!("kafka://a:1?tls_ca={ca}")).unwrap();
         assert!(o.security.contains(&("security.protocol", "ssl".into())));
-        assert!(parse("kafka://a:1?tls=false&tls_ca=/x").is_err());
+        assert!(parse(&format!("kafka://a:1?tls=false&tls_ca={ca}")).is_err());
+        let e = parse("kafka://a:1?tls_ca=/nonexistent/ca.pem").unwrap_err();
+        assert!(
+            e.to_string().contains("`tls_ca`: /nonexistent/ca.pem"),
+            "{e}"
+        );
     }
 }

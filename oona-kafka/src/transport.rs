@@ -44,18 +44,35 @@ pub struct KafkaTransport {
 /// through this callback, not on the request that failed, so it is kept
 /// for `connect` to say.
 pub(crate) struct Watch {
-    refused: Arc<Mutex<Option<String>>>,
+    refused: Arc<Mutex<Option<(ErrorKind, String)>>>,
+}
+
+impl Watch {
+    /// The kind and message of the permanent error a connect reports at
+    /// once for a librdkafka error that no retry mends: refused
+    /// credentials or a failed TLS handshake. `None` for the rest (a
+    /// broker down is retried).
+    fn refusal(code: Option<RDKafkaErrorCode>, reason: &str) -> Option<(ErrorKind, String)> {
+        let (kind, why) = match code? {
+            RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed => {
+                (ErrorKind::Unauthenticated, "refused the credentials")
+            }
+            RDKafkaErrorCode::SSL if reason.contains("certificate verify failed") => (
+                ErrorKind::ConfigInvalid,
+                "sent a TLS certificate that does not verify (a private CA is trusted with `tls_ca`)",
+            ),
+            RDKafkaErrorCode::SSL => (ErrorKind::ConfigInvalid, "failed the TLS handshake"),
+            _ => return None,
+        };
+        Some((kind, format!("{why}: {reason}")))
+    }
 }
 
 impl rdkafka::ClientContext for Watch {
     fn error(&self, error: KafkaError, reason: &str) {
-        let code = error.rdkafka_error_code();
-        if matches!(
-            code,
-            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
-        ) {
+        if let Some(e) = Self::refusal(error.rdkafka_error_code(), reason) {
             if let Ok(mut r) = self.refused.lock() {
-                *r = Some(reason.to_string());
+                r.get_or_insert(e);
             }
         }
         tracing::warn!(error = %error, reason, "librdkafka");
@@ -102,11 +119,22 @@ pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
         | Some(RDKafkaErrorCode::ClusterAuthorizationFailed)
         | Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => ErrorKind::Unauthorized,
         Some(RDKafkaErrorCode::QueueFull) => ErrorKind::ResourceExhausted,
+        // librdkafka refuses a setting (a CA file that does not exist, ...).
+        _ if matches!(
+            e,
+            KafkaError::ClientCreation(_) | KafkaError::ClientConfig(..)
+        ) =>
+        {
+            ErrorKind::ConfigInvalid
+        }
         _ => ErrorKind::Broker,
     };
     let temporary = !matches!(
         kind,
-        ErrorKind::PayloadTooLarge | ErrorKind::Unauthenticated | ErrorKind::Unauthorized
+        ErrorKind::PayloadTooLarge
+            | ErrorKind::Unauthenticated
+            | ErrorKind::Unauthorized
+            | ErrorKind::ConfigInvalid
     );
     Error::new(kind, format!("{what}: {e}"))
         .with_source(e)
@@ -156,28 +184,26 @@ impl KafkaTransport {
         };
         let wait = t.inner.opts.timeout.min(Duration::from_secs(10));
         let brokers = t.inner.opts.brokers.join(",");
-        let refusal = |reason: String| {
-            Error::new(
-                ErrorKind::Unauthenticated,
-                format!("kafka brokers {brokers} refused the credentials: {reason}"),
-            )
-            .with_transport(NAME)
-            .set_temporary(false)
+        let refusal = |(kind, why): (ErrorKind, String)| {
+            Error::new(kind, format!("kafka brokers {brokers} {why}"))
+                .with_transport(NAME)
+                .set_temporary(false)
         };
         let refused_now = || refused.lock().ok().and_then(|r| r.clone());
-        // A refused login is reported through the callback as soon as the
-        // broker answers; the metadata request would only time out.
+        // A refused login or a failed handshake is reported through the
+        // callback as soon as it happens; the metadata request would only
+        // time out.
         let watch = async {
             loop {
-                if let Some(reason) = refused_now() {
-                    return reason;
+                if let Some(e) = refused_now() {
+                    return e;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
         let answered = tokio::select! {
             r = t.inner.metadata(None, wait) => r,
-            reason = watch => return Err(refusal(reason)),
+            e = watch => return Err(refusal(e)),
         };
         answered.map_err(|e| {
             if matches!(
@@ -186,8 +212,8 @@ impl KafkaTransport {
             ) {
                 return e; // credentials, not reachability
             }
-            if let Some(reason) = refused_now() {
-                return refusal(reason);
+            if let Some(e) = refused_now() {
+                return refusal(e);
             }
             Error::new(
                 ErrorKind::Connection,

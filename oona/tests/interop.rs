@@ -27,21 +27,10 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(30);
 const COUNT: usize = 5;
 
-fn required() -> bool {
-    std::env::var("OONA_TEST_REQUIRE").is_ok_and(|v| v.trim() == "1")
-}
-
 /// The variable's value, or `None` (the test then does nothing) when it
 /// is unset and not required.
 fn env(name: &str) -> Option<String> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => Some(v.trim().to_string()),
-        _ if required() => panic!("{name} is not set and OONA_TEST_REQUIRE=1"),
-        _ => {
-            eprintln!("interop: {name} not set; nothing tested");
-            None
-        }
-    }
+    oona_conformance::url_of(name).map(|v| v.trim().to_string())
 }
 
 /// A broker under test and how to reach it from Rust and from Python.

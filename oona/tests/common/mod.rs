@@ -53,21 +53,8 @@ pub async fn read_dead_letters(stream: &mut oona::DeliveryStream, n: usize) -> V
     out
 }
 
-/// The URL of a genuine broker in `var`, or `None` (that broker is not
-/// tested) when it is unset; with `OONA_TEST_REQUIRE=1` a missing one
-/// fails.
-pub fn url_of(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ if std::env::var("OONA_TEST_REQUIRE").is_ok_and(|v| v.trim() == "1") => {
-            panic!("{var} is not set and OONA_TEST_REQUIRE=1")
-        }
-        _ => {
-            eprintln!("{var} not set; that broker is not tested");
-            None
-        }
-    }
-}
+#[allow(unused_imports)] // not every test file uses it
+pub use oona_conformance::url_of;
 
 /// One test per transport running `$run(url)`: memory:// always, each
 /// genuine broker whose URL is set (see [`url_of`]). Not every test file

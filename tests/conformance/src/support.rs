@@ -23,6 +23,23 @@ pub fn random_topic(plane: &str) -> oona_core::Result<Topic> {
     Topic::new(format!("{plane}.conf{}.t", random_suffix()))
 }
 
+/// The URL of a genuine broker in the environment variable `var`, or
+/// `None` (that broker is not tested) when it is unset; with
+/// `OONA_TEST_REQUIRE=1` (CI) a missing one panics: a broker missing from
+/// CI is a failure, never a silent skip.
+pub fn url_of(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => Some(v),
+        _ if std::env::var("OONA_TEST_REQUIRE").is_ok_and(|v| v.trim() == "1") => {
+            panic!("{var} is not set and OONA_TEST_REQUIRE=1")
+        }
+        _ => {
+            eprintln!("{var} not set; that broker is not tested");
+            None
+        }
+    }
+}
+
 /// Ten random lower-case letters and digits.
 pub(crate) fn random_suffix() -> String {
     const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
