@@ -18,6 +18,8 @@
 #   OONA_TEST_PULSAR_URL='pulsar://127.0.0.1:PORT?tenant=esper&namespace=dev&admin_url=...'
 #   OONA_TEST_PULSAR_ADMIN_URL=http://127.0.0.1:PORT   Apache Pulsar 4.0 standalone
 #   OONA_TEST_PULSAR_CUT_UPSTREAM, _CUT_LISTEN      (scripts/maven/pulsar) and its cut listener
+#   OONA_TEST_PULSAR_TLS_URL='pulsar+ssl://...&tls_ca_file=...'   its TLS ports (binary and admin)
+#   OONA_TEST_PULSAR_TOKEN_URL='pulsar://...&token=...'   a token of the role oona-telemetry
 # A broker already running (pidfile alive and answering) is reused.
 # `down` stops each one by the PID in its pidfile. A broker that does not
 # start fails with the tail of its log.
@@ -493,25 +495,41 @@ pulsar_warm_up() {
 }
 
 up_pulsar() {
-    local dir="$BROKERS/pulsar" pidfile="$BROKERS/pulsar/pulsar.pid" libs ports port wport cut_up cut_listen
+    local dir="$BROKERS/pulsar" pidfile="$BROKERS/pulsar/pulsar.pid" libs ports port wport cut_up cut_listen tport wtport
     mkdir -p "$dir"
     reuse_jvm pulsar PulsarStandaloneStarter pulsar_answers pulsar_env && return 0
     libs="$(maven_libs pulsar)"
-    ports="$(new_ports pulsar)"
-    read -r port wport cut_up cut_listen <<<"$ports"
+    ports="$(new_ports pulsar 6)"
+    read -r port wport cut_up cut_listen tport wtport <<<"$ports"
     rm -rf "$dir/data"
+    tls_material "$dir/tls"
+    pulsar_token_key "$dir/token.key"
     # The same file configures the broker and the embedded bookie
     # (listeningInterface=lo keeps the bookie on loopback). The `cut`
     # listener binds cut_up and is advertised at cut_listen: a client that
     # connects to a bind address without naming a listener gets that
-    # listener's address in lookups (Pulsar's PIP-95).
+    # listener's address in lookups (Pulsar's PIP-95). TLS ports (binary
+    # and admin) serve the TLS tests; token authentication and the
+    # authorizer serve the access tests. Clients without a token are the
+    # anonymous role, a super user, so every other test runs as before.
     cat >"$dir/standalone.conf" <<EOF
 clusterName=standalone
 bindAddress=127.0.0.1
 advertisedAddress=127.0.0.1
 brokerServicePort=$port
 webServicePort=$wport
-advertisedListeners=internal:pulsar://127.0.0.1:$port,cut:pulsar://127.0.0.1:$cut_listen
+brokerServicePortTls=$tport
+webServicePortTls=$wtport
+tlsCertificateFilePath=$dir/tls/server.pem
+tlsKeyFilePath=$dir/tls/server.key
+tlsTrustCertsFilePath=$dir/tls/ca.pem
+authenticationEnabled=true
+authenticationProviders=org.apache.pulsar.broker.authentication.AuthenticationProviderToken
+tokenSecretKey=file://$dir/token.key
+authorizationEnabled=true
+superUserRoles=oona-admin
+anonymousUserRole=oona-admin
+advertisedListeners=internal:pulsar://127.0.0.1:$port,internal:pulsar+ssl://127.0.0.1:$tport,cut:pulsar://127.0.0.1:$cut_listen
 internalListenerName=internal
 bindAddresses=cut:pulsar://127.0.0.1:$cut_up
 functionsWorkerEnabled=false
@@ -546,7 +564,7 @@ EOF
             admin_put "$wport" "namespaces/$PULSAR_TENANT/$PULSAR_NAMESPACE" '{}'
             pulsar_warm_up "$wport"
             log "pulsar $(curl -s --max-time 5 "http://127.0.0.1:$wport/admin/v2/brokers/version") up on 127.0.0.1:$port, admin on :$wport (standalone, pid $(cat "$pidfile"))"
-            pulsar_env "$port" "$wport" "$cut_up" "$cut_listen"
+            pulsar_env "$port" "$wport" "$cut_up" "$cut_listen" "$tport" "$wtport"
             return 0
         fi
         pid_alive "$(cat "$pidfile")" || fail_with_log pulsar "$dir/pulsar.log" "pulsar exited"
@@ -555,18 +573,47 @@ EOF
     fail_with_log pulsar "$dir/pulsar.log" "pulsar's health check did not pass within 180s"
 }
 
-# The URL is written single-quoted: its `&` must survive `. target/brokers.env`.
+# The test role of the access tests (a fixture, not a secret).
+PULSAR_TELEMETRY_ROLE=oona-telemetry
+
+# pulsar_token_key FILE: a fresh HS256 secret for the broker's tokens.
+pulsar_token_key() {
+    python3 -c 'import os, sys; open(sys.argv[1], "wb").write(os.urandom(32))' "$1"
+}
+
+# pulsar_token KEY_FILE ROLE: an HS256 JWT for ROLE (the `sub` claim),
+# what `pulsar tokens create --secret-key` makes.
+pulsar_token() {
+    python3 - "$1" "$2" <<'EOF'
+import base64, hashlib, hmac, json, sys
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+head = b64(json.dumps({"alg": "HS256"}).encode())
+body = b64(json.dumps({"sub": sys.argv[2]}).encode())
+key = open(sys.argv[1], "rb").read()
+sig = b64(hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest())
+print(f"{head}.{body}.{sig}")
+EOF
+}
+
+# The URLs are written single-quoted: their `&` must survive `. target/brokers.env`.
+# pulsar_env PORT WEB_PORT CUT_UPSTREAM CUT_LISTEN TLS_PORT WEB_TLS_PORT
 pulsar_env() {
+    local dir="$BROKERS/pulsar" token
+    token="$(pulsar_token "$dir/token.key" "$PULSAR_TELEMETRY_ROLE")"
     set_env OONA_TEST_PULSAR_URL "'pulsar://127.0.0.1:$1?tenant=$PULSAR_TENANT&namespace=$PULSAR_NAMESPACE&admin_url=http://127.0.0.1:$2'"
     set_env OONA_TEST_PULSAR_ADMIN_URL "http://127.0.0.1:$2"
     set_env OONA_TEST_PULSAR_CUT_UPSTREAM "127.0.0.1:$3"
     set_env OONA_TEST_PULSAR_CUT_LISTEN "127.0.0.1:$4"
+    set_env OONA_TEST_PULSAR_TLS_URL "'pulsar+ssl://127.0.0.1:$5?tenant=$PULSAR_TENANT&namespace=$PULSAR_NAMESPACE&admin_url=https://127.0.0.1:$6&tls_ca_file=$dir/tls/ca.pem'"
+    set_env OONA_TEST_PULSAR_TOKEN_URL "'pulsar://127.0.0.1:$1?tenant=$PULSAR_TENANT&namespace=$PULSAR_NAMESPACE&token=$token'"
 }
 
 down_pulsar() {
     stop_pidfile pulsar "$BROKERS/pulsar/pulsar.pid" 30 PulsarStandaloneStarter
     unset_env OONA_TEST_PULSAR_URL
     unset_env OONA_TEST_PULSAR_ADMIN_URL
+    unset_env OONA_TEST_PULSAR_TLS_URL
+    unset_env OONA_TEST_PULSAR_TOKEN_URL
     unset_env OONA_TEST_PULSAR_CUT_UPSTREAM
     unset_env OONA_TEST_PULSAR_CUT_LISTEN
 }

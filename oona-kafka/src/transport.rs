@@ -136,8 +136,9 @@ pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
             | ErrorKind::Unauthorized
             | ErrorKind::ConfigInvalid
     );
+    // The message carries librdkafka's text (dead-letter reasons are
+    // messages); as a source too it would be printed twice.
     Error::new(kind, format!("{what}: {e}"))
-        .with_source(e)
         .with_transport(NAME)
         .set_temporary(temporary)
 }

@@ -45,6 +45,40 @@ pub(crate) fn conn_err(what: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Connection, what.to_string()).with_transport(NAME)
 }
 
+/// The kind of a broker's error answer: refused credentials and refused
+/// permissions are permanent, a busy broker is worth a retry.
+pub(crate) fn server_error_kind(code: proto::ServerError) -> ErrorKind {
+    use proto::ServerError as E;
+    match code {
+        E::AuthenticationError => ErrorKind::Unauthenticated,
+        E::AuthorizationError => ErrorKind::Unauthorized,
+        E::ServiceNotReady | E::TooManyRequests | E::ConsumerBusy => ErrorKind::Connection,
+        _ => ErrorKind::Broker,
+    }
+}
+
+/// A failed TLS handshake: a certificate that does not verify is a
+/// permanent configuration error (the CA is not trusted), the rest a
+/// connection error.
+fn handshake_err(host: &str, port: u16, e: std::io::Error) -> Error {
+    let bad_cert = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+    if bad_cert {
+        return Error::new(
+            ErrorKind::ConfigInvalid,
+            format!(
+                "TLS handshake with {host}:{port}: {e}: the broker's certificate does not \
+                 verify (a private CA is trusted with `tls_ca_file`)"
+            ),
+        )
+        .with_transport(NAME)
+        .set_temporary(false);
+    }
+    conn_err(format!("TLS handshake with {host}:{port}: {e}"))
+}
+
 pub(crate) fn command(t: Type, fill: impl FnOnce(&mut BaseCommand)) -> Message {
     let mut c = BaseCommand {
         r#type: t as i32,
@@ -113,7 +147,7 @@ impl Connector {
                 Box::new(
                     tls.connect(name, tcp)
                         .await
-                        .map_err(|e| conn_err(format!("TLS handshake with {host}:{port}: {e}")))?,
+                        .map_err(|e| handshake_err(&host, port, e))?,
                 )
             }
         };
@@ -140,13 +174,8 @@ impl Connector {
                 return Ok(frames);
             }
             if let Some(e) = c.error {
-                let kind = if e.error == proto::ServerError::AuthenticationError as i32
-                    || e.error == proto::ServerError::AuthorizationError as i32
-                {
-                    ErrorKind::Unauthenticated
-                } else {
-                    ErrorKind::Broker
-                };
+                let kind = proto::ServerError::try_from(e.error)
+                    .map_or(ErrorKind::Broker, server_error_kind);
                 return Err(Error::new(
                     kind,
                     format!("broker refused the connection: {}", e.message),
@@ -223,14 +252,8 @@ pub(crate) async fn await_success(
             }
             if let Some(e) = &msg.command.error {
                 if e.request_id == request_id {
-                    let kind = match proto::ServerError::try_from(e.error) {
-                        Ok(proto::ServerError::AuthenticationError)
-                        | Ok(proto::ServerError::AuthorizationError) => ErrorKind::Unauthenticated,
-                        Ok(proto::ServerError::ServiceNotReady)
-                        | Ok(proto::ServerError::TooManyRequests)
-                        | Ok(proto::ServerError::ConsumerBusy) => ErrorKind::Connection,
-                        _ => ErrorKind::Broker,
-                    };
+                    let kind = proto::ServerError::try_from(e.error)
+                        .map_or(ErrorKind::Broker, server_error_kind);
                     return Err(Error::new(kind, format!("broker error: {}", e.message))
                         .with_transport(NAME));
                 }

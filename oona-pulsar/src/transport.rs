@@ -64,7 +64,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Map a `pulsar` client error to an Oona error.
 pub(crate) fn pulsar_err(what: &str, e: pulsar::Error) -> Error {
-    use pulsar::error::{ConnectionError, ProducerError, ServiceDiscoveryError};
+    use pulsar::error::ServiceDiscoveryError;
     use pulsar::message::proto::ServerError;
     if let pulsar::Error::ServiceDiscovery(ServiceDiscoveryError::Query(
         Some(ServerError::TopicNotFound),
@@ -86,7 +86,44 @@ pub(crate) fn pulsar_err(what: &str, e: pulsar::Error) -> Error {
             .set_temporary(false);
         }
     }
-    let kind = match &e {
+    let kind = match server_code(&e) {
+        Some(code) if crate::conn::server_error_kind(code) != ErrorKind::Broker => {
+            crate::conn::server_error_kind(code)
+        }
+        _ => client_error_kind(&e),
+    };
+    let msg = format!("{what}: {e}");
+    // The broker being busy or a topic being moved is worth a retry too.
+    let temporary = kind.default_temporary()
+        || msg.contains("ServiceNotReady")
+        || msg.contains("TooManyRequests")
+        || msg.contains("Disconnected");
+    Error::new(kind, msg)
+        .with_transport(NAME)
+        .set_temporary(temporary)
+}
+
+/// The broker's error code inside a client error, where it carries one.
+fn server_code(e: &pulsar::Error) -> Option<pulsar::message::proto::ServerError> {
+    use pulsar::error::{ConnectionError, ProducerError, ServiceDiscoveryError};
+    let conn = |c: &ConnectionError| match c {
+        ConnectionError::PulsarError(code, _) => *code,
+        _ => None,
+    };
+    match e {
+        pulsar::Error::Connection(c)
+        | pulsar::Error::ServiceDiscovery(ServiceDiscoveryError::Connection(c))
+        | pulsar::Error::Producer(ProducerError::Connection(c)) => conn(c),
+        pulsar::Error::ServiceDiscovery(ServiceDiscoveryError::Query(code, _)) => *code,
+        pulsar::Error::Producer(ProducerError::Batch(inner)) => server_code(inner),
+        _ => None,
+    }
+}
+
+/// The kind of a client error that carries no broker error code.
+fn client_error_kind(e: &pulsar::Error) -> ErrorKind {
+    use pulsar::error::{ConnectionError, ProducerError};
+    match e {
         pulsar::Error::Connection(ConnectionError::Unexpected(_))
         | pulsar::Error::Connection(ConnectionError::Decoding(_))
         | pulsar::Error::Connection(ConnectionError::Encoding(_)) => ErrorKind::Broker,
@@ -98,16 +135,7 @@ pub(crate) fn pulsar_err(what: &str, e: pulsar::Error) -> Error {
         pulsar::Error::Producer(ProducerError::Closed) => ErrorKind::Closed,
         pulsar::Error::Consumer(_) => ErrorKind::Connection,
         _ => ErrorKind::Broker,
-    };
-    let msg = format!("{what}: {e}");
-    // The broker being busy or a topic being moved is worth a retry too.
-    let temporary = kind.default_temporary()
-        || msg.contains("ServiceNotReady")
-        || msg.contains("TooManyRequests")
-        || msg.contains("Disconnected");
-    Error::new(kind, msg)
-        .with_transport(NAME)
-        .set_temporary(temporary)
+    }
 }
 
 impl PulsarTransport {
@@ -142,11 +170,11 @@ impl PulsarTransport {
                 .with_transport(NAME)
             })?;
         }
-        let client = b
-            .build()
-            .await
-            .map_err(|e| pulsar_err(&format!("connect to {}", config.service_url), e))?;
         let connector = Connector::new(Arc::clone(&config))?;
+        let client = match b.build().await {
+            Ok(c) => c,
+            Err(e) => return Err(Self::why_not(&config, &connector, e).await),
+        };
         let admin = Admin::new(Arc::clone(&config))?;
         let (shutdown, _) = watch::channel(false);
         Ok(PulsarTransport {
@@ -162,6 +190,30 @@ impl PulsarTransport {
                 subscriptions: Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// The error of a failed connect. The `pulsar` client reports a
+    /// refusal it will not retry (a forged token, a certificate that does
+    /// not verify) only as "fatal"; a handshake of our own says which.
+    async fn why_not(config: &PulsarConfig, connector: &Connector, e: pulsar::Error) -> Error {
+        let what = format!("connect to {}", config.service_url);
+        let client_err = pulsar_err(&what, e);
+        let Ok(url) = url::Url::parse(&config.service_url) else {
+            return client_err;
+        };
+        let addr = pulsar::BrokerAddress {
+            broker_url: url.authority().to_string(),
+            url,
+            proxy: false,
+        };
+        match connector.connect(&addr).await {
+            Err(why) if why.kind() != ErrorKind::Connection => {
+                Error::new(why.kind(), format!("{what}: {}", why.message()))
+                    .with_transport(NAME)
+                    .set_temporary(why.is_temporary())
+            }
+            _ => client_err,
+        }
     }
 
     /// Parse `url` and connect.

@@ -22,22 +22,8 @@ const WAIT: Duration = Duration::from_secs(10);
 /// The broker, or `None` (test skipped) when the env var is unset and
 /// `OONA_TEST_REQUIRE` is not 1.
 fn broker() -> Option<support::Broker> {
-    match std::env::var(support::ENV)
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-    {
-        Some(url) => Some(support::Broker::direct(&url).expect("the test broker's URL")),
-        None if std::env::var("OONA_TEST_REQUIRE").is_ok_and(|v| v.trim() == "1") => {
-            panic!("{} is not set and OONA_TEST_REQUIRE=1", support::ENV)
-        }
-        None => {
-            eprintln!(
-                "skipped: set {} (scripts/brokers.sh up pulsar)",
-                support::ENV
-            );
-            None
-        }
-    }
+    oona_conformance::url_of(support::ENV)
+        .map(|url| support::Broker::direct(&url).expect("the test broker's URL"))
 }
 
 fn topic(plane: &str) -> Topic {

@@ -10,16 +10,7 @@ use oona_core::{ErrorKind, Transport};
 use oona_redis::RedisTransport;
 
 fn url() -> Option<String> {
-    match std::env::var("OONA_TEST_REDIS_URL") {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ if std::env::var("OONA_TEST_REQUIRE").is_ok_and(|v| v.trim() == "1") => {
-            panic!("OONA_TEST_REDIS_URL is not set and OONA_TEST_REQUIRE=1")
-        }
-        _ => {
-            eprintln!("acl: OONA_TEST_REDIS_URL not set; nothing tested");
-            None
-        }
-    }
+    oona_conformance::url_of("OONA_TEST_REDIS_URL")
 }
 
 /// An ACL user for one test, deleted when dropped... by `drop_user`.

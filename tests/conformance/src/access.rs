@@ -7,21 +7,52 @@
 
 use oona_core::{Envelope, ErrorKind, Name, Subscription, Topic, Transport};
 
-/// Run the check on `t` (logged in as the telemetry-only user); panics
-/// with what went wrong. Prints the errors the user got.
+/// The three topics of the check: one per plane, with a random segment.
+#[derive(Debug, Clone)]
+pub struct PlaneTopics {
+    /// `telemetry.acl<id>.stats`: the user's own plane.
+    pub allowed: Topic,
+    /// `control.acl<id>.commands`: refused for publishing.
+    pub control: Topic,
+    /// `innovation.acl<id>.reports`: refused for subscribing.
+    pub innovation: Topic,
+}
+
+impl PlaneTopics {
+    /// Fresh topics (a broker whose permissions are per topic grants the
+    /// user `allowed` before the check).
+    pub fn random() -> Self {
+        let id = format!("{:016x}", rand::random::<u64>());
+        let topic = |name: String| Topic::new(name).expect("a valid topic name");
+        PlaneTopics {
+            allowed: topic(format!("telemetry.acl{id}.stats")),
+            control: topic(format!("control.acl{id}.commands")),
+            innovation: topic(format!("innovation.acl{id}.reports")),
+        }
+    }
+}
+
+/// Run the check on `t` (logged in as the telemetry-only user) with fresh
+/// topics; panics with what went wrong. Prints the errors the user got.
 pub async fn telemetry_user_refused_other_planes(t: &dyn Transport) {
-    let id = format!("{:016x}", rand::random::<u64>());
-    let allowed = Topic::new(format!("telemetry.acl{id}.stats")).unwrap();
-    let control = Topic::new(format!("control.acl{id}.commands")).unwrap();
-    let innovation = Topic::new(format!("innovation.acl{id}.reports")).unwrap();
+    telemetry_user_refused_on(t, &PlaneTopics::random()).await
+}
+
+/// [`telemetry_user_refused_other_planes`] on the given topics.
+pub async fn telemetry_user_refused_on(t: &dyn Transport, topics: &PlaneTopics) {
+    let PlaneTopics {
+        allowed,
+        control,
+        innovation,
+    } = topics;
     let message = |topic: &Topic| {
         Envelope::builder(topic.clone(), "{}")
             .sender_id("acl")
             .build()
     };
-    t.publish(message(&allowed)).await.expect("its own plane");
+    t.publish(message(allowed)).await.expect("its own plane");
     let e = t
-        .publish(message(&control))
+        .publish(message(control))
         .await
         .expect_err("a publish to control.*");
     println!("[{}] publish to control.*: {e}", t.name());
@@ -41,5 +72,5 @@ pub async fn telemetry_user_refused_other_planes(t: &dyn Transport) {
     assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
     assert!(!e.is_temporary(), "{e}");
     assert!(e.to_string().contains(innovation.as_str()), "{e}");
-    t.delete_topic(&allowed).await.ok();
+    t.delete_topic(allowed).await.ok();
 }

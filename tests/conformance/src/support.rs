@@ -28,16 +28,15 @@ pub fn random_topic(plane: &str) -> oona_core::Result<Topic> {
 /// `OONA_TEST_REQUIRE=1` (CI) a missing one panics: a broker missing from
 /// CI is a failure, never a silent skip.
 pub fn url_of(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Some(v),
-        _ if std::env::var("OONA_TEST_REQUIRE").is_ok_and(|v| v.trim() == "1") => {
-            panic!("{var} is not set and OONA_TEST_REQUIRE=1")
-        }
-        _ => {
-            eprintln!("{var} not set; that broker is not tested");
-            None
-        }
+    let url = crate::required_url(var);
+    if url.is_none() {
+        assert!(
+            !crate::broker_required(),
+            "{var} is not set and OONA_TEST_REQUIRE=1"
+        );
+        eprintln!("{var} not set; that broker is not tested");
     }
+    url
 }
 
 /// Ten random lower-case letters and digits.
