@@ -24,7 +24,8 @@
 //! pace figures compare the clients, not their idle polling.
 
 use oona_benches::{
-    bench_topic, envelope, print_throughput as row, rounds, stamp_of, BoxError, Res, PAYLOAD,
+    bench_topic, broker_url, envelope, print_throughput as row, rounds, run_main, stamp_of,
+    BoxError, Res, PAYLOAD,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,25 +45,8 @@ const ROUNDS: usize = 3;
 const PARAMS: &str = "fetch_wait=10ms&partitions=1";
 
 fn main() {
-    let Ok(url) = std::env::var("OONA_TEST_KAFKA_URL") else {
-        eprintln!("OONA_TEST_KAFKA_URL is not set: run `scripts/brokers.sh up kafka` and `set -a; . target/brokers.env; set +a` first");
-        std::process::exit(2);
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tokio runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = rt.block_on(run(&url)) {
-        eprintln!("bench failed: {e}");
-        std::process::exit(1);
-    }
+    let url = broker_url("OONA_TEST_KAFKA_URL", "kafka");
+    run_main(run(&url));
 }
 
 struct Ctx {

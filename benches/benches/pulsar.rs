@@ -23,8 +23,8 @@
 //! `OONA_BENCH_ONLY=publish|consume|latency` runs one part.
 
 use oona_benches::{
-    bench_topic, envelope, percentiles, print_throughput as row, rounds, stamp_of, Percentiles,
-    Res, PAYLOAD,
+    bench_topic, broker_url, envelope, percentiles, print_throughput as row, rounds, run_main,
+    stamp_of, Percentiles, Res, PAYLOAD,
 };
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -37,25 +37,8 @@ use pulsar::{Pulsar, TokioExecutor};
 const ROUNDS: usize = 3;
 
 fn main() {
-    let Ok(url) = std::env::var("OONA_TEST_PULSAR_URL") else {
-        eprintln!("OONA_TEST_PULSAR_URL is not set: run `scripts/brokers.sh up pulsar` and `set -a; . target/brokers.env; set +a` first");
-        std::process::exit(2);
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tokio runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = rt.block_on(run(&url)) {
-        eprintln!("bench failed: {e}");
-        std::process::exit(1);
-    }
+    let url = broker_url("OONA_TEST_PULSAR_URL", "pulsar");
+    run_main(run(&url));
 }
 
 struct Ctx {

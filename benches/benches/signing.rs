@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use oona_benches::{envelope, print_throughput, rounds, Res, PAYLOAD};
+use oona_benches::{envelope, print_throughput, rounds, run_main, Res, PAYLOAD};
 use oona_core::layer::{ConsumeLayer, ConsumeNext, Handled, PublishLayer, PublishNext};
 use oona_core::memory::MemoryTransport;
 use oona_core::security::{Keyring, Keys, SignLayer, VerifyLayer};
@@ -27,21 +27,7 @@ const ROUNDS: usize = 5;
 const N: usize = 50_000;
 
 fn main() {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tokio runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = rt.block_on(run()) {
-        eprintln!("bench failed: {e}");
-        std::process::exit(1);
-    }
+    run_main(run());
 }
 
 fn keys() -> Res<Keys> {

@@ -119,3 +119,35 @@ pub fn stamp_of(payload: &[u8]) -> u64 {
     }
     u64::from_le_bytes(b)
 }
+
+/// The broker URL in `var` (written by `scripts/brokers.sh up <broker>`);
+/// a missing one ends the bench with exit code 2, saying how to start it.
+pub fn broker_url(var: &str, broker: &str) -> String {
+    match std::env::var(var) {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => {
+            eprintln!("{var} is not set: run `scripts/brokers.sh up {broker}` and `set -a; . target/brokers.env; set +a` first");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Run a bench's `main` future on a two-worker runtime; a failure ends the
+/// bench with exit code 1, printing it.
+pub fn run_main(main: impl std::future::Future<Output = Res<()>>) {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(main) {
+        eprintln!("bench failed: {e}");
+        std::process::exit(1);
+    }
+}

@@ -45,6 +45,9 @@ pub enum ErrorKind {
     Unsupported,
     /// A bounded resource (a topic's capacity, a buffer) is full.
     ResourceExhausted,
+    /// The local spool holds its limit of bytes and the broker has not
+    /// taken them back (see [`crate::degrade`]).
+    SpoolFull,
     /// The delivery was already settled, or is no longer known to the broker.
     AlreadySettled,
     /// The delivery's lease ran out before it was settled: the message was
@@ -64,7 +67,10 @@ impl ErrorKind {
     pub const fn default_temporary(self) -> bool {
         matches!(
             self,
-            ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::ResourceExhausted
+            ErrorKind::Connection
+                | ErrorKind::Timeout
+                | ErrorKind::ResourceExhausted
+                | ErrorKind::SpoolFull
         )
     }
 
@@ -86,6 +92,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::SpoolFull => "spool_full",
             ErrorKind::AlreadySettled => "already_settled",
             ErrorKind::LeaseExpired => "lease_expired",
             ErrorKind::Broker => "broker",

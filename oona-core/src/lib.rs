@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod degrade;
 pub mod delivery;
 pub mod engine;
 pub mod envelope;

@@ -30,7 +30,7 @@ pub use bus::{Bus, IntoTopic, MessageBuilder, TypedDelivery, TypedSubscription};
 pub use contract::{contract_subscription, IntoContractSubscription};
 pub use handler::{Handler, HandlerError, HandlerResult, Incoming};
 pub use registry::{
-    connect, connect_with, drivers, env_url, find_driver, from_env, KnownScheme, DEFAULT_URL,
-    ENV_URL, KNOWN_SCHEMES,
+    connect, connect_spooled, connect_with, drivers, env_url, find_driver, from_env, KnownScheme,
+    DEFAULT_URL, ENV_URL, KNOWN_SCHEMES,
 };
 pub use runner::{shard_for_key, RunHandle, RunSummary, Runner, Shutdown, StopReason};

@@ -94,6 +94,39 @@ pub async fn connect_with(drivers: &[Driver], url: &str) -> Result<Arc<dyn Trans
     (driver.connect)(parsed).await
 }
 
+/// [`connect`] through a durable local spool (see [`oona_core::degrade`]):
+/// publishes survive a broker outage, in order, and the broker may be away
+/// when this is called (publishes then go to the spool while connecting is
+/// tried again). A permanent error (a bad URL, refused credentials) is
+/// returned at once.
+///
+/// ```no_run
+/// # async fn demo() -> oona::Result<()> {
+/// use std::sync::Arc;
+/// use oona::degrade::{BreakerConfig, SpoolConfig};
+///
+/// let spooled = oona::connect_spooled(
+///     "redis://127.0.0.1:6379",
+///     SpoolConfig::new("/var/lib/kasmina/spool"),
+///     BreakerConfig::default(),
+/// )
+/// .await?;
+/// let bus = oona::Bus::new(Arc::new(spooled));
+/// # Ok(()) }
+/// ```
+pub async fn connect_spooled(
+    url: &str,
+    spool: oona_core::degrade::SpoolConfig,
+    breaker: oona_core::degrade::BreakerConfig,
+) -> Result<oona_core::degrade::Spooled> {
+    let url = url.to_string();
+    let connect: oona_core::degrade::Connect = Box::new(move || {
+        let url = url.clone();
+        Box::pin(async move { connect(&url).await })
+    });
+    oona_core::degrade::Spooled::connect(connect, spool, breaker).await
+}
+
 /// Connect to the URL in `OONA_URL`, or to [`DEFAULT_URL`] (`memory://`)
 /// when it is unset or empty.
 pub async fn from_env() -> Result<Arc<dyn Transport>> {

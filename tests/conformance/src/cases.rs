@@ -16,6 +16,7 @@ use oona_core::{
 };
 use rand::Rng;
 
+use crate::degrade::spooled_publishes_survive_a_cut;
 use crate::leases::{
     batch_member_nacked_alone, delayed_nacks_beside_fresh, late_settlement_changes_nothing,
     resume_with_start_at_keeps_backlog, slow_handler_no_redelivery,
@@ -75,6 +76,8 @@ cases![
     close_ends_streams_and_flushes_acks,
     #[exclusive]
     reconnect_after_cut,
+    #[exclusive]
+    spooled_publishes_survive_a_cut,
     invalid_topic_names,
     oversized_payload_rejected,
     poison_goes_to_dead_letter,

@@ -16,6 +16,7 @@ use oona_core::{Error, ErrorKind, Retention, Topic, Transport};
 pub mod access;
 pub mod cases;
 mod child;
+pub mod degrade;
 pub mod leases;
 pub mod processes;
 pub mod proxy;

@@ -1,0 +1,243 @@
+//! A circuit breaker: closed (calls go through), open (calls are not
+//! tried until a probe time), half-open (one probe call decides).
+//!
+//! Failures are the temporary errors of the broker (unreachable, timed
+//! out); a permanent error (a refused topic, an oversized payload) says
+//! the broker answered and counts as a success of the connection.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Settings of a [`Breaker`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BreakerConfig {
+    /// Consecutive failures that open a closed breaker: 3.
+    pub failure_threshold: u32,
+    /// How long the breaker stays open before its first probe: 500 ms;
+    /// doubled after each failed probe up to `max_open_for`.
+    pub open_for: Duration,
+    /// Longest wait between probes: 30 s.
+    pub max_open_for: Duration,
+    /// A call that has not answered by then counts as failed: 5 s. (A
+    /// broker behind a dead network often never answers at all.)
+    pub call_timeout: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failure_threshold: 3,
+            open_for: Duration::from_millis(500),
+            max_open_for: Duration::from_secs(30),
+            call_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Set [`BreakerConfig::failure_threshold`] (at least 1).
+    pub fn failure_threshold(mut self, n: u32) -> Self {
+        self.failure_threshold = n.max(1);
+        self
+    }
+
+    /// Set [`BreakerConfig::open_for`].
+    pub fn open_for(mut self, d: Duration) -> Self {
+        self.open_for = d;
+        self
+    }
+
+    /// Set [`BreakerConfig::max_open_for`].
+    pub fn max_open_for(mut self, d: Duration) -> Self {
+        self.max_open_for = d;
+        self
+    }
+
+    /// Set [`BreakerConfig::call_timeout`].
+    pub fn call_timeout(mut self, d: Duration) -> Self {
+        self.call_timeout = d;
+        self
+    }
+}
+
+/// A breaker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Calls go through.
+    Closed,
+    /// Calls are not tried until the probe time.
+    Open,
+    /// One probe call is out; its result closes or reopens the breaker.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// `closed`, `open` or `half_open`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: BreakerState,
+    failures: u32,
+    wait: Duration,
+    probe_at: Instant,
+    opened: u64,
+}
+
+/// A circuit breaker (see the module docs).
+#[derive(Debug)]
+pub struct Breaker {
+    config: BreakerConfig,
+    inner: Mutex<Inner>,
+}
+
+impl Breaker {
+    /// Its settings.
+    pub fn config(&self) -> &BreakerConfig {
+        &self.config
+    }
+
+    /// Run `call` under the breaker's call timeout: a call that does not
+    /// answer in time is a temporary [`ErrorKind::Timeout`] error. (The
+    /// caller records the outcome.)
+    ///
+    /// [`ErrorKind::Timeout`]: crate::ErrorKind::Timeout
+    pub async fn timed<T>(
+        &self,
+        call: impl std::future::Future<Output = crate::Result<T>>,
+    ) -> crate::Result<T> {
+        let limit = self.config.call_timeout;
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(crate::Error::new(
+                crate::ErrorKind::Timeout,
+                format!("the broker did not answer within {limit:?}"),
+            ))
+        })
+    }
+
+    /// A closed breaker.
+    pub fn new(config: BreakerConfig) -> Self {
+        Breaker {
+            config,
+            inner: Mutex::new(Inner {
+                state: BreakerState::Closed,
+                failures: 0,
+                wait: config.open_for,
+                probe_at: Instant::now(),
+                opened: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Plain counters: consistent even if a holder panicked.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state now.
+    pub fn state(&self) -> BreakerState {
+        self.lock().state
+    }
+
+    /// How many times the breaker opened from closed (outages, not
+    /// failed probes).
+    pub fn times_opened(&self) -> u64 {
+        self.lock().opened
+    }
+
+    /// Whether a call may be tried now. An open breaker past its probe
+    /// time lets one call through and turns half-open; `Err(at)` says
+    /// when to ask again.
+    pub fn try_call(&self) -> Result<(), Instant> {
+        let mut s = self.lock();
+        match s.state {
+            BreakerState::Closed => Ok(()),
+            BreakerState::Open if Instant::now() >= s.probe_at => {
+                s.state = BreakerState::HalfOpen;
+                Ok(())
+            }
+            BreakerState::Open => Err(s.probe_at),
+            // The probe is out: ask again after a short while.
+            BreakerState::HalfOpen => Err(Instant::now() + self.config.open_for),
+        }
+    }
+
+    /// A call went through (or the broker answered with a permanent
+    /// error): the breaker closes.
+    pub fn success(&self) {
+        let mut s = self.lock();
+        s.state = BreakerState::Closed;
+        s.failures = 0;
+        s.wait = self.config.open_for;
+    }
+
+    /// A call failed with a temporary error.
+    pub fn failure(&self) {
+        let mut s = self.lock();
+        s.failures += 1;
+        let open = match s.state {
+            BreakerState::Closed => s.failures >= self.config.failure_threshold,
+            BreakerState::HalfOpen | BreakerState::Open => true,
+        };
+        if open {
+            if s.state == BreakerState::HalfOpen {
+                s.wait = (s.wait * 2).min(self.config.max_open_for);
+            }
+            if s.state == BreakerState::Closed {
+                s.opened += 1;
+            }
+            s.state = BreakerState::Open;
+            s.probe_at = Instant::now() + s.wait;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_the_threshold_and_probes_with_a_growing_wait() {
+        let b = Breaker::new(
+            BreakerConfig::default()
+                .failure_threshold(2)
+                .open_for(Duration::from_secs(1))
+                .max_open_for(Duration::from_secs(3)),
+        );
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(b.try_call().is_err(), "open: not tried");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(b.try_call().is_ok(), "the probe");
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert!(b.try_call().is_err(), "one probe at a time");
+        b.failure();
+        let at = b.try_call().unwrap_err();
+        assert_eq!(at - Instant::now(), Duration::from_secs(2), "doubled");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(b.try_call().is_ok());
+        b.failure();
+        let at = b.try_call().unwrap_err();
+        assert_eq!(at - Instant::now(), Duration::from_secs(3), "capped");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(b.try_call().is_ok());
+        b.success();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.times_opened(), 1);
+        // Closed again: the count and the wait start over.
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+}
