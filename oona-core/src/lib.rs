@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod dedup;
 pub mod degrade;
 pub mod delivery;
 pub mod engine;

@@ -1,8 +1,10 @@
 //! The record of event ids seen by a consumer group (replay protection,
-//! `oona_core::security::ReplayLayer`), kept in Redis so every consumer of
-//! the group shares it: one key per id, `<prefix>nonce:<group>:<event id>`,
-//! holding the position it was first delivered at, set with
-//! `SET ... NX PX <ttl> GET` (Redis 7.0 or later) and expiring by itself.
+//! `oona_core::security::ReplayLayer`; de-duplication,
+//! `oona_core::dedup::DedupLayer`), kept in Redis so every consumer of the
+//! group shares it: one key per id, `<prefix>nonce:<group>:<event id>`,
+//! holding its value (the position it was first delivered at; `claim` or
+//! `done`), set with `SET ... NX PX <ttl> GET` (Redis 7.0 or later) or
+//! `SET ... PX <ttl>`, removed with `DEL`, and expiring by itself.
 
 use std::time::Duration;
 
@@ -29,18 +31,53 @@ impl NonceStore for RedisNonces {
         position: &str,
         ttl: Duration,
     ) -> Result<Option<String>> {
-        let key = format!("{}nonce:{group}:{event_id}", self.prefix);
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut conn = self.conn.clone();
         redis::cmd("SET")
-            .arg(&key)
+            .arg(self.key(group, event_id))
             .arg(position)
             .arg("NX")
             .arg("PX")
-            .arg(ms)
+            .arg(millis(ttl))
             .arg("GET")
             .query_async(&mut conn)
             .await
             .map_err(|e| redis_error(e, "record a seen event id (SET NX PX GET)"))
     }
+
+    async fn mark(
+        &self,
+        group: &Name,
+        event_id: &EventId,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.key(group, event_id))
+            .arg(value)
+            .arg("PX")
+            .arg(millis(ttl))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| redis_error(e, "mark an event id (SET PX)"))
+    }
+
+    async fn forget(&self, group: &Name, event_id: &EventId) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(self.key(group, event_id))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| redis_error(e, "forget an event id (DEL)"))
+    }
+}
+
+impl RedisNonces {
+    fn key(&self, group: &Name, event_id: &EventId) -> String {
+        format!("{}nonce:{group}:{event_id}", self.prefix)
+    }
+}
+
+fn millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }

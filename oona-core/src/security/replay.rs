@@ -26,7 +26,10 @@ use crate::error::Result;
 use crate::layer::{ConsumeLayer, ConsumeNext, Handled};
 use crate::topic::Name;
 
-/// Where the event ids a group has seen are recorded.
+/// Where the event ids a group has seen are recorded, each with a value
+/// and an expiry: replay protection records the position of first
+/// delivery, de-duplication ([`crate::dedup`]) whether the event was
+/// handled.
 #[async_trait]
 pub trait NonceStore: Send + Sync + 'static {
     /// Record that `event_id` reached `group` at `position`, kept for
@@ -39,6 +42,19 @@ pub trait NonceStore: Send + Sync + 'static {
         position: &str,
         ttl: Duration,
     ) -> Result<Option<String>>;
+
+    /// Record `value` for `event_id` in `group`, kept for `ttl`, whether
+    /// or not it is recorded already.
+    async fn mark(
+        &self,
+        group: &Name,
+        event_id: &EventId,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<()>;
+
+    /// Forget `event_id` in `group`.
+    async fn forget(&self, group: &Name, event_id: &EventId) -> Result<()>;
 }
 
 /// A [`NonceStore`] in this process, holding at most `capacity` ids (the
@@ -119,6 +135,30 @@ impl NonceStore for MemoryNonces {
         by_id.insert(key, (position.to_string(), until));
         order.push_back((until, group.clone(), event_id.clone()));
         Ok(None)
+    }
+
+    async fn mark(
+        &self,
+        group: &Name,
+        event_id: &EventId,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<()> {
+        let until = tokio::time::Instant::now() + ttl;
+        let mut seen = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        seen.by_id.insert(
+            (group.clone(), event_id.clone()),
+            (value.to_string(), until),
+        );
+        seen.order
+            .push_back((until, group.clone(), event_id.clone()));
+        Ok(())
+    }
+
+    async fn forget(&self, group: &Name, event_id: &EventId) -> Result<()> {
+        let mut seen = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        seen.by_id.remove(&(group.clone(), event_id.clone()));
+        Ok(())
     }
 }
 
