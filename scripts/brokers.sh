@@ -512,6 +512,8 @@ up_pulsar() {
     # and admin) serve the TLS tests; token authentication and the
     # authorizer serve the access tests. Clients without a token are the
     # anonymous role, a super user, so every other test runs as before.
+    # The bookie goes read-only only on a 99% full disk (not 95%: shared
+    # machines run fuller, and the tests write little).
     cat >"$dir/standalone.conf" <<EOF
 clusterName=standalone
 bindAddress=127.0.0.1
@@ -545,6 +547,9 @@ listeningInterface=lo
 httpServerEnabled=false
 dbStorage_writeCacheMaxSizeMb=64
 dbStorage_readAheadCacheMaxSizeMb=64
+diskUsageThreshold=0.99
+diskUsageWarnThreshold=0.98
+diskUsageLwmThreshold=0.98
 EOF
     local jvm=(-Xms256m -Xmx1g -XX:MaxDirectMemorySize=512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20
         -Djava.awt.headless=true -Dlog4j2.configurationFile="$SCRIPTS/maven/log4j2.properties"

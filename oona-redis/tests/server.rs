@@ -519,219 +519,55 @@ async fn key_queues_leave_nothing_behind() {
     bus.close().await.unwrap();
 }
 
-/// Set in a child's environment: run as the outage test's publisher,
-/// `<url> <spool dir> <topic> <child number> <count or 0 for endless>`.
-const PUBLISHER: &str = "OONA_OUTAGE_PUBLISHER";
-
-/// The publisher child of [`a_broker_outage_and_a_killed_publisher_lose_nothing`]:
-/// does nothing unless run by it. Publishes `{"c":<child>,"i":<i>}` every
-/// 5 ms through a spooled transport, printing `OUTAGE ok <i> <event id>`
-/// once each publish returned `Ok`; after `count` of them it waits for the
-/// spool to drain and prints `OUTAGE drained <stats>`.
+/// The publisher child of the outage test (does nothing unless run by it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_publisher_child() {
-    use oona_core::degrade::{BreakerConfig, Connect, SpoolConfig, Spooled};
-    use std::io::Write as _;
-    use std::sync::Arc;
-    let Ok(spec) = std::env::var(PUBLISHER) else {
-        return;
-    };
-    let parts: Vec<String> = spec.split(' ').map(String::from).collect();
-    let [url, dir, topic, child, count] = &parts[..] else {
-        panic!("{PUBLISHER}={spec}");
-    };
-    let topic = Topic::new(topic.as_str()).unwrap();
-    let count: usize = count.parse().unwrap();
-    let url = url.clone();
-    let connect: Connect = Box::new(move || {
-        let url = url.clone();
-        Box::pin(async move {
-            RedisTransport::connect_url(&format!("{url}?timeout=1s"))
-                .await
-                .map(|t| Arc::new(t) as Arc<dyn Transport>)
+    oona_conformance::outage::publisher_child(|url| {
+        Box::new(move || {
+            let url = url.clone();
+            Box::pin(async move {
+                RedisTransport::connect_url(&url)
+                    .await
+                    .map(|t| std::sync::Arc::new(t) as std::sync::Arc<dyn Transport>)
+            })
         })
-    });
-    let breaker = BreakerConfig::default().max_open_for(Duration::from_secs(2));
-    let bus = Spooled::connect(connect, SpoolConfig::new(dir), breaker)
-        .await
-        .unwrap();
-    let mut out = std::io::stdout();
-    for i in 0.. {
-        if count > 0 && i == count {
-            break;
-        }
-        let e = Envelope::builder(topic.clone(), format!("{{\"c\":{child},\"i\":{i}}}"))
-            .sender_id("outage-publisher")
-            .key(format!("k{}", i % 4))
-            .build();
-        let id = e.event_id.clone();
-        bus.publish(e).await.expect("a publish through an outage");
-        writeln!(out, "OUTAGE ok {i} {id}").unwrap();
-        out.flush().unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let drained = bus.drained(Duration::from_secs(120)).await;
-    let s = bus.stats();
-    writeln!(
-        out,
-        "OUTAGE drained={drained} direct={} spooled={} refused={} outages={} flushed={} left={}",
-        s.direct, s.spooled, s.refused, s.outages, s.spool.flushed, s.spool.records
-    )
-    .unwrap();
-    out.flush().unwrap();
-    bus.close().await.unwrap();
+    })
+    .await;
 }
 
-/// A publisher child: its stdout lines, read as they come.
-struct Publisher {
-    child: tokio::process::Child,
-    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-}
+struct Stopped<'a>(&'a mut Server);
 
-impl Publisher {
-    fn start(url: &str, dir: &std::path::Path, topic: &Topic, child: u32, count: usize) -> Self {
-        use tokio::io::AsyncBufReadExt;
-        let mut c = tokio::process::Command::new(std::env::current_exe().unwrap())
-            .args(["outage_publisher_child", "--exact", "--nocapture"])
-            .env(
-                PUBLISHER,
-                format!("{url} {} {topic} {child} {count}", dir.display()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let lines = tokio::io::BufReader::new(c.stdout.take().unwrap()).lines();
-        Publisher { child: c, lines }
+#[async_trait::async_trait]
+impl oona_conformance::outage::Outage for Stopped<'_> {
+    async fn begin(&mut self) {
+        self.0.stop(); // SIGTERM: Redis writes its AOF and exits
     }
-
-    /// The next `OUTAGE` line, or `None` at the end of its output.
-    async fn next(&mut self) -> Option<String> {
-        while let Some(line) = self.lines.next_line().await.unwrap() {
-            if let Some(rest) = line.strip_prefix("OUTAGE ") {
-                return Some(rest.to_string());
-            }
-        }
-        None
+    async fn end(&mut self) {
+        self.0.spawn();
     }
 }
 
-/// Record the `ok` lines of `p` for `d`.
-async fn read_for(p: &mut Publisher, d: Duration, child: u32, oks: &mut Vec<(u32, usize, String)>) {
-    let until = tokio::time::Instant::now() + d;
-    while let Ok(Some(line)) = tokio::time::timeout_at(until, p.next()).await {
-        record_ok(&line, child, oks);
-    }
-}
-
-/// Record an `ok <i> <event id>` line; returns whether it was one.
-fn record_ok(line: &str, child: u32, oks: &mut Vec<(u32, usize, String)>) -> bool {
-    let mut p = line.split(' ');
-    if p.next() != Some("ok") {
-        return false;
-    }
-    let i = p.next().unwrap().parse().unwrap();
-    oks.push((child, i, p.next().unwrap().to_string()));
-    true
-}
-
-/// The issue's outage: the broker stopped for 60 s while a publisher keeps
-/// publishing, the publisher SIGKILLed mid-outage and a new one started on
-/// its spool, the broker back. Every publish that returned `Ok` is
-/// delivered, in order per key.
+/// The issue's outage on a real stop: the server stopped for 60 s while a
+/// publisher keeps publishing through a spool, the publisher SIGKILLed
+/// mid-outage and a new one started on its spool, the server back: every
+/// publish that returned `Ok` is delivered, in order per key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_and_a_killed_publisher_lose_nothing() {
     let (name, bin) = binaries().remove(0);
     let mut server = Server::start(&bin, &format!("outage-{name}"));
-    let url = server.url();
-    let topic = Topic::new(format!(
-        "telemetry.outage{}.t",
-        uuid::Uuid::new_v4().simple()
-    ))
-    .unwrap();
-    let spool = server.dir.join("spool");
-    let bus = RedisTransport::connect_url(&url).await.unwrap();
-    let mut reader = bus
-        .subscribe(
-            Subscription::new(topic.clone(), Name::new("outage").unwrap())
-                .start(StartPosition::Earliest),
-        )
-        .await
-        .unwrap();
-    let mut oks = Vec::new();
-    let mut first = Publisher::start(&url, &spool, &topic, 1, 0);
-    read_for(&mut first, Duration::from_secs(2), 1, &mut oks).await;
-    let before = oks.len();
-    assert!(before > 0, "the publisher published before the outage");
-    server.stop();
-    let outage = tokio::time::Instant::now();
-    read_for(&mut first, Duration::from_secs(20), 1, &mut oks).await;
-    first.child.kill().await.unwrap(); // SIGKILL, mid-outage
-    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(5), first.next()).await {
-        record_ok(&line, 1, &mut oks);
-    }
-    let by_first = oks.len();
-    let mut second = Publisher::start(&url, &spool, &topic, 2, 3000);
-    let rest = Duration::from_secs(60).saturating_sub(outage.elapsed());
-    read_for(&mut second, rest, 2, &mut oks).await;
-    server.spawn();
-    let mut summary = None;
-    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(150), second.next()).await {
-        if !record_ok(&line, 2, &mut oks) {
-            summary = Some(line);
-        }
-    }
-    let summary = summary.expect("the second publisher's summary");
-    assert!(summary.starts_with("drained=true"), "{summary}");
-
-    // Every Ok'd publish delivered; order per key; duplicates counted.
-    let wanted: HashMap<String, (u32, usize)> = oks
-        .iter()
-        .map(|(c, i, id)| (id.clone(), (*c, *i)))
-        .collect();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut last_by_key: HashMap<String, (u32, usize)> = HashMap::new();
-    let mut missing: HashSet<&String> = wanted.keys().collect();
-    let mut deliveries = 0;
-    while !missing.is_empty() {
-        let d = tokio::time::timeout(Duration::from_secs(30), reader.next())
-            .await
-            .unwrap_or_else(|_| panic!("{} Ok'd publishes never delivered", missing.len()))
-            .expect("the stream goes on");
-        // The reader saw the outage too: its transient errors are said
-        // on the stream, which goes on.
-        let d = match d {
-            Ok(d) => d,
-            Err(e) if e.is_temporary() => continue,
-            Err(e) => panic!("the reader failed for good: {e}"),
-        };
-        deliveries += 1;
-        let id = d.envelope().event_id.to_string();
-        let body: serde_json::Value = serde_json::from_slice(&d.envelope().payload).unwrap();
-        let at = (
-            body["c"].as_u64().unwrap() as u32,
-            body["i"].as_u64().unwrap() as usize,
-        );
-        let key = d.envelope().key.clone().unwrap();
-        *seen.entry(id.clone()).or_default() += 1;
-        if seen[&id] == 1 {
-            if let Some(prev) = last_by_key.insert(key.clone(), at) {
-                assert!(prev < at, "key {key}: {at:?} after {prev:?}");
-            }
-        }
-        missing.remove(&id);
-        d.ack().await.unwrap();
-    }
-    let duplicates = seen.values().filter(|n| **n > 1).count();
-    println!(
-        "outage [{name}]: 60 s broker outage, publisher SIGKILLed at 20 s: {} Ok'd publishes \
-         ({before} before the outage, {} by the first publisher in it, {} by the second), \
-         {deliveries} deliveries, lost 0, duplicates {duplicates}; second publisher: {summary}",
-        oks.len(),
-        by_first - before,
-        oks.len() - by_first,
-    );
-    drop(reader);
-    bus.close().await.unwrap();
+    let url = format!("{}?timeout=1s", server.url());
+    let reader = std::sync::Arc::new(RedisTransport::connect_url(&url).await.unwrap());
+    let child = oona_conformance::outage::Child {
+        test: "outage_publisher_child",
+        url: &url,
+    };
+    let report = oona_conformance::outage::publishers_lose_nothing(
+        &name,
+        child,
+        &mut Stopped(&mut server),
+        reader.clone(),
+    )
+    .await;
+    println!("outage [redis {name}, server stopped]: {report}");
+    reader.close().await.unwrap();
 }

@@ -18,6 +18,7 @@ pub mod cases;
 mod child;
 pub mod degrade;
 pub mod leases;
+pub mod outage;
 pub mod processes;
 pub mod proxy;
 mod support;
