@@ -7,21 +7,9 @@
 
 use std::sync::Arc;
 
-use oona_conformance::outage::{publisher_child, publishers_lose_nothing, Child, Outage};
+use oona_conformance::outage::{publisher_child, publishers_lose_nothing, Child};
 use oona_conformance::proxy::TcpProxy;
 use oona_core::Transport;
-
-struct Cut(TcpProxy);
-
-#[async_trait::async_trait]
-impl Outage for Cut {
-    async fn begin(&mut self) {
-        self.0.cut().await.expect("cut the proxy");
-    }
-    async fn end(&mut self) {
-        self.0.restore().await.expect("restore the proxy");
-    }
-}
 
 /// The publisher child of the outage test (does nothing unless run by it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,7 +37,7 @@ async fn a_broker_outage_and_a_killed_publisher_lose_nothing() {
             .unwrap_or_else(|_| panic!("{name} is not set (scripts/brokers.sh up pulsar)"))
     };
     let listen = var("OONA_TEST_PULSAR_CUT_LISTEN");
-    let proxy = TcpProxy::start_on(
+    let mut proxy = TcpProxy::start_on(
         listen.parse().unwrap(),
         var("OONA_TEST_PULSAR_CUT_UPSTREAM"),
     )
@@ -66,7 +54,7 @@ async fn a_broker_outage_and_a_killed_publisher_lose_nothing() {
         test: "outage_publisher_child",
         url: &child_url,
     };
-    let report = publishers_lose_nothing("pulsar", child, &mut Cut(proxy), reader.clone()).await;
+    let report = publishers_lose_nothing("pulsar", child, &mut proxy, reader.clone()).await;
     println!("outage [pulsar, connections cut]: {report}");
     reader.close().await.unwrap();
 }

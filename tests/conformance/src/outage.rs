@@ -45,6 +45,17 @@ pub trait Outage: Send {
     async fn end(&mut self);
 }
 
+/// A cut of every connection through the proxy (new ones refused).
+#[async_trait]
+impl Outage for crate::proxy::TcpProxy {
+    async fn begin(&mut self) {
+        self.cut().await.expect("cut the proxy");
+    }
+    async fn end(&mut self) {
+        self.restore().await.expect("restore the proxy");
+    }
+}
+
 /// What the check saw.
 #[derive(Debug, Clone)]
 pub struct Report {
