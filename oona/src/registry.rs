@@ -86,12 +86,24 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Transport>> {
 
 /// [`connect`] with an explicit driver list: the built-in [`drivers`] plus
 /// your own, or a subset.
+///
+/// With `spool_dir=...` in the query the transport publishes through a
+/// durable local spool ([`oona_core::degrade::from_url`] lists the keys),
+/// as [`connect_spooled`] does.
 pub async fn connect_with(drivers: &[Driver], url: &str) -> Result<Arc<dyn Transport>> {
-    let parsed = ConnectUrl::parse(url)?;
+    let mut parsed = ConnectUrl::parse(url)?;
     let driver = find_driver(drivers, parsed.scheme())?;
     let redacted = parsed.redacted();
     tracing::debug!(transport = driver.name, url = %redacted, "oona: connecting");
-    (driver.connect)(parsed).await
+    match oona_core::degrade::from_url(&mut parsed)? {
+        None => (driver.connect)(parsed).await,
+        Some((spool, breaker)) => {
+            let connect = driver.connect;
+            let retry: oona_core::degrade::Connect = Box::new(move || connect(parsed.clone()));
+            let spooled = oona_core::degrade::Spooled::connect(retry, spool, breaker).await?;
+            Ok(Arc::new(spooled))
+        }
+    }
 }
 
 /// [`connect`] through a durable local spool (see [`oona_core::degrade`]):

@@ -50,9 +50,11 @@
 mod breaker;
 mod spool;
 mod spooled;
+mod url;
 
 pub use breaker::{Breaker, BreakerConfig, BreakerState};
 pub use spool::{
     Spool, SpoolConfig, SpoolPosition, SpoolStats, SpoolSync, SpooledRecord, WhenFull,
 };
 pub use spooled::{Connect, Spooled, SpooledStats};
+pub use url::{from_url, KEYS as URL_KEYS};

@@ -1,0 +1,48 @@
+//! Spooling turned on by the URL (`spool_dir=...`), as `OONA_URL` would.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use oona::{Envelope, ErrorKind, Name, StartPosition, Subscription, Topic};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_dir_in_the_url_publishes_through_a_spool() {
+    let dir =
+        std::env::temp_dir().join(format!("oona-spool-url-{}", uuid::Uuid::new_v4().simple()));
+    let url = format!(
+        "memory://m{}?spool_dir={}&spool_sync=never&breaker_call_timeout=2s",
+        uuid::Uuid::new_v4().simple(),
+        dir.display()
+    );
+    let t = oona::connect(&url).await.unwrap();
+    assert_eq!(t.name(), "memory", "the transport behind the spool");
+    assert!(
+        dir.join("seg-00000000000000000000.log").exists(),
+        "the spool is open"
+    );
+    let topic = Topic::new("telemetry.spoolurl.t").unwrap();
+    let mut s = t
+        .subscribe(
+            Subscription::new(topic.clone(), Name::new("g").unwrap())
+                .start(StartPosition::Earliest),
+        )
+        .await
+        .unwrap();
+    let e = Envelope::builder(topic, "{}").sender_id("url").build();
+    t.publish(e.clone()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.envelope().event_id, e.event_id);
+    d.ack().await.unwrap();
+    t.close().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+
+    let e = oona::connect("memory://?breaker_failures=2")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
+    assert!(e.to_string().contains("`spool_dir`"), "{e}");
+}
