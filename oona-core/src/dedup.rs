@@ -10,11 +10,12 @@
 //! |---|---|
 //! | none | records `claim` for the delivery's ack deadline and runs the handler; an ack records `done` for `keep`, any other outcome forgets the claim (the redelivery runs) |
 //! | `done` | acks the delivery without running the handler (a duplicate) |
-//! | `claim` | another consumer is handling the event now: nacks it with a delay of a quarter of the ack deadline, to look again |
+//! | `claim:<position>` of this delivery | its claimant crashed and the broker redelivered it: this delivery takes the claim over |
+//! | another `claim` | another copy is being handled now: nacks it with a delay of a quarter of the ack deadline, to look again (on its last attempt it runs instead: waiting never dead-letters an event unhandled) |
 //!
 //! A consumer that crashes mid-handler leaves a `claim` that expires with
-//! the ack deadline, when the broker redelivers the message anyway; a
-//! handler running past its ack deadline may then meet a concurrent copy.
+//! the ack deadline; a handler running past its ack deadline may meet a
+//! concurrent copy.
 //! A store that fails gives the delivery back (nack with a delay) rather
 //! than decide without it.
 //!
@@ -128,9 +129,12 @@ impl DedupLayer {
     }
 }
 
-/// The group's scope in the store, apart from replay protection's.
+/// The group's scope in the store, apart from replay protection's (a
+/// long group name is shortened to fit; names are ASCII).
 fn scope(group: &Name) -> Name {
-    Name::new(format!("{group}.dedup")).unwrap_or_else(|_| group.clone())
+    let g = group.as_str();
+    let keep = g.len().min(Name::MAX_LEN - ".dedup".len());
+    Name::new(format!("{}.dedup", &g[..keep])).unwrap_or_else(|_| group.clone())
 }
 
 #[async_trait]
@@ -139,21 +143,36 @@ impl ConsumeLayer for DedupLayer {
         let c = &self.counters;
         let group = scope(&delivery.info().group);
         let id = delivery.envelope().event_id.clone();
-        let lease = delivery.info().ack_deadline;
-        match self.store.check_in(&group, &id, CLAIM, lease).await {
+        let info = delivery.info();
+        let lease = info.ack_deadline;
+        let last_attempt = info.attempt >= info.max_attempts;
+        // The claim names the message's position: its own redelivery (its
+        // claimant crashed) takes the claim over instead of waiting on it.
+        let claim = match &info.position {
+            Some(p) => format!("{CLAIM}:{p}"),
+            None => CLAIM.to_string(),
+        };
+        match self.store.check_in(&group, &id, &claim, lease).await {
             Err(e) => return self.give_back(delivery, e).await,
             Ok(Some(v)) if v == DONE => {
                 c.duplicates.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(event_id = %id, "dedup: handled before; acked without the handler");
                 return Handled::settle(delivery, Outcome::Ack).await;
             }
-            Ok(Some(_)) => {
+            // Another copy is being handled: look again later, but never
+            // let waiting on it dead-letter this one unhandled.
+            Ok(Some(v)) if v != claim && !last_attempt => {
                 c.held_elsewhere.fetch_add(1, Ordering::Relaxed);
                 let outcome = Outcome::Nack {
                     delay: Some(lease / 4),
                     reason: Some("dedup: another consumer is handling this event".into()),
                 };
                 return Handled::settle(delivery, outcome).await;
+            }
+            Ok(Some(_)) => {
+                if let Err(e) = self.store.mark(&group, &id, &claim, lease).await {
+                    return self.give_back(delivery, e).await;
+                }
             }
             Ok(None) => {}
         }

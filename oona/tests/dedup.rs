@@ -151,11 +151,12 @@ async fn redis_consumers_of_a_group_share_the_record() {
     a.transport().delete_topic(&t).await.ok();
 }
 
-/// A claim left by a consumer that crashed mid-handler holds the event
+/// A claim left for another copy of the event (by a consumer that crashed
+/// mid-handler, say) holds this one
 /// back (the delivery is given back, counted) only until the claim
 /// expires; then the event is handled, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashed_consumers_claim_holds_the_event_until_it_expires() {
+async fn a_claim_held_for_another_copy_holds_the_event_until_it_expires() {
     use oona::security::{MemoryNonces, NonceStore};
     let bus = Bus::new(oona::connect("memory://").await.unwrap()).with_sender_id("dedup-claim");
     let t = fresh_topic();

@@ -164,9 +164,16 @@ impl Breaker {
             BreakerState::Closed => Ok(()),
             BreakerState::Open if Instant::now() >= s.probe_at => {
                 s.state = BreakerState::HalfOpen;
+                s.probe_at = Instant::now();
                 Ok(())
             }
             BreakerState::Open => Err(s.probe_at),
+            // A probe that never reported (its caller gave up on it) does
+            // not hold the breaker: after a call timeout another may go.
+            BreakerState::HalfOpen if Instant::now() >= s.probe_at + self.config.call_timeout => {
+                s.probe_at = Instant::now();
+                Ok(())
+            }
             // The probe is out: ask again after a short while.
             BreakerState::HalfOpen => Err(Instant::now() + self.config.open_for),
         }

@@ -30,11 +30,14 @@
 //! # Damage
 //!
 //! A record cut short at the end of the newest segment (a crash mid-write,
-//! never acknowledged under `Always`) is cut off on open. A record whose
-//! checksum or JSON does not verify anywhere else is never dropped
-//! silently: the rest of its segment is moved to `damaged-<segment>-<offset>.bin`
-//! beside the spool, counted, and logged at error level; reading goes on
-//! with the next segment.
+//! never acknowledged under `Always`) is cut off on open and its bytes kept
+//! in `damaged-cut-<segment file>-<offset>.bin`; a new process appends to a
+//! new segment, never after what an earlier one wrote. Bytes that do not
+//! verify anywhere else (checksum, length or JSON) are never dropped
+//! silently: they go to `damaged-<segment>-<offset>.bin` beside the spool,
+//! counted and logged at error level, and reading goes on from the next
+//! record that verifies. A failed write is cut back and the writer goes on
+//! in a new segment.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -236,26 +239,30 @@ enum Read1 {
     Damaged(String),
 }
 
-fn read_record(file: &mut File, offset: u64, len_limit: u64) -> Result<Read1> {
+/// The record at `offset` of a segment `file_len` bytes long. Only the
+/// end of the file at a record boundary is `End`; a record cut short is
+/// damage (the writer never leaves one behind in a segment it moved past).
+fn read_record(file: &mut File, offset: u64, file_len: u64, len_limit: u64) -> Result<Read1> {
+    if offset >= file_len {
+        return Ok(Read1::End);
+    }
+    if offset + RECORD_HEAD > file_len {
+        return Ok(Read1::Damaged("a record head cut short".into()));
+    }
     let mut head = [0u8; RECORD_HEAD as usize];
     file.seek(SeekFrom::Start(offset))
-        .map_err(|e| io_err("seek", e))?;
-    match file.read_exact(&mut head) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Read1::End),
-        Err(e) => return Err(io_err("read", e)),
-    }
+        .and_then(|_| file.read_exact(&mut head))
+        .map_err(|e| io_err("read", e))?;
     let len = u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
     let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
     if len == 0 || len > len_limit {
         return Ok(Read1::Damaged(format!("record length {len}")));
     }
-    let mut body = vec![0u8; len as usize];
-    match file.read_exact(&mut body) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Read1::End),
-        Err(e) => return Err(io_err("read", e)),
+    if offset + RECORD_HEAD + len > file_len {
+        return Ok(Read1::Damaged("a record cut short".into()));
     }
+    let mut body = vec![0u8; len as usize];
+    file.read_exact(&mut body).map_err(|e| io_err("read", e))?;
     if crc32fast::hash(&body) != crc {
         return Ok(Read1::Damaged("checksum mismatch".into()));
     }
@@ -311,26 +318,47 @@ impl Spool {
     /// A full spool waits or fails as [`SpoolConfig::when_full`] says,
     /// with [`ErrorKind::SpoolFull`].
     pub async fn append(&self, envelope: &Envelope) -> Result<SpoolPosition> {
-        let body = json::encode(envelope)?;
-        let size = RECORD_HEAD + body.len() as u64;
-        let cfg = &self.shared.config;
-        if size + HEADER > cfg.record_limit() {
-            return Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                format!("spool: a record of {size} bytes does not fit the spool"),
-            ));
+        let mut at = self.append_all(std::slice::from_ref(envelope)).await?;
+        at.pop()
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "spool: no position for an append"))
+    }
+
+    /// Append `envelopes` in order, sharing the writes and fsyncs; returns
+    /// once all are durable, or the first error.
+    pub async fn append_all(&self, envelopes: &[Envelope]) -> Result<Vec<SpoolPosition>> {
+        let mut records = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            let body = json::encode(envelope)?;
+            let size = RECORD_HEAD + body.len() as u64;
+            if size + HEADER > self.shared.config.record_limit() {
+                return Err(Error::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!("spool: a record of {size} bytes does not fit the spool"),
+                ));
+            }
+            let mut record = Vec::with_capacity(size as usize);
+            record.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            record.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+            record.extend_from_slice(&body);
+            records.push(record);
         }
-        self.wait_for_room(size).await?;
-        let mut record = Vec::with_capacity(size as usize);
-        record.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        record.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        record.extend_from_slice(&body);
-        let (done, rx) = oneshot::channel();
-        self.writes
-            .send(Write1 { record, done })
-            .map_err(|_| Error::new(ErrorKind::Closed, "spool: the writer stopped"))?;
-        rx.await
-            .map_err(|_| Error::new(ErrorKind::Closed, "spool: the writer stopped"))?
+        self.wait_for_room(records.iter().map(|r| r.len() as u64).sum())
+            .await?;
+        let stopped = || Error::new(ErrorKind::Closed, "spool: the writer stopped");
+        // All sent first: the writer takes them together, in order.
+        let mut answers = Vec::with_capacity(records.len());
+        for record in records {
+            let (done, rx) = oneshot::channel();
+            self.writes
+                .send(Write1 { record, done })
+                .map_err(|_| stopped())?;
+            answers.push(rx);
+        }
+        let mut positions = Vec::with_capacity(answers.len());
+        for rx in answers {
+            positions.push(rx.await.map_err(|_| stopped())??);
+        }
+        Ok(positions)
     }
 
     async fn wait_for_room(&self, size: u64) -> Result<()> {
@@ -380,33 +408,41 @@ impl Spool {
     }
 
     fn read_batch(&self, max: usize) -> Result<Vec<SpooledRecord>> {
-        let (mut at, end) = {
+        let (from, end) = {
             let s = self.state();
             (s.cursor, s.end)
         };
         let dir = &self.shared.config.dir;
-        let mut out = Vec::new();
+        let limit_bytes = self.shared.config.record_limit();
+        let mut at = from;
+        let mut out: Vec<SpooledRecord> = Vec::new();
         while out.len() < max && at < end {
+            let next_segment = SpoolPosition {
+                segment: at.segment + 1,
+                offset: HEADER,
+            };
             let path = segment_path(dir, at.segment);
             let mut file = match File::open(&path) {
                 Ok(f) => f,
-                // Cut segments between the cursor and the end are skipped.
+                // Segments taken already are gone.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    at = SpoolPosition {
-                        segment: at.segment + 1,
-                        offset: HEADER,
-                    };
+                    at = next_segment;
                     continue;
                 }
                 Err(e) => return Err(io_err(path.display(), e)),
             };
-            let limit = if at.segment == end.segment {
-                end.offset
+            // Only the durable part of the segment being written is read.
+            let file_len = file
+                .metadata()
+                .map_err(|e| io_err(path.display(), e))?
+                .len();
+            let file_len = if at.segment == end.segment {
+                file_len.min(end.offset)
             } else {
-                u64::MAX
+                file_len
             };
-            while out.len() < max && at.offset < limit {
-                match read_record(&mut file, at.offset, self.shared.config.record_limit())? {
+            while out.len() < max && at.offset < file_len {
+                match read_record(&mut file, at.offset, file_len, limit_bytes)? {
                     Read1::Record { envelope, next } => {
                         let size = next - at.offset;
                         at.offset = next;
@@ -418,39 +454,45 @@ impl Spool {
                     }
                     Read1::End => break,
                     Read1::Damaged(why) => {
-                        self.set_aside(&mut file, at, &why)?;
-                        break;
+                        // Set the bad bytes aside and read on from the
+                        // next record that verifies.
+                        let next = resync(&mut file, at.offset, file_len, limit_bytes)?;
+                        self.set_aside(&mut file, at, next, &why)?;
+                        at.offset = next;
                     }
                 }
             }
-            if out.len() < max && at < end {
-                at = SpoolPosition {
-                    segment: at.segment + 1,
-                    offset: HEADER,
-                };
-                if out.is_empty() {
-                    // Nothing readable before the next segment: move the
-                    // cursor past the damage.
-                    self.advance_to(at, 0, 0)?;
-                    self.recount()?;
-                }
+            if at.offset < file_len || at.segment == end.segment {
+                break; // the batch is full, or reading caught up
             }
+            // This segment is done: the next record starts the next one.
+            match out.last_mut() {
+                Some(last) if last.next == at => last.next = next_segment,
+                _ => {}
+            }
+            at = next_segment;
+        }
+        if out.is_empty() && at > from {
+            // Nothing to hand out before `at` (segments gone, damage set
+            // aside): the cursor moves on by itself.
+            self.advance_to(at.min(end), 0, 0)?;
         }
         Ok(out)
     }
 
-    /// Move the rest of a segment from `at` aside (never dropped silently).
-    fn set_aside(&self, file: &mut File, at: SpoolPosition, why: &str) -> Result<()> {
-        let mut rest = Vec::new();
-        file.seek(SeekFrom::Start(at.offset))
-            .and_then(|_| file.read_to_end(&mut rest))
-            .map_err(|e| io_err("read damaged records", e))?;
+    /// Move the bytes of a segment from `at` to `upto` aside (never
+    /// dropped silently).
+    fn set_aside(&self, file: &mut File, at: SpoolPosition, upto: u64, why: &str) -> Result<()> {
         let dir = &self.shared.config.dir;
         let path = dir.join(format!("damaged-{:020}-{}.bin", at.segment, at.offset));
         if path.exists() {
             return Ok(()); // set aside on an earlier read
         }
-        fs::write(&path, &rest).map_err(|e| io_err(path.display(), e))?;
+        let mut rest = vec![0u8; upto.saturating_sub(at.offset) as usize];
+        file.seek(SeekFrom::Start(at.offset))
+            .and_then(|_| file.read_exact(&mut rest))
+            .map_err(|e| io_err("read damaged records", e))?;
+        keep_aside(&path, &rest)?;
         tracing::error!(
             spool = %dir.display(),
             segment = at.segment,
@@ -460,7 +502,9 @@ impl Spool {
             moved_to = %path.display(),
             "spool: records that do not verify were moved aside"
         );
-        self.state().stats.damaged_bytes += rest.len() as u64;
+        let mut s = self.state();
+        s.stats.damaged_bytes += rest.len() as u64;
+        s.stats.bytes = s.stats.bytes.saturating_sub(rest.len() as u64);
         Ok(())
     }
 
@@ -480,7 +524,12 @@ impl Spool {
 
     fn advance_to(&self, to: SpoolPosition, records: u64, bytes: u64) -> Result<()> {
         let dir = &self.shared.config.dir;
-        write_cursor(dir, to)?;
+        // A cursor that cannot be saved (a full disk) must not stop the
+        // flush: the records are on the broker; after a restart they go
+        // again from the saved cursor (segments gone are skipped).
+        if let Err(e) = write_cursor(dir, to) {
+            tracing::error!(error = %e, "spool: the cursor could not be saved");
+        }
         let writing = self.state().end.segment;
         for n in segments(dir)? {
             if n < to.segment && n < writing {
@@ -495,19 +544,6 @@ impl Spool {
             s.stats.flushed += records;
         }
         self.shared.taken.notify_waiters();
-        Ok(())
-    }
-
-    /// Count what waits again (after damage, whose records are unknown).
-    fn recount(&self) -> Result<()> {
-        let (from, to, stats) = {
-            let s = self.state();
-            (s.cursor, s.end, s.stats)
-        };
-        let counted = count(&self.shared.config.dir, from, to, stats)?;
-        let mut s = self.state();
-        s.stats.records = counted.records;
-        s.stats.bytes = counted.bytes;
         Ok(())
     }
 }
@@ -526,6 +562,34 @@ pub struct SpooledRecord {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The counters behind this lock stay consistent if a holder panicked.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The offset of the first record after `from` whose length fits and
+/// whose checksum verifies (a false match is a 1 in 2^32 chance), or
+/// `file_len` when none does.
+fn resync(file: &mut File, from: u64, file_len: u64, len_limit: u64) -> Result<u64> {
+    let start = from + 1;
+    let mut rest = vec![0u8; file_len.saturating_sub(start) as usize];
+    file.seek(SeekFrom::Start(start))
+        .and_then(|_| file.read_exact(&mut rest))
+        .map_err(|e| io_err("read past damaged records", e))?;
+    let head = RECORD_HEAD as usize;
+    for i in 0..rest.len().saturating_sub(head) {
+        let len = u32::from_le_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]]) as usize;
+        if len == 0 || len as u64 > len_limit || i + head + len > rest.len() {
+            continue;
+        }
+        let crc = u32::from_le_bytes([rest[i + 4], rest[i + 5], rest[i + 6], rest[i + 7]]);
+        if crc32fast::hash(&rest[i + head..i + head + len]) == crc {
+            return Ok(start + i as u64);
+        }
+    }
+    Ok(file_len)
+}
+
+/// Write damaged or cut bytes beside the spool.
+fn keep_aside(path: &Path, bytes: &[u8]) -> Result<()> {
+    fs::write(path, bytes).map_err(|e| io_err(path.display(), e))
 }
 
 fn write_cursor(dir: &Path, at: SpoolPosition) -> Result<()> {
@@ -615,7 +679,17 @@ fn complete_length(path: &Path, record_limit: u64) -> Result<u64> {
         at += RECORD_HEAD + n;
     }
     if at < len {
-        tracing::warn!(segment = %path.display(), at, len, "spool: a torn last record was cut off");
+        // A crash mid-write, or damage: the bytes are kept, not dropped.
+        let mut cut = vec![0u8; (len - at) as usize];
+        f.seek(SeekFrom::Start(at))
+            .and_then(|_| f.read_exact(&mut cut))
+            .map_err(|e| io_err(path.display(), e))?;
+        let name = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let aside = path.with_file_name(format!("damaged-cut-{name}-{at}.bin"));
+        keep_aside(&aside, &cut)?;
+        tracing::warn!(segment = %path.display(), at, len, kept_in = %aside.display(), "spool: an unfinished last record was cut off");
         f.set_len(at.max(HEADER))
             .map_err(|e| io_err(path.display(), e))?;
     }
@@ -679,9 +753,22 @@ struct Writer {
 }
 
 impl Writer {
+    /// Appends go to a new segment when the last one holds records: what
+    /// a previous process wrote is only read, never written after (its
+    /// tail may hide damage that recovery cannot see).
     fn open(shared: Arc<Shared>) -> Result<Writer> {
-        let end = lock(&shared.state).end;
+        let mut end = lock(&shared.state).end;
+        if end.offset > HEADER {
+            end = SpoolPosition {
+                segment: end.segment + 1,
+                offset: HEADER,
+            };
+        }
         let (file, len) = open_segment(&shared.config.dir, end.segment)?;
+        lock(&shared.state).end = SpoolPosition {
+            segment: end.segment,
+            offset: len,
+        };
         Ok(Writer {
             shared,
             file,
@@ -724,6 +811,19 @@ impl Writer {
     /// Write `writes` in order (a new segment when one is full), sync as
     /// configured, and move the durable end. Returns each record's start.
     fn write(&mut self, writes: &[Write1]) -> Result<Vec<SpoolPosition>> {
+        let r = self.write_all(writes);
+        if r.is_err() {
+            // What did reach the disk is readable up to the durable end.
+            let mut s = lock(&self.shared.state);
+            s.end = s.end.max(SpoolPosition {
+                segment: self.segment,
+                offset: self.len,
+            });
+        }
+        r
+    }
+
+    fn write_all(&mut self, writes: &[Write1]) -> Result<Vec<SpoolPosition>> {
         let segment_bytes = self.shared.config.segment_bytes;
         let mut positions = Vec::with_capacity(writes.len());
         let mut buf = Vec::new();
@@ -756,9 +856,20 @@ impl Writer {
         if buf.is_empty() {
             return Ok(());
         }
-        self.file.write_all(buf).map_err(|e| io_err("append", e))?;
-        if self.shared.config.sync == SpoolSync::Always {
-            self.file.sync_data().map_err(|e| io_err("fsync", e))?;
+        let mut written = self.file.write_all(buf).map_err(|e| io_err("append", e));
+        if written.is_ok() && self.shared.config.sync == SpoolSync::Always {
+            written = self.file.sync_data().map_err(|e| io_err("fsync", e));
+        }
+        if let Err(e) = written {
+            // Those appends fail. Their bytes must not stay where the next
+            // records go: cut them, and write on in a new segment (after a
+            // failed fsync nothing written to this file is sure).
+            let _ = self.file.set_len(self.len);
+            buf.clear();
+            if let Err(rotate) = self.next_segment() {
+                tracing::error!(error = %rotate, "spool: no new segment after a failed write");
+            }
+            return Err(e);
         }
         self.len += buf.len() as u64;
         buf.clear();
@@ -886,16 +997,27 @@ mod tests {
         let got = session(&cfg, async |s| {
             assert_eq!(s.stats().records, 2);
             let b = s.next_batch(10).await.unwrap();
-            // Appending goes on after the cut.
+            // Appending goes on, in a new segment.
             s.append(&envelope(3)).await.unwrap();
             b
         })
         .await;
         assert_eq!(payloads(&got), ["{\"i\":1}", "{\"i\":2}"]);
-        assert!(
-            fs::metadata(&seg).unwrap().len() > whole,
-            "appended after the cut"
+        assert_eq!(
+            fs::metadata(&seg).unwrap().len(),
+            whole,
+            "cut back to the whole records"
         );
+        assert_eq!(
+            segments(dir.path()).unwrap().len(),
+            2,
+            "appended in a new segment"
+        );
+        let kept = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().starts_with("damaged-cut-"));
+        assert!(kept, "the cut bytes are kept");
         let again = session(&cfg, async |s| s.next_batch(10).await.unwrap()).await;
         assert_eq!(payloads(&again), ["{\"i\":1}", "{\"i\":2}", "{\"i\":3}"]);
     }
@@ -940,6 +1062,37 @@ mod tests {
             bytes[HEADER as usize..],
             "all of them"
         );
+    }
+
+    #[tokio::test]
+    async fn damage_in_the_segment_being_written_costs_only_the_damaged_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(SpoolConfig::new(dir.path())).unwrap();
+        let mut ends = Vec::new();
+        for i in 0..3 {
+            s.append(&envelope(i)).await.unwrap();
+            ends.push(s.state().end.offset);
+        }
+        // A flipped bit in the second record, while the spool is open.
+        let seg = segment_path(dir.path(), segments(dir.path()).unwrap()[0]);
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[ends[1] as usize - 2] ^= 0x55;
+        fs::write(&seg, &bytes).unwrap();
+        for i in 3..5 {
+            s.append(&envelope(i)).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while !s.is_empty() {
+            let b = s.next_batch(10).await.unwrap();
+            s.advance(&b).await.unwrap();
+            got.extend(b);
+        }
+        assert_eq!(
+            payloads(&got),
+            ["{\"i\":0}", "{\"i\":2}", "{\"i\":3}", "{\"i\":4}"],
+            "reading goes on after the damage, in the same segment"
+        );
+        assert_eq!(s.stats().damaged_bytes, ends[1] - ends[0]);
     }
 
     #[tokio::test]

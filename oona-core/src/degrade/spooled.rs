@@ -197,17 +197,20 @@ impl Shared {
     async fn spool_all(&self, envelopes: &[Envelope]) -> Result<Vec<Receipt>> {
         let _order = self.order.read().await;
         self.spooling.store(true, Ordering::SeqCst);
-        let mut receipts = Vec::with_capacity(envelopes.len());
-        for e in envelopes {
-            let at = self.spool.append(e).await?;
-            self.spooled.fetch_add(1, Ordering::Relaxed);
-            receipts.push(Receipt::new(
-                e.event_id.clone(),
-                e.topic.clone(),
-                Some(format!("spool:{}:{}", at.segment, at.offset)),
-            ));
-        }
-        Ok(receipts)
+        let positions = self.spool.append_all(envelopes).await?;
+        self.spooled
+            .fetch_add(envelopes.len() as u64, Ordering::Relaxed);
+        Ok(envelopes
+            .iter()
+            .zip(positions)
+            .map(|(e, at)| {
+                Receipt::new(
+                    e.event_id.clone(),
+                    e.topic.clone(),
+                    Some(format!("spool:{}:{}", at.segment, at.offset)),
+                )
+            })
+            .collect())
     }
 
     async fn publish(&self, envelopes: Vec<Envelope>) -> Result<Vec<Receipt>> {
