@@ -198,6 +198,9 @@ struct State {
     /// End of the durable (written and, with `Always`, synced) records.
     end: SpoolPosition,
     stats: SpoolStats,
+    /// Bytes of appends admitted but not written yet (so concurrent
+    /// appends cannot overshoot `max_bytes` together).
+    reserved: u64,
 }
 
 fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> Error {
@@ -369,8 +372,12 @@ impl Spool {
         };
         loop {
             let taken = self.shared.taken.notified();
-            if self.state().stats.bytes + size <= max {
-                return Ok(());
+            {
+                let mut s = self.state();
+                if s.stats.bytes + s.reserved + size <= max {
+                    s.reserved += size;
+                    return Ok(());
+                }
             }
             let full = || {
                 Error::new(
@@ -641,7 +648,12 @@ fn recover(config: &SpoolConfig) -> Result<State> {
     };
     let cursor = cursor.min(end);
     let stats = count(dir, cursor, end, SpoolStats::default())?;
-    Ok(State { cursor, end, stats })
+    Ok(State {
+        cursor,
+        end,
+        stats,
+        reserved: 0,
+    })
 }
 
 /// The length of a segment's complete records (a torn tail is cut off).
@@ -812,9 +824,11 @@ impl Writer {
     /// configured, and move the durable end. Returns each record's start.
     fn write(&mut self, writes: &[Write1]) -> Result<Vec<SpoolPosition>> {
         let r = self.write_all(writes);
+        let mut s = lock(&self.shared.state);
+        let admitted: u64 = writes.iter().map(|w| w.record.len() as u64).sum();
+        s.reserved = s.reserved.saturating_sub(admitted);
         if r.is_err() {
             // What did reach the disk is readable up to the durable end.
-            let mut s = lock(&self.shared.state);
             s.end = s.end.max(SpoolPosition {
                 segment: self.segment,
                 offset: self.len,
@@ -1127,6 +1141,29 @@ mod tests {
             .expect("room once one was taken");
         taker.await.unwrap();
         assert_eq!(s.stats().records, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_do_not_overshoot_the_limit_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = RECORD_HEAD + json::encode(&envelope(0)).unwrap().len() as u64;
+        let max = 3 * one + 32;
+        let cfg = SpoolConfig::new(dir.path())
+            .max_bytes(max)
+            .when_full(WhenFull::Fail);
+        let s = Spool::open(cfg).unwrap();
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move { s.append(&envelope(i)).await.is_ok() })
+            })
+            .collect();
+        let mut ok = 0;
+        for t in tasks {
+            ok += usize::from(t.await.unwrap());
+        }
+        assert_eq!(ok, 3, "room for three");
+        assert!(s.stats().bytes <= max, "{:?}", s.stats());
     }
 
     #[tokio::test]
