@@ -7,24 +7,16 @@
 
 use std::sync::Arc;
 
-use oona_conformance::outage::{publisher_child, publishers_lose_nothing, Child};
-use oona_conformance::proxy::TcpProxy;
 use oona_core::Transport;
+
+use oona_conformance::outage::{
+    by_driver, cut_listener, publisher_child, publishers_lose_nothing, Child,
+};
 
 /// The publisher child of the outage test (does nothing unless run by it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_publisher_child() {
-    publisher_child(|url| {
-        Box::new(move || {
-            let url = url.clone();
-            Box::pin(async move {
-                oona_kafka::connect(&url)
-                    .await
-                    .map(|t| Arc::new(t) as Arc<dyn Transport>)
-            })
-        })
-    })
-    .await;
+    publisher_child(by_driver(oona_kafka::DRIVER)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,13 +24,7 @@ async fn a_broker_outage_and_a_killed_publisher_lose_nothing() {
     let Some(url) = oona_conformance::url_of("OONA_TEST_KAFKA_URL") else {
         return;
     };
-    let var = |name: &str| {
-        std::env::var(name)
-            .unwrap_or_else(|_| panic!("{name} is not set (scripts/brokers.sh up kafka)"))
-    };
-    let listen = var("OONA_TEST_KAFKA_CUT_LISTEN");
-    let mut proxy =
-        TcpProxy::start_on(listen.parse().unwrap(), var("OONA_TEST_KAFKA_CUT_UPSTREAM")).unwrap();
+    let (mut proxy, listen) = cut_listener("OONA_TEST_KAFKA");
     let child_url = format!("kafka://{listen}");
     let reader = Arc::new(oona_kafka::connect(&url).await.unwrap());
     let child = Child {

@@ -6,8 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use oona_core::{Envelope, ErrorKind, Name, StartPosition, Subscription, Topic, Transport};
+use oona_core::{ErrorKind, Topic, Transport};
 use oona_kafka::KafkaTransport;
 
 fn url() -> Option<String> {
@@ -23,25 +22,7 @@ async fn a_private_ca_is_trusted_with_tls_ca_and_only_then() {
         uuid::Uuid::new_v4().simple()
     ))
     .unwrap();
-    let mut s = t
-        .subscribe(
-            Subscription::new(topic.clone(), Name::new("tls").unwrap())
-                .start(StartPosition::Earliest),
-        )
-        .await
-        .unwrap();
-    let e = Envelope::builder(topic.clone(), "{\"over\":\"tls\"}")
-        .sender_id("t")
-        .build();
-    t.publish(e.clone()).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(30), s.next())
-        .await
-        .expect("a delivery over TLS")
-        .unwrap()
-        .unwrap();
-    assert_eq!(d.envelope().event_id, e.event_id);
-    d.ack().await.unwrap();
-    drop(s);
+    oona_conformance::one_round_trip(&t, &topic, Duration::from_secs(30)).await;
     t.delete_topic(&topic).await.unwrap();
     t.close().await.unwrap();
 

@@ -14,9 +14,8 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use oona_conformance::access::{telemetry_user_refused_on, PlaneTopics};
-use oona_core::{Envelope, ErrorKind, Name, StartPosition, Subscription, Topic, Transport};
+use oona_core::{Envelope, ErrorKind, Topic, Transport};
 use oona_pulsar::PulsarTransport;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -58,25 +57,7 @@ async fn a_private_ca_is_trusted_with_tls_ca_file_and_only_then() {
     let policy = oona_core::TopicPolicy::new(oona_core::Retention::For(Duration::from_secs(3600)));
     t.ensure_topic(&topic, &policy).await.unwrap();
     assert!(t.applied_retention(&topic).await.unwrap().is_some());
-    let mut s = t
-        .subscribe(
-            Subscription::new(topic.clone(), Name::new("tls").unwrap())
-                .start(StartPosition::Earliest),
-        )
-        .await
-        .unwrap();
-    let e = Envelope::builder(topic.clone(), "{\"over\":\"tls\"}")
-        .sender_id("t")
-        .build();
-    t.publish(e.clone()).await.unwrap();
-    let d = tokio::time::timeout(WAIT, s.next())
-        .await
-        .expect("a delivery over TLS")
-        .unwrap()
-        .unwrap();
-    assert_eq!(d.envelope().event_id, e.event_id);
-    d.ack().await.unwrap();
-    drop(s);
+    oona_conformance::one_round_trip(&t, &topic, WAIT).await;
     t.delete_topic(&topic).await.unwrap();
     t.close().await.unwrap();
 

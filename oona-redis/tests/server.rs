@@ -522,17 +522,8 @@ async fn key_queues_leave_nothing_behind() {
 /// The publisher child of the outage test (does nothing unless run by it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_publisher_child() {
-    oona_conformance::outage::publisher_child(|url| {
-        Box::new(move || {
-            let url = url.clone();
-            Box::pin(async move {
-                RedisTransport::connect_url(&url)
-                    .await
-                    .map(|t| std::sync::Arc::new(t) as std::sync::Arc<dyn Transport>)
-            })
-        })
-    })
-    .await;
+    use oona_conformance::outage::{by_driver, publisher_child};
+    publisher_child(by_driver(oona_redis::DRIVER)).await;
 }
 
 struct Stopped<'a>(&'a mut Server);

@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use futures::StreamExt;
-use oona_core::{Envelope, ErrorKind, Name, StartPosition, Subscription, Topic, Transport};
+use oona_core::{ErrorKind, Topic, Transport};
 use oona_redis::RedisTransport;
 
 fn run(dir: &Path, args: &[&str]) {
@@ -156,24 +155,7 @@ async fn a_private_ca_is_trusted_with_tls_ca_file_and_only_then() {
     let url = format!("rediss://127.0.0.1:{port}/0?tls_ca_file={}", ca.display());
     let t = connect_when_up(&url).await;
     let topic = Topic::new("telemetry.tls.check").unwrap();
-    let mut s = t
-        .subscribe(
-            Subscription::new(topic.clone(), Name::new("tls").unwrap())
-                .start(StartPosition::Earliest),
-        )
-        .await
-        .unwrap();
-    let e = Envelope::builder(topic.clone(), "{\"over\":\"tls\"}")
-        .sender_id("t")
-        .build();
-    t.publish(e.clone()).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), s.next())
-        .await
-        .expect("a delivery over TLS")
-        .unwrap()
-        .unwrap();
-    assert_eq!(d.envelope().event_id, e.event_id);
-    d.ack().await.unwrap();
+    oona_conformance::one_round_trip(&t, &topic, Duration::from_secs(10)).await;
     t.close().await.unwrap();
 
     // The system's roots do not know this CA: refused, and said so.

@@ -2,8 +2,7 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use oona::{Envelope, ErrorKind, Name, StartPosition, Subscription, Topic};
+use oona::{ErrorKind, Topic};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_dir_in_the_url_publishes_through_a_spool() {
@@ -21,22 +20,7 @@ async fn spool_dir_in_the_url_publishes_through_a_spool() {
         "the spool is open"
     );
     let topic = Topic::new("telemetry.spoolurl.t").unwrap();
-    let mut s = t
-        .subscribe(
-            Subscription::new(topic.clone(), Name::new("g").unwrap())
-                .start(StartPosition::Earliest),
-        )
-        .await
-        .unwrap();
-    let e = Envelope::builder(topic, "{}").sender_id("url").build();
-    t.publish(e.clone()).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), s.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(d.envelope().event_id, e.event_id);
-    d.ack().await.unwrap();
+    oona_conformance::one_round_trip(t.as_ref(), &topic, Duration::from_secs(10)).await;
     t.close().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 

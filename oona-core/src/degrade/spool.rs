@@ -242,6 +242,37 @@ enum Read1 {
     Damaged(String),
 }
 
+/// A little-endian u32 from the first four bytes of `b`.
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Walk the record heads of `f` from `start` while whole records fit
+/// below `stop`: where the walk ended (a record boundary) and how many
+/// records it passed. No checksums are read (see [`read_record`]).
+fn walk_records(
+    f: &mut File,
+    path: &Path,
+    start: u64,
+    stop: u64,
+    limit: u64,
+) -> Result<(u64, u64)> {
+    let (mut at, mut records) = (start, 0);
+    let mut head = [0u8; RECORD_HEAD as usize];
+    while at + RECORD_HEAD <= stop {
+        f.seek(SeekFrom::Start(at))
+            .and_then(|_| f.read_exact(&mut head))
+            .map_err(|e| io_err(path.display(), e))?;
+        let len = u64::from(le_u32(&head));
+        if len == 0 || len > limit || at + RECORD_HEAD + len > stop {
+            break;
+        }
+        at += RECORD_HEAD + len;
+        records += 1;
+    }
+    Ok((at, records))
+}
+
 /// The record at `offset` of a segment `file_len` bytes long. Only the
 /// end of the file at a record boundary is `End`; a record cut short is
 /// damage (the writer never leaves one behind in a segment it moved past).
@@ -256,8 +287,8 @@ fn read_record(file: &mut File, offset: u64, file_len: u64, len_limit: u64) -> R
     file.seek(SeekFrom::Start(offset))
         .and_then(|_| file.read_exact(&mut head))
         .map_err(|e| io_err("read", e))?;
-    let len = u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
-    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let len = u64::from(le_u32(&head));
+    let crc = le_u32(&head[4..]);
     if len == 0 || len > len_limit {
         return Ok(Read1::Damaged(format!("record length {len}")));
     }
@@ -582,11 +613,11 @@ fn resync(file: &mut File, from: u64, file_len: u64, len_limit: u64) -> Result<u
         .map_err(|e| io_err("read past damaged records", e))?;
     let head = RECORD_HEAD as usize;
     for i in 0..rest.len().saturating_sub(head) {
-        let len = u32::from_le_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]]) as usize;
+        let len = le_u32(&rest[i..]) as usize;
         if len == 0 || len as u64 > len_limit || i + head + len > rest.len() {
             continue;
         }
-        let crc = u32::from_le_bytes([rest[i + 4], rest[i + 5], rest[i + 6], rest[i + 7]]);
+        let crc = le_u32(&rest[i + 4..]);
         if crc32fast::hash(&rest[i + head..i + head + len]) == crc {
             return Ok(start + i as u64);
         }
@@ -678,18 +709,7 @@ fn complete_length(path: &Path, record_limit: u64) -> Result<u64> {
             ));
         }
     }
-    let mut at = HEADER;
-    let mut head = [0u8; RECORD_HEAD as usize];
-    while at + RECORD_HEAD <= len {
-        f.seek(SeekFrom::Start(at))
-            .and_then(|_| f.read_exact(&mut head))
-            .map_err(|e| io_err(path.display(), e))?;
-        let n = u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
-        if n == 0 || n > record_limit || at + RECORD_HEAD + n > len {
-            break;
-        }
-        at += RECORD_HEAD + n;
-    }
+    let (at, _) = walk_records(&mut f, path, HEADER, len, record_limit)?;
     if at < len {
         // A crash mid-write, or damage: the bytes are kept, not dropped.
         let mut cut = vec![0u8; (len - at) as usize];
@@ -733,19 +753,8 @@ fn count(
         } else {
             f.metadata().map_err(|e| io_err(path.display(), e))?.len()
         };
-        let mut at = start;
-        let mut head = [0u8; RECORD_HEAD as usize];
-        while at + RECORD_HEAD <= stop {
-            f.seek(SeekFrom::Start(at))
-                .and_then(|_| f.read_exact(&mut head))
-                .map_err(|e| io_err(path.display(), e))?;
-            let len = u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
-            if len == 0 || at + RECORD_HEAD + len > stop {
-                break;
-            }
-            at += RECORD_HEAD + len;
-            records += 1;
-        }
+        let (at, passed) = walk_records(&mut f, &path, start, stop, u64::MAX)?;
+        records += passed;
         bytes += at.saturating_sub(start);
     }
     Ok(SpoolStats {

@@ -23,7 +23,7 @@ pub mod processes;
 pub mod proxy;
 mod support;
 
-pub use support::{random_topic, url_of, CaseResult};
+pub use support::{one_round_trip, random_topic, url_of, CaseResult};
 
 /// What the suite needs from a transport's test; implemented in each
 /// transport crate's `tests/conformance.rs`.

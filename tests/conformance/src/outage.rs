@@ -18,7 +18,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use oona_core::degrade::{BreakerConfig, Connect, SpoolConfig, Spooled};
-use oona_core::{Envelope, Name, StartPosition, Subscription, Topic, Transport};
+use oona_core::{
+    ConnectUrl, Driver, Envelope, Name, StartPosition, Subscription, Topic, Transport,
+};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{ChildStdout, Command};
 
@@ -144,6 +146,31 @@ pub async fn publisher_child(connect: impl FnOnce(String) -> Connect) -> bool {
     ));
     bus.close().await.ok();
     true
+}
+
+/// What [`publisher_child`] connects with, for a transport's `DRIVER`.
+pub fn by_driver(driver: Driver) -> impl FnOnce(String) -> Connect {
+    move |url| {
+        Box::new(move || {
+            let url = url.clone();
+            Box::pin(async move { (driver.connect)(ConnectUrl::parse(&url)?).await })
+        })
+    }
+}
+
+/// A proxy this test owns on a broker's `cut` listener (`scripts/brokers.sh`
+/// sets `<prefix>_CUT_LISTEN`, where the broker advertises it, and
+/// `<prefix>_CUT_UPSTREAM`, where it binds it): clients of the listen
+/// address connect through the proxy. The proxy and its address.
+pub fn cut_listener(prefix: &str) -> (crate::proxy::TcpProxy, String) {
+    let var = |name: String| {
+        std::env::var(&name).unwrap_or_else(|_| panic!("{name} is not set (scripts/brokers.sh)"))
+    };
+    let listen = var(format!("{prefix}_CUT_LISTEN"));
+    let upstream = var(format!("{prefix}_CUT_UPSTREAM"));
+    let addr = listen.parse().expect("a socket address");
+    let proxy = crate::proxy::TcpProxy::start_on(addr, upstream).expect("the cut proxy");
+    (proxy, listen)
 }
 
 /// A publisher child, as the parent sees it.

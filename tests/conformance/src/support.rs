@@ -39,6 +39,26 @@ pub fn url_of(var: &str) -> Option<String> {
     url
 }
 
+/// One message through `t` on `topic` (a group reading from the earliest;
+/// the same event back `within`, acked): that a connection set up some way
+/// (TLS, credentials, a spool) carries messages. Panics otherwise.
+pub async fn one_round_trip(t: &dyn Transport, topic: &Topic, within: Duration) {
+    let sub = Subscription::new(topic.clone(), Name::unique("round-trip"))
+        .start(oona_core::StartPosition::Earliest);
+    let mut s = t.subscribe(sub).await.expect("subscribe");
+    let e = Envelope::builder(topic.clone(), "{\"round\":\"trip\"}")
+        .sender_id("oona-conformance")
+        .build();
+    t.publish(e.clone()).await.expect("publish");
+    let d = tokio::time::timeout(within, s.next())
+        .await
+        .expect("a delivery in time")
+        .expect("the stream goes on")
+        .expect("a delivery");
+    assert_eq!(d.envelope().event_id, e.event_id);
+    d.ack().await.expect("ack");
+}
+
 /// Ten random lower-case letters and digits.
 pub(crate) fn random_suffix() -> String {
     const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
