@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Start and stop the real brokers the tests and benches use, on 127.0.0.1.
 #
-#   scripts/brokers.sh up   [redis|redis8|kafka|pulsar ...]   (default: all four)
-#   scripts/brokers.sh down [redis|redis8|kafka|pulsar ...]   (default: all four)
+#   scripts/brokers.sh up   [redis|redis8|kafka|pulsar|s3 ...]   (default: the four brokers)
+#   scripts/brokers.sh down [redis|redis8|kafka|pulsar|s3 ...]   (default: the four brokers)
 #
 # `up` installs a missing server, starts it on free loopback ports with its
 # data under target/brokers/<name>/, waits until it answers, and writes its
@@ -20,6 +20,9 @@
 #   OONA_TEST_PULSAR_CUT_UPSTREAM, _CUT_LISTEN      (scripts/maven/pulsar) and its cut listener
 #   OONA_TEST_PULSAR_TLS_URL='pulsar+ssl://...&tls_ca_file=...'   its TLS ports (binary and admin)
 #   OONA_TEST_PULSAR_TOKEN_URL='pulsar://...&token=...'   a token of the role oona-telemetry
+#   OONA_TEST_S3_URL='s3://oona-claims/claims?endpoint=http://127.0.0.1:PORT&...'   an S3 server
+#                                                   (SeaweedFS from the Go module proxy), with
+#                                                   credentials; `up s3` (not in the default four)
 # A broker already running (pidfile alive and answering) is reused.
 # `down` stops each one by the PID in its pidfile. A broker that does not
 # start fails with the tail of its log.
@@ -624,6 +627,90 @@ down_pulsar() {
 }
 # --- end JVM brokers -------------------------------------------------------
 
+# --- S3-compatible object store (SeaweedFS) --------------------------------
+# The claim-check tests need a genuine S3 server. SeaweedFS (Apache 2.0) is
+# built once from the Go module proxy into
+# $OONA_CACHE/seaweedfs/<version>/weed (its go.mod has replace directives,
+# so `go install pkg@version` refuses it and the module is built as the main
+# module); a cold build takes about 8 minutes on 2 cores. One `weed server`
+# process runs master, volume server, filer and S3 gateway, with one
+# identity and the bucket oona-claims; volumes of 64 MB, up to 200 (sparse
+# files: room for the 50 MB payloads of the tests without preallocating).
+SEAWEEDFS_VERSION="v0.0.0-20261109003541-7506e5f91cd6"
+S3_KEY="oona-test"
+S3_SECRET="oona-test-secret"
+S3_BUCKET="oona-claims"
+
+weed_bin() {
+    local dir="$OONA_CACHE/seaweedfs/$SEAWEEDFS_VERSION" src
+    if [ ! -x "$dir/weed" ]; then
+        command -v go >/dev/null 2>&1 || die "go is needed to build SeaweedFS"
+        log "building SeaweedFS $SEAWEEDFS_VERSION from the Go module proxy (once; minutes)"
+        export GOPATH="$OONA_CACHE/go" GOMODCACHE="$OONA_CACHE/go/mod" GOFLAGS=-buildvcs=false
+        src="$(go mod download -json "github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION" \
+            | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')" \
+            || die "the Go module proxy did not serve SeaweedFS $SEAWEEDFS_VERSION"
+        mkdir -p "$dir"
+        rm -rf "$dir/src"
+        cp -r "$src" "$dir/src"
+        chmod -R u+w "$dir/src"
+        (cd "$dir/src" && go build -o "$dir/weed.new" ./weed) >"$dir/build.log" 2>&1 \
+            || { tail -n 30 "$dir/build.log" >&2; die "SeaweedFS did not build"; }
+        mv "$dir/weed.new" "$dir/weed"
+        rm -rf "$dir/src"
+    fi
+    echo "$dir/weed"
+}
+
+# s3_signed CURL_ARGS...: the HTTP status of a request signed as the test
+# identity.
+s3_signed() {
+    curl -s -o /dev/null -w '%{http_code}' --aws-sigv4 "aws:amz:us-east-1:s3" \
+        --user "$S3_KEY:$S3_SECRET" "$@"
+}
+
+up_s3() {
+    local dir="$BROKERS/s3" pidfile="$BROKERS/s3/s3.pid" bin pid p
+    bin="$(weed_bin)"
+    mkdir -p "$dir/data"
+    if pid_alive "$(cat "$pidfile" 2>/dev/null)" && [ -f "$dir/port" ] \
+        && [ "$(s3_signed "http://127.0.0.1:$(cat "$dir/port")/$S3_BUCKET")" = 200 ]; then
+        log "s3: reusing pid $(cat "$pidfile")"
+    else
+        stop_pidfile s3 "$pidfile" 10 weed
+        # Each start begins empty (the tests delete what they write, but
+        # SeaweedFS reclaims deleted space only when it vacuums a volume).
+        rm -rf "$dir/data"
+        mkdir -p "$dir/data"
+        read -r -a p <<<"$(free_ports 8)"
+        printf '{"identities":[{"name":"oona","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","Write","List","Tagging"]}]}\n' \
+            "$S3_KEY" "$S3_SECRET" >"$dir/s3.json"
+        setsid "$bin" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$dir/data" \
+            -master.port="${p[0]}" -master.port.grpc="${p[1]}" -master.volumeSizeLimitMB=64 \
+            -volume.port="${p[2]}" -volume.port.grpc="${p[3]}" -volume.max=200 \
+            -filer -filer.port="${p[4]}" -filer.port.grpc="${p[5]}" \
+            -s3 -s3.port="${p[6]}" -s3.port.grpc="${p[7]}" -s3.port.iceberg=0 -s3.port.lance=0 \
+            -s3.config="$dir/s3.json" -metricsPort=0 >"$dir/weed.log" 2>&1 &
+        pid=$!
+        echo "$pid" >"$pidfile"
+        echo "${p[6]}" >"$dir/port"
+        for _ in $(seq 1 120); do
+            pid_alive "$pid" || fail_with_log s3 "$dir/weed.log" "SeaweedFS exited"
+            [ "$(s3_signed -X PUT "http://127.0.0.1:${p[6]}/$S3_BUCKET")" = 200 ] && break
+            sleep 0.5
+        done
+        [ "$(s3_signed "http://127.0.0.1:${p[6]}/$S3_BUCKET")" = 200 ] \
+            || fail_with_log s3 "$dir/weed.log" "the bucket $S3_BUCKET could not be made"
+        log "s3: SeaweedFS $("$bin" version 2>/dev/null | head -n 1) on 127.0.0.1:${p[6]} (pid $pid)"
+    fi
+    set_env OONA_TEST_S3_URL "'s3://$S3_BUCKET/claims?endpoint=http://127.0.0.1:$(cat "$dir/port")&allow_http=true&region=us-east-1&access_key_id=$S3_KEY&secret_access_key=$S3_SECRET'"
+}
+
+down_s3() {
+    stop_pidfile s3 "$BROKERS/s3/s3.pid" 10 weed
+    unset_env OONA_TEST_S3_URL
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
@@ -635,7 +722,8 @@ up)
         redis8) up_redis redis8 OONA_TEST_REDIS8_URL OONA_TEST_REDIS8_SERVER "$(redis8_bin)" ;;
         kafka) up_kafka ;;
         pulsar) up_pulsar ;;
-        *) die "unknown broker $b (known: redis redis8 kafka pulsar)" ;;
+        s3) up_s3 ;;
+        *) die "unknown broker $b (known: redis redis8 kafka pulsar s3)" ;;
         esac
     done
     ;;
@@ -647,12 +735,13 @@ down)
         redis8) down_one redis8 OONA_TEST_REDIS8_URL OONA_TEST_REDIS8_SERVER ;;
         kafka) down_kafka ;;
         pulsar) down_pulsar ;;
-        *) die "unknown broker $b (known: redis redis8 kafka pulsar)" ;;
+        s3) down_s3 ;;
+        *) die "unknown broker $b (known: redis redis8 kafka pulsar s3)" ;;
         esac
     done
     ;;
 *)
-    echo "usage: $0 up|down [redis|redis8|kafka|pulsar ...]" >&2
+    echo "usage: $0 up|down [redis|redis8|kafka|pulsar|s3 ...]" >&2
     exit 64
     ;;
 esac

@@ -15,7 +15,8 @@
 #    skipped;
 # 5. the main job, `esper_pipeline`, on memory://, Redis, Kafka and Pulsar.
 #
-# OONA_TEST_BROKERS overrides the broker list (default: every supported one).
+# OONA_TEST_BROKERS overrides the broker list (default: every supported one,
+# and s3, the S3-compatible server of the claim-check tests).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -71,7 +72,7 @@ else
     warn_missing clippy "linting"
 fi
 
-BROKERS="${OONA_TEST_BROKERS:-redis redis8 kafka pulsar}"
+BROKERS="${OONA_TEST_BROKERS:-redis redis8 kafka pulsar s3}"
 step "brokers: $BROKERS"
 STARTED=()
 cleanup() {

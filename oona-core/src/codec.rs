@@ -85,6 +85,25 @@ where
     }
 }
 
+/// The payload as it is, for blobs (checkpoints, archives): encodes
+/// [`Bytes`] as `application/octet-stream` and decodes any content type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Raw;
+
+impl Codec<Bytes> for Raw {
+    fn content_type(&self) -> ContentType {
+        ContentType::new(ContentType::OCTET_STREAM)
+    }
+
+    fn encode(&self, value: &Bytes) -> Result<Bytes> {
+        Ok(value.clone())
+    }
+
+    fn decode(&self, envelope: &Envelope) -> Result<Bytes> {
+        Ok(envelope.payload.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +127,12 @@ mod tests {
             .build();
         let e = Codec::<Report>::decode(&Json, &bin).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Decode);
+        assert_eq!(Raw.decode(&bin).unwrap(), bin.payload);
+        assert_eq!(
+            Raw.content_type().as_str(),
+            ContentType::OCTET_STREAM,
+            "raw payloads say they are bytes"
+        );
         assert!(e.to_string().contains("expected application/json"), "{e}");
 
         let ce = Envelope::builder(t.clone(), "{\"seed\":8}")

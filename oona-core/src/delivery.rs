@@ -119,6 +119,9 @@ impl DeliveryInfo {
 /// One message handed to one consumer.
 pub struct Delivery {
     envelope: Envelope,
+    /// The envelope as it arrived, once a layer changed it: what a dead
+    /// letter keeps.
+    arrived: Option<Box<Envelope>>,
     info: DeliveryInfo,
     settler: Option<Box<dyn Settle>>,
 }
@@ -128,6 +131,7 @@ impl Delivery {
     pub fn new(envelope: Envelope, info: DeliveryInfo, settler: Box<dyn Settle>) -> Self {
         Delivery {
             envelope,
+            arrived: None,
             info,
             settler: Some(settler),
         }
@@ -136,6 +140,16 @@ impl Delivery {
     /// The message.
     pub fn envelope(&self) -> &Envelope {
         &self.envelope
+    }
+
+    /// The message, for a consume layer to change before the handler sees
+    /// it (the claim-check puts the payload back). A dead letter keeps the
+    /// envelope as it arrived.
+    pub fn envelope_mut(&mut self) -> &mut Envelope {
+        if self.arrived.is_none() {
+            self.arrived = Some(Box::new(self.envelope.clone()));
+        }
+        &mut self.envelope
     }
 
     /// 1 on first delivery, +1 on every redelivery.
@@ -207,7 +221,8 @@ impl Delivery {
 
     /// Settle with an outcome.
     pub async fn settle(mut self, outcome: Outcome) -> Result<()> {
-        let settlement = rules::settle(&self.envelope, &self.info, outcome);
+        let arrived = self.arrived.as_deref().unwrap_or(&self.envelope);
+        let settlement = rules::settle(arrived, &self.info, outcome);
         let span = tracing::debug_span!(
             "oona.settle",
             topic = %self.envelope.topic,

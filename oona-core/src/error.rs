@@ -48,6 +48,9 @@ pub enum ErrorKind {
     /// The local spool holds its limit of bytes and the broker has not
     /// taken them back (see [`crate::degrade`]).
     SpoolFull,
+    /// A publish was dropped by its topic's drop policy, in favour of newer
+    /// messages (see [`crate::flow`]); only where a user turned one on.
+    Dropped,
     /// The delivery was already settled, or is no longer known to the broker.
     AlreadySettled,
     /// The delivery's lease ran out before it was settled: the message was
@@ -93,6 +96,7 @@ impl ErrorKind {
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::ResourceExhausted => "resource_exhausted",
             ErrorKind::SpoolFull => "spool_full",
+            ErrorKind::Dropped => "dropped",
             ErrorKind::AlreadySettled => "already_settled",
             ErrorKind::LeaseExpired => "lease_expired",
             ErrorKind::Broker => "broker",

@@ -42,6 +42,7 @@ use futures::future::BoxFuture;
 use crate::delivery::{Delivery, Outcome};
 use crate::envelope::Envelope;
 use crate::error::Result;
+use crate::topic::PolicySet;
 use crate::transport::{Receipt, Transport};
 
 /// A layer of the publish path.
@@ -60,30 +61,51 @@ pub trait PublishLayer: Send + Sync + 'static {
 pub struct PublishNext<'a> {
     layers: &'a [Arc<dyn PublishLayer>],
     transport: &'a dyn Transport,
+    limits: Option<&'a PolicySet>,
 }
 
 impl<'a> PublishNext<'a> {
     /// The chain of `layers` in front of `transport`.
     pub fn new(layers: &'a [Arc<dyn PublishLayer>], transport: &'a dyn Transport) -> Self {
-        PublishNext { layers, transport }
+        PublishNext {
+            layers,
+            transport,
+            limits: None,
+        }
+    }
+
+    /// Check each payload against its topic's limit after the layers, just
+    /// before the transport: the limit is on what travels (a claim-check
+    /// layer shrinks a large payload to a reference).
+    pub fn with_limits(mut self, policies: &'a PolicySet) -> Self {
+        self.limits = Some(policies);
+        self
     }
 
     /// Run the later layers, then the transport: one envelope with
     /// [`Transport::publish`], several with [`Transport::publish_batch`].
     pub async fn run(self, mut envelopes: Vec<Envelope>) -> Result<Vec<Receipt>> {
-        match self.layers.split_first() {
-            Some((layer, rest)) => {
-                let next = PublishNext {
-                    layers: rest,
-                    transport: self.transport,
-                };
-                layer.publish(envelopes, next).await
+        if let Some((layer, rest)) = self.layers.split_first() {
+            let next = PublishNext {
+                layers: rest,
+                transport: self.transport,
+                limits: self.limits,
+            };
+            return layer.publish(envelopes, next).await;
+        }
+        if let Some(policies) = self.limits {
+            for e in &envelopes {
+                policies
+                    .for_topic(&e.topic)
+                    .check_payload(&e.topic, e.payload.len())?;
             }
-            None if envelopes.len() == 1 => match envelopes.pop() {
+        }
+        match envelopes.len() {
+            1 => match envelopes.pop() {
                 Some(e) => Ok(vec![self.transport.publish(e).await?]),
                 None => Ok(Vec::new()),
             },
-            None => self.transport.publish_batch(envelopes).await,
+            _ => self.transport.publish_batch(envelopes).await,
         }
     }
 }

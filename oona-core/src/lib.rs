@@ -2,6 +2,8 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "claim-check")]
+pub mod claim;
 pub mod codec;
 pub mod config;
 pub mod dedup;
@@ -10,6 +12,7 @@ pub mod delivery;
 pub mod engine;
 pub mod envelope;
 pub mod error;
+pub mod flow;
 pub mod layer;
 pub mod memory;
 pub mod rules;
@@ -19,7 +22,7 @@ pub mod topic;
 pub mod transport;
 pub mod wire;
 
-pub use codec::{Codec, Json};
+pub use codec::{Codec, Json, Raw};
 pub use config::{ConnectUrl, Driver};
 pub use delivery::{Delivery, DeliveryInfo, DeliveryStream, Outcome, Settle, Settlement};
 pub use envelope::{

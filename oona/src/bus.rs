@@ -188,15 +188,13 @@ impl Bus {
     }
 
     /// Publish a ready envelope. An empty `sender_id` is filled with this
-    /// bus's. The payload is checked against the topic's policy before any
-    /// I/O.
+    /// bus's. The payload is checked against the topic's policy after the
+    /// publish layers (a claim-check shrinks a large one), before the
+    /// transport.
     pub async fn publish_envelope(&self, mut envelope: Envelope) -> Result<Receipt> {
         if envelope.sender_id.is_empty() {
             envelope.sender_id = self.sender_id.to_string();
         }
-        self.policies
-            .for_topic(&envelope.topic)
-            .check_payload(&envelope.topic, envelope.payload.len())?;
         let span = tracing::debug_span!(
             "oona.publish",
             topic = %envelope.topic,
@@ -205,9 +203,13 @@ impl Bus {
             transport = self.transport.name(),
         );
         if self.publish_layers.is_empty() {
+            self.policies
+                .for_topic(&envelope.topic)
+                .check_payload(&envelope.topic, envelope.payload.len())?;
             return self.transport.publish(envelope).instrument(span).await;
         }
-        let mut receipts = PublishNext::new(&self.publish_layers, self.transport.as_ref())
+        let mut receipts = self
+            .publish_chain()
             .run(vec![envelope])
             .instrument(span)
             .await?;
@@ -217,25 +219,25 @@ impl Bus {
     }
 
     /// Publish several envelopes in order (one round trip where the
-    /// transport can).
+    /// transport can); payloads are checked as with
+    /// [`Bus::publish_envelope`].
     pub async fn publish_envelopes(&self, mut envelopes: Vec<Envelope>) -> Result<Vec<Receipt>> {
         for e in &mut envelopes {
             if e.sender_id.is_empty() {
                 e.sender_id = self.sender_id.to_string();
             }
-            self.policies
-                .for_topic(&e.topic)
-                .check_payload(&e.topic, e.payload.len())?;
         }
         let span = tracing::debug_span!(
             "oona.publish",
             count = envelopes.len(),
             transport = self.transport.name(),
         );
-        PublishNext::new(&self.publish_layers, self.transport.as_ref())
-            .run(envelopes)
-            .instrument(span)
-            .await
+        self.publish_chain().run(envelopes).instrument(span).await
+    }
+
+    /// The publish layers, the payload limits, then the transport.
+    fn publish_chain(&self) -> PublishNext<'_> {
+        PublishNext::new(&self.publish_layers, self.transport.as_ref()).with_limits(&self.policies)
     }
 
     /// Create `topic` if missing, with its plane's policy.
