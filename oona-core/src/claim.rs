@@ -199,6 +199,16 @@ impl ClaimCheck {
         self
     }
 
+    /// The store the objects are in (to inspect or clean up).
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The prefix of the objects' keys in the store.
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
+    }
+
     /// What it did so far.
     pub fn counts(&self) -> ClaimCounts {
         let c = &self.counters;

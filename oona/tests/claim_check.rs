@@ -101,13 +101,13 @@ async fn round_trip_and_dead_letters(url: &str) {
     // Innovation is kept forever: expire() leaves it.
     assert_eq!(claims.expire().await.unwrap(), 0);
 
-    dead_letters(&bus, &claims, &s3).await;
+    dead_letters(&bus, &claims).await;
     bus.close().await.unwrap();
 }
 
 /// An expired object and an overwritten one: each delivery is
 /// dead-lettered with the reason, the handler never runs.
-async fn dead_letters(bus: &Bus, claims: &ClaimCheck, s3: &str) {
+async fn dead_letters(bus: &Bus, claims: &ClaimCheck) {
     let t = Topic::new(format!(
         "telemetry.claim{}.blob",
         uuid::Uuid::new_v4().simple()
@@ -128,7 +128,7 @@ async fn dead_letters(bus: &Bus, claims: &ClaimCheck, s3: &str) {
     tokio::time::sleep(Duration::from_millis(20)).await;
     // Both objects are telemetry: past their (1 ms) retention.
     assert_eq!(claims.expire().await.unwrap(), 2);
-    let (store, prefix) = raw_store(s3);
+    let (store, prefix) = (claims.store(), claims.prefix());
     let here = prefix.child(t.as_str());
     let mut listing = store.list(Some(&here));
     assert!(
@@ -177,19 +177,10 @@ async fn dead_letters(bus: &Bus, claims: &ClaimCheck, s3: &str) {
     let c = claims.counts();
     assert_eq!((c.missing, c.corrupt), (1, 1), "{c:?}");
     // Leave the server as it was.
-    let left: Vec<_> = store.list(Some(&prefix)).collect().await;
+    let left: Vec<_> = store.list(Some(prefix)).collect().await;
     for meta in left {
         store.delete(&meta.unwrap().location).await.unwrap();
     }
-}
-
-/// The test server as a plain object_store client, to damage an object.
-fn raw_store(s3: &str) -> (Box<dyn object_store::ObjectStore>, object_store::path::Path) {
-    let url = url::Url::parse(s3).unwrap();
-    let options: Vec<(String, String)> = url.query_pairs().into_owned().collect();
-    let mut bare = url.clone();
-    bare.set_query(None);
-    object_store::parse_url_opts(&bare, options).unwrap()
 }
 
 on_every_transport!(round_trip_and_dead_letters);
