@@ -17,7 +17,7 @@
 //!
 //! | header | value |
 //! |---|---|
-//! | `oona-claim-key` | the object's key in the store: `<prefix>/<topic>/<event id>` |
+//! | `oona-claim-key` | the object's key in the store: `<prefix>/<topic>/<32 hex digits, fresh per object>` |
 //! | `oona-claim-store` | the store's URL without credentials or options (`s3://oona-claims`, `file:///var/lib/oona/claims`), for readers outside Oona |
 //! | `oona-claim-sha256` | the payload's SHA-256, 64 lower-case hex digits |
 //! | `oona-claim-size` | the payload's length in bytes |
@@ -120,6 +120,7 @@ pub struct ClaimCheck {
     store_url: Arc<str>,
     prefix: Path,
     threshold: usize,
+    max_object: usize,
     policies: PolicySet,
     counters: Arc<Counters>,
 }
@@ -138,15 +139,18 @@ impl std::fmt::Debug for ClaimCheck {
 impl ClaimCheck {
     /// Default threshold: payloads over 256 KiB are claim-checked.
     pub const DEFAULT_THRESHOLD: usize = 256 * 1024;
+    /// Default largest object a consumer reads: 1 GiB.
+    pub const DEFAULT_MAX_OBJECT: usize = 1 << 30;
 
     /// Objects in `store` under `prefix`; `store_url` names the store in
     /// the `oona-claim-store` header.
-    pub fn new(store: Arc<dyn ObjectStore>, store_url: &str, prefix: &str) -> Self {
+    pub fn new(store: Arc<dyn ObjectStore>, store_url: &str, prefix: Path) -> Self {
         ClaimCheck {
             store,
             store_url: store_url.into(),
-            prefix: Path::from(prefix),
+            prefix,
             threshold: Self::DEFAULT_THRESHOLD,
+            max_object: Self::DEFAULT_MAX_OBJECT,
             policies: PolicySet::default(),
             counters: Arc::default(),
         }
@@ -158,8 +162,13 @@ impl ClaimCheck {
     /// `secret_access_key`, `allow_http`, ...; `AWS_*` variables of the
     /// environment fill the rest) and `threshold=<bytes>`.
     pub fn from_url(url: &str) -> Result<Self> {
+        // Not echoed: its query may hold a secret key.
         let parsed = url::Url::parse(url).map_err(|e| {
-            Error::new(ErrorKind::ConfigInvalid, format!("claim-check URL {url:?}")).with_source(e)
+            Error::new(
+                ErrorKind::ConfigInvalid,
+                "the claim-check URL does not parse",
+            )
+            .with_source(e)
         })?;
         let mut options: BTreeMap<String, String> = BTreeMap::new();
         let mut threshold = Self::DEFAULT_THRESHOLD;
@@ -184,7 +193,7 @@ impl ClaimCheck {
             "file" => bare.as_str().trim_end_matches('/').to_string(),
             scheme => format!("{scheme}://{}", bare.host_str().unwrap_or_default()),
         };
-        Ok(ClaimCheck::new(store, &store_url, prefix.as_ref()).with_threshold(threshold))
+        Ok(ClaimCheck::new(store, &store_url, prefix).with_threshold(threshold))
     }
 
     /// Claim-check payloads larger than `bytes`.
@@ -193,7 +202,15 @@ impl ClaimCheck {
         self
     }
 
-    /// Retention by plane, for [`ClaimCheck::expire`].
+    /// Read no object larger than `bytes` (a larger claim is
+    /// dead-lettered before any read).
+    pub fn with_max_object_bytes(mut self, bytes: usize) -> Self {
+        self.max_object = bytes;
+        self
+    }
+
+    /// Retention by plane, for [`ClaimCheck::expire`]: give it the bus's
+    /// [`PolicySet`] when that is not the default.
     pub fn with_policies(mut self, policies: PolicySet) -> Self {
         self.policies = policies;
         self
@@ -239,14 +256,18 @@ impl ClaimCheck {
             }
         }
         let mut gone = 0;
+        let mut failed = None;
         for location in doomed {
             match self.store.delete(&location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => gone += 1,
-                Err(e) => return Err(store_error(e)),
+                Err(e) => {
+                    failed = Some(store_error(e));
+                    break;
+                }
             }
         }
         self.counters.expired.fetch_add(gone, Ordering::Relaxed);
-        Ok(gone)
+        failed.map_or(Ok(gone), Err)
     }
 
     /// An object's retention, from the topic in its key; `None` to keep it
@@ -260,16 +281,19 @@ impl ClaimCheck {
         }
     }
 
+    /// A fresh key under the topic: event ids need not be unique, and
+    /// every object is written once.
     fn key_of(&self, envelope: &Envelope) -> Path {
         self.prefix
             .child(envelope.topic.as_str())
-            .child(envelope.event_id.as_str())
+            .child(uuid::Uuid::new_v4().simple().to_string())
     }
 
-    /// Store a large payload and leave the reference in its place.
-    async fn check_in(&self, envelope: &mut Envelope) -> Result<()> {
+    /// Store a large payload and leave the reference in its place; the
+    /// object's key, if it stored one.
+    async fn check_in(&self, envelope: &mut Envelope) -> Result<Option<Path>> {
         if envelope.payload.len() <= self.threshold {
-            return Ok(());
+            return Ok(None);
         }
         let key = self.key_of(envelope);
         let payload = std::mem::take(&mut envelope.payload);
@@ -285,34 +309,53 @@ impl ClaimCheck {
         h.insert(SHA256.into(), digest);
         h.insert(SIZE.into(), size.to_string());
         self.counters.stored.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(Some(key))
     }
 
-    /// Fetch a claimed payload into the envelope; `Err` is the outcome the
-    /// delivery gets instead.
-    async fn check_out(&self, envelope: &mut Envelope) -> std::result::Result<(), Outcome> {
-        let Some(key) = envelope.headers.get(KEY).cloned() else {
-            return Ok(());
+    /// The claimed payload of `envelope`, fetched and checked; `Ok(None)`
+    /// when it has no claim; `Err` is the outcome the delivery gets instead.
+    async fn check_out(&self, envelope: &Envelope) -> std::result::Result<Option<Bytes>, Outcome> {
+        let Some(key) = envelope.headers.get(KEY) else {
+            return Ok(None);
         };
         let c = &self.counters;
-        let reject = |why: String, counter: &AtomicU64| {
-            counter.fetch_add(1, Ordering::Relaxed);
+        let corrupt = |why: String| {
+            c.corrupt.fetch_add(1, Ordering::Relaxed);
             Outcome::Reject {
-                reason: format!("claim-check: {why}"),
+                reason: format!("claim-check: object {key} {why}"),
             }
         };
-        let expected = (envelope.headers.get(SHA256), envelope.headers.get(SIZE));
-        let (Some(sha), Some(size)) = expected else {
-            return Err(reject(
-                format!("object {key}: the envelope lacks {SHA256} or {SIZE}"),
-                &c.corrupt,
-            ));
+        let h = &envelope.headers;
+        let (Some(sha), Some(size)) = (h.get(SHA256), h.get(SIZE).and_then(|s| s.parse().ok()))
+        else {
+            return Err(corrupt(format!(
+                "is unusable: the envelope lacks {SHA256} or a numeric {SIZE}"
+            )));
         };
-        let (sha, size) = (sha.clone(), size.clone());
-        let bytes = match self.fetch(&key).await {
-            Ok(b) => b,
+        if let Some(other) = h.get(STORE).filter(|s| **s != *self.store_url) {
+            return Err(corrupt(format!(
+                "is in the store {other}, and this consumer reads {}",
+                self.store_url
+            )));
+        }
+        let path = match Path::parse(key) {
+            Ok(p) if p.prefix_matches(&self.prefix) => p,
+            _ => return Err(corrupt(format!("is not a key under {}", self.prefix))),
+        };
+        if size > self.max_object {
+            return Err(corrupt(format!(
+                "is unusable: {size} bytes, over this consumer's limit of {}",
+                self.max_object
+            )));
+        }
+        let bytes = match self.fetch(&path, size).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Err(corrupt(format!("is corrupt: not {size} bytes long"))),
             Err(object_store::Error::NotFound { .. }) => {
-                return Err(reject(format!("object {key} is missing"), &c.missing));
+                c.missing.fetch_add(1, Ordering::Relaxed);
+                return Err(Outcome::Reject {
+                    reason: format!("claim-check: object {key} is missing"),
+                });
             }
             Err(e) => {
                 c.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -324,30 +367,40 @@ impl ClaimCheck {
             }
         };
         let got = sha256_hex(&bytes);
-        if bytes.len().to_string() != size || got != sha {
-            return Err(reject(
-                format!(
-                    "object {key} is corrupt: {} bytes with sha256 {got}, expected {size} bytes with sha256 {sha}",
-                    bytes.len()
-                ),
-                &c.corrupt,
-            ));
+        if got != *sha {
+            return Err(corrupt(format!("is corrupt: sha256 {got}, expected {sha}")));
         }
-        for h in [KEY, STORE, SHA256, SIZE] {
-            envelope.headers.remove(h);
-        }
-        envelope.payload = bytes;
         c.fetched.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(Some(bytes))
     }
 
-    async fn fetch(&self, key: &str) -> object_store::Result<Bytes> {
-        let path = Path::parse(key).map_err(|e| object_store::Error::Generic {
-            store: "claim-check",
-            source: Box::new(e),
-        })?;
-        self.store.get(&path).await?.bytes().await
+    /// The object at `path` if it is `size` bytes long (`None` if not),
+    /// read only once its length is known.
+    async fn fetch(&self, path: &Path, size: usize) -> object_store::Result<Option<Bytes>> {
+        let got = self.store.get(path).await?;
+        if got.meta.size != size as u64 {
+            return Ok(None);
+        }
+        got.bytes().await.map(Some)
     }
+
+    /// Delete objects no message will name (best effort).
+    async fn forget(&self, keys: &[Path]) {
+        for key in keys {
+            let _ = self.store.delete(key).await;
+        }
+    }
+}
+
+/// Whether a publish refused with `e` surely never reached the broker.
+fn refused_before_the_broker(e: &Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::PayloadTooLarge
+            | ErrorKind::ResourceExhausted
+            | ErrorKind::Dropped
+            | ErrorKind::InvalidTopic
+    )
 }
 
 #[async_trait]
@@ -359,18 +412,56 @@ impl PublishLayer for ClaimCheck {
     ) -> Result<Vec<Receipt>> {
         // The large payloads of one batch are stored side by side.
         let stores: Vec<_> = envelopes.iter_mut().map(|e| self.check_in(e)).collect();
-        futures::future::try_join_all(stores).await?;
-        next.run(envelopes).await
+        let (mut keys, mut failed) = (Vec::new(), None);
+        for stored in futures::future::join_all(stores).await {
+            match stored {
+                Ok(key) => keys.extend(key),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            self.forget(&keys).await;
+            return Err(e);
+        }
+        match next.run(envelopes).await {
+            // Objects of a publish the broker may have taken stay (until
+            // their topic's retention).
+            Err(e) if refused_before_the_broker(&e) => {
+                self.forget(&keys).await;
+                Err(e)
+            }
+            other => other,
+        }
     }
 }
 
 #[async_trait]
 impl ConsumeLayer for ClaimCheck {
     async fn handle(&self, mut delivery: Delivery, next: ConsumeNext<'_>) -> Handled {
-        match self.check_out(delivery.envelope_mut()).await {
-            Ok(()) => next.run(delivery).await,
-            Err(outcome) => {
+        // A large fetch may outlast the ack deadline: the lease is kept.
+        let fetched = delivery
+            .while_leased(self.check_out(delivery.envelope()), None)
+            .await;
+        match fetched {
+            Some(Ok(None)) => next.run(delivery).await,
+            Some(Ok(Some(payload))) => {
+                let envelope = delivery.envelope_mut();
+                for h in [KEY, STORE, SHA256, SIZE] {
+                    envelope.headers.remove(h);
+                }
+                envelope.payload = payload;
+                next.run(delivery).await
+            }
+            Some(Err(outcome)) => {
                 tracing::warn!(event_id = %delivery.envelope().event_id, ?outcome, "claim-check: the payload could not be fetched");
+                Handled::settle(delivery, outcome).await
+            }
+            // No time limit was set: only a cancelled fetch ends here.
+            None => {
+                let outcome = Outcome::Nack {
+                    delay: Some(STORE_RETRY),
+                    reason: Some("claim-check: the fetch was cut short".into()),
+                };
                 Handled::settle(delivery, outcome).await
             }
         }
@@ -580,12 +671,8 @@ mod tests {
         let t = MemoryTransport::new();
         let e = big("telemetry.seed.gone", 5000);
         publish(&cc, &t, e.clone()).await;
-        std::fs::remove_file(
-            dir.path()
-                .join("telemetry.seed.gone")
-                .join(e.event_id.as_str()),
-        )
-        .unwrap();
+        let key = held(&t, &e.topic).await.headers[KEY].clone();
+        std::fs::remove_file(dir.path().join(key)).unwrap();
         let (seen, handled) = consume(&cc, &t, "telemetry.seed.gone").await;
         assert!(seen.is_none(), "the handler must not run");
         assert!(handled.dead_lettered);
@@ -605,10 +692,7 @@ mod tests {
         let t = MemoryTransport::new();
         let e = big("telemetry.seed.bad", 5000);
         publish(&cc, &t, e.clone()).await;
-        let file = dir
-            .path()
-            .join("telemetry.seed.bad")
-            .join(e.event_id.as_str());
+        let file = dir.path().join(&held(&t, &e.topic).await.headers[KEY]);
         let mut bytes = std::fs::read(&file).unwrap();
         bytes[17] ^= 1;
         std::fs::write(&file, bytes).unwrap();

@@ -182,6 +182,39 @@ impl Delivery {
         }
     }
 
+    /// Run `work` while keeping this delivery's lease: extended by an ack
+    /// deadline every half deadline (what the handler runner does around a
+    /// handler, and a layer around slow work of its own). `None` when
+    /// `timeout` passed first (the work is dropped).
+    pub async fn while_leased<F: std::future::Future>(
+        &self,
+        work: F,
+        timeout: Option<Duration>,
+    ) -> Option<F::Output> {
+        let lease = self.info.ack_deadline;
+        let every = (lease / 2).max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let limit = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(work, limit);
+        let mut extending = true;
+        loop {
+            tokio::select! {
+                out = &mut work => return Some(out),
+                _ = &mut limit => return None,
+                _ = tick.tick(), if extending => {
+                    // A transport without leases of its own says Unsupported;
+                    // a lease already gone says LeaseExpired: stop trying.
+                    extending = self.extend(lease).is_ok();
+                }
+            }
+        }
+    }
+
     /// Done with it.
     pub async fn ack(self) -> Result<()> {
         self.settle(Outcome::Ack).await

@@ -248,6 +248,11 @@ impl FlowControl {
             return Ok(p);
         }
         let (ticket, dropped) = self.join_line(e, keep);
+        let mut place = Place {
+            flow: self,
+            topic: &e.topic,
+            ticket: Some(ticket),
+        };
         let outcome = tokio::select! {
             biased;
             _ = dropped => None,
@@ -255,7 +260,7 @@ impl FlowControl {
         };
         // The line decides: a waiter no longer in it was dropped, even if
         // room came at the same moment.
-        let still_waiting = self.leave_line(&e.topic, ticket);
+        let still_waiting = place.leave();
         match outcome {
             Some(permit) if still_waiting => permit,
             _ => Err(Error::new(
@@ -315,6 +320,30 @@ impl FlowControl {
             lines.by_topic.remove(topic);
         }
         was_there
+    }
+}
+
+/// A place in a topic's line, left when the publish goes, fails or is
+/// cancelled (a cancelled publish must not be counted as dropped later).
+struct Place<'a> {
+    flow: &'a FlowControl,
+    topic: &'a Topic,
+    ticket: Option<u64>,
+}
+
+impl Place<'_> {
+    /// Leave the line; whether this publish was still in it.
+    fn leave(&mut self) -> bool {
+        match self.ticket.take() {
+            Some(t) => self.flow.leave_line(self.topic, t),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 
@@ -421,6 +450,32 @@ mod tests {
             }
         }
         assert_eq!(t.stored_len(&topic), 2, "the newest two were published");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_publish_leaves_the_line_uncounted() {
+        let flow = FlowControl::new(1).keep_newest("telemetry.*", 1);
+        let t = MemoryTransport::new();
+        let held = flow.inner.permits.clone().try_acquire_owned().unwrap();
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(10),
+            publish(&flow, &t, msg("telemetry.flow.reading", "old")),
+        )
+        .await;
+        assert!(cancelled.is_err(), "it waited");
+        let (f, t2) = (flow.clone(), t.connect_same());
+        let next =
+            tokio::spawn(
+                async move { publish(&f, &t2, msg("telemetry.flow.reading", "new")).await },
+            );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(held);
+        next.await.unwrap().unwrap();
+        assert_eq!(
+            flow.counts().dropped,
+            0,
+            "the cancelled one was not dropped"
+        );
     }
 
     #[tokio::test]

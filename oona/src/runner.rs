@@ -598,7 +598,7 @@ where
                 // itself, before it returns its future.
                 let call =
                     AssertUnwindSafe(async move { handler.call(incoming).await }).catch_unwind();
-                match leased(&delivery, call, ctx.policy.timeout).await {
+                match delivery.while_leased(call, ctx.policy.timeout).await {
                     None => {
                         let limit = ctx.policy.timeout.unwrap_or_default();
                         tracing::warn!(?limit, "oona: handler timed out; nacking");
@@ -621,38 +621,6 @@ where
             }
         };
         Handled::settle(delivery, outcome).await
-    }
-}
-
-/// Run `work` while keeping `delivery`'s lease: extended by an ack
-/// deadline every half deadline. `None` when `timeout` passed first (the
-/// work is dropped).
-async fn leased<F: std::future::Future>(
-    delivery: &Delivery,
-    work: F,
-    timeout: Option<Duration>,
-) -> Option<F::Output> {
-    let lease = delivery.info().ack_deadline;
-    let every = (lease / 2).max(Duration::from_millis(10));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    let limit = async {
-        match timeout {
-            Some(t) => tokio::time::sleep(t).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(work, limit);
-    let mut extending = true;
-    loop {
-        tokio::select! {
-            out = &mut work => return Some(out),
-            _ = &mut limit => return None,
-            _ = tick.tick(), if extending => {
-                // A transport without leases of its own says Unsupported;
-                // a lease already gone says LeaseExpired: stop trying.
-                extending = delivery.extend(lease).is_ok();
-            }
-        }
     }
 }
 
