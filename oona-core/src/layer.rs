@@ -74,10 +74,12 @@ impl<'a> PublishNext<'a> {
         }
     }
 
-    /// Check each payload against its topic's limit after the layers, just
-    /// before the transport: the limit is on what travels (a claim-check
-    /// layer shrinks a large payload to a reference).
-    pub fn with_limits(mut self, policies: &'a PolicySet) -> Self {
+    /// Apply the topics' policies after the layers, just before the
+    /// transport: each payload is checked against its topic's limit (the
+    /// limit is on what travels: a claim-check layer shrinks a large
+    /// payload to a reference), and urgent messages of laned topics go to
+    /// their lanes ([`crate::priority`]; signatures cover the named topic).
+    pub fn with_policies(mut self, policies: &'a PolicySet) -> Self {
         self.limits = Some(policies);
         self
     }
@@ -99,6 +101,7 @@ impl<'a> PublishNext<'a> {
                     .for_topic(&e.topic)
                     .check_payload(&e.topic, e.payload.len())?;
             }
+            crate::priority::route(&mut envelopes, policies);
         }
         match envelopes.len() {
             1 => match envelopes.pop() {

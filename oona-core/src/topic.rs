@@ -19,7 +19,8 @@
 //! Pulsar topic and a Redis key, so a topic maps to each broker unchanged.
 //!
 //! The final segment `dlq` is reserved for dead-letter topics
-//! ([`Topic::dead_letter`]).
+//! ([`Topic::dead_letter`]), and `lane-high` and `lane-emergency` for
+//! priority lanes ([`crate::priority`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -326,6 +327,9 @@ pub struct TopicPolicy {
     pub retention: Retention,
     /// Largest accepted payload, in bytes.
     pub max_payload_bytes: usize,
+    /// Whether high and emergency messages travel in lanes of their own
+    /// that consumers read first ([`crate::priority`]); off unless set.
+    pub priority_lanes: bool,
 }
 
 impl TopicPolicy {
@@ -338,7 +342,15 @@ impl TopicPolicy {
         TopicPolicy {
             retention,
             max_payload_bytes: Self::DEFAULT_MAX_PAYLOAD,
+            priority_lanes: false,
         }
+    }
+
+    /// Turn priority lanes on or off ([`crate::priority`]). Publishers and
+    /// consumers of a topic must agree: give every bus the same policies.
+    pub fn with_priority_lanes(mut self, on: bool) -> Self {
+        self.priority_lanes = on;
+        self
     }
 
     /// Set the largest accepted payload.

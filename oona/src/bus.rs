@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use futures::StreamExt as _;
 use oona_core::layer::{ConsumeLayer, PublishLayer, PublishNext};
+use oona_core::priority;
 use oona_core::{
     Codec, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Health, Json,
     PolicySet, Priority, Receipt, Result, Subscription, Topic, Transport,
@@ -203,9 +204,11 @@ impl Bus {
             transport = self.transport.name(),
         );
         if self.publish_layers.is_empty() {
-            self.policies
-                .for_topic(&envelope.topic)
-                .check_payload(&envelope.topic, envelope.payload.len())?;
+            let policy = self.policies.for_topic(&envelope.topic);
+            policy.check_payload(&envelope.topic, envelope.payload.len())?;
+            if policy.priority_lanes {
+                envelope.topic = priority::lane_of(&envelope.topic, envelope.priority);
+            }
             return self.transport.publish(envelope).instrument(span).await;
         }
         let mut receipts = self
@@ -235,21 +238,39 @@ impl Bus {
         self.publish_chain().run(envelopes).instrument(span).await
     }
 
-    /// The publish layers, the payload limits, then the transport.
+    /// The publish layers, the topics' policies, then the transport.
     fn publish_chain(&self) -> PublishNext<'_> {
-        PublishNext::new(&self.publish_layers, self.transport.as_ref()).with_limits(&self.policies)
+        PublishNext::new(&self.publish_layers, self.transport.as_ref())
+            .with_policies(&self.policies)
     }
 
     /// Create `topic` if missing, with its plane's policy.
     pub async fn ensure_topic(&self, topic: impl IntoTopic) -> Result<()> {
         let topic = topic.into_topic()?;
         let policy = self.policies.for_topic(&topic).clone();
-        self.transport.ensure_topic(&topic, &policy).await
+        if !policy.priority_lanes {
+            return self.transport.ensure_topic(&topic, &policy).await;
+        }
+        for lane in priority::lanes(&topic) {
+            self.transport.ensure_topic(&lane, &policy).await?;
+        }
+        Ok(())
     }
 
-    /// Raw, undecoded deliveries.
+    /// Raw, undecoded deliveries. On a topic with priority lanes the
+    /// group reads the topic and its lanes, the most urgent first
+    /// ([`oona_core::priority`]).
     pub async fn subscribe_raw(&self, subscription: Subscription) -> Result<DeliveryStream> {
-        self.transport.subscribe(subscription).await
+        if !self.policies.for_topic(&subscription.topic).priority_lanes {
+            return self.transport.subscribe(subscription).await;
+        }
+        let mut streams = Vec::new();
+        for lane in priority::lanes(&subscription.topic) {
+            let mut s = subscription.clone();
+            s.topic = lane;
+            streams.push(self.transport.subscribe(s).await?);
+        }
+        Ok(priority::merge(streams))
     }
 
     /// Deliveries decoded from JSON into `T`. A payload that does not
