@@ -142,6 +142,15 @@ impl Delivery {
         &self.envelope
     }
 
+    /// Show the delivery under `topic` (a lane's, under its topic's name),
+    /// the dead-letter copy included: it travels as published.
+    pub(crate) fn show_topic(&mut self, topic: crate::Topic) {
+        if let Some(a) = self.arrived.as_deref_mut() {
+            a.topic = topic.clone();
+        }
+        self.envelope.topic = topic;
+    }
+
     /// The message, for a consume layer to change before the handler sees
     /// it (the claim-check puts the payload back). A dead letter keeps the
     /// envelope as it arrived.
@@ -329,6 +338,47 @@ impl DeliveryStream {
     pub(crate) fn with_close(mut self, hook: CloseHook) -> Self {
         self.close = Some(hook);
         self
+    }
+
+    /// One stream of several, the first listed first: each poll takes from
+    /// the first stream with a delivery ready, each delivery passed through
+    /// `map`. It ends when any of them ends (a lane that stops must not go
+    /// unnoticed), and closing it closes them all.
+    pub(crate) fn merge_biased(
+        streams: Vec<DeliveryStream>,
+        map: fn(Delivery) -> Delivery,
+    ) -> Self {
+        use futures::stream::{select_with_strategy, PollNext};
+        use futures::StreamExt as _;
+        type Marked = BoxStream<'static, Option<Result<Delivery>>>;
+        let mut hooks = Vec::new();
+        let mut merged: Option<Marked> = None;
+        for s in streams.into_iter().rev() {
+            let DeliveryStream { inner, close } = s;
+            hooks.extend(close);
+            let marked = inner
+                .map(move |d| Some(d.map(map)))
+                .chain(futures::stream::once(async { None }))
+                .boxed();
+            merged = Some(match merged {
+                None => marked,
+                Some(rest) => {
+                    select_with_strategy(marked, rest, |_: &mut ()| PollNext::Left).boxed()
+                }
+            });
+        }
+        let stream = merged
+            .unwrap_or_else(|| futures::stream::empty().boxed())
+            .take_while(|d| std::future::ready(d.is_some()))
+            .filter_map(std::future::ready);
+        let hook: CloseHook = Box::new(move || {
+            Box::pin(async move {
+                for h in hooks {
+                    h().await;
+                }
+            })
+        });
+        DeliveryStream::new(stream).with_close(hook)
     }
 
     /// Stop consuming and wait until the messages read but not handed out

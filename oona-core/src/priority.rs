@@ -10,9 +10,14 @@
 //! topic and both lanes at once, merged with a bias: a delivery waiting in
 //! the emergency lane is handed out before one of the high lane, and that
 //! before one of the topic itself. The handler sees the topic the
-//! publisher named; settlement, attempts and dead letters are the lane's
-//! own subscription's (dead letters go to the topic's dead-letter topic,
-//! keeping the lane in `oona-dlq-original-topic`).
+//! publisher named, and so does a dead letter (it goes to the topic's
+//! dead-letter topic, as published, priority included: requeued, it takes
+//! its lane again); settlement and attempts are the lane's own
+//! subscription's. Each consumer holds three subscriptions (three times
+//! the prefetch); the merged stream ends when any lane's does. A lane
+//! subscription starts where the subscription says: with `Latest`, start
+//! the consumers before turning lanes on for publishers. Receipts name the
+//! lane the message went to. Dead-letter and lane topics have no lanes.
 //!
 //! The bias is strict: a steady flood of emergencies holds normal messages
 //! back until it ebbs. Order per key holds within a lane, not across
@@ -22,12 +27,8 @@
 //! On the wire a lane is a plain topic: a reader using only its broker's
 //! client subscribes to the three names.
 
-use futures::stream::{select_with_strategy, PollNext};
-use futures::StreamExt;
-
 use crate::delivery::{Delivery, DeliveryStream};
 use crate::envelope::{Envelope, Priority};
-use crate::error::Result;
 use crate::topic::{PolicySet, Topic};
 
 /// The reserved last segment of emergency lanes.
@@ -70,12 +71,16 @@ pub fn lanes(topic: &Topic) -> Vec<Topic> {
     out
 }
 
+/// Whether `topic` has lanes under `policies`: its plane turned them on,
+/// and it is neither a lane nor a dead-letter topic itself.
+pub fn laned(topic: &Topic, policies: &PolicySet) -> bool {
+    policies.for_topic(topic).priority_lanes && !topic.is_dead_letter() && base_of(topic).is_none()
+}
+
 /// Send each urgent envelope of a laned topic to its lane.
 pub fn route(envelopes: &mut [Envelope], policies: &PolicySet) {
     for e in envelopes {
-        if matches!(e.priority, Priority::Emergency | Priority::High)
-            && policies.for_topic(&e.topic).priority_lanes
-        {
+        if matches!(e.priority, Priority::Emergency | Priority::High) && laned(&e.topic, policies) {
             e.topic = lane_of(&e.topic, e.priority);
         }
     }
@@ -83,24 +88,17 @@ pub fn route(envelopes: &mut [Envelope], policies: &PolicySet) {
 
 /// Merge the streams of a topic's lanes, most urgent first (as
 /// [`lanes`] lists them): each poll takes from the first stream with a
-/// delivery ready. Deliveries show the topic the publisher named.
+/// delivery ready. Deliveries, and their dead-letter copies, show the
+/// topic the publisher named. The merged stream ends when any lane's ends,
+/// and closing it closes every lane.
 pub fn merge(streams: Vec<DeliveryStream>) -> DeliveryStream {
-    let mut merged: Option<futures::stream::BoxStream<'static, Result<Delivery>>> = None;
-    // Built from the least urgent up: (emergency, (high, normal)).
-    for s in streams.into_iter().rev() {
-        let s = s.map(|d| d.map(named_topic)).boxed();
-        merged = Some(match merged {
-            None => s,
-            Some(rest) => select_with_strategy(s, rest, |_: &mut ()| PollNext::Left).boxed(),
-        });
-    }
-    DeliveryStream::new(merged.unwrap_or_else(|| futures::stream::empty().boxed()))
+    DeliveryStream::merge_biased(streams, named_topic)
 }
 
 /// A lane's delivery shows its base topic.
 fn named_topic(mut d: Delivery) -> Delivery {
     if let Some(base) = base_of(&d.envelope().topic) {
-        d.envelope_mut().topic = base;
+        d.show_topic(base);
     }
     d
 }
@@ -111,6 +109,7 @@ mod tests {
     use crate::memory::MemoryTransport;
     use crate::transport::Transport;
     use crate::{Name, StartPosition, Subscription, TopicPolicy};
+    use futures::StreamExt;
 
     #[test]
     fn lanes_are_named_beside_the_topic() {
@@ -121,6 +120,12 @@ mod tests {
         assert_eq!(lane_of(&t, Priority::Low), t);
         assert_eq!(base_of(&t), None);
         assert_eq!(lanes(&t).len(), 3);
+        let on = PolicySet::default().with_plane(
+            "control",
+            TopicPolicy::new(crate::Retention::Indefinite).with_priority_lanes(true),
+        );
+        assert!(laned(&t, &on));
+        assert!(!laned(&e, &on) && !laned(&t.dead_letter(), &on));
     }
 
     #[tokio::test]
@@ -148,6 +153,10 @@ mod tests {
             );
         }
         route(&mut batch, &policies);
+        // Routing is done once: a lane topic is not laned again.
+        let again = batch.clone();
+        route(&mut batch, &policies);
+        assert_eq!(batch, again);
         for e in batch {
             t.publish(e).await.unwrap();
         }

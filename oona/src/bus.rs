@@ -204,11 +204,10 @@ impl Bus {
             transport = self.transport.name(),
         );
         if self.publish_layers.is_empty() {
-            let policy = self.policies.for_topic(&envelope.topic);
-            policy.check_payload(&envelope.topic, envelope.payload.len())?;
-            if policy.priority_lanes {
-                envelope.topic = priority::lane_of(&envelope.topic, envelope.priority);
-            }
+            self.policies
+                .for_topic(&envelope.topic)
+                .check_payload(&envelope.topic, envelope.payload.len())?;
+            priority::route(std::slice::from_mut(&mut envelope), &self.policies);
             return self.transport.publish(envelope).instrument(span).await;
         }
         let mut receipts = self
@@ -248,7 +247,7 @@ impl Bus {
     pub async fn ensure_topic(&self, topic: impl IntoTopic) -> Result<()> {
         let topic = topic.into_topic()?;
         let policy = self.policies.for_topic(&topic).clone();
-        if !policy.priority_lanes {
+        if !priority::laned(&topic, &self.policies) {
             return self.transport.ensure_topic(&topic, &policy).await;
         }
         for lane in priority::lanes(&topic) {
@@ -261,14 +260,23 @@ impl Bus {
     /// group reads the topic and its lanes, the most urgent first
     /// ([`oona_core::priority`]).
     pub async fn subscribe_raw(&self, subscription: Subscription) -> Result<DeliveryStream> {
-        if !self.policies.for_topic(&subscription.topic).priority_lanes {
+        if !priority::laned(&subscription.topic, &self.policies) {
             return self.transport.subscribe(subscription).await;
         }
         let mut streams = Vec::new();
         for lane in priority::lanes(&subscription.topic) {
             let mut s = subscription.clone();
             s.topic = lane;
-            streams.push(self.transport.subscribe(s).await?);
+            match self.transport.subscribe(s).await {
+                Ok(stream) => streams.push(stream),
+                Err(e) => {
+                    // The lanes opened so far give back what they read.
+                    for s in streams {
+                        s.close().await;
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(priority::merge(streams))
     }
@@ -295,7 +303,7 @@ impl Bus {
     where
         C: Codec<T>,
     {
-        let stream = self.transport.subscribe(subscription).await?;
+        let stream = self.subscribe_raw(subscription).await?;
         Ok(TypedSubscription {
             stream,
             codec,

@@ -113,3 +113,43 @@ async fn urgent_messages_overtake_the_backlog(url: &str) {
 }
 
 on_every_transport!(urgent_messages_overtake_the_backlog);
+
+/// A typed subscription reads the lanes too, and a rejected urgent message
+/// is dead-lettered under the topic it was published to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_subscriptions_read_the_lanes_and_dead_letters_keep_the_topic() {
+    let policies = PolicySet::default().with_plane(
+        "control",
+        TopicPolicy::new(Retention::For(Duration::from_secs(3600))).with_priority_lanes(true),
+    );
+    let bus = common::bus().await.with_policies(policies);
+    let t = Topic::new("control.lanes.typed").unwrap();
+    bus.ensure_topic(&t).await.unwrap();
+    let mut dlq = bus
+        .subscribe_raw(sub(&t.dead_letter(), "audit").start(StartPosition::Earliest))
+        .await
+        .unwrap();
+    let mut typed = bus
+        .subscribe::<String>(sub(&t, "karn").start(StartPosition::Earliest))
+        .await
+        .unwrap();
+    bus.message(&t, &"now".to_string())
+        .priority(Priority::Emergency)
+        .send()
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(common::GUARD, typed.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.value(), "now");
+    assert_eq!(d.envelope().topic, t);
+    d.reject("refused").await.unwrap();
+    let dead = common::read_dead_letters(&mut dlq, 1).await;
+    assert_eq!(
+        dead[0].original.topic, t,
+        "the dead letter names the published topic"
+    );
+    assert_eq!(dead[0].original.priority, Priority::Emergency);
+}
