@@ -61,7 +61,7 @@ pub trait PublishLayer: Send + Sync + 'static {
 pub struct PublishNext<'a> {
     layers: &'a [Arc<dyn PublishLayer>],
     transport: &'a dyn Transport,
-    limits: Option<&'a PolicySet>,
+    policies: Option<&'a PolicySet>,
 }
 
 impl<'a> PublishNext<'a> {
@@ -70,7 +70,7 @@ impl<'a> PublishNext<'a> {
         PublishNext {
             layers,
             transport,
-            limits: None,
+            policies: None,
         }
     }
 
@@ -80,7 +80,7 @@ impl<'a> PublishNext<'a> {
     /// payload to a reference), and urgent messages of laned topics go to
     /// their lanes ([`crate::priority`]; signatures cover the named topic).
     pub fn with_policies(mut self, policies: &'a PolicySet) -> Self {
-        self.limits = Some(policies);
+        self.policies = Some(policies);
         self
     }
 
@@ -91,17 +91,12 @@ impl<'a> PublishNext<'a> {
             let next = PublishNext {
                 layers: rest,
                 transport: self.transport,
-                limits: self.limits,
+                policies: self.policies,
             };
             return layer.publish(envelopes, next).await;
         }
-        if let Some(policies) = self.limits {
-            for e in &envelopes {
-                policies
-                    .for_topic(&e.topic)
-                    .check_payload(&e.topic, e.payload.len())?;
-            }
-            crate::priority::route(&mut envelopes, policies);
+        if let Some(policies) = self.policies {
+            apply_policies(&mut envelopes, policies)?;
         }
         match envelopes.len() {
             1 => match envelopes.pop() {
@@ -111,6 +106,19 @@ impl<'a> PublishNext<'a> {
             _ => self.transport.publish_batch(envelopes).await,
         }
     }
+}
+
+/// What the topics' policies do to envelopes about to go to the transport:
+/// each payload is checked against its topic's limit, then urgent messages
+/// of laned topics move to their lanes ([`crate::priority`]).
+pub fn apply_policies(envelopes: &mut [Envelope], policies: &PolicySet) -> Result<()> {
+    for e in envelopes.iter() {
+        policies
+            .for_topic(&e.topic)
+            .check_payload(&e.topic, e.payload.len())?;
+    }
+    crate::priority::route(envelopes, policies);
+    Ok(())
 }
 
 /// What became of a delivery: how it was settled, and whether the

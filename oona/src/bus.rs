@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::StreamExt as _;
-use oona_core::layer::{ConsumeLayer, PublishLayer, PublishNext};
+use oona_core::layer::{apply_policies, ConsumeLayer, PublishLayer, PublishNext};
 use oona_core::priority;
 use oona_core::{
     Codec, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Health, Json,
@@ -204,10 +204,7 @@ impl Bus {
             transport = self.transport.name(),
         );
         if self.publish_layers.is_empty() {
-            self.policies
-                .for_topic(&envelope.topic)
-                .check_payload(&envelope.topic, envelope.payload.len())?;
-            priority::route(std::slice::from_mut(&mut envelope), &self.policies);
+            apply_policies(std::slice::from_mut(&mut envelope), &self.policies)?;
             return self.transport.publish(envelope).instrument(span).await;
         }
         let mut receipts = self
