@@ -51,6 +51,9 @@ pub enum ErrorKind {
     /// A publish was dropped by its topic's drop policy, in favour of newer
     /// messages (see [`crate::flow`]); only where a user turned one on.
     Dropped,
+    /// What was asked about does not exist (a consumer group that never
+    /// subscribed to the topic, say).
+    NotFound,
     /// The delivery was already settled, or is no longer known to the broker.
     AlreadySettled,
     /// The delivery's lease ran out before it was settled: the message was
@@ -97,6 +100,7 @@ impl ErrorKind {
             ErrorKind::ResourceExhausted => "resource_exhausted",
             ErrorKind::SpoolFull => "spool_full",
             ErrorKind::Dropped => "dropped",
+            ErrorKind::NotFound => "not_found",
             ErrorKind::AlreadySettled => "already_settled",
             ErrorKind::LeaseExpired => "lease_expired",
             ErrorKind::Broker => "broker",

@@ -21,13 +21,17 @@
 //! byte limit and its bounded wait (`WhenFull`).
 //!
 //! ```
+//! # fn main() -> oona_core::Result<()> {
 //! use std::time::Duration;
 //! use oona_core::flow::FlowControl;
+//! use oona_core::TopicPattern;
 //! let flow = FlowControl::new(1024)
 //!     .max_wait(Duration::from_secs(2))
-//!     .keep_newest("telemetry.*", 100);
+//!     .keep_newest(TopicPattern::new("telemetry.*")?, 100);
 //! // bus.with_publish_layer(flow.clone()); flow.events() to watch drops
 //! # let _ = flow;
+//! # Ok(())
+//! # }
 //! ```
 
 use std::collections::{HashMap, VecDeque};
@@ -41,7 +45,7 @@ use tokio::sync::{broadcast, oneshot, Semaphore};
 use crate::envelope::{Envelope, EventId};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layer::{PublishLayer, PublishNext};
-use crate::topic::Topic;
+use crate::topic::{Topic, TopicPattern};
 use crate::transport::Receipt;
 
 /// Something [`FlowControl`] tells its watchers.
@@ -77,18 +81,8 @@ pub struct FlowCounts {
 /// it keeps.
 #[derive(Debug, Clone)]
 struct KeepNewest {
-    pattern: String,
+    pattern: TopicPattern,
     keep: usize,
-}
-
-impl KeepNewest {
-    /// `a.b.c` matches itself; `a.*` and `a.b.*` match what they begin.
-    fn covers(&self, topic: &Topic) -> bool {
-        match self.pattern.strip_suffix('*') {
-            Some(prefix) => topic.as_str().starts_with(prefix),
-            None => topic.as_str() == self.pattern,
-        }
-    }
 }
 
 /// A publish waiting on a drop-policy topic.
@@ -163,15 +157,12 @@ impl FlowControl {
         self
     }
 
-    /// Turn the drop policy on for `pattern` (a topic, or `plane.*`,
-    /// `plane.subsystem.*`): of the publishes waiting on each such topic,
-    /// keep the newest `keep` and drop the older ones.
-    pub fn keep_newest(mut self, pattern: &str, keep: usize) -> Self {
+    /// Turn the drop policy on for the topics of `pattern`: of the
+    /// publishes waiting on each such topic, keep the newest `keep` and
+    /// drop the older ones.
+    pub fn keep_newest(mut self, pattern: TopicPattern, keep: usize) -> Self {
         let mut policies = self.policies.to_vec();
-        policies.push(KeepNewest {
-            pattern: pattern.to_string(),
-            keep,
-        });
+        policies.push(KeepNewest { pattern, keep });
         self.policies = policies.into();
         self
     }
@@ -210,7 +201,7 @@ impl FlowControl {
         let [e] = envelopes else { return None };
         self.policies
             .iter()
-            .find(|p| p.covers(&e.topic))
+            .find(|p| p.pattern.matches(&e.topic))
             .map(|p| p.keep)
     }
 
@@ -418,7 +409,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_drop_policy_keeps_the_newest_and_announces_each_drop() {
-        let flow = FlowControl::new(1).keep_newest("telemetry.*", 2);
+        let flow = FlowControl::new(1).keep_newest(TopicPattern::new("telemetry.*").unwrap(), 2);
         let mut events = flow.events();
         let t = MemoryTransport::new();
         let held = flow.inner.permits.clone().try_acquire_owned().unwrap();
@@ -454,7 +445,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancelled_publish_leaves_the_line_uncounted() {
-        let flow = FlowControl::new(1).keep_newest("telemetry.*", 1);
+        let flow = FlowControl::new(1).keep_newest(TopicPattern::new("telemetry.*").unwrap(), 1);
         let t = MemoryTransport::new();
         let held = flow.inner.permits.clone().try_acquire_owned().unwrap();
         let cancelled = tokio::time::timeout(
@@ -480,7 +471,7 @@ mod tests {
 
     #[tokio::test]
     async fn topics_without_a_policy_never_drop() {
-        let flow = FlowControl::new(1).keep_newest("telemetry.*", 1);
+        let flow = FlowControl::new(1).keep_newest(TopicPattern::new("telemetry.*").unwrap(), 1);
         let t = MemoryTransport::new();
         let held = flow.inner.permits.clone().try_acquire_owned().unwrap();
         let mut waiting = Vec::new();

@@ -84,6 +84,12 @@ impl<'a> PublishNext<'a> {
         self
     }
 
+    /// The topics' policies the chain applies before the transport, if
+    /// any ([`PublishNext::with_policies`]).
+    pub fn policies(&self) -> Option<&'a PolicySet> {
+        self.policies
+    }
+
     /// Run the later layers, then the transport: one envelope with
     /// [`Transport::publish`], several with [`Transport::publish_batch`].
     pub async fn run(self, mut envelopes: Vec<Envelope>) -> Result<Vec<Receipt>> {

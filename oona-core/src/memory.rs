@@ -44,7 +44,7 @@ use crate::envelope::{ContentType, Envelope};
 use crate::error::{Error, ErrorKind, Result};
 use crate::subscription::{StartPosition, Subscription};
 use crate::topic::{Name, PolicySet, Retention, Topic, TopicPolicy};
-use crate::transport::{Capabilities, Health, HealthStatus, Receipt, Transport};
+use crate::transport::{Capabilities, Depth, Health, HealthStatus, Receipt, Transport};
 use crate::{rules, wire};
 
 const NAME: &str = "memory";
@@ -275,6 +275,24 @@ impl Transport for MemoryTransport {
             }
         }
         Ok(())
+    }
+
+    async fn depth(&self, topic: &Topic, group: &Name) -> Result<Depth> {
+        self.check_open()?;
+        let st = self.broker.lock();
+        let found = st
+            .topics
+            .get(topic)
+            .and_then(|t| Some((t, t.groups.get(group)?)));
+        let Some((log, g)) = found else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("group {group} has not subscribed to {topic}"),
+            ));
+        };
+        let end = log.first_seq + log.entries.len() as u64;
+        let backlog = end.saturating_sub(g.cursor.max(log.first_seq));
+        Ok(Depth::new(backlog, g.pending.len() as u64))
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<Receipt> {

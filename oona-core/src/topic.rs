@@ -160,6 +160,67 @@ fn validate_topic(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Topics named by a pattern: a topic name matches itself; `a.*` and
+/// `a.b.*` match the topics below them (`a.b.c`, `a.b.c.d`); `*` matches
+/// every topic. For policies that a user turns on for some topics.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TopicPattern(Arc<str>);
+
+impl TopicPattern {
+    /// Validate `pattern`: a topic name, or segments followed by `.*`, or
+    /// `*`.
+    pub fn new(pattern: impl Into<String>) -> Result<Self> {
+        let p: String = pattern.into();
+        let valid = match p.strip_suffix('*') {
+            Some("") => true,
+            Some(prefix) => prefix.ends_with('.') && validate_topic(&format!("{prefix}x")).is_ok(),
+            None => validate_topic(&p).is_ok(),
+        };
+        if !valid {
+            return Err(Error::new(
+                ErrorKind::InvalidTopic,
+                format!(
+                    "invalid topic pattern {p:?}: use a topic name, segments followed by `.*` \
+                     (`telemetry.*`, `telemetry.seed.*`), or `*`"
+                ),
+            ));
+        }
+        Ok(TopicPattern(p.into()))
+    }
+
+    /// Whether `topic` is one of the pattern's topics.
+    pub fn matches(&self, topic: &Topic) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => topic.as_str().starts_with(prefix),
+            None => topic.as_str() == &*self.0,
+        }
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TopicPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TopicPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TopicPattern({})", self.0)
+    }
+}
+
+impl FromStr for TopicPattern {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        TopicPattern::new(s)
+    }
+}
+
 impl fmt::Display for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -452,6 +513,30 @@ impl PolicySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patterns_match_what_they_name() {
+        let t = |s: &str| Topic::new(s).unwrap();
+        let p = TopicPattern::new("telemetry.*").unwrap();
+        assert!(p.matches(&t("telemetry.seed.health")));
+        assert!(!p.matches(&t("telemetryx.seed.health")));
+        assert!(!p.matches(&t("control.seed.health")));
+        let exact = TopicPattern::new("control.a.b").unwrap();
+        assert!(exact.matches(&t("control.a.b")) && !exact.matches(&t("control.a.bc")));
+        assert!(TopicPattern::new("*").unwrap().matches(&t("a.b")));
+        for bad in [
+            "",
+            "telemetry",
+            "Telemetry.*",
+            "telemetry*",
+            "telemetry.*.x",
+            ".*",
+            "a..*",
+        ] {
+            let e = TopicPattern::new(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidTopic, "{bad:?}");
+        }
+    }
 
     #[test]
     fn accepts_every_topic_of_the_spec() {

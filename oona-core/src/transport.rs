@@ -9,7 +9,7 @@ use crate::delivery::DeliveryStream;
 use crate::envelope::{Envelope, EventId};
 use crate::error::Result;
 use crate::subscription::Subscription;
-use crate::topic::{Topic, TopicPolicy};
+use crate::topic::{Name, Topic, TopicPolicy};
 
 /// A message broker behind Oona's delivery semantics.
 ///
@@ -75,6 +75,20 @@ pub trait Transport: fmt::Debug + Send + Sync + 'static {
         Ok(())
     }
 
+    /// How far `group` is behind on `topic` (a moment's sample: the
+    /// broker's own counters, read without consuming). [`Depth::total`] is
+    /// what the group has not settled yet. [`crate::ErrorKind::NotFound`]
+    /// when the group has never subscribed to the topic;
+    /// [`crate::ErrorKind::Unsupported`], the default, when the broker
+    /// cannot tell ([`Capabilities::depth`]).
+    async fn depth(&self, topic: &Topic, group: &Name) -> Result<Depth> {
+        let _ = (topic, group);
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            format!("the {} transport cannot read a group's depth", self.name()),
+        ))
+    }
+
     /// A record of event ids the broker keeps for a whole consumer group
     /// (replay protection: [`crate::security::ReplayLayer`]). `None`, the
     /// default: the broker has no place for one, and each process keeps
@@ -106,6 +120,8 @@ pub struct Capabilities {
     pub retention: bool,
     /// Largest payload the transport accepts, in bytes.
     pub max_payload_bytes: usize,
+    /// [`Transport::depth`] answers.
+    pub depth: bool,
 }
 
 impl Default for Capabilities {
@@ -118,6 +134,7 @@ impl Default for Capabilities {
             replay: true,
             retention: true,
             max_payload_bytes: TopicPolicy::DEFAULT_MAX_PAYLOAD,
+            depth: true,
         }
     }
 }
@@ -143,10 +160,41 @@ impl Capabilities {
         self.retention = yes;
         self
     }
+    /// Set [`Capabilities::depth`].
+    pub fn with_depth(mut self, yes: bool) -> Self {
+        self.depth = yes;
+        self
+    }
     /// Set [`Capabilities::max_payload_bytes`].
     pub fn with_max_payload_bytes(mut self, n: usize) -> Self {
         self.max_payload_bytes = n;
         self
+    }
+}
+
+/// How far a consumer group is behind on a topic ([`Transport::depth`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Depth {
+    /// Messages not handed to the group yet. Where the broker tells only
+    /// what is unsettled (Kafka: the end offsets less the committed ones),
+    /// everything is counted here and `pending` is 0.
+    pub backlog: u64,
+    /// Messages handed to the group's consumers (or waiting for their
+    /// redelivery) and not settled yet.
+    pub pending: u64,
+}
+
+impl Depth {
+    /// A depth of `backlog` messages not handed out and `pending` ones
+    /// unsettled.
+    pub fn new(backlog: u64, pending: u64) -> Self {
+        Depth { backlog, pending }
+    }
+
+    /// What the group has not settled yet: `backlog + pending`.
+    pub fn total(&self) -> u64 {
+        self.backlog.saturating_add(self.pending)
     }
 }
 

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::headers::{self, name as hname};
 use crate::marks::Marks;
 use crate::options::GroupProtocol;
-use crate::transport::{closed_error, kafka_error, Inner, NAME};
+use crate::transport::{blocking, closed_error, kafka_error, Inner, NAME};
 
 /// Segment of retry topic names: `<topic>.__retry.<group>`. No Oona topic
 /// can contain it (segments start with a letter), so retry topics never
@@ -440,28 +440,9 @@ impl ConsumerContext for Ctx {
 fn prepare_group(inner: &Inner, sub: &Subscription) -> Result<()> {
     let topic = sub.topic.as_str();
     let timeout = Timeout::After(inner.opts.timeout);
-    let mut cfg = inner.opts.client_config();
-    cfg.set("group.id", sub.group.as_str())
-        .set("enable.auto.commit", "false");
-    let c: BaseConsumer = cfg
-        .create()
-        .map_err(|e| kafka_error("create consumer", e))?;
-    let md = c
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| kafka_error("fetch metadata", e))?;
-    let n = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map(|t| t.partitions().len())
-        .unwrap_or(0);
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..n as i32 {
-        tpl.add_partition(topic, p);
-    }
+    let c = offsets_client(inner, &sub.group)?;
+    let (n, committed) = committed_offsets(inner, &c, topic)?;
     let until = std::time::Instant::now() + inner.opts.timeout;
-    let committed = while_coordinator_moves(until, || c.committed_offsets(tpl.clone(), timeout))
-        .map_err(|e| kafka_error("read committed offsets", e))?;
     if committed
         .elements()
         .iter()
@@ -510,6 +491,51 @@ fn prepare_group(inner: &Inner, sub: &Subscription) -> Result<()> {
     Ok(())
 }
 
+/// A client of `group` that joins nothing: it reads and commits the
+/// group's offsets.
+pub(crate) fn offsets_client(inner: &Inner, group: &Name) -> Result<BaseConsumer> {
+    let mut cfg = inner.opts.client_config();
+    cfg.set("group.id", group.as_str())
+        .set("enable.auto.commit", "false");
+    cfg.create()
+        .map_err(|e| kafka_error("create offsets client", e))
+}
+
+/// The partition count of `topic` and the committed offsets of `c`'s
+/// group on each partition.
+pub(crate) fn committed_offsets(
+    inner: &Inner,
+    c: &BaseConsumer,
+    topic: &str,
+) -> Result<(usize, TopicPartitionList)> {
+    let timeout = Timeout::After(inner.opts.timeout);
+    let n = partition_count(c, topic, timeout)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n as i32 {
+        tpl.add_partition(topic, p);
+    }
+    let until = std::time::Instant::now() + inner.opts.timeout;
+    let committed = while_coordinator_moves(until, || c.committed_offsets(tpl.clone(), timeout))
+        .map_err(|e| kafka_error("read committed offsets", e))?;
+    Ok((n, committed))
+}
+
+/// How many partitions `topic` has (0 when it does not exist).
+fn partition_count<C: ConsumerContext>(
+    c: &BaseConsumer<C>,
+    topic: &str,
+    timeout: Timeout,
+) -> Result<usize> {
+    let md = c
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| kafka_error("fetch metadata", e))?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len()))
+}
+
 /// Run a group coordinator call again while the broker says the group's
 /// coordinator is not ready or has moved (the first use of a group, or of
 /// `__consumer_offsets` on a fresh cluster, answers so for a moment), until
@@ -550,9 +576,7 @@ pub(crate) async fn start(
     {
         let inner = Arc::clone(&inner);
         let sub = sub.clone();
-        tokio::task::spawn_blocking(move || prepare_group(&inner, &sub))
-            .await
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("start task: {e}")))??;
+        blocking("start", move || prepare_group(&inner, &sub)).await??;
     }
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared {

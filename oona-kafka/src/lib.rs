@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 mod consumer;
+mod depth;
 pub mod headers;
 mod incremental;
 mod marks;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use oona_core::{
-    rules, Capabilities, DeliveryStream, Envelope, Error, ErrorKind, Health, HealthStatus, Receipt,
-    Result, Retention, Subscription, Topic, TopicPolicy, Transport,
+    rules, Capabilities, DeliveryStream, Depth, Envelope, Error, ErrorKind, Health, HealthStatus,
+    Name, Receipt, Result, Retention, Subscription, Topic, TopicPolicy, Transport,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -88,6 +88,7 @@ pub(crate) struct Inner {
     pub(crate) shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     subscriptions: Mutex<Vec<std::sync::Weak<crate::consumer::Shared>>>,
+    pub(crate) depth_readers: crate::depth::Readers,
 }
 
 impl std::fmt::Debug for KafkaTransport {
@@ -143,6 +144,17 @@ pub(crate) fn kafka_error(what: &str, e: KafkaError) -> Error {
         .set_temporary(temporary)
 }
 
+/// Run librdkafka's blocking call `f` off the runtime; `what` names it
+/// if the task is lost.
+pub(crate) async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("{what} task: {e}")))
+}
+
 pub(crate) fn closed_error() -> Error {
     Error::new(ErrorKind::Closed, "kafka transport is closed").with_transport(NAME)
 }
@@ -181,6 +193,7 @@ impl KafkaTransport {
                 shutdown,
                 tasks: Mutex::new(Vec::new()),
                 subscriptions: Mutex::new(Vec::new()),
+                depth_readers: Default::default(),
             }),
         };
         let wait = t.inner.opts.timeout.min(Duration::from_secs(10));
@@ -271,7 +284,7 @@ impl Inner {
     ) -> Result<Vec<(String, usize, usize)>> {
         let producer = self.producer.clone();
         let topic = topic.map(str::to_string);
-        tokio::task::spawn_blocking(move || {
+        blocking("metadata", move || {
             let md = producer
                 .client()
                 .fetch_metadata(topic.as_deref(), Timeout::After(timeout))
@@ -305,8 +318,7 @@ impl Inner {
                 })
                 .collect())
         })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Internal, format!("metadata task: {e}")))?
+        .await?
     }
 
     async fn retention_ms(&self, topic: &str) -> Result<Option<i64>> {
@@ -426,7 +438,7 @@ impl Inner {
     ) -> Result<()> {
         let producer = self.producer.clone();
         let topic = name.to_string();
-        tokio::task::spawn_blocking(move || {
+        blocking("leader check", move || {
             for p in 0..partitions as i32 {
                 let client = producer.client();
                 while let Err(e) =
@@ -443,8 +455,7 @@ impl Inner {
             }
             Ok(())
         })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Internal, format!("leader check task: {e}")))?
+        .await?
     }
 
     /// Wait until the broker describes `retention.ms` of `topic` as
@@ -475,13 +486,12 @@ impl Inner {
     async fn set_topic_config(self: &Arc<Self>, topic: &str, key: &str, value: &str) -> Result<()> {
         let this = Arc::clone(self);
         let (t, k, v) = (topic.to_string(), key.to_string(), value.to_string());
-        tokio::task::spawn_blocking(move || {
+        blocking("alter config", move || {
             // `this` keeps the admin client (and its native handle) alive.
             let rk = this.admin.inner().native_ptr();
             crate::incremental::set_topic_config(rk, &t, &k, &v, this.opts.timeout)
         })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Internal, format!("alter config task: {e}")))?
+        .await?
         .map_err(|e| {
             Error::new(
                 ErrorKind::Broker,
@@ -579,6 +589,18 @@ impl Transport for KafkaTransport {
             s.remove(topic.as_str());
         }
         self.inner.ensure_kafka_topic(topic.as_str(), policy).await
+    }
+
+    async fn depth(&self, topic: &Topic, group: &Name) -> Result<Depth> {
+        if self.inner.is_closed() {
+            return Err(closed_error());
+        }
+        let inner = Arc::clone(&self.inner);
+        let (topic, group) = (topic.clone(), group.clone());
+        blocking("depth", move || {
+            crate::depth::group_depth(&inner, &topic, &group)
+        })
+        .await?
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<Receipt> {
@@ -724,9 +746,8 @@ impl Transport for KafkaTransport {
         }
         let producer = self.inner.producer.clone();
         let timeout = self.inner.opts.timeout;
-        tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
-            .await
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("flush task: {e}")))?
+        blocking("flush", move || producer.flush(Timeout::After(timeout)))
+            .await?
             .map_err(|e| kafka_error("flush on close", e))?;
         Ok(())
     }

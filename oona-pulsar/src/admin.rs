@@ -186,6 +186,39 @@ impl Admin {
         Ok(true)
     }
 
+    /// `(msgBacklog, unackedMessages)` of subscription `group` on
+    /// `topic` (the backlog counted precisely); `None` when the topic or
+    /// the subscription does not exist.
+    pub(crate) async fn subscription_counts(
+        &self,
+        topic: &Topic,
+        group: &Name,
+    ) -> Result<Option<(u64, u64)>> {
+        let what = format!("stats of {topic}");
+        let rb = self
+            .http
+            .get(format!("{}/stats", self.topic_url(topic.as_str())))
+            .query(&[("getPreciseBacklog", "true")]);
+        let resp = self.send(&what, rb).await?;
+        if resp.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        let stats: serde_json::Value = Self::check(&what, resp)
+            .await?
+            .json()
+            .await
+            .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        let Some(sub) = stats.pointer(&format!("/subscriptions/{group}")) else {
+            return Ok(None);
+        };
+        let count = |field: &str| {
+            sub.get(field)
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+        };
+        Ok(Some((count("msgBacklog"), count("unackedMessages"))))
+    }
+
     /// Move subscription `group` of `topic` to the first message published
     /// at or after `unix_ms`.
     pub(crate) async fn reset_cursor(

@@ -10,8 +10,8 @@ use pulsar::{Producer, Pulsar, TokioExecutor};
 use tokio::sync::{watch, OnceCell};
 
 use oona_core::{
-    rules, Capabilities, DeliveryStream, Envelope, Error, ErrorKind, Health, HealthStatus, Receipt,
-    Result, StartPosition, Subscription, Topic, TopicPolicy, Transport,
+    rules, Capabilities, DeliveryStream, Depth, Envelope, Error, ErrorKind, Health, HealthStatus,
+    Name, Receipt, Result, StartPosition, Subscription, Topic, TopicPolicy, Transport,
 };
 
 use crate::admin::Admin;
@@ -423,6 +423,7 @@ impl Transport for PulsarTransport {
             .with_nack_delay(true)
             .with_start_at_time(self.inner.admin.is_some())
             .with_retention(self.inner.admin.is_some())
+            .with_depth(self.inner.admin.is_some())
             .with_max_payload_bytes(MAX_PAYLOAD_BYTES)
     }
 
@@ -479,6 +480,27 @@ impl Transport for PulsarTransport {
                 tracing::debug!(%topic, "no admin_url: topic left on the broker");
                 Ok(())
             }
+        }
+    }
+
+    /// From the admin API's topic stats: `unackedMessages` are pending,
+    /// the rest of `msgBacklog` (which counts both) the backlog.
+    async fn depth(&self, topic: &Topic, group: &Name) -> Result<Depth> {
+        self.inner.check_open()?;
+        let Some(admin) = &self.inner.admin else {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "reading a group's depth needs the admin API on Pulsar: set admin_url",
+            )
+            .with_transport(NAME));
+        };
+        match admin.subscription_counts(topic, group).await? {
+            Some((backlog, unacked)) => Ok(Depth::new(backlog.saturating_sub(unacked), unacked)),
+            None => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("group {group} has not subscribed to {topic}"),
+            )
+            .with_transport(NAME)),
         }
     }
 

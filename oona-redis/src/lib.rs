@@ -10,9 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use oona_core::{
-    rules, Capabilities, ConnectUrl, DeliveryStream, Driver, Envelope, Error, ErrorKind, Health,
-    HealthStatus, Receipt, Result, Retention, StartPosition, Subscription, Topic, TopicPolicy,
-    Transport,
+    rules, Capabilities, ConnectUrl, DeliveryStream, Depth, Driver, Envelope, Error, ErrorKind,
+    Health, HealthStatus, Name, Receipt, Result, Retention, StartPosition, Subscription, Topic,
+    TopicPolicy, Transport,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
@@ -311,6 +311,22 @@ impl Inner {
 
     fn policy_key(&self, topic: &Topic) -> String {
         format!("{}{}:policy", self.cfg.prefix, topic)
+    }
+
+    /// The groups of the stream at `key`; none when there is no stream.
+    async fn groups(&self, key: &str) -> Result<Vec<sub::GroupInfo>> {
+        let mut conn = self.conn.clone();
+        match redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(key)
+            .query_async::<Value>(&mut conn)
+            .await
+        {
+            Ok(v) => Ok(sub::groups(&v)),
+            // No such stream: nothing to list.
+            Err(e) if e.kind() == redis::ErrorKind::ResponseError => Ok(Vec::new()),
+            Err(e) => Err(redis_error(e, "XINFO GROUPS failed")),
+        }
     }
 
     pub(crate) fn delayed_key(&self, topic: &Topic, group: &str) -> String {
@@ -643,17 +659,12 @@ impl Transport for RedisTransport {
         let inner = &self.inner;
         let key = inner.stream_key(topic);
         let mut conn = inner.conn.clone();
-        let groups: Vec<String> = match redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(&key)
-            .query_async::<Value>(&mut conn)
-            .await
-        {
-            Ok(v) => sub::group_names(&v),
-            // No such stream: nothing to list.
-            Err(e) if e.kind() == redis::ErrorKind::ResponseError => Vec::new(),
-            Err(e) => return Err(redis_error(e, "XINFO GROUPS failed")),
-        };
+        let groups: Vec<String> = inner
+            .groups(&key)
+            .await?
+            .into_iter()
+            .map(|g| g.name)
+            .collect();
         let mut pipe = redis::pipe();
         pipe.cmd("DEL")
             .arg(&key)
@@ -679,6 +690,35 @@ impl Transport for RedisTransport {
             o.remove(topic);
         }
         Ok(())
+    }
+
+    /// `XINFO GROUPS`: the group's `lag` is the backlog and its `pending`
+    /// (the PEL, parked nacks included) the pending. Where Redis cannot
+    /// tell the lag (entries deleted from the middle of the stream), the
+    /// stream's length stands for it: an upper bound.
+    async fn depth(&self, topic: &Topic, group: &Name) -> Result<Depth> {
+        self.inner.check_open()?;
+        let key = self.inner.stream_key(topic);
+        let info = self.inner.groups(&key).await?;
+        let Some(g) = info.into_iter().find(|g| g.name == group.as_str()) else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("group {group} has not subscribed to {topic}"),
+            )
+            .with_transport(NAME));
+        };
+        let backlog = match g.lag {
+            Some(lag) => lag,
+            None => {
+                let mut conn = self.inner.conn.clone();
+                redis::cmd("XLEN")
+                    .arg(&key)
+                    .query_async::<u64>(&mut conn)
+                    .await
+                    .map_err(|e| redis_error(e, "XLEN failed"))?
+            }
+        };
+        Ok(Depth::new(backlog, g.pending))
     }
 
     async fn health(&self) -> Health {

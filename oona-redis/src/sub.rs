@@ -44,8 +44,19 @@ pub(crate) async fn create_group(
     }
 }
 
-/// Group names from an `XINFO GROUPS` reply.
-pub(crate) fn group_names(v: &Value) -> Vec<String> {
+/// A group's line of an `XINFO GROUPS` reply.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct GroupInfo {
+    pub name: String,
+    /// Entries delivered and not acknowledged (the PEL).
+    pub pending: u64,
+    /// Entries not delivered to the group yet; `None` where Redis cannot
+    /// tell (entries deleted from the middle of the stream).
+    pub lag: Option<u64>,
+}
+
+/// The groups of an `XINFO GROUPS` reply (RESP2 flat pairs or RESP3 maps).
+pub(crate) fn groups(v: &Value) -> Vec<GroupInfo> {
     let Value::Array(groups) = v else {
         return Vec::new();
     };
@@ -59,12 +70,18 @@ pub(crate) fn group_names(v: &Value) -> Vec<String> {
             Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
             _ => continue,
         };
+        let mut info = GroupInfo::default();
+        let count = |v: &Value| wire::as_int(v).and_then(|i| u64::try_from(i).ok());
         for (k, val) in pairs {
-            if wire::as_bytes(k) == Some(b"name") {
-                if let Some(n) = wire::as_string(val) {
-                    out.push(n);
-                }
+            match wire::as_bytes(k) {
+                Some(b"name") => info.name = wire::as_string(val).unwrap_or_default(),
+                Some(b"pending") => info.pending = count(val).unwrap_or(0),
+                Some(b"lag") => info.lag = count(val),
+                _ => {}
             }
+        }
+        if !info.name.is_empty() {
+            out.push(info);
         }
     }
     out

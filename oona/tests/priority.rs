@@ -2,7 +2,8 @@
 //! genuine broker whose URL is set (`OONA_TEST_REDIS_URL`,
 //! `OONA_TEST_KAFKA_URL`, `OONA_TEST_PULSAR_URL`; with `OONA_TEST_REQUIRE=1`
 //! a missing one fails): emergency and high messages published after a
-//! backlog of normal ones reach a busy handler before the backlog does.
+//! backlog of normal ones reach a busy handler before the backlog does,
+//! and a deep backlog reroutes normal messages to the emergency lane.
 
 #[macro_use]
 mod common;
@@ -11,7 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::sub;
-use oona::{Bus, Incoming, PolicySet, Priority, Retention, StartPosition, Topic, TopicPolicy};
+use futures::StreamExt as _;
+use oona::priority::{Reroute, REROUTED_HEADER};
+use oona::{
+    Bus, Incoming, Name, PolicySet, Priority, Retention, StartPosition, Topic, TopicPattern,
+    TopicPolicy,
+};
 
 const NORMAL: usize = 40;
 const URGENT: usize = 4;
@@ -152,4 +158,106 @@ async fn typed_subscriptions_read_the_lanes_and_dead_letters_keep_the_topic() {
         "the dead letter names the published topic"
     );
     assert_eq!(dead[0].original.priority, Priority::Emergency);
+}
+
+/// Rerouting by depth: while the group is more than 20 messages behind, a
+/// normal message is raised to the emergency lane, counted and announced,
+/// and reaches the group ahead of the backlog; a low one is not.
+async fn deep_backlog_reroutes_normal_messages(url: &str) {
+    let policies = PolicySet::default().with_plane(
+        "control",
+        TopicPolicy::new(Retention::For(Duration::from_secs(3600))).with_priority_lanes(true),
+    );
+    let transport = oona::connect(url).await.unwrap();
+    let reroute = Reroute::new(transport.clone()).when_deeper(
+        TopicPattern::new("control.*").unwrap(),
+        Name::new("kasmina").unwrap(),
+        20,
+    );
+    let mut events = reroute.events();
+    let bus = Bus::new(transport)
+        .with_sender_id("tamiyo")
+        .with_policies(policies)
+        .with_publish_layer(reroute.clone());
+    let t = Topic::new(format!(
+        "control.reroute{}.cmd",
+        uuid::Uuid::new_v4().simple()
+    ))
+    .unwrap();
+    bus.ensure_topic(&t).await.unwrap();
+    let mut s = bus
+        .subscribe_raw(
+            sub(&t, "kasmina")
+                .start(StartPosition::Earliest)
+                .prefetch(1),
+        )
+        .await
+        .unwrap();
+    for i in 0..30 {
+        bus.message(&t, &format!("normal-{i}"))
+            .key("layer-1")
+            .send()
+            .await
+            .unwrap();
+    }
+    let deep = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match reroute.sample(&t).await.unwrap() {
+                Some(d) if d > 20 => return d,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .expect("the group's depth never passed 20");
+    let r = bus
+        .message(&t, &"fresh".to_string())
+        .key("layer-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.topic.as_str(), format!("{t}.lane-emergency"));
+    let low = bus
+        .message(&t, &"low".to_string())
+        .priority(Priority::Low)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(low.topic, t, "low messages keep their priority");
+    assert_eq!(reroute.rerouted(), 1);
+    assert_eq!(reroute.rerouted_by_topic().get(&t), Some(&1));
+    let ev = events.try_recv().unwrap();
+    assert_eq!(ev.topic, t);
+    assert!(ev.depth > 20 && deep > 20, "{ev:?}");
+    // The group gets the fresh message ahead of the backlog (after at
+    // most the deliveries its consumer had prefetched).
+    let mut before = Vec::new();
+    loop {
+        let d = tokio::time::timeout(common::GUARD, s.next())
+            .await
+            .expect("no delivery")
+            .unwrap()
+            .unwrap();
+        let body: String = serde_json::from_slice(&d.envelope().payload).unwrap();
+        if body == "fresh" {
+            assert_eq!(d.envelope().priority, Priority::Emergency);
+            assert_eq!(d.envelope().topic, t, "handlers see the named topic");
+            assert_eq!(
+                d.envelope().headers.get(REROUTED_HEADER).cloned(),
+                Some(ev.depth.to_string())
+            );
+            d.ack().await.unwrap();
+            break;
+        }
+        before.push(body);
+        d.ack().await.unwrap();
+    }
+    assert!(before.len() <= 3, "fresh came after {before:?}");
+    s.close().await;
+    bus.close().await.unwrap();
+}
+
+mod reroute {
+    use super::*;
+    on_every_transport!(deep_backlog_reroutes_normal_messages);
 }

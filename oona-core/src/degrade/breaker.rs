@@ -4,6 +4,14 @@
 //! Failures are the temporary errors of the broker (unreachable, timed
 //! out); a permanent error (a refused topic, an oversized payload) says
 //! the broker answered and counts as a success of the connection.
+//!
+//! **Conservative mode.** A breaker that closes after an outage stays
+//! conservative for [`BreakerConfig::conservative_for`] (10 s): one
+//! failure opens it again (not the threshold's count: a broker just back
+//! is not trusted yet), and [`Breaker::batch_limit`] lets work through in
+//! small batches that double with each success (16, 32, ... up to the
+//! caller's maximum), so a backlog flushed after an outage ramps up
+//! instead of landing at once on a broker still warming up.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -24,6 +32,9 @@ pub struct BreakerConfig {
     /// A call that has not answered by then counts as failed: 5 s. (A
     /// broker behind a dead network often never answers at all.)
     pub call_timeout: Duration,
+    /// How long a breaker stays conservative after an outage: 10 s (0:
+    /// never).
+    pub conservative_for: Duration,
 }
 
 impl Default for BreakerConfig {
@@ -33,6 +44,7 @@ impl Default for BreakerConfig {
             open_for: Duration::from_millis(500),
             max_open_for: Duration::from_secs(30),
             call_timeout: Duration::from_secs(5),
+            conservative_for: Duration::from_secs(10),
         }
     }
 }
@@ -53,6 +65,12 @@ impl BreakerConfig {
     /// Set [`BreakerConfig::max_open_for`].
     pub fn max_open_for(mut self, d: Duration) -> Self {
         self.max_open_for = d;
+        self
+    }
+
+    /// Set [`BreakerConfig::conservative_for`].
+    pub fn conservative_for(mut self, d: Duration) -> Self {
+        self.conservative_for = d;
         self
     }
 
@@ -92,6 +110,10 @@ struct Inner {
     wait: Duration,
     probe_at: Instant,
     opened: u64,
+    /// Conservative until then (after an outage).
+    careful_until: Option<Instant>,
+    /// Successes since the breaker closed conservatively.
+    recovered: u32,
 }
 
 /// A circuit breaker (see the module docs).
@@ -135,6 +157,8 @@ impl Breaker {
                 wait: config.open_for,
                 probe_at: Instant::now(),
                 opened: 0,
+                careful_until: None,
+                recovered: 0,
             }),
         }
     }
@@ -154,6 +178,30 @@ impl Breaker {
     pub fn times_opened(&self) -> u64 {
         self.lock().opened
     }
+
+    /// Whether the breaker is in conservative mode (see the module docs).
+    pub fn conservative(&self) -> bool {
+        self.lock()
+            .careful_until
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// How many items the next call may carry, at most `max`: `max` when
+    /// the breaker is not conservative, else 16 doubled per success since
+    /// it closed.
+    pub fn batch_limit(&self, max: usize) -> usize {
+        let s = self.lock();
+        match s.careful_until {
+            Some(t) if Instant::now() < t => {
+                let grown = Self::FIRST_BATCH.saturating_mul(1 << s.recovered.min(20));
+                grown.clamp(1, max.max(1))
+            }
+            _ => max,
+        }
+    }
+
+    /// The batch a conservative breaker starts with.
+    pub const FIRST_BATCH: usize = 16;
 
     /// Whether a call may be tried now. An open breaker past its probe
     /// time lets one call through and turns half-open; `Err(at)` says
@@ -183,6 +231,12 @@ impl Breaker {
     /// error): the breaker closes.
     pub fn success(&self) {
         let mut s = self.lock();
+        if s.state == BreakerState::Closed {
+            s.recovered = s.recovered.saturating_add(1);
+        } else if !self.config.conservative_for.is_zero() {
+            s.careful_until = Some(Instant::now() + self.config.conservative_for);
+            s.recovered = 0;
+        }
         s.state = BreakerState::Closed;
         s.failures = 0;
         s.wait = self.config.open_for;
@@ -192,7 +246,9 @@ impl Breaker {
     pub fn failure(&self) {
         let mut s = self.lock();
         s.failures += 1;
+        let careful = s.careful_until.is_some_and(|t| Instant::now() < t);
         let open = match s.state {
+            BreakerState::Closed if careful => true,
             BreakerState::Closed => s.failures >= self.config.failure_threshold,
             BreakerState::HalfOpen | BreakerState::Open => true,
         };
@@ -219,7 +275,8 @@ mod tests {
             BreakerConfig::default()
                 .failure_threshold(2)
                 .open_for(Duration::from_secs(1))
-                .max_open_for(Duration::from_secs(3)),
+                .max_open_for(Duration::from_secs(3))
+                .conservative_for(Duration::ZERO),
         );
         b.failure();
         assert_eq!(b.state(), BreakerState::Closed);
@@ -246,5 +303,44 @@ mod tests {
         // Closed again: the count and the wait start over.
         b.failure();
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_an_outage_it_is_conservative_for_a_while() {
+        let b = Breaker::new(
+            BreakerConfig::default()
+                .failure_threshold(3)
+                .open_for(Duration::from_secs(1))
+                .conservative_for(Duration::from_secs(10)),
+        );
+        assert!(!b.conservative());
+        assert_eq!(b.batch_limit(256), 256);
+        for _ in 0..3 {
+            b.failure();
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(b.try_call().is_ok());
+        b.success();
+        assert!(b.conservative(), "closed after an outage");
+        assert_eq!(b.batch_limit(256), 16);
+        b.success();
+        b.success();
+        assert_eq!(b.batch_limit(256), 64, "doubling per success");
+        for _ in 0..10 {
+            b.success();
+        }
+        assert_eq!(b.batch_limit(256), 256, "up to the caller's maximum");
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Open, "one failure reopens it");
+        assert_eq!(b.times_opened(), 2);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(b.try_call().is_ok());
+        b.success();
+        assert_eq!(b.batch_limit(256), 16, "the ramp starts over");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!b.conservative());
+        assert_eq!(b.batch_limit(256), 256);
+        b.failure();
+        assert_eq!(b.state(), BreakerState::Closed, "the threshold again");
     }
 }

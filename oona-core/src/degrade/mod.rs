@@ -9,7 +9,10 @@
 //! flusher hands the spooled records to the broker in order, paced by a
 //! circuit [`Breaker`] (closed, open, half-open: one probe batch at a
 //! time, the wait between probes doubling up to a limit); once the spool
-//! is empty, publishes go straight to the broker again. No publish
+//! is empty, publishes go straight to the broker again. Just back from an
+//! outage, the breaker is conservative for a while (10 s): the flusher
+//! ramps its batches up from 16 records, and one failure opens the
+//! breaker again. No publish
 //! overtakes a spooled one, so order per key holds across the outage.
 //!
 //! The spool survives the process: a publisher started on the same

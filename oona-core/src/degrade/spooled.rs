@@ -14,8 +14,8 @@ use super::spool::{Spool, SpoolConfig, SpoolStats, SpooledRecord};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::subscription::Subscription;
-use crate::topic::{Topic, TopicPolicy};
-use crate::transport::{Capabilities, Health, HealthStatus, Receipt, Transport};
+use crate::topic::{Name, Topic, TopicPolicy};
+use crate::transport::{Capabilities, Depth, Health, HealthStatus, Receipt, Transport};
 use crate::DeliveryStream;
 
 /// Records handed to the broker per batch when the spool is flushed.
@@ -36,6 +36,9 @@ pub struct SpooledStats {
     pub refused: u64,
     /// The breaker's state.
     pub breaker: BreakerState,
+    /// Whether the breaker is conservative (just back from an outage: see
+    /// [`crate::degrade::Breaker`]).
+    pub conservative: bool,
     /// How many times the breaker opened.
     pub outages: u64,
     /// The spool's own counts.
@@ -168,6 +171,7 @@ impl Spooled {
             spooled: s.spooled.load(Ordering::Relaxed),
             refused: s.refused.load(Ordering::Relaxed),
             breaker: s.breaker.state(),
+            conservative: s.breaker.conservative(),
             outages: s.breaker.times_opened(),
             spool: s.spool.stats(),
         }
@@ -267,7 +271,11 @@ impl Shared {
                     self.spooling.store(false, Ordering::SeqCst);
                 }
             }
-            let batch = match self.spool.next_batch(FLUSH_BATCH).await {
+            let batch = match self
+                .spool
+                .next_batch(self.breaker.batch_limit(FLUSH_BATCH))
+                .await
+            {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(error = %e, "spool: reading failed; retrying in 1 s");
@@ -418,13 +426,17 @@ impl Transport for Spooled {
         self.connected()?.delete_topic(topic).await
     }
 
+    async fn depth(&self, topic: &Topic, group: &Name) -> Result<Depth> {
+        self.connected()?.depth(topic, group).await
+    }
+
     async fn health(&self) -> Health {
         let h = match self.inner() {
             Some(t) => t.health().await,
             None => Health::new(HealthStatus::Down, "spooled", "not connected yet", None),
         };
         let s = self.stats();
-        if s.spool.records == 0 && s.breaker == BreakerState::Closed {
+        if s.spool.records == 0 && s.breaker == BreakerState::Closed && !s.conservative {
             return h;
         }
         let status = match h.status {
@@ -435,9 +447,14 @@ impl Transport for Spooled {
             status,
             h.transport,
             format!(
-                "{}; breaker {}, {} records ({} bytes) spooled",
+                "{}; breaker {}{}, {} records ({} bytes) spooled",
                 h.detail,
                 s.breaker.as_str(),
+                if s.conservative {
+                    " (conservative)"
+                } else {
+                    ""
+                },
                 s.spool.records,
                 s.spool.bytes
             ),

@@ -19,6 +19,7 @@ pub const KEYS: &[&str] = &[
     "breaker_open_for",
     "breaker_max_open_for",
     "breaker_call_timeout",
+    "breaker_conservative_for",
 ];
 
 fn invalid(msg: String) -> Error {
@@ -51,6 +52,7 @@ fn parse_bytes(v: &str) -> std::result::Result<u64, String> {
 /// | `breaker_failures` | `3` consecutive failures open the breaker |
 /// | `breaker_open_for` / `breaker_max_open_for` | `500ms` / `30s` between probes |
 /// | `breaker_call_timeout` | `5s` |
+/// | `breaker_conservative_for` | `10s`: conservative mode after an outage; `0` turns it off |
 ///
 /// `None` without `spool_dir`; a breaker key without it is an error.
 pub fn from_url(url: &mut ConnectUrl) -> Result<Option<(SpoolConfig, BreakerConfig)>> {
@@ -62,6 +64,7 @@ pub fn from_url(url: &mut ConnectUrl) -> Result<Option<(SpoolConfig, BreakerConf
     let open_for = url.take_duration("breaker_open_for")?;
     let max_open_for = url.take_duration("breaker_max_open_for")?;
     let call_timeout = url.take_duration("breaker_call_timeout")?;
+    let conservative_for = url.take_duration("breaker_conservative_for")?;
     let Some(dir) = dir.filter(|d| !d.is_empty()) else {
         let any = max.is_some()
             || sync.is_some()
@@ -69,7 +72,8 @@ pub fn from_url(url: &mut ConnectUrl) -> Result<Option<(SpoolConfig, BreakerConf
             || failures.is_some()
             || open_for.is_some()
             || max_open_for.is_some()
-            || call_timeout.is_some();
+            || call_timeout.is_some()
+            || conservative_for.is_some();
         if any {
             return Err(invalid(
                 "spool and breaker query parameters need `spool_dir` (the spool's directory)"
@@ -112,6 +116,7 @@ pub fn from_url(url: &mut ConnectUrl) -> Result<Option<(SpoolConfig, BreakerConf
     breaker = set(open_for, BreakerConfig::open_for, breaker);
     breaker = set(max_open_for, BreakerConfig::max_open_for, breaker);
     breaker = set(call_timeout, BreakerConfig::call_timeout, breaker);
+    breaker = set(conservative_for, BreakerConfig::conservative_for, breaker);
     Ok(Some((spool, breaker)))
 }
 
@@ -131,7 +136,8 @@ mod tests {
         assert!(take("redis://h:1").unwrap().is_none());
         let (s, b) = take(
             "redis://h:1?spool_dir=/var/spool&spool_max_bytes=64MiB&spool_sync=never\
-             &spool_full_wait=0&breaker_failures=5&breaker_call_timeout=2s",
+             &spool_full_wait=0&breaker_failures=5&breaker_call_timeout=2s\
+             &breaker_conservative_for=0",
         )
         .unwrap()
         .unwrap();
@@ -141,6 +147,7 @@ mod tests {
         assert_eq!(s.when_full, WhenFull::Fail);
         assert_eq!(b.failure_threshold, 5);
         assert_eq!(b.call_timeout, Duration::from_secs(2));
+        assert_eq!(b.conservative_for, Duration::ZERO);
         assert_eq!(b.open_for, BreakerConfig::default().open_for);
         let e = take("redis://h:1?breaker_failures=2").unwrap_err();
         assert!(e.to_string().contains("`spool_dir`"), "{e}");

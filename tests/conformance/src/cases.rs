@@ -17,6 +17,7 @@ use oona_core::{
 use rand::Rng;
 
 use crate::degrade::spooled_publishes_survive_a_cut;
+use crate::depth::depth_follows_settlement;
 use crate::leases::{
     batch_member_nacked_alone, delayed_nacks_beside_fresh, late_settlement_changes_nothing,
     resume_with_start_at_keeps_backlog, slow_handler_no_redelivery,
@@ -24,8 +25,8 @@ use crate::leases::{
 use crate::processes::{killed_consumers_lose_nothing, shutdown_then_exit_keeps_acks};
 use crate::support::{
     check, diff, duplicates, expect_delivery, expect_quiet, failed, group, hook, is_kind, kind_of,
-    left_out, next_within, publish, random_suffix, same_envelope, subscribe, take_acking, Context,
-    Cx,
+    left_out, next_within, publish, random_suffix, same_envelope, subscribe, take_acking, with_cx,
+    Context, Cx,
 };
 use crate::{Case, CaseError, CaseFuture, CaseResult, Fixture};
 
@@ -85,6 +86,7 @@ cases![
     publish_batch_in_order,
     prefetch_limits_unsettled,
     health_reports_up,
+    depth_follows_settlement,
     slow_handler_no_redelivery,
     late_settlement_changes_nothing,
     batch_member_nacked_alone,
@@ -93,15 +95,6 @@ cases![
     killed_consumers_lose_nothing,
     shutdown_then_exit_keeps_acks,
 ];
-
-/// Run `body` with a fresh context and clean up after it.
-macro_rules! with_cx {
-    ($fx:expr, $body:ident) => {{
-        let cx = Cx::new($fx);
-        let r = $body(&cx).await;
-        cx.finish(r).await
-    }};
-}
 
 fn sub(topic: &Topic, group: &Name) -> Subscription {
     Subscription::new(topic.clone(), group.clone()).start(StartPosition::Earliest)

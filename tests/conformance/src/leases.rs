@@ -9,17 +9,9 @@ use oona_core::{Delivery, Envelope, ErrorKind, StartPosition, Subscription, Time
 
 use crate::support::{
     check, expect_delivery, expect_quiet, failed, group, kind_of, next_within, publish, subscribe,
-    take_acking, Context, Cx,
+    take_acking, with_cx, Context, Cx,
 };
 use crate::{CaseError, CaseResult, Fixture};
-
-macro_rules! with_cx {
-    ($fx:expr, $body:ident) => {{
-        let cx = Cx::new($fx);
-        let r = $body(&cx).await;
-        cx.finish(r).await
-    }};
-}
 
 fn sub(topic: &Topic, g: &oona_core::Name) -> Subscription {
     Subscription::new(topic.clone(), g.clone())

@@ -17,6 +17,7 @@ pub mod access;
 pub mod cases;
 mod child;
 pub mod degrade;
+pub mod depth;
 pub mod leases;
 pub mod outage;
 pub mod processes;

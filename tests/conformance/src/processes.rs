@@ -10,17 +10,9 @@ use oona_core::{Envelope, Subscription, Topic};
 
 use crate::child::{Child, Spec, CRASH};
 use crate::support::{
-    check, expect_quiet, failed, group, next_within, subscribe, take_acking, Context, Cx,
+    check, expect_quiet, failed, group, next_within, subscribe, take_acking, with_cx, Context, Cx,
 };
 use crate::{CaseError, CaseResult, Fixture};
-
-macro_rules! with_cx {
-    ($fx:expr, $body:ident) => {{
-        let cx = Cx::new($fx);
-        let r = $body(&cx).await;
-        cx.finish(r).await
-    }};
-}
 
 fn numbered(topic: &Topic, i: usize) -> Envelope {
     Envelope::builder(topic.clone(), format!("{{\"n\":{i}}}"))

@@ -91,6 +91,16 @@ macro_rules! check {
 }
 pub(crate) use check;
 
+/// Run a case's body with a fresh context and clean up after it.
+macro_rules! with_cx {
+    ($fx:expr, $body:ident) => {{
+        let cx = $crate::support::Cx::new($fx);
+        let r = $body(&cx).await;
+        cx.finish(r).await
+    }};
+}
+pub(crate) use with_cx;
+
 /// Turn transport errors into case failures with context.
 pub(crate) trait Context<T> {
     fn ctx(self, what: &str) -> Result<T, CaseError>;

@@ -10,9 +10,9 @@ use futures::StreamExt;
 use oona_conformance::{cases, CaseError, Fixture, Timing};
 use oona_core::memory::MemoryTransport;
 use oona_core::{
-    Capabilities, Delivery, DeliveryStream, Envelope, Error, ErrorKind, Health, HealthStatus, Name,
-    Receipt, Result, Retention, Settle, Settlement, StartPosition, Subscription, Topic,
-    TopicPolicy, Transport,
+    Capabilities, Delivery, DeliveryStream, Depth, Envelope, Error, ErrorKind, Health,
+    HealthStatus, Name, Receipt, Result, Retention, Settle, Settlement, StartPosition,
+    Subscription, Topic, TopicPolicy, Transport,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,6 +57,10 @@ enum Fault {
     RawIsEnvelope,
     /// The fixture reads back the wrong retention.
     WrongRetention,
+    /// Depth leaves out what the group was handed and has not settled.
+    DepthWithoutPending,
+    /// Depth of an unknown group is an empty depth.
+    DepthOfUnknownGroup,
     /// Health says degraded.
     HealthDegraded,
 }
@@ -205,6 +209,16 @@ impl Transport for Mutant {
     }
     async fn delete_topic(&self, topic: &Topic) -> Result<()> {
         self.inner.delete_topic(topic).await
+    }
+    async fn depth(&self, topic: &Topic, group: &Name) -> Result<Depth> {
+        let d = self.inner.depth(topic, group).await;
+        match (self.fault, d) {
+            (Fault::DepthWithoutPending, Ok(d)) => Ok(Depth::new(d.backlog, 0)),
+            (Fault::DepthOfUnknownGroup, Err(e)) if e.kind() == ErrorKind::NotFound => {
+                Ok(Depth::default())
+            }
+            (_, d) => d,
+        }
     }
     async fn health(&self) -> Health {
         let h = self.inner.health().await;
@@ -491,4 +505,14 @@ caught!(
     degraded_health_fails,
     Fault::HealthDegraded,
     health_reports_up
+);
+caught!(
+    depth_without_pending_fails,
+    Fault::DepthWithoutPending,
+    depth_follows_settlement
+);
+caught!(
+    depth_of_unknown_group_fails,
+    Fault::DepthOfUnknownGroup,
+    depth_follows_settlement
 );

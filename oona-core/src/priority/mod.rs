@@ -27,6 +27,10 @@
 //! On the wire a lane is a plain topic: a reader using only its broker's
 //! client subscribes to the three names.
 
+mod reroute;
+
+pub use reroute::{Reroute, Rerouted, REROUTED_HEADER};
+
 use crate::delivery::{Delivery, DeliveryStream};
 use crate::envelope::{Envelope, Priority};
 use crate::topic::{PolicySet, Topic};
