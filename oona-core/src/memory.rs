@@ -257,6 +257,7 @@ impl Transport for MemoryTransport {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
             .with_key_ordered_competing(true)
+            .with_depth(true)
             .with_max_payload_bytes(self.broker.config.max_payload_bytes)
     }
 

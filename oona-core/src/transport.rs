@@ -134,7 +134,7 @@ impl Default for Capabilities {
             replay: true,
             retention: true,
             max_payload_bytes: TopicPolicy::DEFAULT_MAX_PAYLOAD,
-            depth: true,
+            depth: false,
         }
     }
 }

@@ -364,6 +364,9 @@ impl ConsumerContext for Ctx {
                     tracing::warn!(error = %e, "kafka: reading the commit metadata of assigned partitions failed; a crash of their last owner is not charged to what it had out");
                 })
                 .ok();
+            if let Some(found) = &found {
+                commit_starts(consumer, found, self.lookup_timeout);
+            }
             {
                 let mut st = self.shared.lock();
                 for e in a.elements() {
@@ -489,6 +492,38 @@ fn prepare_group(inner: &Inner, sub: &Subscription) -> Result<()> {
             .map_err(|e| kafka_error("commit start offsets", e))?;
     }
     Ok(())
+}
+
+/// Commit the start of each assigned partition on which the group has
+/// committed nothing yet: its first offset, where `auto.offset.reset`
+/// starts it anyway (a latest or timed start was committed before the
+/// member joined, by `prepare_group`). So every partition a group was ever
+/// given has a committed offset, which is how a group's depth tells a
+/// group that never read a topic from one that has settled nothing yet.
+fn commit_starts<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    found: &TopicPartitionList,
+    timeout: Duration,
+) {
+    let mut start = TopicPartitionList::new();
+    for e in found.elements() {
+        if matches!(e.offset(), Offset::Offset(_)) {
+            continue;
+        }
+        match consumer.fetch_watermarks(e.topic(), e.partition(), Timeout::After(timeout)) {
+            Ok((low, _)) => {
+                let _ = start.add_partition_offset(e.topic(), e.partition(), Offset::Offset(low));
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, topic = e.topic(), partition = e.partition(), "kafka: start offset not read")
+            }
+        }
+    }
+    if start.count() > 0 {
+        if let Err(e) = consumer.commit(&start, CommitMode::Sync) {
+            tracing::debug!(error = %e, "kafka: committing the start of new partitions failed");
+        }
+    }
 }
 
 /// A client of `group` that joins nothing: it reads and commits the

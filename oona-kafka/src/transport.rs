@@ -576,6 +576,7 @@ impl Transport for KafkaTransport {
             .with_nack_delay(true)
             .with_start_at_time(true)
             .with_retention(true)
+            .with_depth(true)
             .with_max_payload_bytes(MAX_PAYLOAD)
     }
 

@@ -93,6 +93,7 @@ pub(crate) struct Inner {
     pub(crate) kread: redis::Script,
     pub(crate) kheads: redis::Script,
     pub(crate) kdone: redis::Script,
+    count_after: redis::Script,
     /// Reader tasks, awaited (briefly) by `close`.
     pub(crate) readers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -225,6 +226,7 @@ impl RedisTransport {
             kread: redis::Script::new(scripts::KREAD),
             kheads: redis::Script::new(scripts::KHEADS),
             kdone: redis::Script::new(scripts::KDONE),
+            count_after: redis::Script::new(scripts::COUNT_AFTER),
             readers: Mutex::new(Vec::new()),
         });
         if !inner.cfg.housekeeping.is_zero() {
@@ -558,6 +560,9 @@ fn start_id(start: StartPosition) -> String {
     }
 }
 
+/// Where Redis cannot tell a group's lag, entries are counted up to this.
+pub const LAG_COUNT_CAP: u64 = 10_000;
+
 #[async_trait]
 impl Transport for RedisTransport {
     fn name(&self) -> &'static str {
@@ -568,6 +573,7 @@ impl Transport for RedisTransport {
         // key_ordered_competing: per-group key queues (scripts::KREAD).
         Capabilities::default()
             .with_key_ordered_competing(true)
+            .with_depth(true)
             .with_max_payload_bytes(MAX_PAYLOAD_BYTES)
     }
 
@@ -694,8 +700,9 @@ impl Transport for RedisTransport {
 
     /// `XINFO GROUPS`: the group's `lag` is the backlog and its `pending`
     /// (the PEL, parked nacks included) the pending. Where Redis cannot
-    /// tell the lag (entries deleted from the middle of the stream), the
-    /// stream's length stands for it: an upper bound.
+    /// tell the lag (a group created at a time, entries deleted from the
+    /// middle), the entries after the group's last delivered id are
+    /// counted, up to [`LAG_COUNT_CAP`].
     async fn depth(&self, topic: &Topic, group: &Name) -> Result<Depth> {
         self.inner.check_open()?;
         let key = self.inner.stream_key(topic);
@@ -711,11 +718,14 @@ impl Transport for RedisTransport {
             Some(lag) => lag,
             None => {
                 let mut conn = self.inner.conn.clone();
-                redis::cmd("XLEN")
-                    .arg(&key)
-                    .query_async::<u64>(&mut conn)
+                self.inner
+                    .count_after
+                    .key(&key)
+                    .arg(&g.last_delivered)
+                    .arg(LAG_COUNT_CAP)
+                    .invoke_async::<u64>(&mut conn)
                     .await
-                    .map_err(|e| redis_error(e, "XLEN failed"))?
+                    .map_err(|e| redis_error(e, "counting the entries after the group failed"))?
             }
         };
         Ok(Depth::new(backlog, g.pending))

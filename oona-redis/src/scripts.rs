@@ -223,3 +223,20 @@ redis.call('ZREM', ARGV[2], pad(ARGV[3]))
 return 1
 "#
 );
+
+/// How many entries follow id `ARGV[1]`, counted up to `ARGV[2]`, 100 at
+/// a time (a group's lag where Redis cannot tell it: a group created at an
+/// arbitrary id, entries deleted from the middle). Bounded, so the server
+/// is held for at most a few milliseconds.
+///
+/// KEYS: stream. ARGV: id, cap.
+pub(crate) const COUNT_AFTER: &str = r#"
+local from, cap, n = '(' .. ARGV[1], tonumber(ARGV[2]), 0
+while n < cap do
+  local batch = redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', math.min(100, cap - n))
+  if #batch == 0 then break end
+  n = n + #batch
+  from = '(' .. batch[#batch][1]
+end
+return n
+"#;

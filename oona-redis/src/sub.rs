@@ -53,6 +53,8 @@ pub(crate) struct GroupInfo {
     /// Entries not delivered to the group yet; `None` where Redis cannot
     /// tell (entries deleted from the middle of the stream).
     pub lag: Option<u64>,
+    /// The id of the last entry delivered to the group.
+    pub last_delivered: String,
 }
 
 /// The groups of an `XINFO GROUPS` reply (RESP2 flat pairs or RESP3 maps).
@@ -77,6 +79,9 @@ pub(crate) fn groups(v: &Value) -> Vec<GroupInfo> {
                 Some(b"name") => info.name = wire::as_string(val).unwrap_or_default(),
                 Some(b"pending") => info.pending = count(val).unwrap_or(0),
                 Some(b"lag") => info.lag = count(val),
+                Some(b"last-delivered-id") => {
+                    info.last_delivered = wire::as_string(val).unwrap_or_default()
+                }
                 _ => {}
             }
         }

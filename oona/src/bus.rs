@@ -240,10 +240,15 @@ impl Bus {
             .with_policies(&self.policies)
     }
 
-    /// Create `topic` if missing, with its plane's policy.
+    /// Create `topic` if missing, with its plane's policy (and its lanes,
+    /// where the policy has priority lanes: a name too long to carry them
+    /// is refused with [`ErrorKind::InvalidTopic`]).
     pub async fn ensure_topic(&self, topic: impl IntoTopic) -> Result<()> {
         let topic = topic.into_topic()?;
         let policy = self.policies.for_topic(&topic).clone();
+        if policy.priority_lanes && !topic.is_dead_letter() && priority::base_of(&topic).is_none() {
+            priority::check_lanes(&topic)?;
+        }
         if !priority::laned(&topic, &self.policies) {
             return self.transport.ensure_topic(&topic, &policy).await;
         }

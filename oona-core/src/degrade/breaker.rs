@@ -186,16 +186,19 @@ impl Breaker {
             .is_some_and(|t| Instant::now() < t)
     }
 
-    /// How many items the next call may carry, at most `max`: `max` when
-    /// the breaker is not conservative, else 16 doubled per success since
-    /// it closed.
+    /// How many items the next call may carry, at most `max`: the first
+    /// batch (16) while the breaker is not closed (a probe), 16 doubled
+    /// per success since it closed while it is conservative, else `max`.
     pub fn batch_limit(&self, max: usize) -> usize {
         let s = self.lock();
+        let max = max.max(1);
+        if s.state != BreakerState::Closed {
+            return Self::FIRST_BATCH.min(max);
+        }
         match s.careful_until {
-            Some(t) if Instant::now() < t => {
-                let grown = Self::FIRST_BATCH.saturating_mul(1 << s.recovered.min(20));
-                grown.clamp(1, max.max(1))
-            }
+            Some(t) if Instant::now() < t => Self::FIRST_BATCH
+                .saturating_mul(1 << s.recovered.min(20))
+                .min(max),
             _ => max,
         }
     }
@@ -228,40 +231,54 @@ impl Breaker {
     }
 
     /// A call went through (or the broker answered with a permanent
-    /// error): the breaker closes.
+    /// error): a half-open breaker closes, conservatively after an outage.
+    /// An open breaker ignores it (a call begun before it opened: the
+    /// probe decides).
     pub fn success(&self) {
         let mut s = self.lock();
-        if s.state == BreakerState::Closed {
-            s.recovered = s.recovered.saturating_add(1);
-        } else if !self.config.conservative_for.is_zero() {
-            s.careful_until = Some(Instant::now() + self.config.conservative_for);
-            s.recovered = 0;
+        let now = Instant::now();
+        match s.state {
+            BreakerState::Open => return,
+            BreakerState::HalfOpen => {
+                s.careful_until = (!self.config.conservative_for.is_zero())
+                    .then(|| now + self.config.conservative_for);
+                s.recovered = 0;
+            }
+            BreakerState::Closed => {
+                s.recovered = s.recovered.saturating_add(1);
+                if s.careful_until.is_none_or(|t| now >= t) {
+                    // Recovered for good: the next outage starts afresh.
+                    s.careful_until = None;
+                    s.wait = self.config.open_for;
+                }
+            }
         }
         s.state = BreakerState::Closed;
         s.failures = 0;
-        s.wait = self.config.open_for;
     }
 
-    /// A call failed with a temporary error.
+    /// A call failed with a temporary error. A closed breaker opens after
+    /// the threshold's count of failures in a row (one, while
+    /// conservative: a relapse of the same outage, whose wait keeps
+    /// doubling); a half-open one opens again with its wait doubled; an
+    /// open one ignores it.
     pub fn failure(&self) {
         let mut s = self.lock();
+        let now = Instant::now();
+        let careful = s.careful_until.is_some_and(|t| now < t);
         s.failures += 1;
-        let careful = s.careful_until.is_some_and(|t| Instant::now() < t);
-        let open = match s.state {
-            BreakerState::Closed if careful => true,
-            BreakerState::Closed => s.failures >= self.config.failure_threshold,
-            BreakerState::HalfOpen | BreakerState::Open => true,
-        };
-        if open {
-            if s.state == BreakerState::HalfOpen {
-                s.wait = (s.wait * 2).min(self.config.max_open_for);
-            }
-            if s.state == BreakerState::Closed {
+        match s.state {
+            BreakerState::Open => return,
+            BreakerState::Closed if careful => s.wait = (s.wait * 2).min(self.config.max_open_for),
+            BreakerState::Closed if s.failures >= self.config.failure_threshold => {
                 s.opened += 1;
+                s.wait = self.config.open_for;
             }
-            s.state = BreakerState::Open;
-            s.probe_at = Instant::now() + s.wait;
+            BreakerState::Closed => return,
+            BreakerState::HalfOpen => s.wait = (s.wait * 2).min(self.config.max_open_for),
         }
+        s.state = BreakerState::Open;
+        s.probe_at = now + s.wait;
     }
 }
 
@@ -332,15 +349,38 @@ mod tests {
         assert_eq!(b.batch_limit(256), 256, "up to the caller's maximum");
         b.failure();
         assert_eq!(b.state(), BreakerState::Open, "one failure reopens it");
-        assert_eq!(b.times_opened(), 2);
-        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.times_opened(), 1, "a relapse of the same outage");
+        assert_eq!(b.batch_limit(256), 16, "a probe is small");
+        let at = b.try_call().unwrap_err();
+        assert_eq!(
+            at - Instant::now(),
+            Duration::from_secs(2),
+            "the wait doubles"
+        );
+        b.success();
+        assert_eq!(
+            b.state(),
+            BreakerState::Open,
+            "a late success does not close it"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
         assert!(b.try_call().is_ok());
         b.success();
         assert_eq!(b.batch_limit(256), 16, "the ramp starts over");
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(!b.conservative());
         assert_eq!(b.batch_limit(256), 256);
+        b.success();
+        b.failure();
         b.failure();
         assert_eq!(b.state(), BreakerState::Closed, "the threshold again");
+        b.failure();
+        let at = b.try_call().unwrap_err();
+        assert_eq!(
+            at - Instant::now(),
+            Duration::from_secs(1),
+            "a new outage starts afresh"
+        );
+        assert_eq!(b.times_opened(), 2);
     }
 }

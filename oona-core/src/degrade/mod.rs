@@ -18,7 +18,10 @@
 //! The spool survives the process: a publisher started on the same
 //! directory after a crash flushes what its predecessor spooled, first.
 //! Delivery stays at least once: a batch the broker took just before a
-//! crash, whose cursor was not saved yet, goes again.
+//! crash, whose cursor was not saved yet, goes again. Spooled messages keep
+//! their publish time: consumers with replay protection need a freshness
+//! window longer than the outages spooled through
+//! ([`crate::security::ReplayLayer`]).
 //!
 //! What the spool cannot take is a clear error, never a drop: a full
 //! spool waits (bounded) and then fails with [`ErrorKind::SpoolFull`]; a

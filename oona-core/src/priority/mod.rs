@@ -42,7 +42,7 @@ pub const HIGH_LANE: &str = "lane-high";
 
 /// The topic a message of priority `p` on `topic` travels on: its lane, or
 /// `topic` itself for normal and low messages (and for a name too long to
-/// take the suffix).
+/// take the suffix: such a topic has no lanes, see [`check_lanes`]).
 pub fn lane_of(topic: &Topic, p: Priority) -> Topic {
     let suffix = match p {
         Priority::Emergency => EMERGENCY_LANE,
@@ -76,9 +76,31 @@ pub fn lanes(topic: &Topic) -> Vec<Topic> {
 }
 
 /// Whether `topic` has lanes under `policies`: its plane turned them on,
-/// and it is neither a lane nor a dead-letter topic itself.
+/// it is neither a lane nor a dead-letter topic itself, and its name
+/// leaves room for the lanes' suffix.
 pub fn laned(topic: &Topic, policies: &PolicySet) -> bool {
-    policies.for_topic(topic).priority_lanes && !topic.is_dead_letter() && base_of(topic).is_none()
+    policies.for_topic(topic).priority_lanes
+        && !topic.is_dead_letter()
+        && base_of(topic).is_none()
+        && check_lanes(topic).is_ok()
+}
+
+/// Whether `topic`'s lanes can be named: its name must leave room for
+/// `.lane-emergency` within [`Topic::MAX_LEN`]. (`Bus::ensure_topic` of
+/// the facade refuses a laned topic whose name is longer.)
+pub fn check_lanes(topic: &Topic) -> crate::Result<()> {
+    let room = Topic::MAX_LEN - EMERGENCY_LANE.len() - 1;
+    if topic.as_str().len() <= room {
+        return Ok(());
+    }
+    Err(crate::Error::new(
+        crate::ErrorKind::InvalidTopic,
+        format!(
+            "topic {topic} is {} bytes long: a topic with priority lanes takes at most {room} \
+             (its lanes add `.{EMERGENCY_LANE}`)",
+            topic.as_str().len()
+        ),
+    ))
 }
 
 /// Send each urgent envelope of a laned topic to its lane.
@@ -130,6 +152,10 @@ mod tests {
         );
         assert!(laned(&t, &on));
         assert!(!laned(&e, &on) && !laned(&t.dead_letter(), &on));
+        let long = Topic::new(format!("control.{}", "x".repeat(190))).unwrap();
+        assert!(!laned(&long, &on), "no room for the lanes' names");
+        let e = check_lanes(&long).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidTopic);
     }
 
     #[tokio::test]

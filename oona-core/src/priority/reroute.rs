@@ -19,8 +19,9 @@
 //! and sent to [`Reroute::events`]. Depths are sampled, not read per
 //! publish: a publish uses the last sample of its topic and, when that is
 //! older than [`Reroute::sample_every`] (1 s), starts a fresh one in the
-//! background; until a first sample lands (and while a group has not
-//! subscribed yet) nothing is rerouted. Add the layer before a signing
+//! background; until a first sample lands, while a group has not
+//! subscribed yet, and when the last sample is stale (reads failing or
+//! taking over 5 s) nothing is rerouted. Add the layer before a signing
 //! layer, so signatures cover the raised priority.
 //!
 //! ```
@@ -84,8 +85,16 @@ struct Sample {
     /// the group has not subscribed.
     depth: Option<u64>,
     at: Option<Instant>,
-    reading: bool,
+    /// When the read under way began (one at a time per sample).
+    reading_since: Option<Instant>,
 }
+
+/// A depth read that has not answered by then is given up.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Samples kept at most (topic and group pairs); past it, samples no
+/// longer fresh are forgotten, and topics beyond it are not rerouted.
+const MAX_SAMPLES: usize = 4096;
 
 struct State {
     transport: Arc<dyn Transport>,
@@ -188,15 +197,33 @@ impl Reroute {
         self.rules.iter().find(|r| r.pattern.matches(topic))
     }
 
-    /// The last sampled depth of `topic` for `rule`, starting a fresh read
-    /// in the background when it is stale.
+    /// How long a sample counts: a depth older than that (its reads
+    /// failing or hanging) reroutes nothing.
+    fn fresh_for(&self) -> Duration {
+        self.every.saturating_mul(3) + READ_TIMEOUT
+    }
+
+    /// The last sampled depth of `topic` for `rule`, if still fresh,
+    /// starting a new read in the background when it is due.
     fn sampled(&self, topic: &Topic, rule: &Rule) -> Option<u64> {
         let key = (topic.clone(), rule.group.clone());
+        let fresh_for = self.fresh_for();
         let mut samples = lock(&self.state.samples);
+        if samples.len() >= MAX_SAMPLES && !samples.contains_key(&key) {
+            samples.retain(|_, s| s.at.is_some_and(|at| at.elapsed() < fresh_for));
+            if samples.len() >= MAX_SAMPLES {
+                return None;
+            }
+        }
         let s = samples.entry(key.clone()).or_default();
-        let stale = s.at.is_none_or(|at| at.elapsed() >= self.every);
-        if stale && !s.reading {
-            s.reading = true;
+        let due = s.at.is_none_or(|at| at.elapsed() >= self.every);
+        // A read lost with its task (a panic, a runtime shut down) does
+        // not hold the sample for good.
+        let idle = s
+            .reading_since
+            .is_none_or(|since| since.elapsed() >= READ_TIMEOUT * 2);
+        if due && idle {
+            s.reading_since = Some(Instant::now());
             let state = Arc::clone(&self.state);
             tokio::spawn(async move {
                 if let Err(e) = read(&state, key.0.clone(), key.1.clone()).await {
@@ -205,6 +232,7 @@ impl Reroute {
             });
         }
         s.depth
+            .filter(|_| s.at.is_some_and(|at| at.elapsed() < fresh_for))
     }
 
     /// Raise the normal messages of rerouted topics; the reroutes made.
@@ -253,17 +281,23 @@ impl Reroute {
     }
 }
 
-/// Read the depth of `group` on `topic` into its sample (a failed read
-/// leaves none: a stale depth reroutes nothing).
+/// Read the depth of `group` on `topic` into its sample, giving up
+/// after [`READ_TIMEOUT`] (a failed read leaves none: an unknown depth
+/// reroutes nothing).
 async fn read(state: &State, topic: Topic, group: Name) -> Result<Option<u64>> {
-    let got = match state.transport.depth(&topic, &group).await {
-        Ok(d) => Ok(Some(d.total())),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+    let asked = tokio::time::timeout(READ_TIMEOUT, state.transport.depth(&topic, &group)).await;
+    let got = match asked {
+        Ok(Ok(d)) => Ok(Some(d.total())),
+        Ok(Err(e)) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(crate::Error::new(
+            ErrorKind::Timeout,
+            format!("the depth of {group} on {topic} took over {READ_TIMEOUT:?}"),
+        )),
     };
     let mut samples = lock(&state.samples);
     let s = samples.entry((topic, group)).or_default();
-    s.reading = false;
+    s.reading_since = None;
     s.at = Some(Instant::now());
     s.depth = got.as_ref().ok().copied().flatten();
     got

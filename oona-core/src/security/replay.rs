@@ -9,6 +9,15 @@
 //! on) pass: the broker, not a publisher, sent them. Refused deliveries
 //! are dead-lettered with a `replay: ...` reason and counted.
 //!
+//! Messages spooled through a broker outage ([`crate::degrade`]) keep the
+//! timestamp they were published with, and the signature covers it: a
+//! consumer whose window is shorter than an outage dead-letters what the
+//! spool flushes after it as `replay: stale` (kept, never lost: requeue it
+//! from the dead-letter topic). Size the window for the longest outage
+//! its publishers spool through; the spool cannot stamp a new time
+//! without the signing key, and an unsigned "spooled" mark would let
+//! anyone replay an old message.
+//!
 //! The record lives in a [`NonceStore`]: [`MemoryNonces`] in the process
 //! (bounded), or one the transport keeps on its broker for the whole group
 //! ([`crate::Transport::nonce_store`]; Redis: `SET NX PX`).
