@@ -15,6 +15,7 @@ pub mod error;
 pub mod flow;
 pub mod layer;
 pub mod memory;
+pub mod metrics;
 pub mod priority;
 pub mod rules;
 pub mod security;

@@ -8,14 +8,15 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use futures::StreamExt as _;
 use oona_core::layer::{apply_policies, ConsumeLayer, PublishLayer, PublishNext};
+use oona_core::metrics::Metrics;
 use oona_core::priority;
 use oona_core::{
-    Codec, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Health, Json,
-    PolicySet, Priority, Receipt, Result, Subscription, Topic, Transport,
+    Codec, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Health,
+    HealthStatus, Json, PolicySet, Priority, Receipt, Result, Subscription, Topic, Transport,
 };
 use tracing::Instrument as _;
 
-use crate::runner::Runner;
+use crate::runner::{Runner, Runners};
 
 /// Anything that names a topic: a [`Topic`] or a string, validated before
 /// any I/O (an invalid name is an [`ErrorKind::InvalidTopic`] error).
@@ -61,6 +62,8 @@ pub struct Bus {
     policies: Arc<PolicySet>,
     publish_layers: Arc<[Arc<dyn PublishLayer>]>,
     consume_layers: Arc<[Arc<dyn ConsumeLayer>]>,
+    metrics: Option<Metrics>,
+    runners: Arc<Runners>,
 }
 
 impl fmt::Debug for Bus {
@@ -79,15 +82,49 @@ impl Bus {
     pub const DEFAULT_SENDER_ID: &'static str = "oona";
 
     /// Wrap a transport, with sender id [`Bus::DEFAULT_SENDER_ID`] and the
-    /// platform's default [`PolicySet`].
+    /// platform's default [`PolicySet`]. With `OONA_METRICS_ADDR` set, the
+    /// bus records the process's [`Metrics::global`] (see
+    /// [`crate::serve`]).
     pub fn new(transport: Arc<dyn Transport>) -> Self {
-        Bus {
+        let bus = Bus {
             transport,
             sender_id: Arc::from(Self::DEFAULT_SENDER_ID),
             policies: Arc::new(PolicySet::default()),
             publish_layers: Arc::new([]),
             consume_layers: Arc::new([]),
+            metrics: None,
+            runners: Arc::default(),
+        };
+        match std::env::var_os("OONA_METRICS_ADDR") {
+            Some(v) if !v.is_empty() => bus.with_metrics(Metrics::global()),
+            _ => bus,
         }
+    }
+
+    /// Record `metrics` of everything this bus publishes and its runners
+    /// handle: the layer goes outermost on both paths, so it times the
+    /// other layers too (see [`oona_core::metrics`]). A second call
+    /// replaces the first.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        // The metrics layer is always first: a second call replaces it.
+        let old = usize::from(self.metrics.replace(metrics.clone()).is_some());
+        let mut p: Vec<Arc<dyn PublishLayer>> = vec![Arc::new(metrics.clone())];
+        p.extend(self.publish_layers.iter().skip(old).cloned());
+        self.publish_layers = p.into();
+        let mut c: Vec<Arc<dyn ConsumeLayer>> = vec![Arc::new(metrics)];
+        c.extend(self.consume_layers.iter().skip(old).cloned());
+        self.consume_layers = c.into();
+        self
+    }
+
+    /// The metrics this bus records, if any.
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_ref()
+    }
+
+    /// The handler runners of this bus and its clones.
+    pub(crate) fn runners(&self) -> &Arc<Runners> {
+        &self.runners
     }
 
     /// Run every publish of this bus through `layer` (after the layers
@@ -350,6 +387,28 @@ impl Bus {
     /// The transport's health.
     pub async fn health(&self) -> Health {
         self.transport.health().await
+    }
+
+    /// Whether the service can do its work: the broker's [`Bus::health`],
+    /// made `Down` when a handler runner of this bus stopped by itself
+    /// (its stream ended) rather than by its shutdown token. What
+    /// `/readyz` answers ([`crate::serve`]).
+    pub async fn readiness(&self) -> Health {
+        let h = self.health().await;
+        let stopped = self.runners.stopped();
+        if stopped.is_empty() {
+            return h;
+        }
+        Health::new(
+            HealthStatus::Down,
+            h.transport,
+            format!(
+                "{}; runners stopped by themselves: {}",
+                h.detail,
+                stopped.join(", ")
+            ),
+            h.round_trip,
+        )
     }
 
     /// Close the transport (streams end, queued settlements are flushed).

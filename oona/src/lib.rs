@@ -8,6 +8,8 @@ pub mod contract;
 pub mod handler;
 pub mod registry;
 pub mod runner;
+#[cfg(feature = "http")]
+pub mod serve;
 
 // Everything of the core (envelope, topics, delivery, the Transport
 // contract, codecs, wire forms, the memory transport) under `oona::`.

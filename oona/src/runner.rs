@@ -310,6 +310,7 @@ where
     /// Subscribe and run until shutdown or the end of the stream.
     pub async fn run<H: Handler<T>>(self, handler: H) -> Result<RunSummary> {
         let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
+        let watched = self.watch().await?;
         let counters = Arc::new(Counters::default());
         let stop = drive(
             self.bus.clone(),
@@ -322,15 +323,29 @@ where
             self.shutdown,
         )
         .await;
+        watched.finish(stop);
         Ok(counters.snapshot(stop))
+    }
+
+    /// Enter this runner in its bus's list (readiness, depth metrics) and
+    /// serve the endpoints if `OONA_METRICS_ADDR` asks for them.
+    async fn watch(&self) -> Result<Watched> {
+        #[cfg(feature = "http")]
+        crate::serve::from_env(&self.bus).await?;
+        Ok(Runners::watch(
+            self.bus.runners(),
+            &self.subscription.topic,
+            &self.subscription.group,
+        ))
     }
 
     /// Subscribe (so the consumer group exists when this returns), then run
     /// in a background task. Stop it with [`RunHandle::shutdown`].
     pub async fn start<H: Handler<T>>(self, handler: H) -> Result<RunHandle> {
         let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
+        let watched = self.watch().await?;
         let counters = Arc::new(Counters::default());
-        let task = tokio::spawn(drive(
+        let driven = drive(
             self.bus.clone(),
             stream,
             Arc::new(self.codec),
@@ -339,12 +354,97 @@ where
             self.policy,
             counters.clone(),
             self.shutdown.clone(),
-        ));
+        );
+        let task = tokio::spawn(async move {
+            let stop = driven.await;
+            watched.finish(stop);
+            stop
+        });
         Ok(RunHandle {
             shutdown: self.shutdown,
             counters,
             task,
         })
+    }
+}
+
+/// The runners of a bus (shared by its clones): what readiness and the
+/// depth metrics look at.
+#[derive(Debug, Default)]
+pub(crate) struct Runners(Mutex<Vec<Arc<Entry>>>);
+
+#[derive(Debug)]
+pub(crate) struct Entry {
+    topic: oona_core::Topic,
+    group: oona_core::Name,
+    /// Set when the runner stopped by itself (its stream ended, its task
+    /// lost).
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Runners {
+    fn watch(runners: &Arc<Runners>, topic: &oona_core::Topic, group: &oona_core::Name) -> Watched {
+        let entry = Arc::new(Entry {
+            topic: topic.clone(),
+            group: group.clone(),
+            failed: Default::default(),
+        });
+        lock(&runners.0).push(Arc::clone(&entry));
+        Watched {
+            runners: Arc::clone(runners),
+            entry,
+            stop: None,
+        }
+    }
+
+    /// The (topic, group) of each runner still running, once each.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) fn groups(&self) -> Vec<(oona_core::Topic, oona_core::Name)> {
+        let mut out: Vec<_> = lock(&self.0)
+            .iter()
+            .filter(|e| !e.failed.load(Ordering::Relaxed))
+            .map(|e| (e.topic.clone(), e.group.clone()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// `topic/group` of each runner that stopped by itself.
+    pub(crate) fn stopped(&self) -> Vec<String> {
+        lock(&self.0)
+            .iter()
+            .filter(|e| e.failed.load(Ordering::Relaxed))
+            .map(|e| format!("{}/{}", e.topic, e.group))
+            .collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A runner's entry in [`Runners`]: a shut-down runner leaves the list; one
+/// that stopped by itself (or whose task was lost) stays, as failed.
+struct Watched {
+    runners: Arc<Runners>,
+    entry: Arc<Entry>,
+    stop: Option<StopReason>,
+}
+
+impl Watched {
+    fn finish(mut self, stop: StopReason) {
+        self.stop = Some(stop);
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if self.stop == Some(StopReason::Shutdown) {
+            lock(&self.runners.0).retain(|e| !Arc::ptr_eq(e, &self.entry));
+        } else {
+            self.entry.failed.store(true, Ordering::Relaxed);
+        }
     }
 }
 
