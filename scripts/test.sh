@@ -13,7 +13,8 @@
 #    against memory:// and each broker, the Python interop tests, with
 #    OONA_TEST_REQUIRE=1 so a missing broker fails the run instead of being
 #    skipped;
-# 5. the main job, `esper_pipeline`, on memory://, Redis, Kafka and Pulsar.
+# 5. the main job, `esper_pipeline`, on memory://, Redis, Kafka and Pulsar,
+#    its /metrics, /healthz and /readyz scraped while it runs.
 #
 # OONA_TEST_BROKERS overrides the broker list (default: every supported one,
 # and s3, the S3-compatible server of the claim-check tests).
@@ -108,12 +109,14 @@ fi
 step "cargo test (workspace, all features)"
 cargo test --workspace --all-features
 
+# The main job serves /metrics, /healthz and /readyz while it runs
+# (OONA_METRICS_ADDR); scripts/main-job.sh scrapes and checks them.
 step "main job on memory://"
-OONA_URL=memory:// cargo run -q -p oona --example esper_pipeline --all-features
+bash scripts/main-job.sh memory://
 for var in OONA_TEST_REDIS_URL OONA_TEST_KAFKA_URL OONA_TEST_PULSAR_URL; do
     if [ -n "${!var:-}" ]; then
         step "main job on ${!var}"
-        OONA_URL="${!var}" cargo run -q -p oona --example esper_pipeline --all-features
+        bash scripts/main-job.sh "${!var}"
     fi
 done
 step "all tests passed"

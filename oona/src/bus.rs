@@ -82,9 +82,9 @@ impl Bus {
     pub const DEFAULT_SENDER_ID: &'static str = "oona";
 
     /// Wrap a transport, with sender id [`Bus::DEFAULT_SENDER_ID`] and the
-    /// platform's default [`PolicySet`]. With `OONA_METRICS_ADDR` set, the
-    /// bus records the process's [`Metrics::global`] (see
-    /// [`crate::serve`]).
+    /// platform's default [`PolicySet`]. With `OONA_METRICS_ADDR` set (and
+    /// feature `http`), the bus records the process's [`Metrics::global`]
+    /// for the endpoints its runners serve (see `oona::serve`).
     pub fn new(transport: Arc<dyn Transport>) -> Self {
         let bus = Bus {
             transport,
@@ -95,10 +95,11 @@ impl Bus {
             metrics: None,
             runners: Arc::default(),
         };
-        match std::env::var_os("OONA_METRICS_ADDR") {
-            Some(v) if !v.is_empty() => bus.with_metrics(Metrics::global()),
-            _ => bus,
+        #[cfg(feature = "http")]
+        if crate::serve::addr_from_env().is_some() {
+            return bus.with_metrics(Metrics::global());
         }
+        bus
     }
 
     /// Record `metrics` of everything this bus publishes and its runners

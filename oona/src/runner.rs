@@ -309,8 +309,8 @@ where
 
     /// Subscribe and run until shutdown or the end of the stream.
     pub async fn run<H: Handler<T>>(self, handler: H) -> Result<RunSummary> {
-        let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
         let watched = self.watch().await?;
+        let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
         let counters = Arc::new(Counters::default());
         let stop = drive(
             self.bus.clone(),
@@ -327,23 +327,20 @@ where
         Ok(counters.snapshot(stop))
     }
 
-    /// Enter this runner in its bus's list (readiness, depth metrics) and
-    /// serve the endpoints if `OONA_METRICS_ADDR` asks for them.
+    /// Serve the endpoints if `OONA_METRICS_ADDR` asks for them (a bad
+    /// address fails before anything is subscribed), and enter this runner
+    /// in its bus's list (readiness, depth metrics).
     async fn watch(&self) -> Result<Watched> {
         #[cfg(feature = "http")]
         crate::serve::from_env(&self.bus).await?;
-        Ok(Runners::watch(
-            self.bus.runners(),
-            &self.subscription.topic,
-            &self.subscription.group,
-        ))
+        Ok(Runners::watch(&self.bus, &self.subscription))
     }
 
     /// Subscribe (so the consumer group exists when this returns), then run
     /// in a background task. Stop it with [`RunHandle::shutdown`].
     pub async fn start<H: Handler<T>>(self, handler: H) -> Result<RunHandle> {
-        let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
         let watched = self.watch().await?;
+        let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
         let counters = Arc::new(Counters::default());
         let driven = drive(
             self.bus.clone(),
@@ -383,15 +380,24 @@ pub(crate) struct Entry {
 }
 
 impl Runners {
-    fn watch(runners: &Arc<Runners>, topic: &oona_core::Topic, group: &oona_core::Name) -> Watched {
+    /// A runner of `sub` starts: a failed runner of the same topic and
+    /// group before it is forgotten (it was restarted).
+    fn watch(bus: &Bus, sub: &Subscription) -> Watched {
         let entry = Arc::new(Entry {
-            topic: topic.clone(),
-            group: group.clone(),
+            topic: sub.topic.clone(),
+            group: sub.group.clone(),
             failed: Default::default(),
         });
-        lock(&runners.0).push(Arc::clone(&entry));
+        let runners = bus.runners();
+        let mut list = lock(&runners.0);
+        list.retain(|e| {
+            !(e.failed.load(Ordering::Relaxed) && e.topic == entry.topic && e.group == entry.group)
+        });
+        list.push(Arc::clone(&entry));
+        drop(list);
         Watched {
             runners: Arc::clone(runners),
+            metrics: bus.metrics().cloned(),
             entry,
             stop: None,
         }
@@ -424,10 +430,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A runner's entry in [`Runners`]: a shut-down runner leaves the list; one
-/// that stopped by itself (or whose task was lost) stays, as failed.
+/// A runner's entry in [`Runners`]: a shut-down runner leaves the list
+/// (and its group's depth leaves the metrics); one that stopped by itself,
+/// or whose task was lost (a `run` future dropped before its shutdown
+/// token fired), stays, as failed, until a runner of its topic and group
+/// starts again.
 struct Watched {
     runners: Arc<Runners>,
+    metrics: Option<oona_core::metrics::Metrics>,
     entry: Arc<Entry>,
     stop: Option<StopReason>,
 }
@@ -441,7 +451,14 @@ impl Watched {
 impl Drop for Watched {
     fn drop(&mut self) {
         if self.stop == Some(StopReason::Shutdown) {
-            lock(&self.runners.0).retain(|e| !Arc::ptr_eq(e, &self.entry));
+            let mut list = lock(&self.runners.0);
+            list.retain(|e| !Arc::ptr_eq(e, &self.entry));
+            let (t, g) = (&self.entry.topic, &self.entry.group);
+            let others = list.iter().any(|e| e.topic == *t && e.group == *g);
+            drop(list);
+            if let (false, Some(m)) = (others, &self.metrics) {
+                m.forget_group(t, g);
+            }
         } else {
             self.entry.failed.store(true, Ordering::Relaxed);
         }

@@ -9,17 +9,20 @@
 //! service that configures them in code.
 //!
 //! - `/metrics`: the bus's [`Metrics::render`], with the depth of each
-//!   running runner's group read just before (at most 2 s).
+//!   running runner's group read first (at most once per 5 s, waiting at
+//!   most 2 s).
 //! - `/healthz`: `200 ok` while the process answers.
 //! - `/readyz`: `200` when the broker is reachable ([`Bus::health`] up or
 //!   degraded) and no runner of the bus stopped by itself (its stream
 //!   ended); else `503` with the reason.
 //!
-//! Anything else is `404`.
+//! Anything else is `404`. One request per connection, its head within
+//! 10 s, at most 64 connections at once. The endpoints have no
+//! authentication: listen on an address only the scraper reaches.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,11 +31,11 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use oona_core::metrics::{Metrics, CONTENT_TYPE};
 use oona_core::{Error, ErrorKind, HealthStatus, Result};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::Bus;
 
@@ -87,37 +90,45 @@ impl Drop for Endpoints {
     }
 }
 
+/// The address [`METRICS_ADDR_ENV`] gives, if set and not blank.
+pub(crate) fn addr_from_env() -> Option<String> {
+    let v = std::env::var(METRICS_ADDR_ENV).ok()?;
+    let v = v.trim();
+    (!v.is_empty()).then(|| v.to_string())
+}
+
 /// Start the endpoints for `bus` on [`METRICS_ADDR_ENV`] if it is set and
 /// nothing serves them yet in this process; they run while the process
 /// does. An address that cannot be listened on is a
 /// [`ErrorKind::ConfigInvalid`] error.
 pub(crate) async fn from_env(bus: &Bus) -> Result<()> {
-    static SERVING: Mutex<Option<Endpoints>> = Mutex::new(None);
-    let Some(addr) = std::env::var(METRICS_ADDR_ENV)
-        .ok()
-        .filter(|a| !a.trim().is_empty())
-    else {
+    static SERVING: tokio::sync::OnceCell<Endpoints> = tokio::sync::OnceCell::const_new();
+    let Some(addr) = addr_from_env() else {
         return Ok(());
     };
-    if lock(&SERVING).is_some() {
-        return Ok(());
-    }
-    let endpoints = Endpoints::start(addr.trim(), bus.clone())
-        .await
-        .map_err(|e| Error::new(e.kind(), format!("{METRICS_ADDR_ENV}: {e}")))?;
-    let mut serving = lock(&SERVING);
-    if serving.is_none() {
-        *serving = Some(endpoints);
-    }
+    SERVING
+        .get_or_try_init(|| async {
+            Endpoints::start(&addr, bus.clone())
+                .await
+                .map_err(|e| Error::new(e.kind(), format!("{METRICS_ADDR_ENV}: {e}")))
+        })
+        .await?;
     Ok(())
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// Connections served at once; more wait in the listen queue.
+const MAX_CONNECTIONS: usize = 64;
+
+/// A request's head must arrive within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn accept(listener: TcpListener, bus: Bus, mut stopped: watch::Receiver<bool>) {
+    let room = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let depths = Arc::new(DepthCache::default());
     loop {
+        let Ok(permit) = Arc::clone(&room).acquire_owned().await else {
+            return;
+        };
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -129,18 +140,31 @@ async fn accept(listener: TcpListener, bus: Bus, mut stopped: watch::Receiver<bo
             },
             _ = stopped.changed() => return,
         };
-        let bus = bus.clone();
+        let (bus, depths) = (bus.clone(), Arc::clone(&depths));
         tokio::spawn(async move {
-            let service = service_fn(move |req| answer(bus.clone(), req));
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await
-            {
+            let service = service_fn(move |req| answer(bus.clone(), Arc::clone(&depths), req));
+            // One request per connection, its head within the timeout: a
+            // slow or idle client holds a slot for seconds, not forever.
+            let served = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(tcp), service);
+            if let Err(e) = served.await {
                 tracing::debug!(error = %e, "metrics endpoints: connection failed");
             }
+            drop(permit);
         });
     }
 }
+
+/// When the groups' depths were last read: a scrape reads them at most
+/// once per [`DEPTH_EVERY`], however often it is asked.
+#[derive(Default)]
+struct DepthCache(tokio::sync::Mutex<Option<tokio::time::Instant>>);
+
+/// The shortest time between two depth readings.
+const DEPTH_EVERY: Duration = Duration::from_secs(5);
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -151,10 +175,18 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
     r
 }
 
-async fn answer(bus: Bus, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    bus: Bus,
+    depths: Arc<DepthCache>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     const TEXT: &str = "text/plain; charset=utf-8";
     Ok(match req.uri().path() {
-        "/metrics" => reply(StatusCode::OK, CONTENT_TYPE, metrics_page(&bus).await),
+        "/metrics" => reply(
+            StatusCode::OK,
+            CONTENT_TYPE,
+            metrics_page(&bus, &depths).await,
+        ),
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
         "/readyz" => match readiness(&bus).await {
             Ok(detail) => reply(StatusCode::OK, TEXT, detail),
@@ -164,19 +196,22 @@ async fn answer(bus: Bus, req: Request<Incoming>) -> Result<Response<Full<Bytes>
     })
 }
 
-async fn metrics_page(bus: &Bus) -> String {
+async fn metrics_page(bus: &Bus, depths: &DepthCache) -> String {
     let metrics = bus.metrics().cloned().unwrap_or_else(Metrics::new);
-    let groups = bus.runners().groups();
-    let sampled = tokio::time::timeout(
-        DEPTH_WAIT,
-        metrics.sample_depths(bus.transport().as_ref(), &groups),
-    )
-    .await;
-    if let Ok(errors) = sampled {
-        for e in errors {
+    let mut last = depths.0.lock().await;
+    if last.is_none_or(|at| at.elapsed() >= DEPTH_EVERY) {
+        let groups = bus.runners().groups();
+        let sampled = tokio::time::timeout(
+            DEPTH_WAIT,
+            metrics.sample_depths(bus.transport().as_ref(), &groups),
+        )
+        .await;
+        for e in sampled.unwrap_or_default() {
             tracing::debug!(error = %e, "metrics: a group's depth was not read");
         }
+        *last = Some(tokio::time::Instant::now());
     }
+    drop(last);
     metrics.render()
 }
 

@@ -10,14 +10,14 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `oona_publish_duration_seconds` | histogram | topic |
+//! | `oona_publish_duration_seconds` | histogram: one observation per publish call (a batch is one) | topic |
 //! | `oona_published_total` | counter | topic |
 //! | `oona_publish_errors_total` | counter | topic, kind ([`crate::ErrorKind::as_str`]) |
 //! | `oona_delivery_latency_seconds` | histogram: publish time to the handler's start (end to end; clocks of hosts apart) | topic, group |
 //! | `oona_handler_duration_seconds` | histogram | topic, group |
-//! | `oona_handled_total` | counter | topic, group, outcome (`ack`, `nack`, `reject`) |
+//! | `oona_handled_total` | counter | topic, group, outcome (`ack`, `nack`, `reject`; `settle_error` when the broker did not take the settlement) |
 //! | `oona_redeliveries_total` | counter: deliveries at attempt 2 on | topic, group |
-//! | `oona_dead_letters_total` | counter | topic, group, reason (the reason's first word: `decode`, `replay`, `max_attempts`, ...) |
+//! | `oona_dead_letters_total` | counter | topic, group, reason (the reason's first word when it is one: `decode`, `replay`, `max_attempts`, ...; else `other`) |
 //! | `oona_group_backlog` / `oona_group_pending` | gauge ([`Metrics::sample_depths`]) | topic, group |
 //!
 //! and, for what [`Metrics::watch_flow`], [`Metrics::watch_reroute`] and
@@ -27,6 +27,9 @@
 //! `oona_spool_records`, `oona_spool_bytes`, `oona_spooled_total`,
 //! `oona_breaker_state` (0 closed, 1 half-open, 2 open) and
 //! `oona_breaker_conservative`.
+//!
+//! Series are never dropped but for [`Metrics::forget_group`]: topics and
+//! groups must be few (the platform's names), not made per message.
 //!
 //! Latency buckets run from 100 µs to 30 s ([`LATENCY_BUCKETS`]); the
 //! p50, p95 and p99 of a series are read in the process with
@@ -71,11 +74,12 @@ pub struct Quantiles {
 
 impl Quantiles {
     fn of(h: &Histogram) -> Option<Quantiles> {
+        let q = h.quantiles(&[0.5, 0.95, 0.99])?;
         Some(Quantiles {
             count: h.count(),
-            p50: h.quantile(0.5)?,
-            p95: h.quantile(0.95)?,
-            p99: h.quantile(0.99)?,
+            p50: q[0],
+            p95: q[1],
+            p99: q[2],
         })
     }
 }
@@ -93,7 +97,9 @@ struct Inner {
     dead_letters: Family<Counter>,
     backlog: Family<Gauge>,
     pending: Family<Gauge>,
-    collectors: Mutex<Vec<Collector>>,
+    /// By what they expose: watching a second one of a kind replaces the
+    /// first (a page must not repeat a family).
+    collectors: Mutex<Vec<(&'static str, Collector)>>,
 }
 
 /// A bus's metrics (see the module docs). Cheap to clone; clones share
@@ -194,7 +200,7 @@ impl Metrics {
         i.dead_letters.render(&mut out);
         i.backlog.render(&mut out);
         i.pending.render(&mut out);
-        for c in lock(&i.collectors).iter() {
+        for (_, c) in lock(&i.collectors).iter() {
             c(&mut out);
         }
         out
@@ -252,7 +258,7 @@ impl Metrics {
     /// topic.
     pub fn watch_flow(&self, flow: &FlowControl) {
         let flow = flow.clone();
-        self.collect(move |out| {
+        self.collect("flow", move |out| {
             let c = flow.counts();
             simple(
                 out,
@@ -287,7 +293,7 @@ impl Metrics {
     /// Expose what `reroute` did: reroutes by topic.
     pub fn watch_reroute(&self, reroute: &Reroute) {
         let reroute = reroute.clone();
-        self.collect(move |out| {
+        self.collect("reroute", move |out| {
             by_topic(
                 out,
                 "oona_rerouted_total",
@@ -299,7 +305,7 @@ impl Metrics {
 
     /// Expose `spooled`'s spool and breaker.
     pub fn watch_spooled(&self, spooled: Arc<Spooled>) {
-        self.collect(move |out| {
+        self.collect("spooled", move |out| {
             let s = spooled.stats();
             let state = match s.breaker {
                 BreakerState::Closed => 0,
@@ -344,22 +350,37 @@ impl Metrics {
         });
     }
 
-    fn collect(&self, f: impl Fn(&mut String) + Send + Sync + 'static) {
-        lock(&self.inner.collectors).push(Box::new(f));
+    fn collect(&self, what: &'static str, f: impl Fn(&mut String) + Send + Sync + 'static) {
+        let mut collectors = lock(&self.inner.collectors);
+        collectors.retain(|(w, _)| *w != what);
+        collectors.push((what, Box::new(f)));
+    }
+
+    /// Forget the sampled depth of `group` on `topic` (its runners
+    /// stopped), so the page does not show a stale figure.
+    pub fn forget_group(&self, topic: &Topic, group: &Name) {
+        let labels = [topic.as_str(), group.as_str()];
+        self.inner.backlog.remove(&labels);
+        self.inner.pending.remove(&labels);
     }
 
     fn record_handled(&self, topic: &str, group: &str, handled: &Handled, took: f64) {
         let i = &self.inner;
         i.handler_seconds.get(&[topic, group]).observe(took);
+        if handled.settled.is_err() {
+            // The broker did not take the settlement: the message comes
+            // back, nothing was acked or dead-lettered.
+            i.handled.get(&[topic, group, "settle_error"]).inc();
+            return;
+        }
         let (outcome, reason) = match &handled.outcome {
-            Outcome::Ack => ("ack", None),
-            Outcome::Nack { .. } => ("nack", Some("max_attempts".to_string())),
-            Outcome::Reject { reason } => ("reject", Some(reason_class(reason))),
+            Outcome::Ack => ("ack", ""),
+            Outcome::Nack { .. } => ("nack", "max_attempts"),
+            Outcome::Reject { reason } => ("reject", reason_class(reason)),
         };
         i.handled.get(&[topic, group, outcome]).inc();
         if handled.dead_lettered {
-            let reason = reason.unwrap_or_else(|| "unknown".into());
-            i.dead_letters.get(&[topic, group, &reason]).inc();
+            i.dead_letters.get(&[topic, group, reason]).inc();
         }
     }
 }
@@ -401,18 +422,37 @@ fn by_topic(
 }
 
 /// The class of a dead-letter reason, a label of few values: its first
-/// word (`decode: ...` → `decode`), lower case, at most 32 characters.
-fn reason_class(reason: &str) -> String {
-    let word: String = reason
+/// word if that is letters and `_` only (`decode: ...` → `decode`,
+/// `unsupported op 'x'` → `unsupported`), at most 32 long; else `other`.
+/// Reasons that start with data (an id, a number) all count as `other`:
+/// handlers should open their reasons with a fixed word.
+fn reason_class(reason: &str) -> &str {
+    let end = reason
+        .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+        .unwrap_or(reason.len());
+    let word = &reason[..end];
+    let ends_word = reason[end..]
         .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
-        .take(32)
-        .collect();
-    if word.is_empty() {
-        "other".into()
+        .next()
+        .is_none_or(|c| c == ':' || c.is_whitespace());
+    if word.is_empty() || word.len() > 32 || !ends_word {
+        "other"
     } else {
-        word.to_ascii_lowercase()
+        word
     }
+}
+
+/// Each topic of a publish once, with how many of its envelopes it had.
+fn counted(mut topics: Vec<Topic>) -> Vec<(u64, Topic)> {
+    topics.sort();
+    let mut out: Vec<(u64, Topic)> = Vec::new();
+    for t in topics {
+        match out.last_mut() {
+            Some((n, last)) if *last == t => *n += 1,
+            _ => out.push((1, t)),
+        }
+    }
+    out
 }
 
 /// Seconds since `t`, 0 for a time in the future (another host's clock).
@@ -433,13 +473,17 @@ impl PublishLayer for Metrics {
         let result = next.run(envelopes).await;
         let took = started.elapsed().as_secs_f64();
         let i = &self.inner;
-        for t in &topics {
+        for (n, t) in counted(topics) {
             match &result {
                 Ok(_) => {
-                    i.published.get(&[t.as_str()]).inc();
+                    i.published.get(&[t.as_str()]).add(n);
+                    // One call, one duration, whatever the batch's size.
                     i.publish_seconds.get(&[t.as_str()]).observe(took);
                 }
-                Err(e) => i.publish_errors.get(&[t.as_str(), e.kind().as_str()]).inc(),
+                Err(e) => i
+                    .publish_errors
+                    .get(&[t.as_str(), e.kind().as_str()])
+                    .add(n),
             }
         }
         result
@@ -472,8 +516,30 @@ mod tests {
     #[test]
     fn reasons_are_classed_by_their_first_word() {
         assert_eq!(reason_class("decode: not an envelope"), "decode");
-        assert_eq!(reason_class("Replay: stale"), "replay");
-        assert_eq!(reason_class("  spaces"), "other");
-        assert_eq!(reason_class(&"x".repeat(100)).len(), 32);
+        assert_eq!(reason_class("unsupported op 'quantum_conv'"), "unsupported");
+        assert_eq!(reason_class("max_attempts"), "max_attempts");
+        for data in [
+            "12345: bad order",
+            "Replay: stale",
+            "  spaces",
+            "bp-7: x",
+            "",
+        ] {
+            assert_eq!(reason_class(data), "other", "{data:?}");
+        }
+        assert_eq!(reason_class(&"x".repeat(100)), "other");
+    }
+
+    #[test]
+    fn a_second_watch_of_a_kind_replaces_the_first() {
+        let m = Metrics::new();
+        m.watch_flow(&FlowControl::new(4));
+        m.watch_flow(&FlowControl::new(8));
+        let page = m.render();
+        assert_eq!(
+            page.matches("# TYPE oona_flow_in_flight gauge").count(),
+            1,
+            "{page}"
+        );
     }
 }

@@ -97,6 +97,12 @@ impl Histogram {
     /// Prometheus' `histogram_quantile` does; `None` before any
     /// observation. Past the last bound it is the last bound.
     pub fn quantile(&self, q: f64) -> Option<f64> {
+        self.quantiles(&[q]).map(|v| v[0])
+    }
+
+    /// Several quantiles from one reading of the buckets (so they are
+    /// ordered as the `qs` are, whatever is observed meanwhile).
+    pub fn quantiles(&self, qs: &[f64]) -> Option<Vec<f64>> {
         let counts: Vec<u64> = self
             .counts
             .iter()
@@ -106,20 +112,25 @@ impl Histogram {
         if total == 0 {
             return None;
         }
+        Some(qs.iter().map(|q| self.rank(&counts, total, *q)).collect())
+    }
+
+    fn rank(&self, counts: &[u64], total: u64, q: f64) -> f64 {
+        let last = self.bounds.last().copied().unwrap_or(0.0);
         let rank = q.clamp(0.0, 1.0) * total as f64;
         let mut below = 0u64;
         for (i, &n) in counts.iter().enumerate() {
             if n > 0 && (below + n) as f64 >= rank {
                 let Some(&upper) = self.bounds.get(i) else {
-                    return self.bounds.last().copied();
+                    return last;
                 };
                 let lower = if i == 0 { 0.0 } else { self.bounds[i - 1] };
                 let within = (rank - below as f64) / n as f64;
-                return Some(lower + (upper - lower) * within);
+                return lower + (upper - lower) * within;
             }
             below += n;
         }
-        self.bounds.last().copied()
+        last
     }
 }
 
@@ -250,6 +261,12 @@ impl<M: Metric> Family<M> {
             (values, Arc::new(M::make()))
         });
         Arc::clone(m)
+    }
+
+    /// Forget the series of `labels` (a group no longer watched).
+    pub fn remove(&self, labels: &[&str]) {
+        let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
+        series.remove(&key_of(labels));
     }
 
     /// Every series, with its label values.
