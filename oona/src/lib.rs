@@ -6,6 +6,7 @@ pub mod bus;
 #[cfg(feature = "contracts")]
 pub mod contract;
 pub mod handler;
+pub mod health;
 pub mod registry;
 pub mod runner;
 #[cfg(feature = "http")]

@@ -416,6 +416,18 @@ impl Runners {
         out
     }
 
+    /// Every runner: topic, group, and whether it is running (`false`:
+    /// it stopped by itself).
+    pub(crate) fn list(&self) -> Vec<(oona_core::Topic, oona_core::Name, bool)> {
+        lock(&self.0)
+            .iter()
+            .map(|e| {
+                let running = !e.failed.load(Ordering::Relaxed);
+                (e.topic.clone(), e.group.clone(), running)
+            })
+            .collect()
+    }
+
     /// `topic/group` of each runner that stopped by itself.
     pub(crate) fn stopped(&self) -> Vec<String> {
         lock(&self.0)

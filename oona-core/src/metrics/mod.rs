@@ -220,6 +220,36 @@ impl Metrics {
         Quantiles::of(&h)
     }
 
+    /// The publish latency of every topic published to, by topic.
+    pub fn publish_latencies(&self) -> Vec<(String, Quantiles)> {
+        let mut out: Vec<(String, Quantiles)> = self
+            .inner
+            .publish_seconds
+            .snapshot()
+            .into_iter()
+            .filter_map(|(mut l, h)| Some((l.pop()?, Quantiles::of(&h)?)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The end-to-end latency of every group that handled something, by
+    /// topic and group.
+    pub fn delivery_latencies(&self) -> Vec<(String, String, Quantiles)> {
+        let mut out: Vec<(String, String, Quantiles)> = self
+            .inner
+            .delivery_latency
+            .snapshot()
+            .into_iter()
+            .filter_map(|(l, h)| {
+                let [topic, group] = <[String; 2]>::try_from(l).ok()?;
+                Some((topic, group, Quantiles::of(&h)?))
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
+    }
+
     /// How many messages were published to `topic`.
     pub fn published(&self, topic: &Topic) -> u64 {
         self.inner.published.get(&[topic.as_str()]).get()
