@@ -27,7 +27,7 @@
 use std::time::Duration;
 
 use oona_core::metrics::{Metrics, Quantiles};
-use oona_core::{HealthStatus, Result, Timestamp, Topic};
+use oona_core::{HealthStatus, Result, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::runner::Shutdown;
@@ -170,32 +170,48 @@ impl Bus {
         shutdown: Shutdown,
     ) -> tokio::task::JoinHandle<()> {
         let bus = self.clone();
-        tokio::spawn(async move {
-            let topic = match Topic::new(HEALTH_TOPIC) {
-                Ok(t) => t,
-                Err(e) => return tracing::error!(error = %e, "health topic"),
-            };
-            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = shutdown.triggered() => return,
-                }
-                if let Err(e) = bus.publish_health(&topic).await {
+        tokio::spawn(periodically(every, true, shutdown, move || {
+            let bus = bus.clone();
+            async move {
+                if let Err(e) = bus.publish_health().await {
                     tracing::warn!(error = %e, "health event not published");
                 }
             }
-        })
+        }))
     }
 
-    async fn publish_health(&self, topic: &Topic) -> Result<()> {
+    async fn publish_health(&self) -> Result<()> {
         let snapshot = self.health_snapshot().await;
-        self.message(topic, &snapshot)
+        self.message(HEALTH_TOPIC, &snapshot)
             .key(snapshot.service.clone())
             .schema_id(HEALTH_SCHEMA)
             .send()
             .await
             .map(|_| ())
+    }
+}
+
+/// Run `tick` every `period` (the first right away when `now`, else after
+/// a period; a late tick delays the next) until `shutdown` fires.
+pub(crate) async fn periodically<F, Fut>(
+    period: Duration,
+    now: bool,
+    shutdown: Shutdown,
+    mut tick: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut clock = tokio::time::interval(period.max(Duration::from_millis(10)));
+    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if !now {
+        clock.tick().await;
+    }
+    loop {
+        tokio::select! {
+            _ = clock.tick() => {}
+            _ = shutdown.triggered() => return,
+        }
+        tick().await;
     }
 }

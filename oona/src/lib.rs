@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod bus;
 #[cfg(feature = "contracts")]
 pub mod contract;

@@ -380,7 +380,11 @@ impl Metrics {
         });
     }
 
-    fn collect(&self, what: &'static str, f: impl Fn(&mut String) + Send + Sync + 'static) {
+    /// Add `f` to what [`Metrics::render`] writes, after the built-in
+    /// families: it appends whole families (`# HELP`, `# TYPE`, samples;
+    /// [`Family::render`] does it). One collector per `what`: a second of
+    /// the same name replaces the first, so a page never repeats a family.
+    pub fn collect(&self, what: &'static str, f: impl Fn(&mut String) + Send + Sync + 'static) {
         let mut collectors = lock(&self.inner.collectors);
         collectors.retain(|(w, _)| *w != what);
         collectors.push((what, Box::new(f)));
@@ -456,7 +460,7 @@ fn by_topic(
 /// `unsupported op 'x'` → `unsupported`), at most 32 long; else `other`.
 /// Reasons that start with data (an id, a number) all count as `other`:
 /// handlers should open their reasons with a fixed word.
-fn reason_class(reason: &str) -> &str {
+pub fn reason_class(reason: &str) -> &str {
     let end = reason
         .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
         .unwrap_or(reason.len());
