@@ -34,7 +34,9 @@ fn main() {
 }
 
 fn topic(what: &str, i: usize, with: bool) -> Res<Topic> {
-    Ok(Topic::new(format!("telemetry.bench.layers_{what}_{with}_{i}"))?)
+    Ok(Topic::new(format!(
+        "telemetry.bench.layers_{what}_{with}_{i}"
+    ))?)
 }
 
 fn sub(t: &Topic) -> Res<Subscription> {
@@ -49,7 +51,12 @@ async fn run() -> Res<()> {
     let (w, wo) = rounds(ROUNDS, |i| publish(i, true), |i| publish(i, false)).await?;
     print_throughput("publish + Metrics (msg/s)", w, wo, &per_message(w, wo));
     let (w, wo) = rounds(ROUNDS, |i| consume(i, true), |i| consume(i, false)).await?;
-    print_throughput("consume + ack + Metrics (msg/s)", w, wo, &per_message(w, wo));
+    print_throughput(
+        "consume + ack + Metrics (msg/s)",
+        w,
+        wo,
+        &per_message(w, wo),
+    );
     Ok(())
 }
 
@@ -95,7 +102,8 @@ async fn consume(i: usize, with: bool) -> Res<f64> {
     // In chunks below the transport's capacity; only consuming is timed.
     for chunk in 0..N / CHUNK {
         for n in 0..CHUNK {
-            m.publish(envelope(&t, (chunk * CHUNK + n) as u64 + 1)).await?;
+            m.publish(envelope(&t, (chunk * CHUNK + n) as u64 + 1))
+                .await?;
         }
         let started = Instant::now();
         for _ in 0..CHUNK {
