@@ -16,6 +16,8 @@ pub mod flow;
 pub mod layer;
 pub mod memory;
 pub mod metrics;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod priority;
 pub mod rules;
 pub mod security;

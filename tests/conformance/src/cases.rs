@@ -1742,8 +1742,9 @@ async fn poison_goes_to_dead_letter_in(cx: &Cx<'_>) -> CaseResult {
     let dlq = topic.dead_letter();
     cx.track(&dlq);
     let g = group("poison");
+    let reader = group("poison-reader");
     let c = cx.client().await?;
-    let mut dl_stream = subscribe(&c, sub(&dlq, &group("poison-reader"))).await?;
+    let mut dl_stream = subscribe(&c, sub(&dlq, &reader)).await?;
     let mut s = subscribe(&c, sub(&topic, &g).ack_deadline(LONG_DEADLINE)).await?;
     let marker = format!("conformance poison {} is not an envelope", random_suffix());
     hook(
@@ -1758,7 +1759,32 @@ async fn poison_goes_to_dead_letter_in(cx: &Cx<'_>) -> CaseResult {
     check!(d.attempt() == 1, "good message has attempt {}", d.attempt());
     d.ack().await.ctx("ack")?;
 
-    let dl = expect_delivery(&mut dl_stream, cx.t.wait(), "the poison's dead letter").await?;
+    // Where the poison is when its dead letter is late: still on the
+    // topic, or on the dead-letter topic but not delivered.
+    let whereabouts = || async {
+        format!(
+            "depth of {topic} for {g}: {:?}; of {dlq} for {reader}: {:?}",
+            c.depth(&topic, &g).await,
+            c.depth(&dlq, &reader).await
+        )
+    };
+    // Waited for up to three times the usual wait (a dead letter that is
+    // lost still fails); a slow one is reported.
+    let started = std::time::Instant::now();
+    let dl =
+        match expect_delivery(&mut dl_stream, cx.t.wait() * 3, "the poison's dead letter").await {
+            Ok(d) => d,
+            Err(e) => return Err(failed(format!("{e}; {}", whereabouts().await))),
+        };
+    if started.elapsed() > cx.t.wait() {
+        eprintln!(
+            "poison_goes_to_dead_letter [{}]: the dead letter took {:?}, over the usual {:?}; {}",
+            cx.fx.name(),
+            started.elapsed(),
+            cx.t.wait(),
+            whereabouts().await
+        );
+    }
     let env = dl.envelope().clone();
     dl.ack().await.ctx("ack dead letter")?;
     check!(
