@@ -146,7 +146,10 @@ fn check_tree(spans: &[SpanData], topics: &[Topic], systems: &[&str]) {
             "process {t} is the child of its send"
         );
         for s in [send, process] {
-            assert_eq!(attr(s, "messaging.system"), Some(&Value::from(systems[i].to_string())));
+            assert_eq!(
+                attr(s, "messaging.system"),
+                Some(&Value::from(systems[i].to_string()))
+            );
             assert_eq!(
                 attr(s, "messaging.destination.name"),
                 Some(&Value::from(t.to_string()))
