@@ -15,6 +15,7 @@ TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 url="${1:?usage: main-job.sh OONA_URL}"
 scheme="${url%%:*}"
 
+command -v curl >/dev/null 2>&1 || { echo "main-job.sh needs curl (apt-get install -y curl)" >&2; exit 1; }
 cargo build -q -p oona --example esper_pipeline --all-features
 bin="$TARGET/debug/examples/esper_pipeline"
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"

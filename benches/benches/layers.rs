@@ -7,9 +7,10 @@
 //! ```
 //!
 //! 256-byte payloads, medians of interleaved rounds (with, without, ...):
-//! - publish through the publish chain, one call per message: with the
-//!   `Metrics` layer vs none;
-//! - consume + ack through the consume chain: with `Metrics` vs none.
+//! - publish through the publish chain, one call per message, and consume
+//!   + ack through the consume chain: with the `Metrics` layer vs none,
+//!   and with `otel::TraceLayer` (the OpenTelemetry SDK's tracer, spans
+//!   kept by its in-memory exporter) vs none.
 //!
 //! Each line also gives the cost per message in nanoseconds (the
 //! difference of the inverse rates).
@@ -23,7 +24,10 @@ use oona_benches::{envelope, print_throughput, rounds, run_main, Res, PAYLOAD};
 use oona_core::layer::{ConsumeLayer, ConsumeNext, Handled, PublishLayer, PublishNext};
 use oona_core::memory::MemoryTransport;
 use oona_core::metrics::Metrics;
+use oona_core::otel::TraceLayer;
 use oona_core::{Delivery, Name, Outcome, StartPosition, Subscription, Topic, Transport};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracer, SdkTracerProvider};
 
 const ROUNDS: usize = 5;
 const N: usize = 50_000;
@@ -33,10 +37,40 @@ fn main() {
     run_main(run());
 }
 
-fn topic(what: &str, i: usize, with: bool) -> Res<Topic> {
-    Ok(Topic::new(format!(
-        "telemetry.bench.layers_{what}_{with}_{i}"
-    ))?)
+fn topic(what: &str, i: usize, with: Stack) -> Res<Topic> {
+    let name = format!("telemetry.bench.layers_{what}_{with:?}_{i}");
+    Ok(Topic::new(name.to_lowercase())?)
+}
+
+/// The layers under test.
+#[derive(Debug, Clone, Copy)]
+enum Stack {
+    None,
+    Metrics,
+    Trace,
+}
+
+fn tracer() -> SdkTracer {
+    SdkTracerProvider::builder()
+        .with_simple_exporter(InMemorySpanExporter::default())
+        .build()
+        .tracer("bench")
+}
+
+fn publish_layers(stack: Stack) -> Vec<Arc<dyn PublishLayer>> {
+    match stack {
+        Stack::None => Vec::new(),
+        Stack::Metrics => vec![Arc::new(Metrics::new())],
+        Stack::Trace => vec![Arc::new(TraceLayer::new(tracer(), "memory"))],
+    }
+}
+
+fn consume_layers(stack: Stack) -> Vec<Arc<dyn ConsumeLayer>> {
+    match stack {
+        Stack::None => Vec::new(),
+        Stack::Metrics => vec![Arc::new(Metrics::new())],
+        Stack::Trace => vec![Arc::new(TraceLayer::new(tracer(), "memory"))],
+    }
 }
 
 fn sub(t: &Topic) -> Res<Subscription> {
@@ -48,15 +82,14 @@ async fn run() -> Res<()> {
     println!();
     println!("| scenario | with | without | with/without | cost per message |");
     println!("|---|---:|---:|---:|---|");
-    let (w, wo) = rounds(ROUNDS, |i| publish(i, true), |i| publish(i, false)).await?;
-    print_throughput("publish + Metrics (msg/s)", w, wo, &per_message(w, wo));
-    let (w, wo) = rounds(ROUNDS, |i| consume(i, true), |i| consume(i, false)).await?;
-    print_throughput(
-        "consume + ack + Metrics (msg/s)",
-        w,
-        wo,
-        &per_message(w, wo),
-    );
+    for stack in [Stack::Metrics, Stack::Trace] {
+        let (w, wo) = rounds(ROUNDS, |i| publish(i, stack), |i| publish(i, Stack::None)).await?;
+        let name = format!("publish + {stack:?} (msg/s)");
+        print_throughput(&name, w, wo, &per_message(w, wo));
+        let (w, wo) = rounds(ROUNDS, |i| consume(i, stack), |i| consume(i, Stack::None)).await?;
+        let name = format!("consume + ack + {stack:?} (msg/s)");
+        print_throughput(&name, w, wo, &per_message(w, wo));
+    }
     Ok(())
 }
 
@@ -65,14 +98,10 @@ fn per_message(with: f64, without: f64) -> String {
     format!("{:+.0} ns", (1.0 / with - 1.0 / without) * 1e9)
 }
 
-async fn publish(i: usize, with: bool) -> Res<f64> {
+async fn publish(i: usize, stack: Stack) -> Res<f64> {
     let m = MemoryTransport::new();
-    let t = topic("publish", i, with)?;
-    let layers: Vec<Arc<dyn PublishLayer>> = if with {
-        vec![Arc::new(Metrics::new())]
-    } else {
-        Vec::new()
-    };
+    let t = topic("publish", i, stack)?;
+    let layers = publish_layers(stack);
     // Read and ack as it goes: the memory transport's capacity is bounded.
     let mut s = m.subscribe(sub(&t)?).await?;
     let started = Instant::now();
@@ -87,14 +116,10 @@ async fn publish(i: usize, with: bool) -> Res<f64> {
     Ok(N as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn consume(i: usize, with: bool) -> Res<f64> {
+async fn consume(i: usize, stack: Stack) -> Res<f64> {
     let m = MemoryTransport::new();
-    let t = topic("consume", i, with)?;
-    let layers: Vec<Arc<dyn ConsumeLayer>> = if with {
-        vec![Arc::new(Metrics::new())]
-    } else {
-        Vec::new()
-    };
+    let t = topic("consume", i, stack)?;
+    let layers = consume_layers(stack);
     let mut s = m.subscribe(sub(&t)?).await?;
     let terminal =
         |d: Delivery| -> BoxFuture<'_, Handled> { Handled::settle(d, Outcome::Ack).boxed() };
