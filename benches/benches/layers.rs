@@ -7,10 +7,12 @@
 //! ```
 //!
 //! 256-byte payloads, medians of interleaved rounds (with, without, ...):
-//! - publish through the publish chain, one call per message, and consume
-//!   + ack through the consume chain: with the `Metrics` layer vs none,
-//!   and with `otel::TraceLayer` (the OpenTelemetry SDK's tracer, spans
-//!   kept by its in-memory exporter) vs none.
+//! - publishing through the publish chain, one call per message;
+//! - consuming and acking through the consume chain;
+//!
+//! each with the `Metrics` layer vs none, and with `otel::TraceLayer` (the
+//! OpenTelemetry SDK's tracer, spans kept by its in-memory exporter) vs
+//! none.
 //!
 //! Each line also gives the cost per message in nanoseconds (the
 //! difference of the inverse rates).
