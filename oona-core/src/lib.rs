@@ -22,6 +22,7 @@ pub mod priority;
 pub mod rules;
 pub mod security;
 pub mod subscription;
+pub mod sync;
 pub mod topic;
 pub mod transport;
 pub mod wire;

@@ -29,7 +29,7 @@ pub(crate) struct Readers(Mutex<Vec<(Name, Arc<BaseConsumer>)>>);
 
 impl Readers {
     fn get(&self, inner: &Inner, group: &Name) -> Result<Arc<BaseConsumer>> {
-        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = oona_core::sync::lock(&self.0);
         let c = match kept.iter().position(|(g, _)| g == group) {
             Some(i) => kept.remove(i).1,
             None => Arc::new(offsets_client(inner, group)?),

@@ -37,6 +37,8 @@ use oona_core::{
 };
 use serde::{Deserialize, Serialize};
 
+use oona_core::sync::lock;
+
 use crate::runner::Shutdown;
 use crate::Bus;
 
@@ -117,10 +119,6 @@ pub struct AuditHandle {
     tally: Arc<Mutex<Tally>>,
     auditor: String,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl std::fmt::Debug for Tally {

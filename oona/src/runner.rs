@@ -54,6 +54,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
+use oona_core::sync::lock;
+
 use crate::bus::{decode_reason, Bus};
 use crate::handler::{Handler, HandlerError, Incoming};
 
@@ -436,10 +438,6 @@ impl Runners {
             .map(|e| format!("{}/{}", e.topic, e.group))
             .collect()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A runner's entry in [`Runners`]: a shut-down runner leaves the list

@@ -43,6 +43,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::sync::lock;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -595,11 +597,6 @@ pub struct SpooledRecord {
     pub next: SpoolPosition,
     /// Its bytes on disk.
     pub size: u64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The counters behind this lock stay consistent if a holder panicked.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The offset of the first record after `from` whose length fits and

@@ -50,6 +50,7 @@ use crate::error::Result;
 use crate::flow::FlowControl;
 use crate::layer::{ConsumeLayer, ConsumeNext, Handled, PublishLayer, PublishNext};
 use crate::priority::Reroute;
+use crate::sync::lock;
 use crate::topic::{Name, Topic};
 use crate::transport::{Receipt, Transport};
 
@@ -419,26 +420,21 @@ impl Metrics {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn gauge(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// One unlabelled sample with its `# HELP` and `# TYPE`.
 fn simple(out: &mut String, name: &'static str, help: &'static str, kind: Kind, v: u64) {
-    use std::fmt::Write as _;
-    let kind = if kind == Kind::Counter {
-        "counter"
+    if kind == Kind::Counter {
+        let f: Family<Counter> = Family::new(name, help, &[]);
+        f.get(&[]).add(v);
+        f.render(out);
     } else {
-        "gauge"
-    };
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-    );
+        let f: Family<Gauge> = Family::new(name, help, &[]);
+        f.get(&[]).set(gauge(v));
+        f.render(out);
+    }
 }
 
 /// A counter family by topic, from counts kept elsewhere.

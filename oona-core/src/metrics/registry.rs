@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::sync::{read, write};
+
 /// Label values of one series, in the order of its family's label names.
 pub type Labels = Vec<String>;
 
@@ -250,12 +252,12 @@ impl<M: Metric> Family<M> {
         debug_assert_eq!(labels.len(), self.label_names.len(), "{}", self.name);
         let key = key_of(labels);
         {
-            let series = self.series.read().unwrap_or_else(|p| p.into_inner());
+            let series = read(&self.series);
             if let Some((_, m)) = series.get(&key) {
                 return Arc::clone(m);
             }
         }
-        let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
+        let mut series = write(&self.series);
         let (_, m) = series.entry(key).or_insert_with(|| {
             let values = labels.iter().map(|s| s.to_string()).collect();
             (values, Arc::new(M::make()))
@@ -265,13 +267,13 @@ impl<M: Metric> Family<M> {
 
     /// Forget the series of `labels` (a group no longer watched).
     pub fn remove(&self, labels: &[&str]) {
-        let mut series = self.series.write().unwrap_or_else(|p| p.into_inner());
+        let mut series = write(&self.series);
         series.remove(&key_of(labels));
     }
 
     /// Every series, with its label values.
     pub fn snapshot(&self) -> Vec<(Labels, Arc<M>)> {
-        let series = self.series.read().unwrap_or_else(|p| p.into_inner());
+        let series = read(&self.series);
         series
             .values()
             .map(|(l, m)| (l.clone(), Arc::clone(m)))

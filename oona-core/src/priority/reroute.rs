@@ -38,7 +38,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,6 +48,7 @@ use tokio::time::Instant;
 use crate::envelope::{Envelope, EventId, Priority};
 use crate::error::{ErrorKind, Result};
 use crate::layer::{PublishLayer, PublishNext};
+use crate::sync::lock;
 use crate::topic::{Name, Topic, TopicPattern};
 use crate::transport::{Receipt, Transport};
 
@@ -121,10 +122,6 @@ impl std::fmt::Debug for Reroute {
             .field("rerouted", &self.rerouted())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Reroute {
