@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod admin;
 #[cfg(feature = "claim-check")]
 pub mod claim;
 pub mod codec;
@@ -27,6 +28,7 @@ pub mod topic;
 pub mod transport;
 pub mod wire;
 
+pub use admin::{GroupInfo, Member, TopicInfo};
 pub use codec::{Codec, Json, Raw};
 pub use config::{ConnectUrl, Driver};
 pub use delivery::{Delivery, DeliveryInfo, DeliveryStream, Outcome, Settle, Settlement};

@@ -37,6 +37,7 @@ use futures::FutureExt as _;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::admin::{self, GroupInfo, Member, TopicInfo};
 use crate::config::{ConnectUrl, Driver};
 use crate::delivery::DeliveryStream;
 use crate::engine::{self, Fetched, Poison, Source};
@@ -258,6 +259,7 @@ impl Transport for MemoryTransport {
         Capabilities::default()
             .with_key_ordered_competing(true)
             .with_depth(true)
+            .with_admin(true)
             .with_max_payload_bytes(self.broker.config.max_payload_bytes)
     }
 
@@ -286,14 +288,61 @@ impl Transport for MemoryTransport {
             .get(topic)
             .and_then(|t| Some((t, t.groups.get(group)?)));
         let Some((log, g)) = found else {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!("group {group} has not subscribed to {topic}"),
-            ));
+            return Err(admin::group_not_found(topic, group));
         };
         let end = log.first_seq + log.entries.len() as u64;
         let backlog = end.saturating_sub(g.cursor.max(log.first_seq));
         Ok(Depth::new(backlog, g.pending.len() as u64))
+    }
+
+    async fn list_topics(&self) -> Result<Vec<Topic>> {
+        self.check_open()?;
+        let mut topics: Vec<Topic> = self.broker.lock().topics.keys().cloned().collect();
+        topics.sort();
+        Ok(topics)
+    }
+
+    async fn describe_topic(&self, topic: &Topic) -> Result<TopicInfo> {
+        self.check_open()?;
+        let st = self.broker.lock();
+        let log = st
+            .topics
+            .get(topic)
+            .ok_or_else(|| admin::topic_not_found(topic))?;
+        let end = log.first_seq + log.entries.len() as u64;
+        let groups = log.groups.iter().map(|(name, g)| {
+            let mut held: FastMap<u64, u64> = FastMap::default();
+            for p in g.pending.values() {
+                if let PendingState::Held { holder, .. } = p.state {
+                    *held.entry(holder).or_default() += 1;
+                }
+            }
+            let members = g.members.iter().map(|(h, consumer)| {
+                Member::new(consumer.as_str()).with_pending(Some(held.get(h).copied().unwrap_or(0)))
+            });
+            let backlog = end.saturating_sub(g.cursor.max(log.first_seq));
+            GroupInfo::new(name.clone())
+                .with_members(members.collect())
+                .with_depth(Some(Depth::new(backlog, g.pending.len() as u64)))
+        });
+        Ok(TopicInfo::new(topic.clone(), 1)
+            .with_messages(Some(log.entries.len() as u64))
+            .with_retention(Some(log.policy.retention))
+            .with_groups(groups.collect()))
+    }
+
+    async fn delete_group(&self, topic: &Topic, group: &Name) -> Result<()> {
+        self.check_open()?;
+        let removed = self
+            .broker
+            .lock()
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.groups.remove(group));
+        match removed {
+            Some(_) => Ok(()),
+            None => Err(admin::group_not_found(topic, group)),
+        }
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<Receipt> {
@@ -318,16 +367,20 @@ impl Transport for MemoryTransport {
 
     async fn subscribe(&self, subscription: Subscription) -> Result<DeliveryStream> {
         self.check_open()?;
+        let holder = self.broker.tokens.fetch_add(1, Ordering::Relaxed);
         {
             let mut st = self.broker.lock();
-            st.topic_mut(&subscription.topic, &self.broker.config.policies)?
-                .ensure_group(&subscription);
+            let topic = st.topic_mut(&subscription.topic, &self.broker.config.policies)?;
+            topic.ensure_group(&subscription);
+            if let Some(g) = topic.groups.get_mut(&subscription.group) {
+                g.members.insert(holder, subscription.consumer.clone());
+            }
         }
         let source = MemorySource {
             broker: self.broker.clone(),
             closed: self.closed.clone(),
             sub: subscription.clone(),
-            holder: self.broker.tokens.fetch_add(1, Ordering::Relaxed),
+            holder,
         };
         let closed = self.closed.clone();
         let (stream, _task) = engine::start(source, subscription, async move {
@@ -453,6 +506,8 @@ struct Group {
     /// key order `pick` skips scanning the entries in flight (up to
     /// prefetch × consumers) when none can be due.
     ready_floor: Option<Instant>,
+    /// The consumers subscribed now, by holder.
+    members: FastMap<u64, Name>,
 }
 
 /// Lower a [`Group::ready_floor`] to cover an entry ready at `at`.
@@ -679,6 +734,7 @@ impl TopicLog {
                 cursor,
                 pending: BTreeMap::new(),
                 ready_floor: None,
+                members: FastMap::default(),
             },
         );
     }
@@ -910,6 +966,7 @@ impl Source for MemorySource {
             .get_mut(&self.sub.topic)
             .and_then(|t| t.groups.get_mut(&self.sub.group))
         {
+            g.members.remove(&self.holder);
             let mut any = false;
             for p in g.pending.values_mut() {
                 if matches!(p.state, PendingState::Held { holder, .. } if holder == self.holder) {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::admin::{self, TopicInfo};
 use crate::delivery::DeliveryStream;
 use crate::envelope::{Envelope, EventId};
 use crate::error::Result;
@@ -83,10 +84,34 @@ pub trait Transport: fmt::Debug + Send + Sync + 'static {
     /// cannot tell ([`Capabilities::depth`]).
     async fn depth(&self, topic: &Topic, group: &Name) -> Result<Depth> {
         let _ = (topic, group);
-        Err(crate::Error::new(
-            crate::ErrorKind::Unsupported,
-            format!("the {} transport cannot read a group's depth", self.name()),
-        ))
+        Err(admin::unsupported(self.name(), "read a group's depth"))
+    }
+
+    /// The Oona topics the broker holds under this transport's namespace
+    /// (its prefix, tenant or cluster), sorted; internal topics (Kafka retry
+    /// topics) are left out. [`crate::ErrorKind::Unsupported`], the
+    /// default, when the transport has no admin calls ([`Capabilities::admin`]).
+    async fn list_topics(&self) -> Result<Vec<Topic>> {
+        Err(admin::unsupported(self.name(), "list topics"))
+    }
+
+    /// What the broker holds of `topic`: partitions, messages retained,
+    /// retention, and each subscribed group with its members and depth.
+    /// [`crate::ErrorKind::NotFound`] when the topic does not exist.
+    async fn describe_topic(&self, topic: &Topic) -> Result<TopicInfo> {
+        let _ = topic;
+        Err(admin::unsupported(self.name(), "describe topics"))
+    }
+
+    /// Remove `group`'s subscription to `topic`: its position, what it holds
+    /// unsettled and its parked redeliveries, so the broker keeps nothing
+    /// for it (a group of the operator CLI's `tail`, say). The topic's
+    /// messages and other groups are untouched. Close the group's streams
+    /// first. [`crate::ErrorKind::NotFound`] when the group never
+    /// subscribed to the topic.
+    async fn delete_group(&self, topic: &Topic, group: &Name) -> Result<()> {
+        let _ = (topic, group);
+        Err(admin::unsupported(self.name(), "delete groups"))
     }
 
     /// A record of event ids the broker keeps for a whole consumer group
@@ -122,6 +147,9 @@ pub struct Capabilities {
     pub max_payload_bytes: usize,
     /// [`Transport::depth`] answers.
     pub depth: bool,
+    /// [`Transport::list_topics`], [`Transport::describe_topic`] and
+    /// [`Transport::delete_group`] answer.
+    pub admin: bool,
 }
 
 impl Default for Capabilities {
@@ -135,6 +163,7 @@ impl Default for Capabilities {
             retention: true,
             max_payload_bytes: TopicPolicy::DEFAULT_MAX_PAYLOAD,
             depth: false,
+            admin: false,
         }
     }
 }
@@ -163,6 +192,11 @@ impl Capabilities {
     /// Set [`Capabilities::depth`].
     pub fn with_depth(mut self, yes: bool) -> Self {
         self.depth = yes;
+        self
+    }
+    /// Set [`Capabilities::admin`].
+    pub fn with_admin(mut self, yes: bool) -> Self {
+        self.admin = yes;
         self
     }
     /// Set [`Capabilities::max_payload_bytes`].

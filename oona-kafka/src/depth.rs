@@ -58,7 +58,7 @@ pub(crate) fn group_depth(inner: &Inner, topic: &Topic, group: &Name) -> Result<
 /// The records of `name` past the committed offsets of `c`'s group;
 /// `None` when the group has committed nothing there (every member
 /// commits the start of each partition it is given).
-fn unsettled(inner: &Inner, c: &BaseConsumer, name: &str) -> Result<Option<u64>> {
+pub(crate) fn unsettled(inner: &Inner, c: &BaseConsumer, name: &str) -> Result<Option<u64>> {
     let timeout = Timeout::After(inner.opts.timeout);
     let (_, committed) = committed_offsets(inner, c, name)?;
     let mut total = None;

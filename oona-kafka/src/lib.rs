@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+mod admin;
 mod consumer;
 mod depth;
 pub mod headers;

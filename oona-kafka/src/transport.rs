@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use oona_core::{
     rules, Capabilities, DeliveryStream, Depth, Envelope, Error, ErrorKind, Health, HealthStatus,
-    Name, Receipt, Result, Retention, Subscription, Topic, TopicPolicy, Transport,
+    Name, Receipt, Result, Retention, Subscription, Topic, TopicInfo, TopicPolicy, Transport,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -81,7 +81,8 @@ impl rdkafka::ClientContext for Watch {
 
 pub(crate) struct Inner {
     pub(crate) opts: KafkaOptions,
-    producer: FutureProducer<Watch>,
+    /// Also the client of metadata, watermarks and the group list.
+    pub(crate) producer: FutureProducer<Watch>,
     admin: AdminClient<DefaultClientContext>,
     ensured: Mutex<HashSet<String>>,
     closed: AtomicBool,
@@ -321,7 +322,56 @@ impl Inner {
         .await?
     }
 
-    async fn retention_ms(&self, topic: &str) -> Result<Option<i64>> {
+    /// Delete `group` and its retry topic on `topic` (after
+    /// [`crate::admin::check_deletable`]).
+    pub(crate) async fn delete_group(
+        &self,
+        topic: &Topic,
+        group: &Name,
+        topics: &[String],
+    ) -> Result<()> {
+        let res = self
+            .admin
+            .delete_groups(&[group.as_str()], &self.admin_opts())
+            .await
+            .map_err(|e| kafka_error("delete group", e))?;
+        for r in res {
+            match r {
+                Ok(_) => {}
+                Err((_, RDKafkaErrorCode::NonEmptyGroup)) => {
+                    return Err(Error::new(
+                        ErrorKind::Broker,
+                        format!("group {group} still has members: close them first"),
+                    )
+                    .with_transport(NAME)
+                    .set_temporary(true))
+                }
+                Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {
+                    return Err(oona_core::admin::group_not_found(topic, group).with_transport(NAME))
+                }
+                Err((_, code)) => {
+                    return Err(Error::new(
+                        ErrorKind::Broker,
+                        format!("deleting group {group} failed: {code}"),
+                    )
+                    .with_transport(NAME))
+                }
+            }
+        }
+        let retry = crate::consumer::retry_topic(topic, group);
+        if topics.contains(&retry) {
+            self.admin
+                .delete_topics(&[retry.as_str()], &self.admin_opts())
+                .await
+                .map_err(|e| kafka_error("delete the group's retry topic", e))?;
+            if let Ok(mut s) = self.ensured.lock() {
+                s.remove(&retry);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn retention_ms(&self, topic: &str) -> Result<Option<i64>> {
         let res = self
             .admin
             .describe_configs([&ResourceSpecifier::Topic(topic)], &self.admin_opts())
@@ -577,6 +627,7 @@ impl Transport for KafkaTransport {
             .with_start_at_time(true)
             .with_retention(true)
             .with_depth(true)
+            .with_admin(true)
             .with_max_payload_bytes(MAX_PAYLOAD)
     }
 
@@ -602,6 +653,48 @@ impl Transport for KafkaTransport {
             crate::depth::group_depth(&inner, &topic, &group)
         })
         .await?
+    }
+
+    async fn list_topics(&self) -> Result<Vec<Topic>> {
+        if self.inner.is_closed() {
+            return Err(closed_error());
+        }
+        let all = self.inner.metadata(None, self.inner.opts.timeout).await?;
+        Ok(crate::admin::list_topics(
+            all.into_iter().map(|(n, _, _)| n).collect(),
+        ))
+    }
+
+    async fn describe_topic(&self, topic: &Topic) -> Result<TopicInfo> {
+        if self.inner.is_closed() {
+            return Err(closed_error());
+        }
+        let inner = Arc::clone(&self.inner);
+        let t = topic.clone();
+        let info = blocking("describe", move || crate::admin::describe(&inner, &t)).await??;
+        let retention = self.inner.retention_ms(topic.as_str()).await?;
+        Ok(info.with_retention(crate::admin::retention(retention)))
+    }
+
+    async fn delete_group(&self, topic: &Topic, group: &Name) -> Result<()> {
+        if self.inner.is_closed() {
+            return Err(closed_error());
+        }
+        let names: Vec<String> = (self.inner.metadata(None, self.inner.opts.timeout).await?)
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .collect();
+        let (inner, t, g, n) = (
+            Arc::clone(&self.inner),
+            topic.clone(),
+            group.clone(),
+            names.clone(),
+        );
+        blocking("delete group", move || {
+            crate::admin::check_deletable(&inner, &t, &g, &n)
+        })
+        .await??;
+        self.inner.delete_group(topic, group, &names).await
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<Receipt> {

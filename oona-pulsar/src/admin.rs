@@ -1,9 +1,13 @@
-//! The Pulsar admin REST API: topic retention and topic deletion.
+//! The Pulsar admin REST API: topic retention, subscriptions, stats,
+//! listing and deletion.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use oona_core::{Error, ErrorKind, Name, Result, Retention, Topic};
+use oona_core::admin::{group_not_found, topic_not_found};
+use oona_core::{
+    Depth, Error, ErrorKind, GroupInfo, Member, Name, Result, Retention, Topic, TopicInfo,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::PulsarConfig;
@@ -186,37 +190,21 @@ impl Admin {
         Ok(true)
     }
 
-    /// `(msgBacklog, unackedMessages)` of subscription `group` on
-    /// `topic` (the backlog counted precisely); `None` when the topic or
-    /// the subscription does not exist.
-    pub(crate) async fn subscription_counts(
+    /// The depth of subscription `group` on `topic` (the backlog counted
+    /// precisely); `None` when the topic or the subscription does not
+    /// exist.
+    pub(crate) async fn subscription_depth(
         &self,
         topic: &Topic,
         group: &Name,
-    ) -> Result<Option<(u64, u64)>> {
-        let what = format!("stats of {topic}");
-        let rb = self
-            .http
-            .get(format!("{}/stats", self.topic_url(topic.as_str())))
-            .query(&[("getPreciseBacklog", "true")]);
-        let resp = self.send(&what, rb).await?;
-        if resp.status().as_u16() == 404 {
+    ) -> Result<Option<Depth>> {
+        let Some(stats) = self.stats(topic).await? else {
             return Ok(None);
-        }
-        let stats: serde_json::Value = Self::check(&what, resp)
-            .await?
-            .json()
-            .await
-            .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        };
         let Some(sub) = stats.pointer(&format!("/subscriptions/{group}")) else {
             return Ok(None);
         };
-        let count = |field: &str| {
-            sub.get(field)
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0)
-        };
-        Ok(Some((count("msgBacklog"), count("unackedMessages"))))
+        Ok(Some(subscription_depth(sub)))
     }
 
     /// Move subscription `group` of `topic` to the first message published
@@ -259,6 +247,17 @@ impl Admin {
 
     /// The local names of the marks topics of `topic`'s groups.
     async fn marks_topics(&self, topic: &Topic) -> Result<Vec<String>> {
+        let prefix = crate::marks::prefix(topic.as_str());
+        Ok(self
+            .local_names()
+            .await?
+            .into_iter()
+            .filter(|local| local.starts_with(prefix.as_str()))
+            .collect())
+    }
+
+    /// The local names of every persistent topic of the namespace.
+    async fn local_names(&self) -> Result<Vec<String>> {
         let what = format!(
             "list the topics of {}/{}",
             self.config.tenant, self.config.namespace
@@ -273,13 +272,80 @@ impl Admin {
             .json()
             .await
             .map_err(|e| admin_err(ErrorKind::Broker, format!("admin API {what}: {e}")))?;
-        let prefix = crate::marks::prefix(topic.as_str());
         Ok(names
             .iter()
             .filter_map(|n| n.rsplit('/').next())
-            .filter(|local| local.starts_with(prefix.as_str()))
             .map(str::to_string)
             .collect())
+    }
+
+    /// The Oona topics of the namespace, sorted (marks topics, whose names
+    /// are no topics, left out).
+    pub(crate) async fn list_topics(&self) -> Result<Vec<Topic>> {
+        let topics: std::collections::BTreeSet<Topic> = self
+            .local_names()
+            .await?
+            .iter()
+            .filter_map(|n| Topic::new(n).ok())
+            .collect();
+        Ok(topics.into_iter().collect())
+    }
+
+    /// The topic's subscriptions with their consumers and depths, from its
+    /// stats, and its topic-level retention.
+    pub(crate) async fn describe_topic(&self, topic: &Topic) -> Result<TopicInfo> {
+        let stats = self
+            .stats(topic)
+            .await?
+            .ok_or_else(|| topic_not_found(topic).with_transport(NAME))?;
+        let groups = stats
+            .pointer("/subscriptions")
+            .and_then(serde_json::Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter_map(|(name, sub)| Some(group_info(Name::new(name).ok()?, sub)));
+        let info = TopicInfo::new(topic.clone(), 1).with_groups(groups.collect());
+        Ok(info.with_retention(self.retention(topic).await?))
+    }
+
+    /// Delete subscription `group` of `topic` (even with consumers) and
+    /// its marks topic.
+    pub(crate) async fn delete_subscription(&self, topic: &Topic, group: &Name) -> Result<()> {
+        let what = format!("delete subscription {group} of {topic}");
+        let rb = self
+            .http
+            .delete(format!(
+                "{}/subscription/{group}",
+                self.topic_url(topic.as_str())
+            ))
+            .query(&[("force", "true")]);
+        let resp = self.send(&what, rb).await?;
+        if resp.status().as_u16() == 404 {
+            return Err(group_not_found(topic, group).with_transport(NAME));
+        }
+        Self::check(&what, resp).await?;
+        let marks = format!("{}{group}", crate::marks::prefix(topic.as_str()));
+        self.delete_local(&marks).await
+    }
+
+    /// The topic's stats (backlogs counted precisely); `None` when the
+    /// topic does not exist.
+    async fn stats(&self, topic: &Topic) -> Result<Option<serde_json::Value>> {
+        let what = format!("stats of {topic}");
+        let rb = self
+            .http
+            .get(format!("{}/stats", self.topic_url(topic.as_str())))
+            .query(&[("getPreciseBacklog", "true")]);
+        let resp = self.send(&what, rb).await?;
+        if resp.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        let stats = Self::check(&what, resp)
+            .await?
+            .json()
+            .await
+            .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        Ok(Some(stats))
     }
 
     async fn delete_local(&self, local: &str) -> Result<()> {
@@ -295,6 +361,40 @@ impl Admin {
         Self::check(&what, resp).await?;
         Ok(())
     }
+}
+
+/// A subscription's depth from its stats: `unackedMessages` is pending,
+/// the rest of `msgBacklog` (which counts them too) the backlog.
+fn subscription_depth(sub: &serde_json::Value) -> Depth {
+    let count = |field: &str| {
+        sub.get(field)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
+    let (backlog, unacked) = (count("msgBacklog"), count("unackedMessages"));
+    Depth::new(backlog.saturating_sub(unacked), unacked)
+}
+
+/// A subscription of a topic's stats as a group.
+fn group_info(name: Name, sub: &serde_json::Value) -> GroupInfo {
+    let consumers = sub
+        .get("consumers")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten();
+    let members = consumers.map(|c| {
+        let text = |f: &str| {
+            c.get(f)
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+        };
+        Member::new(text("consumerName").unwrap_or_default())
+            .with_address(text("address"))
+            .with_pending(c.get("unackedMessages").and_then(serde_json::Value::as_u64))
+    });
+    GroupInfo::new(name)
+        .with_members(members.collect())
+        .with_depth(Some(subscription_depth(sub)))
 }
 
 #[cfg(test)]

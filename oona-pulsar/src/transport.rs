@@ -11,7 +11,7 @@ use tokio::sync::{watch, OnceCell};
 
 use oona_core::{
     rules, Capabilities, DeliveryStream, Depth, Envelope, Error, ErrorKind, Health, HealthStatus,
-    Name, Receipt, Result, StartPosition, Subscription, Topic, TopicPolicy, Transport,
+    Name, Receipt, Result, StartPosition, Subscription, Topic, TopicInfo, TopicPolicy, Transport,
 };
 
 use crate::admin::Admin;
@@ -225,14 +225,7 @@ impl PulsarTransport {
     /// policy), read through the admin API. `Ok(None)` when the topic has no
     /// topic-level policy; [`ErrorKind::Unsupported`] without `admin_url`.
     pub async fn applied_retention(&self, topic: &Topic) -> Result<Option<oona_core::Retention>> {
-        match &self.inner.admin {
-            Some(a) => a.retention(topic).await,
-            None => Err(Error::new(
-                ErrorKind::Unsupported,
-                "reading retention needs the admin API: set admin_url",
-            )
-            .with_transport(NAME)),
-        }
+        self.admin("read retention")?.retention(topic).await
     }
 
     /// The settings in use.
@@ -424,6 +417,7 @@ impl Transport for PulsarTransport {
             .with_start_at_time(self.inner.admin.is_some())
             .with_retention(self.inner.admin.is_some())
             .with_depth(self.inner.admin.is_some())
+            .with_admin(self.inner.admin.is_some())
             .with_max_payload_bytes(MAX_PAYLOAD_BYTES)
     }
 
@@ -487,21 +481,27 @@ impl Transport for PulsarTransport {
     /// the rest of `msgBacklog` (which counts both) the backlog.
     async fn depth(&self, topic: &Topic, group: &Name) -> Result<Depth> {
         self.inner.check_open()?;
-        let Some(admin) = &self.inner.admin else {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "reading a group's depth needs the admin API on Pulsar: set admin_url",
-            )
-            .with_transport(NAME));
-        };
-        match admin.subscription_counts(topic, group).await? {
-            Some((backlog, unacked)) => Ok(Depth::new(backlog.saturating_sub(unacked), unacked)),
-            None => Err(Error::new(
-                ErrorKind::NotFound,
-                format!("group {group} has not subscribed to {topic}"),
-            )
-            .with_transport(NAME)),
-        }
+        self.admin("read a group's depth")?
+            .subscription_depth(topic, group)
+            .await?
+            .ok_or_else(|| oona_core::admin::group_not_found(topic, group).with_transport(NAME))
+    }
+
+    async fn list_topics(&self) -> Result<Vec<Topic>> {
+        self.inner.check_open()?;
+        self.admin("list topics")?.list_topics().await
+    }
+
+    async fn describe_topic(&self, topic: &Topic) -> Result<TopicInfo> {
+        self.inner.check_open()?;
+        self.admin("describe topics")?.describe_topic(topic).await
+    }
+
+    async fn delete_group(&self, topic: &Topic, group: &Name) -> Result<()> {
+        self.inner.check_open()?;
+        self.admin("delete groups")?
+            .delete_subscription(topic, group)
+            .await
     }
 
     async fn health(&self) -> Health {
@@ -580,6 +580,18 @@ impl Transport for PulsarTransport {
 }
 
 impl PulsarTransport {
+    /// The admin API client; `Unsupported` naming `what` without
+    /// `admin_url`.
+    fn admin(&self, what: &str) -> Result<&crate::admin::Admin> {
+        self.inner.admin.as_ref().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unsupported,
+                format!("Pulsar needs the admin API to {what}: set admin_url"),
+            )
+            .with_transport(NAME)
+        })
+    }
+
     /// `StartPosition::At` applies when the group is created, never on
     /// resume: the subscription is created through the admin API at the
     /// earliest message and its cursor reset to the time; an existing one

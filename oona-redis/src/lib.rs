@@ -12,13 +12,14 @@ use futures::future::BoxFuture;
 use oona_core::{
     rules, Capabilities, ConnectUrl, DeliveryStream, Depth, Driver, Envelope, Error, ErrorKind,
     Health, HealthStatus, Name, Receipt, Result, Retention, StartPosition, Subscription, Topic,
-    TopicPolicy, Transport,
+    TopicInfo, TopicPolicy, Transport,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 mod acker;
+mod admin;
 mod config;
 mod nonces;
 mod scripts;
@@ -93,7 +94,7 @@ pub(crate) struct Inner {
     pub(crate) kread: redis::Script,
     pub(crate) kheads: redis::Script,
     pub(crate) kdone: redis::Script,
-    count_after: redis::Script,
+    pub(crate) count_after: redis::Script,
     /// Reader tasks, awaited (briefly) by `close`.
     pub(crate) readers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -311,12 +312,12 @@ impl Inner {
         format!("{}{}", self.cfg.prefix, topic)
     }
 
-    fn policy_key(&self, topic: &Topic) -> String {
+    pub(crate) fn policy_key(&self, topic: &Topic) -> String {
         format!("{}{}:policy", self.cfg.prefix, topic)
     }
 
     /// The groups of the stream at `key`; none when there is no stream.
-    async fn groups(&self, key: &str) -> Result<Vec<sub::GroupInfo>> {
+    pub(crate) async fn groups(&self, key: &str) -> Result<Vec<sub::GroupInfo>> {
         let mut conn = self.conn.clone();
         match redis::cmd("XINFO")
             .arg("GROUPS")
@@ -337,7 +338,7 @@ impl Inner {
 
     /// The key queues of `group` on `topic` (left when a key-ordered
     /// group's entries were still pending).
-    async fn key_queues(&self, topic: &Topic, group: &str) -> Result<Vec<String>> {
+    pub(crate) async fn key_queues(&self, topic: &Topic, group: &str) -> Result<Vec<String>> {
         let pattern = format!("{}*", glob_escape(&self.key_queue_prefix(topic, group)));
         let mut conn = self.conn.clone();
         let mut cursor = 0u64;
@@ -366,7 +367,7 @@ impl Inner {
         format!("{}{}:korder:{}:", self.cfg.prefix, topic, group)
     }
 
-    fn topics_key(&self) -> String {
+    pub(crate) fn topics_key(&self) -> String {
         format!("{}_topics", self.cfg.prefix)
     }
 
@@ -574,6 +575,7 @@ impl Transport for RedisTransport {
         Capabilities::default()
             .with_key_ordered_competing(true)
             .with_depth(true)
+            .with_admin(true)
             .with_max_payload_bytes(MAX_PAYLOAD_BYTES)
     }
 
@@ -708,27 +710,24 @@ impl Transport for RedisTransport {
         let key = self.inner.stream_key(topic);
         let info = self.inner.groups(&key).await?;
         let Some(g) = info.into_iter().find(|g| g.name == group.as_str()) else {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!("group {group} has not subscribed to {topic}"),
-            )
-            .with_transport(NAME));
+            return Err(oona_core::admin::group_not_found(topic, group).with_transport(NAME));
         };
-        let backlog = match g.lag {
-            Some(lag) => lag,
-            None => {
-                let mut conn = self.inner.conn.clone();
-                self.inner
-                    .count_after
-                    .key(&key)
-                    .arg(&g.last_delivered)
-                    .arg(LAG_COUNT_CAP)
-                    .invoke_async::<u64>(&mut conn)
-                    .await
-                    .map_err(|e| redis_error(e, "counting the entries after the group failed"))?
-            }
-        };
-        Ok(Depth::new(backlog, g.pending))
+        self.inner.depth_of(&key, &g).await
+    }
+
+    async fn list_topics(&self) -> Result<Vec<Topic>> {
+        self.inner.check_open()?;
+        self.inner.list_topics().await
+    }
+
+    async fn describe_topic(&self, topic: &Topic) -> Result<TopicInfo> {
+        self.inner.check_open()?;
+        self.inner.describe_topic(topic).await
+    }
+
+    async fn delete_group(&self, topic: &Topic, group: &Name) -> Result<()> {
+        self.inner.check_open()?;
+        self.inner.delete_group(topic, group).await
     }
 
     async fn health(&self) -> Health {
@@ -795,7 +794,7 @@ impl Transport for RedisTransport {
 }
 
 /// `s` with the glob characters of `SCAN MATCH` escaped.
-fn glob_escape(s: &str) -> String {
+pub(crate) fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {

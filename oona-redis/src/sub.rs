@@ -57,21 +57,61 @@ pub(crate) struct GroupInfo {
     pub last_delivered: String,
 }
 
-/// The groups of an `XINFO GROUPS` reply (RESP2 flat pairs or RESP3 maps).
-pub(crate) fn groups(v: &Value) -> Vec<GroupInfo> {
-    let Value::Array(groups) = v else {
+/// The records of an `XINFO GROUPS` or `XINFO CONSUMERS` reply, each as
+/// its field/value pairs (RESP2 flat pairs or RESP3 maps).
+fn records(v: &Value) -> Vec<Vec<(&Value, &Value)>> {
+    let Value::Array(items) = v else {
         return Vec::new();
     };
+    items
+        .iter()
+        .filter_map(|r| match r {
+            Value::Array(flat) => Some(
+                flat.chunks(2)
+                    .filter_map(|c| Some((c.first()?, c.get(1)?)))
+                    .collect(),
+            ),
+            Value::Map(m) => Some(m.iter().map(|(k, v)| (k, v)).collect()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A consumer of an `XINFO CONSUMERS` reply.
+#[derive(Debug, Default)]
+pub(crate) struct ConsumerInfo {
+    pub name: String,
+    /// Entries it holds unacknowledged.
+    pub pending: u64,
+    /// Milliseconds since it last read (or claimed).
+    pub idle_ms: u64,
+}
+
+/// The consumers of an `XINFO CONSUMERS` reply.
+pub(crate) fn consumers(v: &Value) -> Vec<ConsumerInfo> {
+    let count = |v: &Value| wire::as_int(v).and_then(|i| u64::try_from(i).ok());
     let mut out = Vec::new();
-    for g in groups {
-        let pairs: Vec<(&Value, &Value)> = match g {
-            Value::Array(flat) => flat
-                .chunks(2)
-                .filter_map(|c| Some((c.first()?, c.get(1)?)))
-                .collect(),
-            Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
-            _ => continue,
-        };
+    for pairs in records(v) {
+        let mut c = ConsumerInfo::default();
+        for (k, val) in pairs {
+            match wire::as_bytes(k) {
+                Some(b"name") => c.name = wire::as_string(val).unwrap_or_default(),
+                Some(b"pending") => c.pending = count(val).unwrap_or(0),
+                Some(b"idle") => c.idle_ms = count(val).unwrap_or(0),
+                _ => {}
+            }
+        }
+        if !c.name.is_empty() {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The groups of an `XINFO GROUPS` reply (RESP2 flat pairs or RESP3 maps).
+pub(crate) fn groups(v: &Value) -> Vec<GroupInfo> {
+    let mut out = Vec::new();
+    for pairs in records(v) {
         let mut info = GroupInfo::default();
         let count = |v: &Value| wire::as_int(v).and_then(|i| u64::try_from(i).ok());
         for (k, val) in pairs {

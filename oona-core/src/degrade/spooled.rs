@@ -430,6 +430,18 @@ impl Transport for Spooled {
         self.connected()?.depth(topic, group).await
     }
 
+    async fn list_topics(&self) -> Result<Vec<Topic>> {
+        self.connected()?.list_topics().await
+    }
+
+    async fn describe_topic(&self, topic: &Topic) -> Result<crate::TopicInfo> {
+        self.connected()?.describe_topic(topic).await
+    }
+
+    async fn delete_group(&self, topic: &Topic, group: &Name) -> Result<()> {
+        self.connected()?.delete_group(topic, group).await
+    }
+
     async fn health(&self) -> Health {
         let h = match self.inner() {
             Some(t) => t.health().await,

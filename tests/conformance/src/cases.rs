@@ -16,6 +16,7 @@ use oona_core::{
 };
 use rand::Rng;
 
+use crate::admin::admin_describes_topics_and_groups;
 use crate::degrade::spooled_publishes_survive_a_cut;
 use crate::depth::depth_follows_settlement;
 use crate::leases::{
@@ -87,6 +88,7 @@ cases![
     prefetch_limits_unsettled,
     health_reports_up,
     depth_follows_settlement,
+    admin_describes_topics_and_groups,
     slow_handler_no_redelivery,
     late_settlement_changes_nothing,
     batch_member_nacked_alone,

@@ -14,6 +14,7 @@ use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use oona_core::{Error, ErrorKind, Retention, Topic, Transport};
 
 pub mod access;
+pub mod admin;
 pub mod cases;
 mod child;
 pub mod degrade;

@@ -63,6 +63,10 @@ enum Fault {
     DepthOfUnknownGroup,
     /// Health says degraded.
     HealthDegraded,
+    /// Deleting a group answers Ok and deletes nothing.
+    DeleteGroupKeepsIt,
+    /// Deleting a group deletes the topic's other groups too.
+    DeleteGroupDeletesAll,
 }
 
 #[derive(Debug)]
@@ -209,6 +213,24 @@ impl Transport for Mutant {
     }
     async fn delete_topic(&self, topic: &Topic) -> Result<()> {
         self.inner.delete_topic(topic).await
+    }
+    async fn list_topics(&self) -> Result<Vec<Topic>> {
+        self.inner.list_topics().await
+    }
+    async fn describe_topic(&self, topic: &Topic) -> Result<oona_core::TopicInfo> {
+        self.inner.describe_topic(topic).await
+    }
+    async fn delete_group(&self, topic: &Topic, group: &Name) -> Result<()> {
+        match self.fault {
+            Fault::DeleteGroupKeepsIt => Ok(()),
+            Fault::DeleteGroupDeletesAll => {
+                for g in self.inner.describe_topic(topic).await?.groups {
+                    self.inner.delete_group(topic, &g.group).await?;
+                }
+                Ok(())
+            }
+            _ => self.inner.delete_group(topic, group).await,
+        }
     }
     async fn depth(&self, topic: &Topic, group: &Name) -> Result<Depth> {
         let d = self.inner.depth(topic, group).await;
@@ -510,6 +532,16 @@ caught!(
     depth_without_pending_fails,
     Fault::DepthWithoutPending,
     depth_follows_settlement
+);
+caught!(
+    delete_group_keeping_it_fails,
+    Fault::DeleteGroupKeepsIt,
+    admin_describes_topics_and_groups
+);
+caught!(
+    delete_group_deleting_all_fails,
+    Fault::DeleteGroupDeletesAll,
+    admin_describes_topics_and_groups
 );
 caught!(
     depth_of_unknown_group_fails,
