@@ -9,11 +9,13 @@
 #    machine lacks) unless their OONA_TEST_*_URL are already set, and stops
 #    the ones it started on exit;
 # 3. the Python venv with the official clients (scripts/python-venv.sh);
-# 4. every test of the workspace with every feature: the conformance suite
+# 4. installs the operator CLI (`cargo install --path oona-cli`), whose
+#    end-to-end tests run that binary;
+# 5. every test of the workspace with every feature: the conformance suite
 #    against memory:// and each broker, the Python interop tests, with
 #    OONA_TEST_REQUIRE=1 so a missing broker fails the run instead of being
 #    skipped;
-# 5. the main job, `esper_pipeline`, on memory://, Redis, Kafka and Pulsar,
+# 6. the main job, `esper_pipeline`, on memory://, Redis, Kafka and Pulsar,
 #    its /metrics, /healthz and /readyz scraped while it runs.
 #
 # OONA_TEST_BROKERS overrides the broker list (default: every supported one,
@@ -105,6 +107,14 @@ if [ -z "${OONA_TEST_PYTHON:-}" ]; then
     OONA_TEST_PYTHON="$(bash scripts/python-venv.sh | tail -n 1)"
     export OONA_TEST_PYTHON
 fi
+
+# The operator CLI as users install it; its end-to-end tests
+# (oona-cli/tests/e2e.rs) run this binary against each broker.
+step "cargo install --path oona-cli"
+CLI_ROOT="$TARGET/cli"
+cargo install --path oona-cli --root "$CLI_ROOT" --debug --locked --force --quiet
+export OONA_CLI_BIN="$CLI_ROOT/bin/oona"
+"$OONA_CLI_BIN" --version
 
 step "cargo test (workspace, all features)"
 cargo test --workspace --all-features

@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod asyncapi;
 pub mod avro;
 #[path = "avro_gen.rs"]
 pub mod avro_schema;

@@ -1,0 +1,362 @@
+//! Reading a topic without disturbing it: `tail`, `replay` and the `dlq`
+//! commands read through a group of their own (`oona-cli-<random>`),
+//! which is deleted when they stop ([`oona::Transport::delete_group`]),
+//! so the broker keeps nothing for them and the topic's groups never see
+//! them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use oona::{
+    Bus, Delivery, DeliveryStream, Envelope, Name, StartPosition, Subscription, Timestamp, Topic,
+};
+use tokio::sync::Notify;
+
+use crate::exit::{Context as _, Failure};
+
+/// Where the CLI's reading groups send entries they cannot decode (never
+/// the topic's own dead-letter topic, which its real groups fill).
+pub const CLI_DEAD_LETTERS: &str = "system.oona_cli.dlq";
+
+/// Set once SIGINT or SIGTERM arrives: readers stop and clean up.
+#[derive(Clone, Default)]
+pub struct Stop(Arc<(AtomicBool, Notify)>);
+
+impl Stop {
+    /// Watch for SIGINT and SIGTERM.
+    pub fn on_signals() -> Self {
+        let stop = Stop::default();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            s.0 .0.store(true, Ordering::SeqCst);
+            s.0 .1.notify_waiters();
+        });
+        stop
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.0 .0.load(Ordering::SeqCst)
+    }
+
+    pub async fn stopped(&self) {
+        let n = self.0 .1.notified();
+        tokio::pin!(n);
+        n.as_mut().enable();
+        if self.is_stopped() {
+            return;
+        }
+        n.await;
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Where to start: `earliest`, `latest`, an RFC 3339 time, or a duration
+/// ago (`90s`, `10m`, `2h`, `7d`).
+pub fn parse_start(s: &str) -> Result<StartPosition, String> {
+    match s {
+        "earliest" => return Ok(StartPosition::Earliest),
+        "latest" => return Ok(StartPosition::Latest),
+        _ => {}
+    }
+    if let Ok(t) = Timestamp::parse_rfc3339(s) {
+        return Ok(StartPosition::At(t));
+    }
+    let ago = parse_duration(s).map_err(|_| {
+        format!("{s:?} is not earliest, latest, an RFC 3339 time or a duration ago like 10m")
+    })?;
+    let now = Timestamp::now().unix_millis();
+    let ms = u64::try_from(ago.as_millis()).unwrap_or(u64::MAX);
+    Ok(StartPosition::At(Timestamp::from_unix_millis(
+        now.saturating_sub(ms),
+    )))
+}
+
+/// `500ms`, `90s`, `10m`, `2h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 10s"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" | "" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+    };
+    Ok(Duration::from_millis(n.saturating_mul(ms)))
+}
+
+/// A header filter: `NAME=VALUE` (equal) or `NAME` (present).
+#[derive(Debug, Clone)]
+pub struct HeaderFilter {
+    name: String,
+    value: Option<String>,
+}
+
+pub fn parse_header_filter(s: &str) -> Result<HeaderFilter, String> {
+    let (name, value) = match s.split_once('=') {
+        Some((n, v)) => (n, Some(v.to_string())),
+        None => (s, None),
+    };
+    if name.is_empty() {
+        return Err(format!("{s:?}: expected NAME=VALUE or NAME"));
+    }
+    Ok(HeaderFilter {
+        name: name.to_string(),
+        value,
+    })
+}
+
+/// Which messages to show.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub key: Option<String>,
+    pub headers: Vec<HeaderFilter>,
+}
+
+impl Filter {
+    pub fn matches(&self, env: &Envelope) -> bool {
+        if self
+            .key
+            .as_ref()
+            .is_some_and(|k| env.key.as_ref() != Some(k))
+        {
+            return false;
+        }
+        self.headers
+            .iter()
+            .all(|h| match (&h.value, env.header(&h.name)) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(want), Some(got)) => want == got,
+            })
+    }
+}
+
+/// A broker position as receipts and `--json` print them (Redis
+/// `1700000000000-0`, Kafka `partition/offset`, Pulsar
+/// `ledger:entry[:batch]`): an optional partition and the numbers that order
+/// positions within it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    partition: Option<u64>,
+    order: Vec<u64>,
+}
+
+pub fn parse_position(s: &str) -> Result<Position, String> {
+    let bad = || {
+        format!("{s:?} is not a position as receipts print them (1700000000000-0, 3/1200, 17:4)")
+    };
+    let (partition, rest) = match s.split_once('/') {
+        Some((p, r)) => (Some(p.parse().map_err(|_| bad())?), r),
+        None => (None, s),
+    };
+    let order = rest
+        .split(['-', ':'])
+        .map(|n| n.parse::<u64>().map_err(|_| bad()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Position { partition, order })
+}
+
+impl Position {
+    /// Whether a delivery at `pos` is at or after this position: always on
+    /// another partition (each is ordered on its own), and when the position
+    /// is unknown or of another form.
+    pub fn admits(&self, pos: Option<&str>) -> bool {
+        let Some(Ok(p)) = pos.map(parse_position) else {
+            return true;
+        };
+        if p.partition != self.partition || p.order.len() != self.order.len() {
+            return true;
+        }
+        p.order >= self.order
+    }
+}
+
+/// A reading group on one topic, deleted on [`Reader::close`].
+pub struct Reader {
+    bus: Bus,
+    topic: Topic,
+    group: Name,
+    stream: Option<DeliveryStream>,
+    stop: Stop,
+}
+
+/// Why [`Reader::next`] returned no delivery.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// Nothing arrived for the idle time.
+    Idle,
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// The stream ended (the transport closed).
+    Closed,
+}
+
+impl Reader {
+    pub async fn open(
+        bus: &Bus,
+        topic: &Topic,
+        start: StartPosition,
+        stop: &Stop,
+    ) -> Result<Self, Failure> {
+        let group = Name::unique("oona-cli");
+        let dlq = Topic::new(CLI_DEAD_LETTERS).ctx("the CLI's dead-letter topic")?;
+        let sub = Subscription::new(topic.clone(), group.clone())
+            .start(start)
+            .dead_letter(dlq)
+            .ack_deadline(Duration::from_secs(60));
+        let stream = bus
+            .subscribe_raw(sub)
+            .await
+            .ctx(&format!("subscribing to {topic}"))?;
+        Ok(Reader {
+            bus: bus.clone(),
+            topic: topic.clone(),
+            group,
+            stream: Some(stream),
+            stop: stop.clone(),
+        })
+    }
+
+    /// The next delivery, or why there is none.
+    pub async fn next(&mut self, idle: Option<Duration>) -> Result<Result<Delivery, End>, Failure> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(Err(End::Closed));
+        };
+        loop {
+            let wait = async {
+                match idle {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = self.stop.stopped() => return Ok(Err(End::Signal)),
+                _ = wait => return Ok(Err(End::Idle)),
+                d = stream.next() => match d {
+                    None => return Ok(Err(End::Closed)),
+                    Some(Ok(d)) => return Ok(Ok(d)),
+                    // Reconnecting: the stream goes on.
+                    Some(Err(e)) if e.is_temporary() => {
+                        eprintln!("oona: {e} (retrying)");
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                },
+            }
+        }
+    }
+
+    /// Stop reading and delete the group. A group left behind is reported
+    /// with its name, so an operator can delete it.
+    pub async fn close(mut self) {
+        if let Some(s) = self.stream.take() {
+            s.close().await;
+        }
+        let t = self.bus.transport();
+        let until = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match t.delete_group(&self.topic, &self.group).await {
+                Ok(()) => return,
+                Err(e) if e.kind() == oona::ErrorKind::NotFound => return,
+                Err(e) if e.is_temporary() && tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(250)).await
+                }
+                Err(e) => {
+                    eprintln!(
+                        "oona: could not delete the reading group {} on {}: {e}",
+                        self.group, self.topic
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_parse() {
+        assert_eq!(parse_start("earliest"), Ok(StartPosition::Earliest));
+        assert_eq!(parse_start("latest"), Ok(StartPosition::Latest));
+        let at = parse_start("2026-01-02T03:04:05Z").unwrap();
+        assert_eq!(
+            at,
+            StartPosition::At(Timestamp::parse_rfc3339("2026-01-02T03:04:05Z").unwrap())
+        );
+        let StartPosition::At(t) = parse_start("10m").unwrap() else {
+            panic!("10m ago is a time");
+        };
+        let ago = Timestamp::now().unix_millis() - t.unix_millis();
+        assert!((599_000..=601_000).contains(&ago), "{ago}");
+        assert!(parse_start("yesterday").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn positions_order_within_their_partition() {
+        let redis = parse_position("1700000000000-5").unwrap();
+        assert!(redis.admits(Some("1700000000000-5")));
+        assert!(redis.admits(Some("1700000000001-0")));
+        assert!(!redis.admits(Some("1700000000000-4")));
+        let kafka = parse_position("2/100").unwrap();
+        assert!(!kafka.admits(Some("2/99")));
+        assert!(kafka.admits(Some("2/100")));
+        assert!(kafka.admits(Some("0/3")), "another partition");
+        let pulsar = parse_position("17:4").unwrap();
+        assert!(!pulsar.admits(Some("16:900")));
+        assert!(pulsar.admits(Some("18:0")));
+        assert!(parse_position("x-1").is_err());
+    }
+
+    #[test]
+    fn filters_match_key_and_headers() {
+        let t = Topic::new("a.b.c").unwrap();
+        let env = Envelope::builder(t, "{}")
+            .key("k1")
+            .header("region", "eu")
+            .build();
+        let f = |key: Option<&str>, h: &[&str]| Filter {
+            key: key.map(str::to_string),
+            headers: h.iter().map(|s| parse_header_filter(s).unwrap()).collect(),
+        };
+        assert!(f(None, &[]).matches(&env));
+        assert!(f(Some("k1"), &["region=eu"]).matches(&env));
+        assert!(f(None, &["region"]).matches(&env));
+        assert!(!f(Some("k2"), &[]).matches(&env));
+        assert!(!f(None, &["region=us"]).matches(&env));
+        assert!(!f(None, &["zone"]).matches(&env));
+    }
+}
