@@ -124,6 +124,8 @@ pub struct Delivery {
     arrived: Option<Box<Envelope>>,
     info: DeliveryInfo,
     settler: Option<Box<dyn Settle>>,
+    /// When the transport handed it over (the `receive` span starts here).
+    received_at: std::time::SystemTime,
 }
 
 impl Delivery {
@@ -134,7 +136,14 @@ impl Delivery {
             arrived: None,
             info,
             settler: Some(settler),
+            received_at: std::time::SystemTime::now(),
         }
+    }
+
+    /// When the transport handed the delivery over (before prefetch
+    /// queues, layers and the handler).
+    pub fn received_at(&self) -> std::time::SystemTime {
+        self.received_at
     }
 
     /// The message.

@@ -139,6 +139,9 @@ pub struct Handled {
     pub dead_lettered: bool,
     /// The transport's answer to the settlement.
     pub settled: Result<()>,
+    /// When the settlement was handed to the transport, and when it
+    /// answered (the `settle` span).
+    pub settle_time: (std::time::SystemTime, std::time::SystemTime),
 }
 
 impl Handled {
@@ -150,11 +153,13 @@ impl Handled {
             Outcome::Nack { .. } => delivery.is_last_attempt(),
             Outcome::Reject { .. } => true,
         };
+        let started = std::time::SystemTime::now();
         let settled = delivery.settle(outcome.clone()).await;
         Handled {
             outcome,
             dead_lettered,
             settled,
+            settle_time: (started, std::time::SystemTime::now()),
         }
     }
 }

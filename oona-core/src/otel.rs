@@ -11,6 +11,12 @@
 //!   language, continues the trace. Its parent is the message's own
 //!   `traceparent` if the publisher set one, else the delivery being
 //!   handled (see below), else none (a new trace).
+//! - **receive**: a `receive <topic>` span (kind `CONSUMER`) from when the
+//!   transport handed the delivery over to when its handling starts (the
+//!   time it waited in prefetch), a child of the message's `send` span.
+//! - **settle**: an `ack <topic>`, `nack <topic>` or `reject <topic>` span
+//!   (kind `CLIENT`, `messaging.operation.type` `settle`) over the
+//!   settlement's round trip, a child of the `process` span.
 //! - **consume**: a `process <topic>` span (kind `CONSUMER`) around the
 //!   handler and its settlement, child of the message's `send` span (the
 //!   conventions allow the creation context as parent for single-message
@@ -24,7 +30,7 @@
 //!
 //! Attributes: `messaging.system` (`redis`, `kafka`, `pulsar`, `memory`),
 //! `messaging.destination.name`, `messaging.operation.type` (`send`,
-//! `process`), `messaging.operation.name`, `messaging.message.id` (the
+//! `receive`, `process`, `settle`), `messaging.operation.name`, `messaging.message.id` (the
 //! event id), `messaging.message.conversation_id` (the correlation id),
 //! `messaging.consumer.group.name` and `oona.delivery.attempt` (the
 //! conventions have no generic attempt attribute).
@@ -133,6 +139,55 @@ where
         attrs
     }
 
+    /// The `receive` span of `d`: from when the transport handed it over
+    /// to now (its handling starts), a child of the message's `send`.
+    fn receive_span(&self, d: &Delivery, parent: &Context) {
+        use opentelemetry::trace::Span as _;
+        let e = d.envelope();
+        let mut attrs = self.common(e, "receive");
+        attrs.push(KeyValue::new(
+            "messaging.consumer.group.name",
+            d.info().group.to_string(),
+        ));
+        let mut span = self
+            .tracer
+            .span_builder(format!("receive {}", e.topic))
+            .with_kind(SpanKind::Consumer)
+            .with_start_time(d.received_at())
+            .with_attributes(attrs)
+            .start_with_context(&self.tracer, parent);
+        span.end();
+    }
+
+    /// The `settle` span (kind `CLIENT`) of what became of a delivery, a
+    /// child of its `process` span, over the settlement's own time.
+    fn settle_span(&self, topic: &crate::Topic, h: &Handled, process: &Context) {
+        use opentelemetry::trace::Span as _;
+        let name = match &h.outcome {
+            Outcome::Ack => "ack",
+            Outcome::Nack { .. } => "nack",
+            Outcome::Reject { .. } => "reject",
+        };
+        let attrs = vec![
+            KeyValue::new("messaging.system", self.system.clone()),
+            KeyValue::new("messaging.destination.name", topic.to_string()),
+            KeyValue::new("messaging.operation.type", "settle"),
+            KeyValue::new("messaging.operation.name", name),
+        ];
+        let mut span = self
+            .tracer
+            .span_builder(format!("{name} {topic}"))
+            .with_kind(SpanKind::Client)
+            .with_start_time(h.settle_time.0)
+            .with_attributes(attrs)
+            .start_with_context(&self.tracer, process);
+        if let Err(e) = &h.settled {
+            span.set_attribute(KeyValue::new("error.type", e.kind().as_str()));
+            span.set_status(Status::error(e.to_string()));
+        }
+        span.end_with_timestamp(h.settle_time.1);
+    }
+
     /// Start the `send` span of `e` and write its context into `e`.
     fn send_span(&self, e: &mut Envelope) -> T::Span {
         let own = e.headers.get(header::TRACEPARENT).cloned();
@@ -202,9 +257,12 @@ where
             .with_kind(SpanKind::Consumer)
             .with_attributes(attrs)
             .start_with_context(&self.tracer, &parent);
+        self.receive_span(&delivery, &parent);
         let cx = parent.with_span(span);
         let current = format_traceparent(cx.span().span_context());
+        let topic = delivery.envelope().topic.clone();
         let handled = CURRENT.scope(current, next.run(delivery)).await;
+        self.settle_span(&topic, &handled, &cx);
         let span = cx.span();
         let outcome = match &handled.outcome {
             Outcome::Ack => "ack",

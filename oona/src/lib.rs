@@ -8,6 +8,8 @@ pub mod bus;
 pub mod contract;
 pub mod handler;
 pub mod health;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod registry;
 pub mod runner;
 #[cfg(feature = "http")]

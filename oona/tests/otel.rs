@@ -99,7 +99,8 @@ async fn chain(urls: &[String]) -> (Vec<SpanData>, Vec<Topic>, Vec<&'static str>
     let got = tokio::time::timeout(common::GUARD, done_rx.recv()).await;
     assert_eq!(got.ok().flatten().as_deref(), Some("blueprint"));
     // The last process span ends once its settlement is written.
-    let want = 2 * urls.len();
+    // send, receive, process and ack of each hop.
+    let want = 4 * urls.len();
     let spans = tokio::time::timeout(common::GUARD, async {
         loop {
             let spans = exporter.get_finished_spans().unwrap();
@@ -168,6 +169,26 @@ fn check_tree(spans: &[SpanData], topics: &[Topic], systems: &[&str]) {
             attr(send, "messaging.message.id"),
             attr(process, "messaging.message.id")
         );
+        let receive = span(spans, &format!("receive {t}"));
+        assert_eq!(receive.span_kind, SpanKind::Consumer);
+        assert_eq!(
+            receive.parent_span_id,
+            send.span_context.span_id(),
+            "receive {t} is the child of its send"
+        );
+        assert!(receive.end_time <= process.start_time + Duration::from_millis(5));
+        let ack = span(spans, &format!("ack {t}"));
+        assert_eq!(ack.span_kind, SpanKind::Client);
+        assert_eq!(
+            ack.parent_span_id,
+            process.span_context.span_id(),
+            "ack {t} is the child of its process"
+        );
+        assert_eq!(
+            attr(ack, "messaging.operation.type"),
+            Some(&Value::from("settle"))
+        );
+        assert!(ack.start_time >= process.start_time && ack.end_time <= process.end_time);
         parent = process.span_context.span_id();
     }
 }
@@ -197,11 +218,19 @@ async fn one_trace_across_redis_kafka_and_pulsar() {
     assert_eq!(systems, ["redis", "kafka", "pulsar"]);
     check_tree(&spans, &topics, &systems);
     // The tree, for the closing note: `--nocapture` prints it.
-    let mut ordered: Vec<&SpanData> = spans.iter().collect();
-    ordered.sort_by_key(|s| s.start_time);
-    for (depth, s) in ordered.iter().enumerate() {
+    print_tree(&spans, SpanId::INVALID, 0);
+}
+
+fn print_tree(spans: &[SpanData], parent: SpanId, depth: usize) {
+    let mut children: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| s.parent_span_id == parent)
+        .collect();
+    children.sort_by_key(|s| s.start_time);
+    for s in children {
+        let took = s.end_time.duration_since(s.start_time).unwrap_or_default();
         eprintln!(
-            "{}{} [{:?}, {}] span {} parent {}",
+            "{}{} [{:?}, {}] span {} ({:.2} ms)",
             "  ".repeat(depth),
             s.name,
             s.span_kind,
@@ -209,7 +238,8 @@ async fn one_trace_across_redis_kafka_and_pulsar() {
                 .map(|v| v.to_string())
                 .unwrap_or_default(),
             s.span_context.span_id(),
-            s.parent_span_id
+            took.as_secs_f64() * 1e3
         );
+        print_tree(spans, s.span_context.span_id(), depth + 1);
     }
 }
