@@ -9,11 +9,13 @@ use oona::{Bus, Envelope, Name, StartPosition, Subscription, Topic};
 use serde_json::json;
 
 use crate::exit::{Code, Context as _, Failure};
-use crate::out::Out;
+use crate::out::{say, Out};
+use crate::read::Stop;
 
 /// Publish messages and consume them with a group, in one process:
 /// publish rate and per-call latency, consume rate, end-to-end latency
-/// (p50, p95, p99, max). Uses a fresh topic, deleted afterwards.
+/// (p50, p95, p99, max). Uses a fresh topic, deleted afterwards (a
+/// --topic given is left as it is, and must be empty).
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
 Examples:
@@ -36,7 +38,7 @@ pub struct Args {
     #[arg(long)]
     keep: bool,
     /// Give up consuming after this long.
-    #[arg(long, default_value = "120s", value_parser = crate::read::parse_duration)]
+    #[arg(long, default_value = "120s", value_parser = crate::read::parse_positive_duration)]
     timeout: Duration,
 }
 
@@ -49,25 +51,49 @@ struct Figures {
     end_to_end_ms: Vec<f64>,
 }
 
-pub async fn run(bus: &Bus, out: &Out, a: Args) -> Result<(), Failure> {
+pub async fn run(bus: &Bus, out: &Out, stop: &Stop, a: Args) -> Result<(), Failure> {
     if a.messages == 0 || a.batch == 0 {
         return Err(Failure::usage("--messages and --batch must be at least 1"));
     }
-    let topic = match &a.topic {
-        Some(t) => Topic::new(t).ctx("--topic")?,
+    // A topic of its own, deleted afterwards; a topic named by --topic is
+    // never deleted and must be empty (what is there would be counted).
+    let (topic, own) = match &a.topic {
+        Some(t) => {
+            let t = Topic::new(t).ctx("--topic")?;
+            match bus.transport().describe_topic(&t).await {
+                // Pulsar does not count: an existing topic may hold any.
+                Ok(i) if i.messages != Some(0) => {
+                    return Err(Failure::usage(format!(
+                        "{t} holds messages (or its broker does not count them): bench a fresh or empty topic"
+                    )))
+                }
+                _ => (t, false),
+            }
+        }
         None => {
             let id = uuid::Uuid::new_v4().simple().to_string();
-            Topic::new(format!("system.oona_bench.r{}", &id[..10])).ctx("topic")?
+            let t = Topic::new(format!("system.oona_bench.r{}", &id[..10])).ctx("topic")?;
+            (t, true)
         }
     };
-    let result = bench(bus, &topic, &a).await;
-    if !a.keep {
-        if let Err(e) = bus.transport().delete_topic(&topic).await {
+    let group = Name::unique("oona-bench");
+    let result = bench(bus, &topic, &group, stop, &a).await;
+    let t = bus.transport();
+    if let Err(e) = t.delete_group(&topic, &group).await {
+        if e.kind() != oona::ErrorKind::NotFound {
+            eprintln!("oona: deleting the bench group {group} on {topic}: {e}");
+        }
+    }
+    if own && !a.keep {
+        if let Err(e) = t.delete_topic(&topic).await {
             eprintln!("oona: deleting the bench topic {topic}: {e}");
         }
     }
     let f = result?;
     report(out, &topic, &a, &f);
+    if stop.is_stopped() {
+        return Err(Failure::new(Code::Interrupted, "interrupted"));
+    }
     if f.consumed < a.messages {
         return Err(Failure::new(
             Code::Partial,
@@ -80,12 +106,17 @@ pub async fn run(bus: &Bus, out: &Out, a: Args) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn bench(bus: &Bus, topic: &Topic, a: &Args) -> Result<Figures, Failure> {
+async fn bench(
+    bus: &Bus,
+    topic: &Topic,
+    group: &Name,
+    stop: &Stop,
+    a: &Args,
+) -> Result<Figures, Failure> {
     bus.ensure_topic(topic.clone())
         .await
         .ctx("creating the topic")?;
-    let sub =
-        Subscription::new(topic.clone(), Name::unique("oona-bench")).start(StartPosition::Earliest);
+    let sub = Subscription::new(topic.clone(), group.clone()).start(StartPosition::Earliest);
     let mut stream = bus.subscribe_raw(sub).await.ctx("subscribing")?;
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>9} {bar:30} {pos}/{len} {per_sec}")
@@ -102,12 +133,17 @@ async fn bench(bus: &Bus, topic: &Topic, a: &Args) -> Result<Figures, Failure> {
     );
     let n = a.messages;
     let timeout = a.timeout;
+    let stopped = stop.clone();
     let consumer = tokio::spawn(async move {
         let mut lat = Vec::with_capacity(n as usize);
         let (mut first, mut last) = (None, None);
         let deadline = tokio::time::Instant::now() + timeout;
         while (lat.len() as u64) < n {
-            let d = match tokio::time::timeout_at(deadline, stream.next()).await {
+            let next = tokio::select! {
+                _ = stopped.stopped() => break,
+                next = tokio::time::timeout_at(deadline, stream.next()) => next,
+            };
+            let d = match next {
                 Ok(Some(Ok(d))) => d,
                 Ok(Some(Err(e))) if e.is_temporary() => continue,
                 Ok(Some(Err(e))) => return Err(Failure::from(e)),
@@ -129,33 +165,15 @@ async fn bench(bus: &Bus, topic: &Topic, a: &Args) -> Result<Figures, Failure> {
         };
         Ok::<_, Failure>((lat, span))
     });
-    let payload = "x".repeat(a.size.saturating_sub(12));
-    let started = Instant::now();
-    let mut calls = Vec::new();
-    let mut i = 0u64;
-    while i < n {
-        let take = (a.batch as u64).min(n - i);
-        let batch: Vec<Envelope> = (i..i + take)
-            .map(|k| {
-                let body = json!({"i": k, "p": payload}).to_string();
-                Envelope::builder(topic.clone(), body).build()
-            })
-            .collect();
-        let t0 = Instant::now();
-        if take == 1 {
-            let one = batch.into_iter().next();
-            if let Some(env) = one {
-                bus.publish_envelope(env).await.ctx("publishing")?;
-            }
-        } else {
-            bus.publish_envelopes(batch).await.ctx("publishing")?;
-        }
-        calls.push(t0.elapsed().as_secs_f64() * 1e3);
-        i += take;
-        pub_bar.inc(take);
-    }
-    let published_per_s = n as f64 / started.elapsed().as_secs_f64();
+    let published = publish_all(bus, topic, stop, a, &pub_bar).await;
     pub_bar.finish();
+    let (calls, published_per_s) = match published {
+        Ok(p) => p,
+        Err(f) => {
+            consumer.abort();
+            return Err(f);
+        }
+    };
     let (lat, span) = consumer
         .await
         .map_err(|e| Failure::new(Code::Failed, format!("the consumer task: {e}")))??;
@@ -172,6 +190,41 @@ async fn bench(bus: &Bus, topic: &Topic, a: &Args) -> Result<Figures, Failure> {
         },
         end_to_end_ms: lat,
     })
+}
+
+/// Publish the messages: each call's time, and the rate.
+async fn publish_all(
+    bus: &Bus,
+    topic: &Topic,
+    stop: &Stop,
+    a: &Args,
+    bar: &ProgressBar,
+) -> Result<(Vec<f64>, f64), Failure> {
+    let payload = "x".repeat(a.size.saturating_sub(12));
+    let started = Instant::now();
+    let mut calls = Vec::new();
+    let (n, mut i) = (a.messages, 0u64);
+    while i < n && !stop.is_stopped() {
+        let take = (a.batch as u64).min(n - i);
+        let mut batch: Vec<Envelope> = (i..i + take)
+            .map(|k| {
+                let body = json!({"i": k, "p": payload}).to_string();
+                Envelope::builder(topic.clone(), body).build()
+            })
+            .collect();
+        let t0 = Instant::now();
+        if take == 1 {
+            if let Some(env) = batch.pop() {
+                bus.publish_envelope(env).await.ctx("publishing")?;
+            }
+        } else {
+            bus.publish_envelopes(batch).await.ctx("publishing")?;
+        }
+        calls.push(t0.elapsed().as_secs_f64() * 1e3);
+        i += take;
+        bar.inc(take);
+    }
+    Ok((calls, i as f64 / started.elapsed().as_secs_f64()))
 }
 
 /// The `q` quantile (0..=1) of `v`, nearest rank.
@@ -201,9 +254,11 @@ fn report(out: &Out, topic: &Topic, a: &Args, f: &Figures) {
         }));
         return;
     }
-    println!(
+    say!(
         "{} messages of {} bytes, {} per call, on {topic}",
-        a.messages, a.size, a.batch
+        a.messages,
+        a.size,
+        a.batch
     );
     let row = |name: &str, rate: f64, v: [f64; 4]| {
         vec![

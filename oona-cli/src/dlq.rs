@@ -12,11 +12,11 @@ use std::time::Duration;
 use indicatif::ProgressBar;
 use oona::rules::DeadLetterInfo;
 use oona::{Bus, Envelope, StartPosition, Topic};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::exit::{Code, Context as _, Failure};
-use crate::out::{envelope_json, payload_text, Out};
-use crate::read::{parse_duration, End, Reader, Stop};
+use crate::out::{envelope_json, payload_text, say, Out};
+use crate::read::{parse_positive_duration, End, Reader, Stop};
 
 /// Dead letters: list the dead-letter topics, inspect them, requeue them
 /// onto their topics, purge them.
@@ -65,7 +65,7 @@ pub struct Which {
     #[arg(long)]
     limit: Option<u64>,
     /// Stop reading once nothing arrived for this long.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = parse_positive_duration)]
     idle: Duration,
 }
 
@@ -73,15 +73,21 @@ pub struct Which {
 pub struct Requeue {
     #[command(flatten)]
     which: Which,
-    /// Requeue every dead letter.
+    /// Requeue every dead letter (but those of entries that did not
+    /// decode, unless --include-poison).
     #[arg(long, conflicts_with_all = ["ids", "reason_contains"])]
     all: bool,
     /// Requeue the dead letter of this original event id (repeatable).
     #[arg(long = "id", value_name = "EVENT_ID")]
     ids: Vec<String>,
-    /// Requeue those whose reason contains this text.
+    /// Requeue those whose reason contains this text (with --id: both must
+    /// hold).
     #[arg(long)]
     reason_contains: Option<String>,
+    /// Requeue `decode:` dead letters too: their original is the raw entry
+    /// in an envelope Oona made, not a message anyone published.
+    #[arg(long)]
+    include_poison: bool,
     /// Publish to this topic instead of the original one.
     #[arg(long)]
     to_topic: Option<String>,
@@ -96,7 +102,7 @@ pub struct Audit {
     /// the broker holds when left out.
     topics: Vec<String>,
     /// Print and publish a report this often.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
     every: Duration,
     /// The auditor's group (it keeps its place across runs).
     #[arg(long, default_value = "oona-dlq-auditor")]
@@ -136,7 +142,11 @@ async fn list(bus: &Bus, out: &Out) -> Result<(), Failure> {
             .describe_topic(&dlq)
             .await
             .ctx(&format!("describing {dlq}"))?;
-        let original = dlq.as_str().trim_end_matches(".dlq").to_string();
+        let original = dlq
+            .as_str()
+            .strip_suffix(".dlq")
+            .unwrap_or(dlq.as_str())
+            .to_string();
         if out.json {
             out.json_line(&json!({"topic": dlq.as_str(), "original_topic": original, "messages": info.messages}));
         } else {
@@ -150,21 +160,15 @@ async fn list(bus: &Bus, out: &Out) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Every dead letter of `w` (up to its limit), read through a group of
-/// the CLI's own.
+/// Every dead letter of `w` (up to its limit) with its position, read
+/// through a group of the CLI's own. A signal or a closed stream before
+/// the end is a failure: half a list must not be taken for all of it.
 async fn read_all(
     bus: &Bus,
     stop: &Stop,
     w: &Which,
 ) -> Result<Vec<(Envelope, Option<String>)>, Failure> {
     let dlq = dead_letter_topic(&w.topic)?;
-    let exists = bus.transport().describe_topic(&dlq).await;
-    if let Err(e) = exists {
-        return Err(Failure::new(
-            crate::exit::code_of(&e),
-            format!("{dlq}: {e}"),
-        ));
-    }
     let mut r = Reader::open(bus, &dlq, StartPosition::Earliest, stop).await?;
     let mut got = Vec::new();
     let res = async {
@@ -174,7 +178,19 @@ async fn read_all(
                     got.push((d.envelope().clone(), d.info().position.clone()));
                     d.ack().await.ctx("ack")?;
                 }
-                Err(End::Idle | End::Signal | End::Closed) => break,
+                Err(End::Idle) => break,
+                Err(End::Signal) => {
+                    return Err(Failure::new(
+                        Code::Interrupted,
+                        format!("interrupted after {} dead letters", got.len()),
+                    ))
+                }
+                Err(End::Closed) => {
+                    return Err(Failure::new(
+                        Code::Unavailable,
+                        "the transport closed the stream",
+                    ))
+                }
             }
         }
         Ok::<_, Failure>(())
@@ -184,33 +200,48 @@ async fn read_all(
     res.map(|()| got)
 }
 
-fn dead_letter_json(
+/// One dead letter as `inspect --json` prints it; the original in Oona's
+/// JSON wire form, byte for byte.
+#[derive(serde::Serialize)]
+struct DeadLetterLine<'a> {
+    event_id: String,
+    original_topic: Option<&'a str>,
+    reason: Option<&'a str>,
+    attempts: Option<u32>,
+    group: Option<&'a str>,
+    at: Option<String>,
+    original_position: Option<&'a str>,
+    schema_id: Option<&'a str>,
+    content_type: &'a str,
+    position: Option<&'a str>,
+    not_a_dead_letter: bool,
+    original: Box<serde_json::value::RawValue>,
+}
+
+fn dead_letter_line(
     env: &Envelope,
     info: Option<&DeadLetterInfo>,
     position: Option<&str>,
-) -> Value {
-    match info {
-        Some(i) => json!({
-            "event_id": i.original.event_id.to_string(),
-            "original_topic": i.original.topic.as_str(),
-            "reason": i.reason,
-            "attempts": i.attempts,
-            "group": i.group,
-            "at": i.at.map(|t| t.to_string()),
-            "original_position": i.original_position,
-            "schema_id": i.original.schema_id,
-            "content_type": i.original.content_type.as_str(),
-            "position": position,
-            "original": envelope_json(&i.original, None),
-        }),
-        None => json!({
-            "event_id": env.event_id.to_string(),
-            "reason": null,
-            "not_a_dead_letter": true,
-            "position": position,
-            "envelope": envelope_json(env, None),
-        }),
-    }
+) -> Result<String, Failure> {
+    let shown = info.map_or(env, |i| &i.original);
+    let form = envelope_json(shown, None).ctx("the JSON form")?;
+    let original = serde_json::value::RawValue::from_string(form)
+        .map_err(|e| Failure::new(Code::Failed, format!("the JSON form: {e}")))?;
+    let line = DeadLetterLine {
+        event_id: shown.event_id.to_string(),
+        original_topic: info.map(|i| i.original.topic.as_str()),
+        reason: info.map(|i| i.reason.as_str()),
+        attempts: info.map(|i| i.attempts),
+        group: info.map(|i| i.group.as_str()),
+        at: info.and_then(|i| i.at).map(|t| t.to_string()),
+        original_position: info.and_then(|i| i.original_position.as_deref()),
+        schema_id: shown.schema_id.as_deref(),
+        content_type: shown.content_type.as_str(),
+        position,
+        not_a_dead_letter: info.is_none(),
+        original,
+    };
+    serde_json::to_string(&line).map_err(|e| Failure::new(Code::Failed, format!("JSON: {e}")))
 }
 
 /// The message type of a dead letter: its schema id, else its content
@@ -228,7 +259,7 @@ async fn inspect(bus: &Bus, out: &Out, stop: &Stop, w: Which) -> Result<(), Fail
     for (env, pos) in &all {
         let info = DeadLetterInfo::parse(env);
         if out.json {
-            out.json_line(&dead_letter_json(env, info.as_ref(), pos.as_deref()));
+            say!("{}", dead_letter_line(env, info.as_ref(), pos.as_deref())?);
         } else {
             print_dead_letter(out, env, info.as_ref());
         }
@@ -242,7 +273,7 @@ async fn inspect(bus: &Bus, out: &Out, stop: &Stop, w: Which) -> Result<(), Fail
         *by.entry(key).or_default() += 1;
     }
     if !out.json {
-        println!();
+        say!();
         let rows: Vec<Vec<String>> = by
             .into_iter()
             .map(|((reason, ty), n)| vec![n.to_string(), reason, ty])
@@ -255,11 +286,11 @@ async fn inspect(bus: &Bus, out: &Out, stop: &Stop, w: Which) -> Result<(), Fail
 
 fn print_dead_letter(out: &Out, env: &Envelope, info: Option<&DeadLetterInfo>) {
     let Some(i) = info else {
-        println!("{} {}", out.warn("not a dead letter:"), env.event_id);
+        say!("{} {}", out.warn("not a dead letter:"), env.event_id);
         return;
     };
     let at = i.at.map(|t| t.to_string()).unwrap_or_else(|| "?".into());
-    println!(
+    say!(
         "{} {} from {} {}",
         out.bold(&i.original.event_id.to_string()),
         out.dim(&at),
@@ -269,7 +300,7 @@ fn print_dead_letter(out: &Out, env: &Envelope, info: Option<&DeadLetterInfo>) {
             i.original_position.as_deref().unwrap_or("?")
         ))
     );
-    println!(
+    say!(
         "  {} {} after {} attempts in group {}",
         out.bad("reason:"),
         i.reason,
@@ -282,8 +313,44 @@ fn print_dead_letter(out: &Out, env: &Envelope, info: Option<&DeadLetterInfo>) {
         .as_deref()
         .map(|k| format!(" key={k}"))
         .unwrap_or_default();
-    println!("  type={}{key}", type_of(i));
-    println!("  {}", payload_text(&i.original));
+    say!("  type={}{key}", type_of(i));
+    say!("  {}", payload_text(&i.original));
+}
+
+/// The dead letters `r` selects, the latest of each original event id (a
+/// message requeued and dead-lettered again is in the log twice), and how
+/// many older copies were left out.
+fn select(r: &Requeue, all: &[(Envelope, Option<String>)]) -> (Vec<DeadLetterInfo>, usize) {
+    let wanted = |i: &DeadLetterInfo| {
+        let id = i.original.event_id.to_string();
+        let by_id = r.ids.is_empty() || r.ids.iter().any(|x| x.eq_ignore_ascii_case(&id));
+        let by_reason = r
+            .reason_contains
+            .as_ref()
+            .is_none_or(|s| i.reason.contains(s.as_str()));
+        // A `decode:` dead letter holds the raw entry in an envelope Oona
+        // made: it was never published as such.
+        let poison = i.reason.starts_with("decode");
+        by_id && by_reason && (!poison || r.include_poison || !r.ids.is_empty())
+    };
+    let mut latest: Vec<DeadLetterInfo> = Vec::new();
+    let mut older = 0;
+    for info in all.iter().filter_map(|(env, _)| DeadLetterInfo::parse(env)) {
+        if !wanted(&info) {
+            continue;
+        }
+        match latest
+            .iter_mut()
+            .find(|l| l.original.event_id == info.original.event_id)
+        {
+            Some(l) => {
+                *l = info;
+                older += 1;
+            }
+            None => latest.push(info),
+        }
+    }
+    (latest, older)
 }
 
 async fn requeue(bus: &Bus, out: &Out, stop: &Stop, r: Requeue) -> Result<(), Failure> {
@@ -299,26 +366,17 @@ async fn requeue(bus: &Bus, out: &Out, stop: &Stop, r: Requeue) -> Result<(), Fa
         .transpose()
         .ctx("--to-topic")?;
     let all = read_all(bus, stop, &r.which).await?;
-    let chosen: Vec<DeadLetterInfo> = all
-        .iter()
-        .filter_map(|(env, _)| DeadLetterInfo::parse(env))
-        .filter(|i| {
-            r.all
-                || r.ids
-                    .iter()
-                    .any(|id| *id == i.original.event_id.to_string())
-                || r.reason_contains
-                    .as_ref()
-                    .is_some_and(|s| i.reason.contains(s.as_str()))
-        })
-        .collect();
+    let (chosen, older) = select(&r, &all);
     let bar = if chosen.len() > 1 && !r.dry_run {
         ProgressBar::new(chosen.len() as u64)
     } else {
         ProgressBar::hidden()
     };
-    let (mut done, mut failed) = (0u64, 0u64);
+    let (mut done, mut failed, mut last_error) = (0u64, 0u64, None);
     for i in &chosen {
+        if stop.is_stopped() {
+            break;
+        }
         let mut env = i.original.clone();
         if let Some(t) = &into {
             env.topic = t.clone();
@@ -340,43 +398,59 @@ async fn requeue(bus: &Bus, out: &Out, stop: &Stop, r: Requeue) -> Result<(), Fa
                     } else {
                         "requeued"
                     };
-                    bar.suspend(|| println!("{verb} {id} to {topic}"));
+                    bar.suspend(|| say!("{verb} {id} to {topic}"));
                 }
             }
             Err(e) => {
                 failed += 1;
                 bar.suspend(|| eprintln!("oona: requeueing {id}: {e}"));
+                last_error = Some(e);
             }
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let missing: Vec<&String> = r
+    let missing: Vec<&str> = r
         .ids
         .iter()
         .filter(|id| {
             !chosen
                 .iter()
-                .any(|i| i.original.event_id.to_string() == **id)
+                .any(|i| i.original.event_id.to_string().eq_ignore_ascii_case(id))
         })
+        .map(String::as_str)
         .collect();
+    let dlq = dead_letter_topic(&r.which.topic)?;
+    let verb = if r.dry_run {
+        "would be requeued"
+    } else {
+        "requeued"
+    };
     eprintln!(
-        "oona: {done} of {} dead letters requeued; they stay in {} until `oona dlq purge`",
+        "oona: {done} of {} dead letters {verb} ({older} older copies of the same messages left out); they stay in {dlq} until `oona dlq purge`",
         all.len(),
-        dead_letter_topic(&r.which.topic)?
     );
+    if stop.is_stopped() {
+        return Err(Failure::new(
+            Code::Interrupted,
+            format!("interrupted after {done} requeued"),
+        ));
+    }
+    if let (Some(e), 0) = (&last_error, done) {
+        return Err(Failure::new(
+            crate::exit::code_of(e),
+            format!("nothing requeued: {e}"),
+        ));
+    }
     if failed > 0 || !missing.is_empty() {
-        let ids: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+        let ids = if missing.is_empty() {
+            "none".into()
+        } else {
+            missing.join(", ")
+        };
         return Err(Failure::new(
             Code::Partial,
-            format!(
-                "{failed} failed; not found: {}",
-                if ids.is_empty() {
-                    "none".into()
-                } else {
-                    ids.join(", ")
-                }
-            ),
+            format!("{failed} failed; not found: {ids}"),
         ));
     }
     Ok(())
@@ -481,7 +555,7 @@ async fn purge(bus: &Bus, out: &Out, p: Purge) -> Result<(), Failure> {
     if out.json {
         out.json_line(&json!({"purged": dlq.as_str(), "messages": info.messages}));
     } else {
-        println!("purged {dlq}");
+        say!("purged {dlq}");
     }
     Ok(())
 }

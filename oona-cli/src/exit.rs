@@ -27,6 +27,9 @@ pub enum Code {
     Partial = 5,
     /// 6: the broker refused the credentials.
     Unauthorized = 6,
+    /// 130: SIGINT or SIGTERM stopped a finite job (replay, inspect,
+    /// requeue) before it finished.
+    Interrupted = 130,
 }
 
 impl Failure {
@@ -57,8 +60,13 @@ pub fn code_of(e: &Error) -> Code {
         | ErrorKind::InvalidName
         | ErrorKind::PayloadTooLarge
         | ErrorKind::Decode
-        | ErrorKind::Encode => Code::Usage,
-        ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Closed => Code::Unavailable,
+        | ErrorKind::Encode
+        | ErrorKind::Unsupported => Code::Usage,
+        ErrorKind::Connection
+        | ErrorKind::Timeout
+        | ErrorKind::Closed
+        | ErrorKind::ResourceExhausted
+        | ErrorKind::SpoolFull => Code::Unavailable,
         ErrorKind::Unauthenticated | ErrorKind::Unauthorized => Code::Unauthorized,
         _ => Code::Failed,
     }

@@ -16,18 +16,19 @@ use clap::{Parser, Subcommand};
 use oona::Bus;
 
 use crate::exit::{Context as _, Failure};
-use crate::out::{ColorChoice, Out};
+use crate::out::{say, ColorChoice, Out};
 use crate::read::Stop;
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  done
-  1  the operation failed (a broker error)
-  2  bad usage: arguments, topic name, JSON, URL or configuration
-  3  the topic or group does not exist
-  4  the broker is unreachable or timed out (a retry may succeed)
-  5  done in part (some messages failed; health degraded)
-  6  the broker refused the credentials";
+  0    done
+  1    the operation failed (a broker error)
+  2    bad usage: arguments, topic name, JSON, URL or configuration
+  3    the topic or group does not exist
+  4    the broker is unreachable or timed out (a retry may succeed)
+  5    done in part (some messages failed; health degraded)
+  6    the broker refused the credentials
+  130  SIGINT or SIGTERM stopped replay, dlq inspect or dlq requeue before it finished";
 
 /// The operator CLI of the Oona message bus: publish, tail, replay, dead
 /// letters, topics, groups, health, bench and AsyncAPI, on every broker.
@@ -111,14 +112,21 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), Failure> {
     let out = Out::new(cli.json, cli.color);
     if let Command::Asyncapi(a) = &cli.command {
-        return asyncapi(a);
+        return asyncapi(a, cli.json);
     }
     let url = cli.url.as_deref().ok_or_else(|| {
         Failure::usage("no broker: pass --url or set OONA_URL (redis://, kafka://, pulsar://)")
     })?;
     let transport = oona::connect(url).await.ctx("connecting")?;
     let bus = Bus::new(transport).with_sender_id(cli.sender.clone());
-    let stop = Stop::on_signals();
+    // Commands that clean up after themselves watch for signals; the
+    // others keep the default (the process ends).
+    let stop = match &cli.command {
+        Command::Tail(_) | Command::Replay(_) | Command::Dlq(_) | Command::Bench(_) => {
+            Stop::on_signals()
+        }
+        _ => Stop::default(),
+    };
     let result = match cli.command {
         Command::Publish(a) => publish::run(&bus, &out, a).await,
         Command::Tail(a) => tail::tail(&bus, &out, &stop, a).await,
@@ -127,7 +135,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Topics(t) => topics::run(&bus, &out, t).await,
         Command::Groups(g) => topics::groups(&bus, &out, g).await,
         Command::Health(_) => health(&bus, &out).await,
-        Command::Bench(a) => bench::run(&bus, &out, a).await,
+        Command::Bench(a) => bench::run(&bus, &out, &stop, a).await,
         Command::Asyncapi(_) => Ok(()),
     };
     if let Err(e) = bus.close().await {
@@ -152,7 +160,7 @@ async fn health(bus: &Bus, out: &Out) -> Result<(), Failure> {
             .round_trip_ms
             .map(|ms| format!(" in {ms:.2} ms"))
             .unwrap_or_default();
-        println!("{} {status}{rtt}: {}", snap.transport, snap.detail);
+        say!("{} {status}{rtt}: {}", snap.transport, snap.detail);
     }
     match snap.status.as_str() {
         "up" => Ok(()),
@@ -161,12 +169,17 @@ async fn health(bus: &Bus, out: &Out) -> Result<(), Failure> {
     }
 }
 
-fn asyncapi(a: &AsyncapiArgs) -> Result<(), Failure> {
+fn asyncapi(a: &AsyncapiArgs, json: bool) -> Result<(), Failure> {
     let doc = oona::oona_contracts::asyncapi::document();
-    let text = serde_json::to_string_pretty(&doc)
-        .map_err(|e| Failure::new(exit::Code::Failed, format!("AsyncAPI as JSON: {e}")))?;
+    // Pretty for people; one line with --json.
+    let text = if json {
+        serde_json::to_string(&doc)
+    } else {
+        serde_json::to_string_pretty(&doc)
+    }
+    .map_err(|e| Failure::new(exit::Code::Failed, format!("AsyncAPI as JSON: {e}")))?;
     match &a.output {
-        None => println!("{text}"),
+        None => say!("{text}"),
         Some(path) => std::fs::write(path, text + "\n").map_err(|e| {
             Failure::new(
                 exit::Code::Failed,

@@ -2,10 +2,39 @@
 //! JSON for scripts.
 
 use std::io::{IsTerminal as _, Write as _};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use base64::Engine as _;
 use oona::{DeliveryInfo, Envelope};
 use serde_json::Value;
+
+/// Set once stdout is gone (a closed pipe: `oona tail --json | head`):
+/// nothing more is printed, and readers stop and clean up.
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Write one line to stdout; a failed write (a closed pipe) marks stdout
+/// gone instead of panicking as `println!` does.
+pub fn write_line(line: std::fmt::Arguments<'_>) {
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Whether stdout is gone (see [`write_line`]).
+pub fn stdout_gone() -> bool {
+    STDOUT_GONE.load(Ordering::Relaxed)
+}
+
+/// `println!` through [`write_line`].
+macro_rules! say {
+    () => { $crate::out::write_line(format_args!("")) };
+    ($($t:tt)*) => { $crate::out::write_line(format_args!($($t)*)) };
+}
+pub(crate) use say;
 
 /// When to colour output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -70,7 +99,7 @@ impl Out {
 
     /// One JSON document on its own line.
     pub fn json_line(&self, v: &Value) {
-        println!("{v}");
+        say!("{v}");
     }
 
     /// A table: a bold header row, columns padded to their widest cell.
@@ -94,9 +123,9 @@ impl Out {
             s
         };
         let head = line(header.iter().map(|h| h.to_string()).collect());
-        println!("{}", self.bold(&head));
+        say!("{}", self.bold(&head));
         for r in rows {
-            println!("{}", line(r.clone()));
+            say!("{}", line(r.clone()));
         }
     }
 
@@ -123,8 +152,7 @@ impl Out {
         if env.priority != oona::Priority::Normal {
             head.push_str(&format!(" priority={}", env.priority));
         }
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{head}");
+        say!("{head}");
         let mut meta: Vec<String> = Vec::new();
         if let Some(s) = &env.schema_id {
             meta.push(format!("schema={s}"));
@@ -135,8 +163,8 @@ impl Out {
             meta.push(format!("correlation={c}"));
         }
         meta.extend(env.headers.iter().map(|(k, v)| format!("{k}={v}")));
-        let _ = writeln!(out, "  {}", self.dim(&meta.join(" ")));
-        let _ = writeln!(out, "  {}", payload_text(env));
+        say!("  {}", self.dim(&meta.join(" ")));
+        say!("  {}", payload_text(env));
     }
 }
 
@@ -159,20 +187,24 @@ pub fn payload_text(env: &Envelope) -> String {
     }
 }
 
-/// The canonical JSON form of an envelope (`oona_core::wire::json`), with
-/// the delivery's position and attempt beside it when known.
-pub fn envelope_json(env: &Envelope, info: Option<&DeliveryInfo>) -> Value {
-    let mut v: Value = oona::wire::json::encode(env)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null);
-    if let (Some(i), Value::Object(m)) = (info, &mut v) {
-        m.insert(
-            "delivery".into(),
-            serde_json::json!({"position": i.position, "attempt": i.attempt}),
-        );
-    }
-    v
+/// The canonical JSON form of an envelope (`oona_core::wire::json`, its
+/// payload byte for byte), with the delivery's position and attempt beside
+/// it when known.
+pub fn envelope_json(env: &Envelope, info: Option<&DeliveryInfo>) -> oona::Result<String> {
+    let doc = oona::wire::json::encode(env)?;
+    let text = String::from_utf8(doc).map_err(|e| {
+        oona::Error::new(
+            oona::ErrorKind::Encode,
+            format!("the JSON form is not UTF-8: {e}"),
+        )
+    })?;
+    let Some(i) = info else { return Ok(text) };
+    // The document is one object: its delivery goes before the last brace.
+    let body = text.trim_end().strip_suffix('}').ok_or_else(|| {
+        oona::Error::new(oona::ErrorKind::Encode, "the JSON form is not an object")
+    })?;
+    let delivery = serde_json::json!({"position": i.position, "attempt": i.attempt});
+    Ok(format!("{body},\"delivery\":{delivery}}}"))
 }
 
 /// A retention as people read it (`72h`, `30d`, `forever`).
@@ -209,6 +241,21 @@ mod tests {
         assert_eq!(payload_text(&text), "two\\nlines");
         let bin = Envelope::builder(t, vec![0u8, 159, 146, 150]).build();
         assert_eq!(payload_text(&bin), "base64:AJ+Slg== (4 bytes)");
+    }
+
+    #[test]
+    fn the_json_form_keeps_the_payload_bytes() {
+        let t = oona::Topic::new("a.b.c").unwrap();
+        let env = Envelope::builder(t, r#"{"z":1.10,"a":1e2}"#).build();
+        let sub = oona::Subscription::new(env.topic.clone(), oona::Name::new("g").unwrap());
+        let info = DeliveryInfo::new(&sub, 2, Some("5-0".into()));
+        let text = envelope_json(&env, Some(&info)).unwrap();
+        assert!(text.contains(r#""payload":{"z":1.10,"a":1e2}"#), "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["delivery"]["position"], "5-0");
+        assert_eq!(v["delivery"]["attempt"], 2);
+        let back = oona::wire::json::decode(text.as_bytes()).unwrap();
+        assert_eq!(back, env, "the extra key does not change the envelope");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use oona::{Bus, Envelope, Priority, Topic};
 use serde_json::json;
 
 use crate::exit::{Code, Context as _, Failure};
-use crate::out::Out;
+use crate::out::{say, Out};
 
 /// Publish JSON messages to a topic.
 ///
@@ -45,8 +45,9 @@ pub struct Args {
     /// Each non-empty line of stdin is one message.
     #[arg(long)]
     lines: bool,
-    /// The documents are envelopes in Oona's JSON wire form.
-    #[arg(long)]
+    /// The documents are envelopes in Oona's JSON wire form (published as
+    /// they are: the envelope options do not apply).
+    #[arg(long, conflicts_with_all = ["key", "headers", "priority", "schema_id", "correlation_id"])]
     envelope: bool,
 }
 
@@ -64,49 +65,52 @@ fn parse_priority(s: &str) -> Result<Priority, String> {
 pub async fn run(bus: &Bus, out: &Out, a: Args) -> Result<(), Failure> {
     let topic = Topic::new(&a.topic).ctx("topic")?;
     let docs = documents(&a)?;
-    let bar = if docs.len() > 1 {
-        ProgressBar::new(docs.len() as u64)
+    // Every line is checked before the first is published: a bad line 500
+    // must not leave 499 published.
+    let envelopes: Vec<Envelope> = docs
+        .iter()
+        .enumerate()
+        .map(|(line, doc)| envelope(bus, &a, &topic, doc).map_err(|e| at_line(&docs, line, e)))
+        .collect::<Result<_, _>>()?;
+    let bar = if envelopes.len() > 1 {
+        ProgressBar::new(envelopes.len() as u64)
     } else {
         ProgressBar::hidden()
     };
-    let (mut sent, mut failed) = (0u64, 0u64);
-    for (line, doc) in docs.iter().enumerate() {
-        let env = envelope(bus, &a, &topic, doc).map_err(|e| at_line(&docs, line, e))?;
+    let total = envelopes.len();
+    let (mut sent, mut failed, mut last_error) = (0u64, 0u64, None);
+    for (line, env) in envelopes.into_iter().enumerate() {
         match bus.publish_envelope(env).await {
             Ok(r) => {
                 sent += 1;
                 let pos = r.position.clone().unwrap_or_default();
                 if out.json {
-                    out.json_line(&json!({"event_id": r.event_id.to_string(), "topic": r.topic.as_str(), "position": r.position}));
+                    let v = json!({"event_id": r.event_id.to_string(), "topic": r.topic.as_str(), "position": r.position});
+                    bar.suspend(|| out.json_line(&v));
                 } else {
                     bar.suspend(|| {
-                        println!("published {} to {} {}", r.event_id, r.topic, out.dim(&pos))
+                        say!("published {} to {} {}", r.event_id, r.topic, out.dim(&pos))
                     });
                 }
             }
-            // Bad input stops here; a broker failure skips the message and
-            // goes on, counted.
-            Err(e) if crate::exit::code_of(&e) == Code::Usage => {
-                return Err(at_line(&docs, line, e.into()))
-            }
+            // A broker failure skips the message and goes on, counted.
             Err(e) => {
                 failed += 1;
                 bar.suspend(|| eprintln!("oona: message {}: {e}", line + 1));
+                last_error = Some(e);
             }
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
-    if failed > 0 {
-        return Err(Failure::new(
+    match last_error {
+        Some(e) if sent == 0 => Err(Failure::new(crate::exit::code_of(&e), e.to_string())),
+        Some(_) => Err(Failure::new(
             Code::Partial,
-            format!(
-                "{failed} of {} messages not published ({sent} were)",
-                docs.len()
-            ),
-        ));
+            format!("{failed} of {total} messages not published ({sent} were)"),
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn at_line(docs: &[String], line: usize, f: Failure) -> Failure {

@@ -25,7 +25,9 @@ pub const CLI_DEAD_LETTERS: &str = "system.oona_cli.dlq";
 pub struct Stop(Arc<(AtomicBool, Notify)>);
 
 impl Stop {
-    /// Watch for SIGINT and SIGTERM.
+    /// Watch for SIGINT and SIGTERM; a second one exits at once (130).
+    /// Only commands that check the token install it: the others keep the
+    /// default, which ends the process.
     pub fn on_signals() -> Self {
         let stop = Stop::default();
         let s = stop.clone();
@@ -33,6 +35,9 @@ impl Stop {
             wait_for_signal().await;
             s.0 .0.store(true, Ordering::SeqCst);
             s.0 .1.notify_waiters();
+            wait_for_signal().await;
+            eprintln!("oona: stopped at once; a reading group may be left (`oona groups <topic>` shows it)");
+            std::process::exit(130);
         });
         stop
     }
@@ -113,6 +118,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(n.saturating_mul(ms)))
 }
 
+/// A duration above zero (idle times, report intervals).
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: must be above 0")),
+        d => Ok(d),
+    }
+}
+
 /// A header filter: `NAME=VALUE` (equal) or `NAME` (present).
 #[derive(Debug, Clone)]
 pub struct HeaderFilter {
@@ -187,16 +200,30 @@ pub fn parse_position(s: &str) -> Result<Position, String> {
 
 impl Position {
     /// Whether a delivery at `pos` is at or after this position: always on
-    /// another partition (each is ordered on its own), and when the position
-    /// is unknown or of another form.
-    pub fn admits(&self, pos: Option<&str>) -> bool {
-        let Some(Ok(p)) = pos.map(parse_position) else {
-            return true;
-        };
-        if p.partition != self.partition || p.order.len() != self.order.len() {
-            return true;
+    /// another partition (each is ordered on its own; on Kafka the other
+    /// partitions are read from their start), and when the broker gives no
+    /// position. Missing trailing numbers count as 0 (Pulsar's `17:4` is
+    /// `17:4:0` in a batch). A position of another form than the broker's
+    /// (a partition where it has none, or none where it has one) is an
+    /// error.
+    pub fn admits(&self, pos: Option<&str>) -> Result<bool, String> {
+        let Some(text) = pos else { return Ok(true) };
+        let p = parse_position(text)?;
+        if p.partition.is_some() != self.partition.is_some() {
+            return Err(format!(
+                "--position is not of this broker's form: its positions look like {text}"
+            ));
         }
-        p.order >= self.order
+        if p.partition != self.partition {
+            return Ok(true);
+        }
+        let n = p.order.len().max(self.order.len());
+        let pad = |v: &[u64]| {
+            let mut v = v.to_vec();
+            v.resize(n, 0);
+            v
+        };
+        Ok(pad(&p.order) >= pad(&self.order))
     }
 }
 
@@ -227,6 +254,15 @@ impl Reader {
         start: StartPosition,
         stop: &Stop,
     ) -> Result<Self, Failure> {
+        // Reading never creates a topic, and needs the group deleted after.
+        let t = bus.transport();
+        if !t.capabilities().admin {
+            return Err(Failure::usage(format!(
+                "the {} transport cannot delete a reading group afterwards (on Pulsar, add admin_url to the URL)",
+                t.name()
+            )));
+        }
+        t.describe_topic(topic).await.ctx(topic.as_str())?;
         let group = Name::unique("oona-cli");
         let dlq = Topic::new(CLI_DEAD_LETTERS).ctx("the CLI's dead-letter topic")?;
         let sub = Subscription::new(topic.clone(), group.clone())
@@ -328,16 +364,23 @@ mod tests {
     #[test]
     fn positions_order_within_their_partition() {
         let redis = parse_position("1700000000000-5").unwrap();
-        assert!(redis.admits(Some("1700000000000-5")));
-        assert!(redis.admits(Some("1700000000001-0")));
-        assert!(!redis.admits(Some("1700000000000-4")));
+        assert_eq!(redis.admits(Some("1700000000000-5")), Ok(true));
+        assert_eq!(redis.admits(Some("1700000000001-0")), Ok(true));
+        assert_eq!(redis.admits(Some("1700000000000-4")), Ok(false));
+        assert_eq!(redis.admits(None), Ok(true));
+        let ms_only = parse_position("1700000000001").unwrap();
+        assert_eq!(ms_only.admits(Some("1700000000000-9")), Ok(false));
+        assert_eq!(ms_only.admits(Some("1700000000001-0")), Ok(true));
         let kafka = parse_position("2/100").unwrap();
-        assert!(!kafka.admits(Some("2/99")));
-        assert!(kafka.admits(Some("2/100")));
-        assert!(kafka.admits(Some("0/3")), "another partition");
+        assert_eq!(kafka.admits(Some("2/99")), Ok(false));
+        assert_eq!(kafka.admits(Some("2/100")), Ok(true));
+        assert_eq!(kafka.admits(Some("0/3")), Ok(true), "another partition");
+        assert!(kafka.admits(Some("17:4")).is_err(), "not Kafka's form");
+        assert!(parse_position("100").unwrap().admits(Some("0/3")).is_err());
         let pulsar = parse_position("17:4").unwrap();
-        assert!(!pulsar.admits(Some("16:900")));
-        assert!(pulsar.admits(Some("18:0")));
+        assert_eq!(pulsar.admits(Some("16:900:0")), Ok(false), "batched");
+        assert_eq!(pulsar.admits(Some("17:4:0")), Ok(true));
+        assert_eq!(pulsar.admits(Some("18:0")), Ok(true));
         assert!(parse_position("x-1").is_err());
     }
 

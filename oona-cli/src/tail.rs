@@ -7,10 +7,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use oona::{Bus, Delivery, StartPosition, Topic};
 
 use crate::exit::{Code, Context as _, Failure};
-use crate::out::{envelope_json, Out};
+use crate::out::{envelope_json, say, stdout_gone, Out};
 use crate::read::{
-    parse_duration, parse_header_filter, parse_position, parse_start, End, Filter, HeaderFilter,
-    Position, Reader, Stop,
+    parse_header_filter, parse_position, parse_positive_duration, parse_start, End, Filter,
+    HeaderFilter, Position, Reader, Stop,
 };
 
 /// What to read, shared by tail and replay.
@@ -54,7 +54,7 @@ pub struct TailArgs {
     #[arg(long, default_value = "latest", value_parser = parse_start)]
     from: StartPosition,
     /// Stop once nothing arrived for this long (500ms, 5s, 1m).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_positive_duration)]
     idle: Option<Duration>,
 }
 
@@ -74,7 +74,7 @@ pub struct ReplayArgs {
     #[arg(long, default_value = "earliest", value_parser = parse_start)]
     from: StartPosition,
     /// Stop once nothing arrived for this long.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = parse_positive_duration)]
     idle: Duration,
     /// Copy each message into this topic (same envelope, header
     /// oona-replayed-from naming where it came from) instead of printing.
@@ -93,16 +93,20 @@ struct Counts {
     failed: u64,
 }
 
+/// The most --rate takes (a pace of 1 µs), and the least.
+const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.001..=1_000_000.0;
+
 pub async fn tail(bus: &Bus, out: &Out, stop: &Stop, a: TailArgs) -> Result<(), Failure> {
     let from = start_of(&a.read, a.from);
     let mut r = open(bus, &a.read, from, stop).await?;
-    let res = read_loop(&mut r, &a.read, a.idle, None, |d| {
-        show(out, d);
-        async { Ok(()) }
+    let res = read_loop(&mut r, &a.read, a.idle, None, stop, |d| {
+        let shown = show(out, d);
+        async move { shown }
     })
     .await;
     r.close().await;
-    finish(res?, "shown")
+    // Following ends by a signal (or a closed pipe): that is done.
+    finish(res?, "shown", false)
 }
 
 pub async fn replay(bus: &Bus, out: &Out, stop: &Stop, a: ReplayArgs) -> Result<(), Failure> {
@@ -112,8 +116,15 @@ pub async fn replay(bus: &Bus, out: &Out, stop: &Stop, a: ReplayArgs) -> Result<
         .map(Topic::new)
         .transpose()
         .ctx("--to-topic")?;
-    if a.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
-        return Err(Failure::usage("--rate must be above 0"));
+    if into.as_ref().is_some_and(|t| t.as_str() == a.read.topic) {
+        return Err(Failure::usage(
+            "--to-topic is the topic replayed: it would never catch up",
+        ));
+    }
+    if a.rate.is_some_and(|r| !RATE_RANGE.contains(&r)) {
+        return Err(Failure::usage(
+            "--rate must be between 0.001 and 1000000 per second",
+        ));
     }
     let pace = a.rate.map(|r| Duration::from_secs_f64(1.0 / r));
     let from = start_of(&a.read, a.from);
@@ -125,25 +136,30 @@ pub async fn replay(bus: &Bus, out: &Out, stop: &Stop, a: ReplayArgs) -> Result<
         ),
         None => ProgressBar::hidden(),
     };
-    let res = read_loop(&mut r, &a.read, Some(a.idle), pace, |d| {
+    let res = read_loop(&mut r, &a.read, Some(a.idle), pace, stop, |d| {
+        let from = format!(
+            "{}@{}",
+            d.envelope().topic,
+            d.info().position.as_deref().unwrap_or("?")
+        );
         let copy = into.clone().map(|t| {
             let mut env = d.envelope().clone();
-            let from = format!(
-                "{}@{}",
-                env.topic,
-                d.info().position.as_deref().unwrap_or("?")
-            );
             env.topic = t;
-            env.headers.insert("oona-replayed-from".into(), from);
+            env.headers
+                .insert("oona-replayed-from".into(), from.clone());
             env
         });
-        if copy.is_none() {
-            show(out, d);
-        }
-        let bar = bar.clone();
+        let shown = match copy {
+            None => show(out, d),
+            Some(_) => Ok(()),
+        };
+        let (bar, id) = (bar.clone(), d.envelope().event_id.clone());
         async move {
+            shown?;
             if let Some(env) = copy {
-                bus.publish_envelope(env).await.ctx("copying")?;
+                bus.publish_envelope(env)
+                    .await
+                    .ctx(&format!("copying {id} ({from})"))?;
                 bar.inc(1);
             }
             Ok(())
@@ -156,7 +172,7 @@ pub async fn replay(bus: &Bus, out: &Out, stop: &Stop, a: ReplayArgs) -> Result<
         Some(t) => format!("copied into {t}"),
         None => "shown".into(),
     };
-    finish(res?, &what)
+    finish(res?, &what, true)
 }
 
 /// Reading from a position starts at the earliest message unless --from
@@ -178,24 +194,35 @@ async fn open(
     Reader::open(bus, &topic, from, stop).await
 }
 
-fn show(out: &Out, d: &Delivery) {
+fn show(out: &Out, d: &Delivery) -> Result<(), Failure> {
     if out.json {
-        out.json_line(&envelope_json(d.envelope(), Some(d.info())));
+        let line = envelope_json(d.envelope(), Some(d.info())).ctx("the JSON form")?;
+        say!("{line}");
     } else {
         out.envelope(d.envelope(), Some(d.info()));
     }
+    Ok(())
 }
 
-/// Read until the limit, the idle time, a signal or the end; `each` runs on
-/// every message the filters let through, which is then acked (the group
-/// is the CLI's own).
+/// How a read ended.
+enum Ended {
+    /// Caught up (idle), at the limit, or stdout closed.
+    Done,
+    /// A signal stopped it.
+    Interrupted,
+}
+
+/// Read until the limit, the idle time, a signal, a closed stdout or the
+/// end of the stream; `each` runs on every message the filters let
+/// through, which is then acked (the group is the CLI's own).
 async fn read_loop<F, Fut>(
     r: &mut Reader,
     read: &ReadOpts,
     idle: Option<Duration>,
     pace: Option<Duration>,
+    stop: &Stop,
     mut each: F,
-) -> Result<Counts, Failure>
+) -> Result<(Counts, Ended), Failure>
 where
     F: FnMut(&Delivery) -> Fut,
     Fut: std::future::Future<Output = Result<(), Failure>>,
@@ -206,22 +233,34 @@ where
     };
     let mut counts = Counts::default();
     let mut next_at = tokio::time::Instant::now();
-    while read.limit.is_none_or(|l| counts.matched < l) {
+    while read.limit.is_none_or(|l| counts.matched < l) && !stdout_gone() {
         let d = match r.next(idle).await? {
             Ok(d) => d,
-            Err(End::Idle | End::Signal | End::Closed) => break,
+            Err(End::Idle) => break,
+            Err(End::Signal) => return Ok((counts, Ended::Interrupted)),
+            Err(End::Closed) => {
+                return Err(Failure::new(
+                    Code::Unavailable,
+                    "the transport closed the stream",
+                ))
+            }
         };
-        let at = read
-            .position
-            .as_ref()
-            .is_none_or(|p| p.admits(d.info().position.as_deref()));
+        let at = match &read.position {
+            None => true,
+            Some(p) => p
+                .admits(d.info().position.as_deref())
+                .map_err(Failure::usage)?,
+        };
         if !at || !filter.matches(d.envelope()) {
             counts.skipped += 1;
             d.ack().await.ctx("ack")?;
             continue;
         }
         if let Some(p) = pace {
-            tokio::time::sleep_until(next_at).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_at) => {}
+                _ = stop.stopped() => return Ok((counts, Ended::Interrupted)),
+            }
             next_at = next_at.max(tokio::time::Instant::now()) + p;
         }
         match each(&d).await {
@@ -234,10 +273,12 @@ where
         }
         d.ack().await.ctx("ack")?;
     }
-    Ok(counts)
+    Ok((counts, Ended::Done))
 }
 
-fn finish(c: Counts, what: &str) -> Result<(), Failure> {
+/// The summary on stderr, and the exit: 5 when some failed, the failures'
+/// code when all did, 130 when a signal cut a finite read short.
+fn finish((c, ended): (Counts, Ended), what: &str, finite: bool) -> Result<(), Failure> {
     eprintln!(
         "oona: {} {what}, {} skipped by the filters{}",
         c.matched,
@@ -249,10 +290,18 @@ fn finish(c: Counts, what: &str) -> Result<(), Failure> {
         }
     );
     if c.failed > 0 {
-        return Err(Failure::new(
-            Code::Partial,
-            format!("{} messages failed", c.failed),
-        ));
+        let code = if c.matched == 0 {
+            Code::Failed
+        } else {
+            Code::Partial
+        };
+        return Err(Failure::new(code, format!("{} messages failed", c.failed)));
     }
-    Ok(())
+    match ended {
+        Ended::Interrupted if finite => Err(Failure::new(
+            Code::Interrupted,
+            "interrupted before catching up",
+        )),
+        _ => Ok(()),
+    }
 }

@@ -4,7 +4,7 @@ use oona::{Bus, Depth, GroupInfo, Topic, TopicInfo};
 use serde_json::{json, Value};
 
 use crate::exit::{Context as _, Failure};
-use crate::out::{retention_text, Out};
+use crate::out::{retention_text, say, Out};
 
 /// Topics: list them, describe one, apply the plane's retention.
 #[derive(Debug, clap::Subcommand)]
@@ -25,8 +25,8 @@ pub enum Topics {
         topic: String,
     },
     /// Apply the retention of each topic's plane (telemetry 72 h, control
-    /// and system 30 days, innovation forever) on the broker, and read it
-    /// back.
+    /// and system 30 days, innovation forever: Oona's default policy table,
+    /// not a service's own overrides) on the broker, and read it back.
     #[command(after_help = "\
 Examples:
   oona topics apply-retention telemetry.seed.health
@@ -64,7 +64,7 @@ async fn list(bus: &Bus, out: &Out, long: bool) -> Result<(), Failure> {
         for topic in &topics {
             match out.json {
                 true => out.json_line(&json!({"topic": topic.as_str()})),
-                false => println!("{topic}"),
+                false => say!("{topic}"),
             }
         }
         return Ok(());
@@ -137,15 +137,15 @@ async fn describe(bus: &Bus, out: &Out, topic: &str) -> Result<(), Failure> {
         out.json_line(&topic_json(&info));
         return Ok(());
     }
-    println!("{}", out.bold(info.topic.as_str()));
-    println!("  partitions  {}", info.partitions);
-    println!(
+    say!("{}", out.bold(info.topic.as_str()));
+    say!("  partitions  {}", info.partitions);
+    say!(
         "  messages    {}",
         info.messages
             .map_or("not counted by this broker".into(), |n| n.to_string())
     );
-    println!("  retention   {}", retention_text(info.retention));
-    println!();
+    say!("  retention   {}", retention_text(info.retention));
+    say!();
     group_table(out, &info.groups);
     Ok(())
 }
@@ -211,6 +211,8 @@ async fn apply_retention(
     let mut rows = Vec::new();
     for topic in &topics {
         let wanted = bus.policies().for_topic(topic).retention;
+        // Applying never creates a topic (a typo would make one).
+        t.describe_topic(topic).await.ctx(topic.as_str())?;
         bus.ensure_topic(topic.clone())
             .await
             .ctx(&format!("applying retention to {topic}"))?;

@@ -138,6 +138,12 @@ async fn scenario(url: &str) {
     )
     .await;
     assert_eq!(none.code, 3, "{none:?}");
+    // Reading never creates a topic; a replay into itself never ends.
+    let never = fresh("telemetry", "never");
+    let none = oona(u, &["tail", never.as_str(), "--idle", "1s"], "").await;
+    assert_eq!(none.code, 3, "{none:?}");
+    let same = oona(u, &["replay", t, "--to-topic", t], "").await;
+    assert_eq!(same.code, 2, "{same:?}");
 
     // tail: the key filter, JSON in the wire form with the delivery.
     let tail = oona(
@@ -249,24 +255,35 @@ async fn scenario(url: &str) {
     assert_eq!(d.envelope().event_id.to_string(), rejected[0]);
     assert_eq!(d.attempt(), 1);
     assert_eq!(d.envelope().key.as_deref(), Some("k2"));
-    d.ack().await.unwrap();
-    let dry = oona(
+    // Dead-lettered again: the log holds it twice, requeue takes it once.
+    d.reject("e2e reject: bad blueprint").await.unwrap();
+    let all = [
+        "dlq",
+        "requeue",
+        t,
+        "--all",
+        "--dry-run",
+        "--json",
+        "--idle",
+        "5s",
+    ];
+    let dry = poll(|| async {
+        let r = oona(u, &all, "").await.ok();
+        r.stderr.contains("(1 older copies").then_some(r)
+    })
+    .await;
+    assert_eq!(dry.json_lines().len(), 2, "{}", dry.stdout);
+    // Requeued again, it comes back once more.
+    oona(
         u,
-        &[
-            "dlq",
-            "requeue",
-            t,
-            "--all",
-            "--dry-run",
-            "--json",
-            "--idle",
-            "5s",
-        ],
+        &["dlq", "requeue", t, "--id", &rejected[0], "--idle", "5s"],
         "",
     )
     .await
     .ok();
-    assert_eq!(dry.json_lines().len(), 2, "{}", dry.stdout);
+    let d = next(&mut stream).await;
+    assert_eq!(d.envelope().event_id.to_string(), rejected[0]);
+    d.ack().await.unwrap();
     let missing = oona(
         u,
         &[
@@ -319,8 +336,8 @@ async fn scenario(url: &str) {
     let copies = copied.json_lines();
     assert_eq!(
         copies.len(),
-        5,
-        "four published and one requeued: {}",
+        6,
+        "four published and one requeued twice: {}",
         copied.stdout
     );
     assert!(copies
@@ -351,7 +368,12 @@ async fn scenario(url: &str) {
             .any(|g| g["group"] == "e2e-worker"),
         "{d}"
     );
-    assert!(d["messages"].as_u64().is_none_or(|n| n == 5), "{d}");
+    assert!(d["messages"].as_u64().is_none_or(|n| n == 6), "{d}");
+    let busy = oona(u, &["bench", "--topic", t, "--messages", "10"], "").await;
+    assert_eq!(
+        busy.code, 2,
+        "bench refuses a topic with messages: {busy:?}"
+    );
     let applied = oona(u, &["topics", "apply-retention", t, "--json"], "")
         .await
         .ok();
@@ -439,7 +461,7 @@ async fn without_a_broker() {
     let v: Value = serde_json::from_str(&doc.stdout).unwrap();
     assert_eq!(v["asyncapi"], "3.0.0");
     assert_eq!(
-        v["channels"]["compilation_blueprint_submitted"]["address"],
+        v["channels"]["compilation.blueprint.submitted"]["address"],
         "compilation.blueprint.submitted"
     );
     let help = oona(None, &["dlq", "requeue", "--help"], "").await.ok();

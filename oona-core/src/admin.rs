@@ -152,6 +152,16 @@ pub fn group_not_found(topic: &Topic, group: &Name) -> Error {
     )
 }
 
+/// The temporary error of a group deleted while `live` consumers of it
+/// still read.
+pub fn group_busy(group: &Name, live: usize) -> Error {
+    Error::new(
+        ErrorKind::Broker,
+        format!("group {group} has {live} consumers reading: close them first"),
+    )
+    .set_temporary(true)
+}
+
 /// The `Unsupported` error of a transport without the admin calls.
 pub(crate) fn unsupported(transport: &str, what: &str) -> Error {
     Error::new(

@@ -333,15 +333,15 @@ impl Transport for MemoryTransport {
 
     async fn delete_group(&self, topic: &Topic, group: &Name) -> Result<()> {
         self.check_open()?;
-        let removed = self
-            .broker
-            .lock()
-            .topics
-            .get_mut(topic)
-            .and_then(|t| t.groups.remove(group));
-        match removed {
-            Some(_) => Ok(()),
+        let mut st = self.broker.lock();
+        let groups = st.topics.get_mut(topic).map(|t| &mut t.groups);
+        match groups.and_then(|g| Some((g.get(group)?.members.len(), g))) {
             None => Err(admin::group_not_found(topic, group)),
+            Some((live, _)) if live > 0 => Err(admin::group_busy(group, live)),
+            Some((_, groups)) => {
+                groups.remove(group);
+                Ok(())
+            }
         }
     }
 

@@ -106,9 +106,12 @@ pub trait Transport: fmt::Debug + Send + Sync + 'static {
     /// Remove `group`'s subscription to `topic`: its position, what it holds
     /// unsettled and its parked redeliveries, so the broker keeps nothing
     /// for it (a group of the operator CLI's `tail`, say). The topic's
-    /// messages and other groups are untouched. Close the group's streams
-    /// first. [`crate::ErrorKind::NotFound`] when the group never
-    /// subscribed to the topic.
+    /// messages and other groups are untouched. While consumers of the
+    /// group still read, a temporary error (a running consumer would bring
+    /// the group back): close its streams first. [`crate::ErrorKind::NotFound`]
+    /// when the group never subscribed to the topic; on Kafka, which
+    /// deletes a group whole, [`crate::ErrorKind::Unsupported`] when the
+    /// group also has positions on other topics.
     async fn delete_group(&self, topic: &Topic, group: &Name) -> Result<()> {
         let _ = (topic, group);
         Err(admin::unsupported(self.name(), "delete groups"))

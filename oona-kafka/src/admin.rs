@@ -3,9 +3,10 @@
 //! from the group list and their committed offsets.
 //!
 //! A Kafka group is cluster-wide: it is on a topic when one of its members
-//! subscribes to it or it has committed offsets there (every member commits
-//! the start of each partition it is given, so a group that ever read the
-//! topic has).
+//! subscribes to it, or, without members, when it has committed offsets
+//! there (every member commits the start of each partition it is given, so
+//! a group that read the topic has, until Kafka's offset retention, 7 days
+//! by default, expires them).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use oona_core::admin::{group_not_found, topic_not_found};
 use oona_core::TopicInfo;
 use oona_core::{Depth, Error, ErrorKind, GroupInfo, Member, Name, Result, Retention, Topic};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::groups::GroupInfo as KafkaGroup;
+use rdkafka::groups::{GroupInfo as KafkaGroup, GroupMemberInfo};
 use rdkafka::producer::Producer as _;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
@@ -60,10 +61,14 @@ pub(crate) fn describe(inner: &Inner, topic: &Topic) -> Result<TopicInfo> {
     let list = client
         .fetch_group_list(None, timeout)
         .map_err(|e| kafka_error("list groups", e))?;
+    // A group with members is on the topic when one of them subscribes to
+    // it; only groups without members (state Empty) need their offsets
+    // read to tell: one client per group, so the fewer the better.
     let candidates: Vec<(Name, &KafkaGroup)> = list
         .groups()
         .iter()
         .filter(|g| g.protocol_type() == "consumer" || g.protocol_type().is_empty())
+        .filter(|g| g.state() == "Empty" || g.members().iter().any(|m| member_reads(m, topic)))
         .filter_map(|g| Some((Name::new(g.name()).ok()?, g)))
         .collect();
     let groups = on_topic(inner, topic, &candidates)?;
@@ -98,18 +103,16 @@ fn on_topic(
         });
         for ((name, g), depth) in chunk.iter().zip(depths) {
             let depth = depth?;
-            let live: Vec<&rdkafka::groups::GroupMemberInfo> = g
+            let live: Vec<&GroupMemberInfo> = g
                 .members()
                 .iter()
-                .filter(|m| {
-                    m.metadata()
-                        .is_some_and(|md| subscribes(md, topic.as_str()))
-                })
+                .filter(|m| member_reads(m, topic))
                 .collect();
             if depth.is_none() && live.is_empty() {
                 continue;
             }
-            let members = g.members().iter().map(|m| {
+            // The members that read this topic (a group may read others).
+            let members = live.iter().map(|m| {
                 Member::new(m.id()).with_address(Some(format!(
                     "{} ({})",
                     m.client_host(),
@@ -135,6 +138,11 @@ fn committed_depth(inner: &Inner, topic: &Topic, group: &Name) -> Result<Option<
     };
     let retry = unsettled(inner, &c, &retry_topic(topic, group))?.unwrap_or(0);
     Ok(Some(Depth::new(main + retry, 0)))
+}
+
+fn member_reads(m: &GroupMemberInfo, topic: &Topic) -> bool {
+    m.metadata()
+        .is_some_and(|md| subscribes(md, topic.as_str()))
 }
 
 /// Whether a member's subscription metadata (Kafka's

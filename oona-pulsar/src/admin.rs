@@ -171,6 +171,21 @@ impl Admin {
         Ok(Some(p.retention()))
     }
 
+    /// The retention in force on `topic`, from whichever level sets it.
+    async fn applied_retention(&self, topic: &Topic) -> Result<Option<Retention>> {
+        let what = format!("get the applied retention of {topic}");
+        let rb = self
+            .http
+            .get(format!("{}/retention", self.topic_url(topic.as_str())))
+            .query(&[("applied", "true")]);
+        let resp = Self::check(&what, self.send(&what, rb).await?).await?;
+        let p: Option<RetentionPolicies> = resp
+            .json()
+            .await
+            .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        Ok(p.map(RetentionPolicies::retention))
+    }
+
     /// Create subscription `group` on `topic` at the earliest message;
     /// `false` when it exists already.
     pub(crate) async fn create_subscription(&self, topic: &Topic, group: &Name) -> Result<bool> {
@@ -303,28 +318,45 @@ impl Admin {
             .and_then(serde_json::Value::as_object)
             .into_iter()
             .flatten()
+            // Readers' non-durable subscriptions are no groups.
+            .filter(|(_, sub)| {
+                sub.get("isDurable").and_then(serde_json::Value::as_bool) != Some(false)
+            })
             .filter_map(|(name, sub)| Some(group_info(Name::new(name).ok()?, sub)));
         let info = TopicInfo::new(topic.clone(), 1).with_groups(groups.collect());
-        Ok(info.with_retention(self.retention(topic).await?))
+        // The retention in force (topic, namespace or broker level); a
+        // broker without topic policies leaves it unknown.
+        Ok(info.with_retention(self.applied_retention(topic).await.ok().flatten()))
     }
 
-    /// Delete subscription `group` of `topic` (even with consumers) and
-    /// its marks topic.
+    /// Delete subscription `group` of `topic` and its marks topic; a
+    /// temporary error while it has consumers (412), which would subscribe
+    /// again.
     pub(crate) async fn delete_subscription(&self, topic: &Topic, group: &Name) -> Result<()> {
         let what = format!("delete subscription {group} of {topic}");
-        let rb = self
-            .http
-            .delete(format!(
-                "{}/subscription/{group}",
-                self.topic_url(topic.as_str())
-            ))
-            .query(&[("force", "true")]);
+        let rb = self.http.delete(format!(
+            "{}/subscription/{group}",
+            self.topic_url(topic.as_str())
+        ));
         let resp = self.send(&what, rb).await?;
-        if resp.status().as_u16() == 404 {
-            return Err(group_not_found(topic, group).with_transport(NAME));
+        let marks = format!("{}{group}", crate::marks::prefix(topic.as_str()));
+        match resp.status().as_u16() {
+            // The marks topic may outlive a failed delete before: gone too.
+            404 => {
+                self.delete_local(&marks).await?;
+                return Err(group_not_found(topic, group).with_transport(NAME));
+            }
+            412 => {
+                return Err(Error::new(
+                    ErrorKind::Broker,
+                    format!("group {group} has consumers reading: close them first"),
+                )
+                .with_transport(NAME)
+                .set_temporary(true))
+            }
+            _ => {}
         }
         Self::check(&what, resp).await?;
-        let marks = format!("{}{group}", crate::marks::prefix(topic.as_str()));
         self.delete_local(&marks).await
     }
 

@@ -11,11 +11,11 @@ use redis::Value;
 
 use crate::{glob_escape, policy_field, redis_error, sub, Inner, LAG_COUNT_CAP, NAME};
 
-/// A consumer counts as a member while it has read within this long (a
-/// running reader blocks for `block` at a time, so it is seen far more
-/// often) or holds entries. Redis keeps a group's consumers until they are
-/// deleted, so those of stopped processes would otherwise be listed.
-const LIVE_WITHIN: Duration = Duration::from_secs(10);
+/// A consumer counts as a member while it has read within three `block`
+/// times and this margin (a running reader reads again after each
+/// `block`). Redis keeps a group's consumers until they are deleted, so
+/// those of stopped processes would otherwise be listed.
+const LIVE_MARGIN: Duration = Duration::from_secs(1);
 
 impl Inner {
     /// A group's depth from its `XINFO GROUPS` record: `lag` is the
@@ -128,20 +128,25 @@ impl Inner {
             .with_groups(groups))
     }
 
-    /// The live consumers of `group` (see [`LIVE_WITHIN`]).
+    /// The live consumers of `group` (see [`LIVE_MARGIN`]); none when the
+    /// group is gone (deleted meanwhile).
     async fn members(&self, key: &str, group: &str) -> Result<Vec<Member>> {
         let mut conn = self.conn.clone();
-        let v: Value = redis::cmd("XINFO")
+        let v: Value = match redis::cmd("XINFO")
             .arg("CONSUMERS")
             .arg(key)
             .arg(group)
             .query_async(&mut conn)
             .await
-            .map_err(|e| redis_error(e, "XINFO CONSUMERS failed"))?;
-        let live = LIVE_WITHIN.as_millis() as u64;
+        {
+            Ok(v) => v,
+            Err(e) if e.code() == Some("NOGROUP") => return Ok(Vec::new()),
+            Err(e) => return Err(redis_error(e, "XINFO CONSUMERS failed")),
+        };
+        let live = (self.cfg.block * 3 + LIVE_MARGIN).as_millis() as u64;
         Ok(sub::consumers(&v)
             .into_iter()
-            .filter(|c| c.idle_ms <= live || c.pending > 0)
+            .filter(|c| c.idle_ms <= live)
             .map(|c| Member::new(c.name).with_pending(Some(c.pending)))
             .collect())
     }
@@ -150,6 +155,11 @@ impl Inner {
     /// one transaction.
     pub(crate) async fn delete_group(&self, topic: &Topic, group: &Name) -> Result<()> {
         let key = self.stream_key(topic);
+        // A running reader would recreate the group at the stream's start.
+        let live = self.members(&key, group.as_str()).await?.len();
+        if live > 0 {
+            return Err(oona_core::admin::group_busy(group, live).with_transport(NAME));
+        }
         let queues = self.key_queues(topic, group.as_str()).await?;
         let mut pipe = redis::pipe();
         pipe.atomic()

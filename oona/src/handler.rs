@@ -67,11 +67,14 @@ impl<T> Incoming<T> {
 /// - [`HandlerError::permanent`]: reject; dead-lettered now with this error
 ///   as the reason.
 ///
-/// Any `std::error::Error` converts with `?`: an [`oona_core::Error`] is
-/// permanent when its kind is a data error (decode, encode, invalid topic or
-/// name, payload too large, bad config) or a handler error marked permanent;
-/// a `serde_json::Error` is permanent; anything else is temporary (retried,
-/// then dead-lettered, never dropped).
+/// Any error converts with `?`: every `std::error::Error`, `anyhow::Error`
+/// (and anything else that converts into `Box<dyn Error + Send + Sync>`),
+/// `String` and `&str`. An [`oona_core::Error`] anywhere in the error's
+/// source chain decides: permanent when its kind is a data error (decode,
+/// encode, invalid topic or name, payload too large, bad config) or a
+/// handler error marked permanent; otherwise a `serde_json::Error` in the
+/// chain is permanent; anything else is temporary (retried, then
+/// dead-lettered, never dropped). The whole chain is the message.
 pub struct HandlerError {
     permanent: bool,
     delay: Option<Duration>,
@@ -139,16 +142,28 @@ impl fmt::Debug for HandlerError {
     }
 }
 
+/// What converts into a [`HandlerError`] with `?`.
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 // HandlerError deliberately does not implement std::error::Error, so this
-// blanket conversion (anyhow-style) does not collide with `From<T> for T`.
+// blanket conversion does not collide with `From<T> for T`. Taking
+// `Into<BoxError>` (not `std::error::Error`) lets `anyhow::Error`, which
+// converts into a box but is no std error, and `String`/`&str` through.
 impl<E> From<E> for HandlerError
 where
-    E: std::error::Error + Send + Sync + 'static,
+    E: Into<BoxError>,
 {
     fn from(e: E) -> Self {
-        let any: &dyn std::any::Any = &e;
-        let permanent = if let Some(oe) = any.downcast_ref::<oona_core::Error>() {
-            match oe.kind() {
+        let e: BoxError = e.into();
+        let chain = || {
+            std::iter::successors(Some(&*e as &(dyn std::error::Error + 'static)), |x| {
+                x.source()
+            })
+        };
+        // The first Oona error of the chain decides (anyhow's context
+        // wraps it); a JSON error anywhere is bad data.
+        let permanent = match chain().find_map(|x| x.downcast_ref::<oona_core::Error>()) {
+            Some(oe) => match oe.kind() {
                 ErrorKind::Handler => !oe.is_temporary(),
                 ErrorKind::Decode
                 | ErrorKind::Encode
@@ -157,19 +172,18 @@ where
                 | ErrorKind::PayloadTooLarge
                 | ErrorKind::ConfigInvalid => true,
                 _ => false,
-            }
-        } else {
-            any.is::<serde_json::Error>()
+            },
+            None => chain().any(|x| x.is::<serde_json::Error>()),
         };
-        let mut message = e.to_string();
-        let mut source = e.source();
-        while let Some(s) = source {
-            let s_text = s.to_string();
-            if !message.contains(&s_text) {
+        let mut message = String::new();
+        for s in chain() {
+            let text = s.to_string();
+            if message.is_empty() {
+                message = text;
+            } else if !message.contains(&text) {
                 message.push_str(": ");
-                message.push_str(&s_text);
+                message.push_str(&text);
             }
-            source = s.source();
         }
         HandlerError {
             permanent,
@@ -217,8 +231,8 @@ where
 mod tests {
     use super::*;
 
-    fn conv<E: std::error::Error + Send + Sync + 'static>(e: E) -> HandlerError {
-        e.into()
+    fn conv<E: Into<BoxError>>(e: E) -> HandlerError {
+        HandlerError::from(e)
     }
 
     #[test]
@@ -240,6 +254,32 @@ mod tests {
         let e = Error::new(ErrorKind::Decode, "payload")
             .with_source(std::io::Error::other("truncated"));
         assert_eq!(conv(e).message(), "decode: payload: truncated");
+    }
+
+    #[test]
+    fn anyhow_and_strings_convert() {
+        fn anyhow_decode() -> Result<(), HandlerError> {
+            use anyhow::Context as _;
+            let r: Result<(), oona_core::Error> =
+                Err(oona_core::Error::new(ErrorKind::Decode, "bad field"));
+            r.context("reading the blueprint")?;
+            Ok(())
+        }
+        let e = anyhow_decode().unwrap_err();
+        assert!(e.is_permanent(), "the Oona error under the context decides");
+        assert_eq!(e.message(), "reading the blueprint: decode: bad field");
+        fn anyhow_plain() -> Result<(), HandlerError> {
+            Err(anyhow::anyhow!("the database is down"))?;
+            Ok(())
+        }
+        let e = anyhow_plain().unwrap_err();
+        assert!(!e.is_permanent());
+        assert_eq!(e.message(), "the database is down");
+        fn text() -> Result<(), HandlerError> {
+            Err("no capacity")?;
+            Ok(())
+        }
+        assert_eq!(text().unwrap_err().message(), "no capacity");
     }
 
     #[test]

@@ -39,4 +39,4 @@ pub use registry::{
     connect, connect_spooled, connect_with, drivers, env_url, find_driver, from_env, KnownScheme,
     DEFAULT_URL, ENV_URL, KNOWN_SCHEMES,
 };
-pub use runner::{shard_for_key, RunHandle, RunSummary, Runner, Shutdown, StopReason};
+pub use runner::{RunHandle, RunSummary, Runner, Shutdown, StopReason};

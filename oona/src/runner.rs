@@ -21,13 +21,13 @@
 //! its message nacked with reason `handler timed out after ...`.
 //!
 //! **Concurrency.** With [`Runner::concurrency`]`(n)` at most `n` handler
-//! calls run at once. Messages with a key go to one of `n` sequential
-//! workers chosen by [`shard_for_key`], so messages with the same key are
-//! handled one after the other in delivery order; messages without a key run
-//! on any free slot. Each worker queues at most one message beyond the one
-//! it is handling; when a key's worker is that far behind, the runner waits
-//! for it before taking more deliveries (bounded memory over throughput).
-//! A nacked message comes back later, after its successors: at-least-once
+//! calls run at once. Messages with the same key are handled one after the
+//! other in delivery order: while a key's message is being handled, the
+//! key's later messages wait in a queue of their own, and a busy key holds
+//! back only itself: other keys, and messages without a key, go on to any
+//! free slot. What waits is bounded by the subscription's prefetch (the
+//! transport hands out no more unsettled deliveries than that). A nacked
+//! message comes back later, after its successors: at-least-once
 //! redelivery cannot keep order across retries.
 //!
 //! **Graceful shutdown.** When the [`Shutdown`] token fires the runner stops
@@ -50,7 +50,7 @@ use futures::FutureExt as _;
 use futures::StreamExt as _;
 use oona_core::layer::{ConsumeLayer, ConsumeNext, Handled};
 use oona_core::{Codec, Delivery, DeliveryStream, Error, ErrorKind, Outcome, Result, Subscription};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
@@ -207,16 +207,39 @@ fn inc(a: &AtomicU64) {
     a.fetch_add(1, Ordering::AcqRel);
 }
 
-/// The worker a message with `key` goes to among `shards` workers
-/// (FNV-1a of the key, modulo `shards`; stable across runs and builds).
-pub fn shard_for_key(key: &str, shards: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// The messages waiting behind a key being handled. A key is present while
+/// a task handles it (its queue maybe empty).
+#[derive(Clone, Default)]
+struct KeyQueues(
+    Arc<Mutex<std::collections::HashMap<String, std::collections::VecDeque<Delivery>>>>,
+);
+
+impl KeyQueues {
+    /// Queue `d` behind its key; `Some(d)` back when the key is idle: the
+    /// caller handles it (the key is now marked busy).
+    fn push(&self, key: String, d: Delivery) -> Option<Delivery> {
+        let mut map = lock(&self.0);
+        match map.get_mut(&key) {
+            Some(q) => {
+                q.push_back(d);
+                None
+            }
+            None => {
+                map.insert(key, std::collections::VecDeque::new());
+                Some(d)
+            }
+        }
     }
-    // Truncation is fine: the result is < shards, which is a usize.
-    (h % shards.max(1) as u64) as usize
+
+    /// The key's next message; `None` (and the key idle) when none waits.
+    fn pop(&self, key: &str) -> Option<Delivery> {
+        let mut map = lock(&self.0);
+        let next = map.get_mut(key).and_then(|q| q.pop_front());
+        if next.is_none() {
+            map.remove(key);
+        }
+        next
+    }
 }
 
 /// How the runner treats a handler call: retry backoff and time limit.
@@ -574,26 +597,7 @@ where
     };
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
-    // Keyed messages: one sequential worker per shard, so a key's messages
-    // are handled in delivery order. Capacity 1 keeps what the runner holds
-    // (and must finish on shutdown) small.
-    let mut shards = Vec::new();
-    if concurrency > 1 {
-        for _ in 0..concurrency {
-            let (tx, mut rx) = mpsc::channel::<Delivery>(1);
-            let ctx = ctx.clone();
-            let slots = slots.clone();
-            tasks.spawn(async move {
-                while let Some(d) = rx.recv().await {
-                    // The semaphore is never closed; an error cannot happen,
-                    // and if it did, running unbounded beats losing work.
-                    let _permit = slots.acquire().await;
-                    process(&ctx, d).await;
-                }
-            });
-            shards.push(tx);
-        }
-    }
+    let keys = KeyQueues::default();
 
     let stop = loop {
         let next = tokio::select! {
@@ -618,14 +622,24 @@ where
             process(&ctx, delivery).await;
             continue;
         }
-        // Reap finished keyless tasks so the set does not grow.
+        // Reap finished tasks so the set does not grow.
         while tasks.try_join_next().is_some() {}
-        if let Some(key) = delivery.envelope().key.as_deref() {
-            let shard = shard_for_key(key, concurrency);
-            if let Err(mpsc::error::SendError(d)) = shards[shard].send(delivery).await {
-                // The worker is gone (cannot happen: it only exits when its
-                // sender is dropped); handle it here rather than lose it.
-                process(&ctx, d).await;
+        if let Some(key) = delivery.envelope().key.clone() {
+            // A key already being handled queues it; otherwise a task of
+            // its own handles it and whatever the key queues meanwhile.
+            if let Some(first) = keys.push(key.clone(), delivery) {
+                let (ctx, slots, keys) = (ctx.clone(), slots.clone(), keys.clone());
+                tasks.spawn(async move {
+                    let mut next = Some(first);
+                    while let Some(d) = next {
+                        // The semaphore is never closed; an error cannot
+                        // happen, and if it did, running unbounded beats
+                        // losing work.
+                        let _permit = slots.acquire().await;
+                        process(&ctx, d).await;
+                        next = keys.pop(&key);
+                    }
+                });
             }
         } else {
             let permit = slots.clone().acquire_owned().await;
@@ -636,9 +650,8 @@ where
             });
         }
     };
-    // Finish in-flight work: close the shard queues (workers drain them and
-    // exit) and wait for every task. Their settlements are awaited inside.
-    drop(shards);
+    // Finish in-flight work: every task drains its key's queue. Their
+    // settlements are awaited inside.
     while tasks.join_next().await.is_some() {}
     // What the subscription read but the runner never took goes back to
     // the broker now (not after an ack deadline), then settlements a
@@ -828,20 +841,5 @@ mod tests {
                 reason: "bad".into()
             }
         );
-    }
-
-    #[test]
-    fn shards_are_stable_and_in_range() {
-        // FNV-1a: fixed values, so a key's worker never depends on the build.
-        assert_eq!(
-            shard_for_key("", 1000),
-            (0xcbf2_9ce4_8422_2325u64 % 1000) as usize
-        );
-        assert_eq!(shard_for_key("seed-1", 1), 0);
-        assert_eq!(shard_for_key("a", 0), 0);
-        let spread: std::collections::HashSet<usize> = (0..100)
-            .map(|i| shard_for_key(&format!("seed-{i}"), 4))
-            .collect();
-        assert_eq!(spread.len(), 4);
     }
 }

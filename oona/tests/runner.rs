@@ -182,20 +182,7 @@ async fn concurrency_is_bounded_and_used() {
 async fn per_key_order_holds_with_concurrency() {
     const N: usize = 4;
     const PER_KEY: u32 = 50;
-    // Four keys on four different workers, so they really run in parallel.
-    let mut keys: Vec<String> = Vec::new();
-    let mut used = [false; N];
-    for i in 0.. {
-        let k = format!("seed-{i}");
-        let shard = oona::shard_for_key(&k, N);
-        if !used[shard] {
-            used[shard] = true;
-            keys.push(k);
-        }
-        if keys.len() == N {
-            break;
-        }
-    }
+    let keys: Vec<String> = (0..N).map(|i| format!("seed-{i}")).collect();
     let bus = bus().await;
     let t = topic("telemetry.seed.health");
     let order: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
@@ -251,6 +238,61 @@ async fn per_key_order_holds_with_concurrency() {
         let expected: Vec<u32> = (0..PER_KEY).collect();
         assert_eq!(order.get(k), Some(&expected), "key {k} out of order");
     }
+}
+
+#[tokio::test]
+async fn busy_key_holds_back_only_itself() {
+    let bus = bus().await;
+    let t = topic("telemetry.seed.health");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let slow_order: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let (g, o) = (gate.clone(), slow_order.clone());
+    let handle = bus
+        .runner::<Cmd>(sub(&t, "tamiyo"))
+        .concurrency(2)
+        .start(move |msg: Incoming<Cmd>| {
+            let (g, o) = (g.clone(), o.clone());
+            async move {
+                if msg.envelope().key.as_deref() == Some("slow") {
+                    g.acquire().await.unwrap().forget();
+                    o.lock().unwrap().push(msg.value().id);
+                }
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    // Three of the slow key (the first blocks its handler), then twenty
+    // other keys and five without a key: all of those are handled while
+    // the slow key waits.
+    for id in 0..3 {
+        bus.message(&t, &cmd(id, "ok"))
+            .key("slow")
+            .send()
+            .await
+            .unwrap();
+    }
+    for id in 0..20 {
+        let key = format!("fast-{id}");
+        bus.message(&t, &cmd(id, "ok"))
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+    }
+    for id in 0..5 {
+        bus.publish(&t, &cmd(id, "ok")).await.unwrap();
+    }
+    wait_stats(&handle, |s| s.acked == 25).await;
+    assert!(slow_order.lock().unwrap().is_empty(), "the slow key ran");
+    gate.add_permits(3);
+    wait_stats(&handle, |s| s.acked == 28).await;
+    assert_eq!(
+        *slow_order.lock().unwrap(),
+        [0, 1, 2],
+        "the slow key kept its order"
+    );
+    handle.shutdown().await.unwrap();
 }
 
 #[tokio::test]
