@@ -28,7 +28,7 @@ Exit codes:
   4    the broker is unreachable or timed out (a retry may succeed)
   5    done in part (some messages failed; health degraded)
   6    the broker refused the credentials
-  130  SIGINT or SIGTERM stopped replay, dlq inspect or dlq requeue before it finished";
+  130  SIGINT or SIGTERM stopped replay, dlq inspect, dlq requeue or bench before it finished";
 
 /// The operator CLI of the Oona message bus: publish, tail, replay, dead
 /// letters, topics, groups, health, bench and AsyncAPI, on every broker.

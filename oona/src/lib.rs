@@ -6,8 +6,12 @@ pub mod audit;
 pub mod bus;
 #[cfg(feature = "contracts")]
 pub mod contract;
+#[cfg(feature = "contracts")]
+pub mod discovery;
 pub mod handler;
 pub mod health;
+#[cfg(feature = "contracts")]
+pub mod node;
 #[cfg(feature = "otlp")]
 pub mod otlp;
 pub mod registry;
