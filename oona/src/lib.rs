@@ -15,6 +15,7 @@ pub mod node;
 #[cfg(feature = "otlp")]
 pub mod otlp;
 pub mod registry;
+pub mod request;
 pub mod runner;
 #[cfg(feature = "http")]
 pub mod serve;
