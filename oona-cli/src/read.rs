@@ -32,10 +32,10 @@ impl Stop {
         let stop = Stop::default();
         let s = stop.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            oona::node::shutdown_signal().await;
             s.0 .0.store(true, Ordering::SeqCst);
             s.0 .1.notify_waiters();
-            wait_for_signal().await;
+            oona::node::shutdown_signal().await;
             eprintln!("oona: stopped at once; a reading group may be left (`oona groups <topic>` shows it)");
             std::process::exit(130);
         });
@@ -54,28 +54,6 @@ impl Stop {
             return;
         }
         n.await;
-    }
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

@@ -163,11 +163,7 @@ where
     /// child of its `process` span, over the settlement's own time.
     fn settle_span(&self, topic: &crate::Topic, h: &Handled, process: &Context) {
         use opentelemetry::trace::Span as _;
-        let name = match &h.outcome {
-            Outcome::Ack => "ack",
-            Outcome::Nack { .. } => "nack",
-            Outcome::Reject { .. } => "reject",
-        };
+        let name = outcome_name(&h.outcome);
         let attrs = vec![
             KeyValue::new("messaging.system", self.system.clone()),
             KeyValue::new("messaging.destination.name", topic.to_string()),
@@ -264,12 +260,10 @@ where
         let handled = CURRENT.scope(current, next.run(delivery)).await;
         self.settle_span(&topic, &handled, &cx);
         let span = cx.span();
-        let outcome = match &handled.outcome {
-            Outcome::Ack => "ack",
-            Outcome::Nack { .. } => "nack",
-            Outcome::Reject { .. } => "reject",
-        };
-        span.set_attribute(KeyValue::new("oona.outcome", outcome));
+        span.set_attribute(KeyValue::new(
+            "oona.outcome",
+            outcome_name(&handled.outcome),
+        ));
         span.set_attribute(KeyValue::new("oona.dead_lettered", handled.dead_lettered));
         match (&handled.outcome, &handled.settled) {
             (_, Err(e)) => span.set_status(Status::error(format!("settlement refused: {e}"))),
@@ -281,6 +275,15 @@ where
         }
         span.end();
         handled
+    }
+}
+
+/// The settlement's name: the `settle` span's and `oona.outcome`.
+fn outcome_name(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Ack => "ack",
+        Outcome::Nack { .. } => "nack",
+        Outcome::Reject { .. } => "reject",
     }
 }
 

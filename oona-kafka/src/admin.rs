@@ -172,13 +172,14 @@ fn subscribes(md: &[u8], topic: &str) -> bool {
 }
 
 /// Kafka deletes a group whole (its offsets on every topic): refused when
-/// the group has committed offsets on another topic, `NotFound` when it has
-/// none on this one. Blocking.
+/// the group has committed offsets on another of `topics` (names and
+/// partition counts, from the metadata), `NotFound` when it has none on
+/// this one. Blocking.
 pub(crate) fn check_deletable(
     inner: &Inner,
     topic: &Topic,
     group: &Name,
-    topics: &[String],
+    topics: &[(String, usize)],
 ) -> Result<()> {
     let timeout = Timeout::After(inner.opts.timeout);
     let c: BaseConsumer = offsets_client(inner, group)?;
@@ -186,17 +187,13 @@ pub(crate) fn check_deletable(
         return Err(group_not_found(topic, group).with_transport(NAME));
     }
     let own_retry = retry_topic(topic, group);
-    let md = c
-        .fetch_metadata(None, timeout)
-        .map_err(|e| kafka_error("fetch metadata", e))?;
     let mut tpl = TopicPartitionList::new();
-    for t in md.topics() {
-        let n = t.name();
-        if n == topic.as_str() || n == own_retry || !topics.iter().any(|x| x == n) {
+    for (n, partitions) in topics {
+        if n == topic.as_str() || *n == own_retry {
             continue;
         }
-        for p in t.partitions() {
-            tpl.add_partition(n, p.id());
+        for p in 0..i32::try_from(*partitions).unwrap_or(i32::MAX) {
+            tpl.add_partition(n, p);
         }
     }
     if tpl.count() == 0 {

@@ -680,18 +680,17 @@ impl Transport for KafkaTransport {
         if self.inner.is_closed() {
             return Err(closed_error());
         }
-        let names: Vec<String> = (self.inner.metadata(None, self.inner.opts.timeout).await?)
-            .into_iter()
-            .map(|(n, _, _)| n)
-            .collect();
-        let (inner, t, g, n) = (
-            Arc::clone(&self.inner),
-            topic.clone(),
-            group.clone(),
-            names.clone(),
-        );
+        // Names and partition counts, read once for the check and the
+        // retry topic.
+        let topics: Vec<(String, usize)> =
+            (self.inner.metadata(None, self.inner.opts.timeout).await?)
+                .into_iter()
+                .map(|(n, partitions, _)| (n, partitions))
+                .collect();
+        let names: Vec<String> = topics.iter().map(|(n, _)| n.clone()).collect();
+        let (inner, t, g) = (Arc::clone(&self.inner), topic.clone(), group.clone());
         blocking("delete group", move || {
-            crate::admin::check_deletable(&inner, &t, &g, &n)
+            crate::admin::check_deletable(&inner, &t, &g, &topics)
         })
         .await??;
         self.inner.delete_group(topic, group, &names).await

@@ -9,7 +9,7 @@ use oona_core::admin::{group_not_found, topic_not_found};
 use oona_core::{Depth, GroupInfo, Member, Name, Result, Retention, Topic, TopicInfo};
 use redis::Value;
 
-use crate::{glob_escape, policy_field, redis_error, sub, Inner, LAG_COUNT_CAP, NAME};
+use crate::{policy_field, redis_error, sub, Inner, LAG_COUNT_CAP, NAME};
 
 /// A consumer counts as a member while it has read within three `block`
 /// times and this margin (a running reader reads again after each
@@ -50,7 +50,7 @@ impl Inner {
             .await
             .map_err(|e| redis_error(e, "SMEMBERS of the topic set failed"))?;
         let prefix = &self.cfg.prefix;
-        let streams = self.scan_streams().await?;
+        let streams = self.scan(prefix, Some("stream")).await?;
         let names = recorded.iter().map(String::as_str).chain(
             streams
                 .iter()
@@ -58,31 +58,6 @@ impl Inner {
         );
         let topics: BTreeSet<Topic> = names.filter_map(|n| Topic::new(n).ok()).collect();
         Ok(topics.into_iter().collect())
-    }
-
-    /// Every stream key under the prefix (`SCAN ... TYPE stream`).
-    async fn scan_streams(&self) -> Result<Vec<String>> {
-        let pattern = format!("{}*", glob_escape(&self.cfg.prefix));
-        let mut conn = self.conn.clone();
-        let (mut cursor, mut out) = (0u64, Vec::new());
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .arg("TYPE")
-                .arg("stream")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| redis_error(e, "SCAN for streams failed"))?;
-            out.extend(keys);
-            if next == 0 {
-                return Ok(out);
-            }
-            cursor = next;
-        }
     }
 
     pub(crate) async fn describe_topic(&self, topic: &Topic) -> Result<TopicInfo> {

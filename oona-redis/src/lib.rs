@@ -339,20 +339,30 @@ impl Inner {
     /// The key queues of `group` on `topic` (left when a key-ordered
     /// group's entries were still pending).
     pub(crate) async fn key_queues(&self, topic: &Topic, group: &str) -> Result<Vec<String>> {
-        let pattern = format!("{}*", glob_escape(&self.key_queue_prefix(topic, group)));
+        let prefix = self.key_queue_prefix(topic, group);
+        self.scan(&prefix, None).await
+    }
+
+    /// Every key starting with `prefix` (of Redis type `kind`, if given),
+    /// by `SCAN`.
+    pub(crate) async fn scan(&self, prefix: &str, kind: Option<&str>) -> Result<Vec<String>> {
+        let pattern = format!("{}*", glob_escape(prefix));
         let mut conn = self.conn.clone();
-        let mut cursor = 0u64;
-        let mut out = Vec::new();
+        let (mut cursor, mut out) = (0u64, Vec::new());
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
-                .arg(1000)
+                .arg(1000);
+            if let Some(k) = kind {
+                cmd.arg("TYPE").arg(k);
+            }
+            let (next, keys): (u64, Vec<String>) = cmd
                 .query_async(&mut conn)
                 .await
-                .map_err(|e| redis_error(e, "SCAN for key queues failed"))?;
+                .map_err(|e| redis_error(e, &format!("SCAN for {pattern} failed")))?;
             out.extend(keys);
             if next == 0 {
                 return Ok(out);

@@ -229,7 +229,7 @@ impl Node {
     /// [`Node::shutdown`].
     pub async fn run_until_signal(self) -> Result<NodeSummary> {
         tokio::select! {
-            _ = signal() => tracing::info!(node = %self.event.node_name, "signal: shutting down"),
+            _ = shutdown_signal() => tracing::info!(node = %self.event.node_name, "signal: shutting down"),
             _ = self.shutdown.triggered() => {}
         }
         self.shutdown().await
@@ -313,7 +313,9 @@ async fn heartbeat(bus: Bus, beats: Arc<Mutex<Heartbeat>>, every: Duration) {
     }
 }
 
-async fn signal() {
+/// Wait for SIGINT or SIGTERM (SIGINT only off Unix); forever where no
+/// signal can be watched.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
