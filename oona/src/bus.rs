@@ -454,12 +454,14 @@ impl<'a, T, C: Codec<T>> MessageBuilder<'a, T, C> {
         self.key = Some(key.into());
         self
     }
-    /// Correlation id (ties a reply to its request).
+    /// Correlation id (ties a reply to its request). Inside a handler it
+    /// defaults to the handled message's ([`crate::context`]).
     pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
         self.correlation_id = Some(id.into());
         self
     }
     /// Continue a W3C trace (`traceparent` header; sets the trace id).
+    /// Inside a handler the handled message's trace goes on by default.
     pub fn traceparent(mut self, tp: impl Into<String>) -> Self {
         self.traceparent = Some(tp.into());
         self
@@ -494,11 +496,24 @@ impl<'a, T, C: Codec<T>> MessageBuilder<'a, T, C> {
         if let Some(k) = self.key {
             b = b.key(k);
         }
-        if let Some(c) = self.correlation_id {
+        // Inside a handler the message inherits from the one handled.
+        let cause = crate::context::Cause::current();
+        let correlation = self
+            .correlation_id
+            .or_else(|| cause.as_ref().map(|c| c.correlation_id().to_string()));
+        if let Some(c) = correlation {
             b = b.correlation_id(c);
         }
-        if let Some(tp) = self.traceparent {
+        let traceparent = self
+            .traceparent
+            .or_else(|| cause.as_ref().and_then(|c| c.continued_traceparent()));
+        if let Some(tp) = traceparent {
             b = b.traceparent(tp);
+        } else if let Some(t) = cause.as_ref().and_then(|c| c.trace_id()) {
+            b = b.trace_id(t);
+        }
+        if let Some(c) = &cause {
+            b = b.header(crate::context::CAUSATION_ID, c.event_id());
         }
         if let Some(p) = self.priority {
             b = b.priority(p);

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod bus;
+pub mod context;
 #[cfg(feature = "contracts")]
 pub mod contract;
 #[cfg(feature = "contracts")]

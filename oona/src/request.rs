@@ -34,8 +34,9 @@ use crate::Bus;
 /// The header naming where a request's reply goes.
 pub const REPLY_TO: &str = "oona-reply-to";
 
-/// The header of a reply naming the event id of its request.
-pub const CAUSATION_ID: &str = "oona-causation-id";
+/// The header of a reply naming the event id of its request (every
+/// message published by a handler carries it; see [`crate::context`]).
+pub use crate::context::CAUSATION_ID;
 
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Envelope>>>>;
 

@@ -736,8 +736,11 @@ where
                 let handler = ctx.handler.clone();
                 // Calling inside the future also catches a panic in `call`
                 // itself, before it returns its future.
+                // What the handler publishes inherits from this message.
+                let cause = crate::context::Cause::of(delivery.envelope());
                 let call =
-                    AssertUnwindSafe(async move { handler.call(incoming).await }).catch_unwind();
+                    AssertUnwindSafe(cause.scope(async move { handler.call(incoming).await }))
+                        .catch_unwind();
                 match delivery.while_leased(call, ctx.policy.timeout).await {
                     None => {
                         let limit = ctx.policy.timeout.unwrap_or_default();
