@@ -340,6 +340,10 @@ struct Ctx {
     lookup_timeout: Duration,
     /// Told when the member gets its first assignment.
     assigned: Mutex<Option<oneshot::Sender<()>>>,
+    /// Start offsets the member commits (and seeks to) when it is given
+    /// partitions the group has committed nothing on: those
+    /// `prepare_group` could not commit because the group has members.
+    starts: Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl ClientContext for Ctx {}
@@ -365,7 +369,17 @@ impl ConsumerContext for Ctx {
                 })
                 .ok();
             if let Some(found) = &found {
-                commit_starts(consumer, found, self.lookup_timeout);
+                let mut starts = self
+                    .starts
+                    .lock()
+                    .map(|mut s| std::mem::take(&mut *s))
+                    .unwrap_or_default();
+                commit_starts(consumer, found, &mut starts, self.lookup_timeout);
+                // Partitions this member was not given keep their start
+                // for a later assignment.
+                if let Ok(mut s) = self.starts.lock() {
+                    s.extend(starts);
+                }
             }
             {
                 let mut st = self.shared.lock();
@@ -438,9 +452,13 @@ impl ConsumerContext for Ctx {
 }
 
 /// Resolve the start position of a group that has no committed offsets
-/// yet, and commit it, so the group starts where the subscription says
-/// whenever its members join.
-fn prepare_group(inner: &Inner, sub: &Subscription) -> Result<()> {
+/// on the topic yet, and commit it, so the group starts where the
+/// subscription says whenever its members join. Kafka refuses a commit
+/// from outside while the group has members (the same group reading
+/// another topic: a service's router): then the offsets are returned, and
+/// the member commits them, and seeks there, when it is given the
+/// partitions.
+fn prepare_group(inner: &Inner, sub: &Subscription) -> Result<TopicPartitionList> {
     let topic = sub.topic.as_str();
     let timeout = Timeout::After(inner.opts.timeout);
     let c = offsets_client(inner, &sub.group)?;
@@ -451,12 +469,13 @@ fn prepare_group(inner: &Inner, sub: &Subscription) -> Result<()> {
         .iter()
         .any(|e| matches!(e.offset(), Offset::Offset(_)))
     {
-        return Ok(()); // An existing group resumes where it is.
+        // An existing group resumes where it is.
+        return Ok(TopicPartitionList::new());
     }
     let mut start = TopicPartitionList::new();
     match sub.start {
         // auto.offset.reset=earliest does it.
-        StartPosition::Earliest => return Ok(()),
+        StartPosition::Earliest => return Ok(TopicPartitionList::new()),
         StartPosition::Latest => {
             for p in 0..n as i32 {
                 let (_, high) = c
@@ -487,27 +506,56 @@ fn prepare_group(inner: &Inner, sub: &Subscription) -> Result<()> {
             }
         }
     }
-    if start.count() > 0 {
-        while_coordinator_moves(until, || c.commit(&start, CommitMode::Sync))
-            .map_err(|e| kafka_error("commit start offsets", e))?;
+    if start.count() == 0 {
+        return Ok(start);
     }
-    Ok(())
+    match while_coordinator_moves(until, || c.commit(&start, CommitMode::Sync)) {
+        Ok(()) => Ok(TopicPartitionList::new()),
+        Err(e) if refused_as_non_member(&e) => {
+            tracing::debug!(error = %e, group = %sub.group, topic, "kafka: the group has members; its new member commits the start offsets");
+            Ok(start)
+        }
+        Err(e) => Err(kafka_error("commit start offsets", e)),
+    }
+}
+
+/// Whether a commit failed because the group has members and the client
+/// is not one of them.
+fn refused_as_non_member(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::UnknownMemberId
+                | C::IllegalGeneration
+                | C::RebalanceInProgress
+                | C::StaleMemberEpoch
+        )
+    )
 }
 
 /// Commit the start of each assigned partition on which the group has
-/// committed nothing yet: its first offset, where `auto.offset.reset`
-/// starts it anyway (a latest or timed start was committed before the
-/// member joined, by `prepare_group`). So every partition a group was ever
-/// given has a committed offset, which is how a group's depth tells a
-/// group that never read a topic from one that has settled nothing yet.
+/// committed nothing yet: the start `prepare_group` left to the member
+/// (taken from `starts`; the member seeks there too), else its first
+/// offset, where `auto.offset.reset` starts it anyway. So every partition
+/// a group was ever given has a committed offset, which is how a group's
+/// depth tells a group that never read a topic from one that has settled
+/// nothing yet.
 fn commit_starts<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     found: &TopicPartitionList,
+    starts: &mut HashMap<(String, i32), i64>,
     timeout: Duration,
 ) {
     let mut start = TopicPartitionList::new();
+    let mut seek = TopicPartitionList::new();
     for e in found.elements() {
         if matches!(e.offset(), Offset::Offset(_)) {
+            continue;
+        }
+        if let Some(o) = starts.remove(&(e.topic().to_string(), e.partition())) {
+            let _ = start.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
+            let _ = seek.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
             continue;
         }
         match consumer.fetch_watermarks(e.topic(), e.partition(), Timeout::After(timeout)) {
@@ -522,6 +570,13 @@ fn commit_starts<C: ConsumerContext>(
     if start.count() > 0 {
         if let Err(e) = consumer.commit(&start, CommitMode::Sync) {
             tracing::debug!(error = %e, "kafka: committing the start of new partitions failed");
+        }
+    }
+    // The fetcher may have looked for a committed offset before the commit
+    // above landed (and so started at the first offset): move it.
+    if seek.count() > 0 {
+        if let Err(e) = consumer.seek_partitions(seek, Timeout::After(timeout)) {
+            tracing::warn!(error = %e, "kafka: seeking to the start offsets failed; the group may read from the first offset");
         }
     }
 }
@@ -608,11 +663,11 @@ pub(crate) async fn start(
     let retry = retry_topic(&sub.topic, &sub.group);
     let policy = inner.opts.policies.for_topic(&sub.topic).clone();
     inner.ensure_kafka_topic(&retry, &policy).await?;
-    {
+    let starts = {
         let inner = Arc::clone(&inner);
         let sub = sub.clone();
-        blocking("start", move || prepare_group(&inner, &sub)).await??;
-    }
+        blocking("start", move || prepare_group(&inner, &sub)).await??
+    };
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
@@ -621,7 +676,7 @@ pub(crate) async fn start(
         cmds: Mutex::new(cmd_tx),
     });
     let (assigned_tx, assigned_rx) = oneshot::channel();
-    let consumer = create_consumer(&inner, &sub, &retry, &shared, assigned_tx)?;
+    let consumer = create_consumer(&inner, &sub, &retry, &shared, assigned_tx, starts)?;
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let ctl = Ctl {
         inner: Arc::clone(&inner),
@@ -693,6 +748,7 @@ fn create_consumer(
     retry: &str,
     shared: &Arc<Shared>,
     assigned: oneshot::Sender<()>,
+    starts: TopicPartitionList,
 ) -> Result<BaseConsumer<Ctx>> {
     let o = &inner.opts;
     let mut cfg = o.client_config();
@@ -724,6 +780,16 @@ fn create_consumer(
             revoke_wait: sub.ack_deadline.min(Duration::from_secs(10)),
             lookup_timeout: o.timeout.min(Duration::from_secs(10)),
             assigned: Mutex::new(Some(assigned)),
+            starts: Mutex::new(
+                starts
+                    .elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
         })
         .map_err(|e| kafka_error("create consumer", e))?;
     consumer

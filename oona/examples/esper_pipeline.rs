@@ -180,7 +180,7 @@ async fn run() -> oona::Result<bool> {
             .runner_contract::<BlueprintSubmitted>(sub::<BlueprintSubmitted>(
                 &group("tezzeret"),
                 Some(format!("tezzeret-{run_id}-{w}")),
-            )?)?
+            )?)
             .concurrency(2)
             .shutdown_on(shutdown.clone())
             .start(move |msg: Incoming<BlueprintSubmitted>| {
@@ -196,7 +196,7 @@ async fn run() -> oona::Result<bool> {
     let urza_seen = Arc::new(Seen::default());
     let urza = {
         let (seen, run) = (urza_seen.clone(), run_id.clone());
-        bus.runner_contract::<BlueprintCompiled>(sub::<BlueprintCompiled>(&group("urza"), None)?)?
+        bus.runner_contract::<BlueprintCompiled>(sub::<BlueprintCompiled>(&group("urza"), None)?)
             .shutdown_on(shutdown.clone())
             .start(move |msg: Incoming<BlueprintCompiled>| {
                 let (seen, run) = (seen.clone(), run.clone());
@@ -216,7 +216,7 @@ async fn run() -> oona::Result<bool> {
     for (name, seen, concurrency) in [("tamiyo", &tamiyo_seen, 4), ("nissa", &nissa_seen, 1)] {
         let (seen, run) = (seen.clone(), run_id.clone());
         let handle = bus
-            .runner_contract::<LayerHealthReport>(sub::<LayerHealthReport>(&group(name), None)?)?
+            .runner_contract::<LayerHealthReport>(sub::<LayerHealthReport>(&group(name), None)?)
             .concurrency(concurrency)
             .shutdown_on(shutdown.clone())
             .start(move |msg: Incoming<LayerHealthReport>| {
@@ -294,7 +294,7 @@ async fn run() -> oona::Result<bool> {
     // --- Wait for every consumer to catch up, then shut down gracefully.
     let total_reports = reports;
     let caught_up = || {
-        let tz: RunSummary = sum(tezzeret.iter().map(|h| h.stats()));
+        let tz: RunSummary = tezzeret.iter().map(|h| h.stats()).sum();
         tz.acked >= valid
             && tz.rejected >= expected_dead
             && urza_seen.unique() >= valid
@@ -310,7 +310,7 @@ async fn run() -> oona::Result<bool> {
     for h in tezzeret {
         tz_summaries.push(h.join().await?);
     }
-    let tz = sum(tz_summaries.into_iter());
+    let tz: RunSummary = tz_summaries.into_iter().sum();
     let urza_summary = urza.join().await?;
     let mut obs = Vec::new();
     for (name, h) in observers {
@@ -698,7 +698,8 @@ async fn publish_health(bus: &Bus, run: &str) -> oona::Result<u64> {
             for seed in 0..SEEDS_PER_LAYER {
                 let report = health_report(layer, seed, step);
                 let env = bus
-                    .message_contract_with(&protobuf, &report)
+                    .message_contract(&report)
+                    .codec(&protobuf)
                     .key(format!("layer-{layer}/seed-{seed}"))
                     .header(RUN_HEADER, run)
                     .build()?;
@@ -716,21 +717,6 @@ async fn publish_health(bus: &Bus, run: &str) -> oona::Result<u64> {
         n += bus.publish_envelopes(batch).await?.len() as u64;
     }
     Ok(n)
-}
-
-fn sum(it: impl Iterator<Item = RunSummary>) -> RunSummary {
-    it.fold(RunSummary::default(), |mut a, s| {
-        a.received += s.received;
-        a.acked += s.acked;
-        a.nacked += s.nacked;
-        a.rejected += s.rejected;
-        a.dead_lettered += s.dead_lettered;
-        a.decode_failures += s.decode_failures;
-        a.panics += s.panics;
-        a.settle_errors += s.settle_errors;
-        a.stream_errors += s.stream_errors;
-        a
-    })
 }
 
 fn ms(d: Duration) -> String {

@@ -12,7 +12,7 @@ use oona_core::metrics::Metrics;
 use oona_core::priority;
 use oona_core::{
     Codec, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Health,
-    HealthStatus, Json, PolicySet, Priority, Receipt, Result, Subscription, Topic, Transport,
+    HealthStatus, Json, Name, PolicySet, Priority, Receipt, Result, Subscription, Topic, Transport,
 };
 use tracing::Instrument as _;
 
@@ -48,6 +48,39 @@ impl IntoTopic for String {
 impl IntoTopic for &String {
     fn into_topic(self) -> Result<Topic> {
         Topic::new(self.as_str())
+    }
+}
+
+/// Anything that names a subscription: a [`Subscription`] (every option),
+/// or a topic and a consumer group, as strings or validated names
+/// (`("telemetry.seed.health", "tamiyo")`). Strings are validated before
+/// any I/O with the errors of [`Topic::new`] and [`Name::new`].
+pub trait IntoSubscription {
+    /// The validated subscription, with the default options for a pair.
+    fn into_subscription(self) -> Result<Subscription>;
+}
+
+impl IntoSubscription for Subscription {
+    fn into_subscription(self) -> Result<Subscription> {
+        Ok(self)
+    }
+}
+
+impl<T: IntoTopic> IntoSubscription for (T, &str) {
+    fn into_subscription(self) -> Result<Subscription> {
+        Ok(Subscription::new(self.0.into_topic()?, Name::new(self.1)?))
+    }
+}
+
+impl<T: IntoTopic> IntoSubscription for (T, String) {
+    fn into_subscription(self) -> Result<Subscription> {
+        Ok(Subscription::new(self.0.into_topic()?, Name::new(self.1)?))
+    }
+}
+
+impl<T: IntoTopic> IntoSubscription for (T, Name) {
+    fn into_subscription(self) -> Result<Subscription> {
+        Ok(Subscription::new(self.0.into_topic()?, self.1))
     }
 }
 
@@ -187,43 +220,16 @@ impl Bus {
         self.message(topic, value).send().await
     }
 
-    /// Publish `value` to `topic` with `codec`.
-    pub async fn publish_with<T, C>(
-        &self,
-        codec: &C,
-        topic: impl IntoTopic,
-        value: &T,
-    ) -> Result<Receipt>
-    where
-        C: Codec<T>,
-    {
-        self.message_with(codec, topic, value).send().await
-    }
-
-    /// Start a JSON message with options (key, correlation id, headers...);
-    /// finish with [`MessageBuilder::send`].
+    /// Start a message with options (codec, key, correlation id,
+    /// headers...); JSON unless [`MessageBuilder::codec`] says otherwise.
+    /// Finish with [`MessageBuilder::send`] (or [`MessageBuilder::build`]
+    /// for [`Bus::publish_envelopes`]).
     pub fn message<'a, T>(
         &'a self,
         topic: impl IntoTopic,
         value: &'a T,
-    ) -> MessageBuilder<'a, T, Json>
-    where
-        Json: Codec<T>,
-    {
+    ) -> MessageBuilder<'a, T, Json> {
         MessageBuilder::new(self, &Json, topic.into_topic(), value)
-    }
-
-    /// Start a message encoded with `codec`.
-    pub fn message_with<'a, T, C>(
-        &'a self,
-        codec: &'a C,
-        topic: impl IntoTopic,
-        value: &'a T,
-    ) -> MessageBuilder<'a, T, C>
-    where
-        C: Codec<T>,
-    {
-        MessageBuilder::new(self, codec, topic.into_topic(), value)
     }
 
     /// Publish a ready envelope. An empty `sender_id` is filled with this
@@ -299,7 +305,11 @@ impl Bus {
     /// Raw, undecoded deliveries. On a topic with priority lanes the
     /// group reads the topic and its lanes, the most urgent first
     /// ([`oona_core::priority`]).
-    pub async fn subscribe_raw(&self, subscription: Subscription) -> Result<DeliveryStream> {
+    pub async fn subscribe_raw(
+        &self,
+        subscription: impl IntoSubscription,
+    ) -> Result<DeliveryStream> {
+        let subscription = subscription.into_subscription()?;
         if !priority::laned(&subscription.topic, &self.policies) {
             return self.transport.subscribe(subscription).await;
         }
@@ -321,68 +331,27 @@ impl Bus {
         Ok(priority::merge(streams))
     }
 
-    /// Deliveries decoded from JSON into `T`. A payload that does not
-    /// decode is rejected (dead-lettered with the decode error as reason)
-    /// and skipped, never dropped.
+    /// Deliveries decoded from JSON into `T` (another codec with
+    /// [`TypedSubscription::codec`]). A payload that does not decode is
+    /// rejected (dead-lettered with the decode error as reason) and
+    /// skipped, never dropped.
     pub async fn subscribe<T>(
         &self,
-        subscription: Subscription,
-    ) -> Result<TypedSubscription<T, Json>>
-    where
-        Json: Codec<T>,
-    {
-        self.subscribe_with(Json, subscription).await
-    }
-
-    /// Deliveries decoded with `codec`; see [`Bus::subscribe`].
-    pub async fn subscribe_with<T, C>(
-        &self,
-        codec: C,
-        subscription: Subscription,
-    ) -> Result<TypedSubscription<T, C>>
-    where
-        C: Codec<T>,
-    {
+        subscription: impl IntoSubscription,
+    ) -> Result<TypedSubscription<T, Json>> {
         let stream = self.subscribe_raw(subscription).await?;
         Ok(TypedSubscription {
             stream,
-            codec,
+            codec: Json,
             _t: PhantomData,
         })
     }
 
-    /// A handler runner for `subscription`, decoding JSON into `T`.
-    pub fn runner<T>(&self, subscription: Subscription) -> Runner<T, Json>
-    where
-        Json: Codec<T>,
-        T: Send + 'static,
-    {
-        Runner::new(self.clone(), subscription, Json)
-    }
-
-    /// A handler runner decoding with `codec`.
-    pub fn runner_with<T, C>(&self, codec: C, subscription: Subscription) -> Runner<T, C>
-    where
-        C: Codec<T>,
-        T: Send + 'static,
-    {
-        Runner::new(self.clone(), subscription, codec)
-    }
-
-    /// Run `handler` on `subscription` with the runner defaults (one
-    /// message at a time) until the transport closes the stream. For
-    /// concurrency and graceful shutdown use [`Bus::runner`].
-    pub async fn run<T, H>(
-        &self,
-        subscription: Subscription,
-        handler: H,
-    ) -> Result<crate::RunSummary>
-    where
-        Json: Codec<T>,
-        T: Send + 'static,
-        H: crate::Handler<T>,
-    {
-        self.runner(subscription).run(handler).await
+    /// A handler runner for `subscription`, decoding JSON into `T` (another
+    /// codec with [`Runner::codec`]). A subscription that does not
+    /// validate fails at [`Runner::start`] or [`Runner::run`].
+    pub fn runner<T>(&self, subscription: impl IntoSubscription) -> Runner<T, Json> {
+        Runner::new(self.clone(), subscription.into_subscription(), Json)
     }
 
     /// The transport's health.
@@ -429,11 +398,13 @@ pub struct MessageBuilder<'a, T, C> {
     correlation_id: Option<String>,
     traceparent: Option<String>,
     priority: Option<Priority>,
-    pub(crate) schema_id: Option<String>,
+    schema_id: Option<String>,
+    /// The schema id of a contract type, when the codec names none.
+    pub(crate) contract_schema: Option<String>,
     headers: Vec<(String, String)>,
 }
 
-impl<'a, T, C: Codec<T>> MessageBuilder<'a, T, C> {
+impl<'a, T, C> MessageBuilder<'a, T, C> {
     pub(crate) fn new(bus: &'a Bus, codec: &'a C, topic: Result<Topic>, value: &'a T) -> Self {
         MessageBuilder {
             bus,
@@ -445,10 +416,30 @@ impl<'a, T, C: Codec<T>> MessageBuilder<'a, T, C> {
             traceparent: None,
             priority: None,
             schema_id: None,
+            contract_schema: None,
             headers: Vec::new(),
         }
     }
 
+    /// Encode with `codec` instead (protobuf, Avro, a codec of your own).
+    pub fn codec<C2: Codec<T>>(self, codec: &'a C2) -> MessageBuilder<'a, T, C2> {
+        MessageBuilder {
+            bus: self.bus,
+            codec,
+            topic: self.topic,
+            value: self.value,
+            key: self.key,
+            correlation_id: self.correlation_id,
+            traceparent: self.traceparent,
+            priority: self.priority,
+            schema_id: self.schema_id,
+            contract_schema: self.contract_schema,
+            headers: self.headers,
+        }
+    }
+}
+
+impl<'a, T, C: Codec<T>> MessageBuilder<'a, T, C> {
     /// Partition / ordering key: messages with one key keep their order.
     pub fn key(mut self, key: impl Into<String>) -> Self {
         self.key = Some(key.into());
@@ -490,7 +481,8 @@ impl<'a, T, C: Codec<T>> MessageBuilder<'a, T, C> {
         let mut b = Envelope::builder(topic, payload)
             .sender_id(self.bus.sender_id.to_string())
             .content_type(self.codec.content_type());
-        if let Some(s) = self.schema_id.or_else(|| self.codec.schema_id()) {
+        let schema = self.schema_id.or_else(|| self.codec.schema_id());
+        if let Some(s) = schema.or(self.contract_schema) {
             b = b.schema_id(s);
         }
         if let Some(k) = self.key {
@@ -598,6 +590,18 @@ impl<T, C> fmt::Debug for TypedSubscription<T, C> {
         f.debug_struct("TypedSubscription")
             .field("type", &std::any::type_name::<T>())
             .finish()
+    }
+}
+
+impl<T, C> TypedSubscription<T, C> {
+    /// Decode with `codec` instead (nothing is decoded before the first
+    /// [`TypedSubscription::next`]).
+    pub fn codec<C2: Codec<T>>(self, codec: C2) -> TypedSubscription<T, C2> {
+        TypedSubscription {
+            stream: self.stream,
+            codec,
+            _t: PhantomData,
+        }
     }
 }
 

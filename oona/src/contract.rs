@@ -7,14 +7,14 @@
 //! | call | topic | codec | schema id |
 //! |---|---|---|---|
 //! | [`Bus::publish_contract`] / [`Bus::message_contract`] | `T::topic()` | JSON | `T::schema_id()` |
-//! | [`Bus::publish_contract_with`] / [`Bus::message_contract_with`] | `T::topic()` | yours ([`AnyCodec::protobuf`], [`AnyCodec::avro`], ...) | the codec's, else `T::schema_id()` |
+//! | [`Bus::message_contract`]`(..).codec(..)` | `T::topic()` | yours ([`AnyCodec::protobuf`], [`AnyCodec::avro`], ...) | the codec's, else `T::schema_id()` |
 //! | [`Bus::subscribe_contract`] / [`Bus::runner_contract`] | `T::topic()` | [`AnyCodec`]: decodes JSON, protobuf or Avro by content type | checked against `T` |
 //!
 //! A payload that does not decode as `T` (wrong field type, another schema,
 //! an unknown content type) is dead-lettered with a `decode: ...` reason.
 
 use oona_contracts::{AnyCodec, Message};
-use oona_core::{Codec, Error, ErrorKind, Json, Name, Receipt, Result, Subscription, Topic};
+use oona_core::{Error, ErrorKind, Json, Name, Receipt, Result, Subscription, Topic};
 
 use crate::bus::{Bus, MessageBuilder, TypedSubscription};
 use crate::runner::Runner;
@@ -88,37 +88,13 @@ impl Bus {
         self.message_contract(value).send().await
     }
 
-    /// Publish a contract value to its topic with `codec`
-    /// (e.g. [`AnyCodec::protobuf`] or [`AnyCodec::avro`]).
-    pub async fn publish_contract_with<T, C>(&self, codec: &C, value: &T) -> Result<Receipt>
-    where
-        T: Message,
-        C: Codec<T>,
-    {
-        self.message_contract_with(codec, value).send().await
-    }
-
-    /// Start a JSON message of a contract value to its topic, with options
-    /// (key, correlation id, headers...); finish with
-    /// [`MessageBuilder::send`].
+    /// Start a message of a contract value to its topic, with options; JSON
+    /// unless [`MessageBuilder::codec`] says otherwise
+    /// (`.codec(&AnyCodec::protobuf())`). The schema id is the codec's, or
+    /// `T::schema_id()` when the codec names none (plain [`Json`]).
     pub fn message_contract<'a, T: Message>(&'a self, value: &'a T) -> MessageBuilder<'a, T, Json> {
-        self.message_contract_with(&Json, value)
-    }
-
-    /// Start a message of a contract value to its topic, encoded with
-    /// `codec`. The schema id is the codec's, or `T::schema_id()` when the
-    /// codec has none (plain [`Json`]).
-    pub fn message_contract_with<'a, T, C>(
-        &'a self,
-        codec: &'a C,
-        value: &'a T,
-    ) -> MessageBuilder<'a, T, C>
-    where
-        T: Message,
-        C: Codec<T>,
-    {
-        let mut builder = MessageBuilder::new(self, codec, Ok(T::topic()), value);
-        builder.schema_id = Some(codec.schema_id().unwrap_or_else(T::schema_id));
+        let mut builder = MessageBuilder::new(self, &Json, Ok(T::topic()), value);
+        builder.contract_schema = Some(T::schema_id());
         builder
     }
 
@@ -130,17 +106,25 @@ impl Bus {
         group: impl IntoContractSubscription,
     ) -> Result<TypedSubscription<T, AnyCodec>> {
         let subscription = contract_subscription::<T>(group)?;
-        self.subscribe_with(AnyCodec::default(), subscription).await
+        Ok(self
+            .subscribe::<T>(subscription)
+            .await?
+            .codec(AnyCodec::default()))
     }
 
     /// A handler runner on `T`'s topic, decoding by content type with
     /// [`AnyCodec`]. A payload that does not decode as `T` is dead-lettered
-    /// with a `decode: ...` reason without calling the handler.
+    /// with a `decode: ...` reason without calling the handler. A group
+    /// name that does not validate fails at [`Runner::start`] or
+    /// [`Runner::run`].
     pub fn runner_contract<T: Message>(
         &self,
         group: impl IntoContractSubscription,
-    ) -> Result<Runner<T, AnyCodec>> {
-        let subscription = contract_subscription::<T>(group)?;
-        Ok(self.runner_with(AnyCodec::default(), subscription))
+    ) -> Runner<T, AnyCodec> {
+        Runner::new(
+            self.clone(),
+            contract_subscription::<T>(group),
+            AnyCodec::default(),
+        )
     }
 }

@@ -17,6 +17,7 @@ pub mod node;
 pub mod otlp;
 pub mod registry;
 pub mod request;
+pub mod router;
 pub mod runner;
 #[cfg(feature = "http")]
 pub mod serve;
@@ -37,7 +38,7 @@ pub use async_trait::async_trait;
 #[cfg(feature = "contracts")]
 pub use oona_contracts;
 
-pub use bus::{Bus, IntoTopic, MessageBuilder, TypedDelivery, TypedSubscription};
+pub use bus::{Bus, IntoSubscription, IntoTopic, MessageBuilder, TypedDelivery, TypedSubscription};
 #[cfg(feature = "contracts")]
 pub use contract::{contract_subscription, IntoContractSubscription};
 pub use handler::{Handler, HandlerError, HandlerResult, Incoming};
@@ -45,4 +46,5 @@ pub use registry::{
     connect, connect_spooled, connect_with, drivers, env_url, find_driver, from_env, KnownScheme,
     DEFAULT_URL, ENV_URL, KNOWN_SCHEMES,
 };
+pub use router::Router;
 pub use runner::{RunHandle, RunSummary, Runner, Shutdown, StopReason};

@@ -33,6 +33,7 @@ use oona_contracts::{NodeCapabilities, NodeIntrospectionEvent};
 use oona_core::{Error, ErrorKind, HealthStatus, Result, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use crate::router::Router;
 use crate::runner::{RunHandle, RunSummary, Shutdown};
 use crate::Bus;
 
@@ -223,6 +224,26 @@ impl Node {
     /// Drain `runner` on shutdown.
     pub fn attach(&self, runner: RunHandle) {
         oona_core::sync::lock(&self.runners).push(runner);
+    }
+
+    /// Start `router`'s routes on this node's shutdown token, then
+    /// [`Node::run_until_signal`]: the routes drain on SIGINT or SIGTERM.
+    /// If a route fails to start, the node shuts down (it leaves the
+    /// registry) and the error is returned.
+    pub async fn serve<S: Send + Sync + 'static>(self, router: Router<S>) -> Result<NodeSummary> {
+        match router.shutdown_on(self.shutdown_token()).start().await {
+            Ok(service) => {
+                for h in service.into_handles() {
+                    self.attach(h);
+                }
+                self.run_until_signal().await
+            }
+            Err(e) => {
+                tracing::error!(node = %self.event.node_name, error = %e, "a route did not start");
+                let _ = self.shutdown().await;
+                Err(e)
+            }
+        }
     }
 
     /// Run until SIGINT or SIGTERM (or the shutdown token fires), then

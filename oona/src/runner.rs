@@ -148,6 +148,28 @@ impl RunSummary {
     }
 }
 
+/// Adds the counts up (the routes of a router, the workers of a service);
+/// the last stream error is the last one given, the stop reason the last
+/// summary's.
+impl std::iter::Sum for RunSummary {
+    fn sum<I: Iterator<Item = RunSummary>>(iter: I) -> RunSummary {
+        iter.fold(RunSummary::default(), |mut a, s| {
+            a.received += s.received;
+            a.acked += s.acked;
+            a.nacked += s.nacked;
+            a.rejected += s.rejected;
+            a.dead_lettered += s.dead_lettered;
+            a.decode_failures += s.decode_failures;
+            a.panics += s.panics;
+            a.settle_errors += s.settle_errors;
+            a.stream_errors += s.stream_errors;
+            a.last_stream_error = s.last_stream_error.or(a.last_stream_error);
+            a.stop = s.stop;
+            a
+        })
+    }
+}
+
 impl fmt::Display for RunSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -266,8 +288,9 @@ impl Backoff {
 #[must_use = "a runner does nothing until .run() or .start()"]
 pub struct Runner<T, C> {
     bus: Bus,
-    subscription: Subscription,
+    subscription: Result<Subscription>,
     codec: C,
+    layers: Vec<Arc<dyn ConsumeLayer>>,
     concurrency: usize,
     shutdown: Shutdown,
     policy: Policy,
@@ -283,21 +306,51 @@ impl<T, C> fmt::Debug for Runner<T, C> {
     }
 }
 
-impl<T, C> Runner<T, C>
-where
-    C: Codec<T>,
-    T: Send + 'static,
-{
-    pub(crate) fn new(bus: Bus, subscription: Subscription, codec: C) -> Self {
+impl<T, C> Runner<T, C> {
+    pub(crate) fn new(bus: Bus, subscription: Result<Subscription>, codec: C) -> Self {
         Runner {
             bus,
             subscription,
             codec,
+            layers: Vec::new(),
             concurrency: 1,
             shutdown: Shutdown::new(),
             policy: Policy::default(),
             _t: PhantomData,
         }
+    }
+
+    /// Decode with `codec` instead of JSON (protobuf, Avro, [`oona_core::Raw`]
+    /// bytes, a codec of your own).
+    pub fn codec<C2: Codec<T>>(self, codec: C2) -> Runner<T, C2> {
+        Runner {
+            bus: self.bus,
+            subscription: self.subscription,
+            codec,
+            layers: self.layers,
+            concurrency: self.concurrency,
+            shutdown: self.shutdown,
+            policy: self.policy,
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T, C> Runner<T, C>
+where
+    C: Codec<T>,
+    T: Send + 'static,
+{
+    /// Add a consume layer for this runner only, inside the bus's layers
+    /// (which run first). Layers added later run inside earlier ones.
+    pub fn layer(self, layer: impl ConsumeLayer) -> Self {
+        self.layer_arc(Arc::new(layer))
+    }
+
+    /// [`Runner::layer`] for a layer shared with other runners.
+    pub(crate) fn layer_arc(mut self, layer: Arc<dyn ConsumeLayer>) -> Self {
+        self.layers.push(layer);
+        self
     }
 
     /// Run at most `n` handler calls at once (default 1; at least 1).
@@ -334,59 +387,65 @@ where
 
     /// Subscribe and run until shutdown or the end of the stream.
     pub async fn run<H: Handler<T>>(self, handler: H) -> Result<RunSummary> {
-        let watched = self.watch().await?;
-        let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
-        let counters = Arc::new(Counters::default());
-        let stop = drive(
-            self.bus.clone(),
-            stream,
-            Arc::new(self.codec),
-            Arc::new(handler),
-            self.concurrency,
-            self.policy,
-            counters.clone(),
-            self.shutdown,
-        )
-        .await;
-        watched.finish(stop);
+        let (_, counters, driven) = self.begin(handler).await?;
+        let stop = driven.await;
         Ok(counters.snapshot(stop))
-    }
-
-    /// Serve the endpoints if `OONA_METRICS_ADDR` asks for them (a bad
-    /// address fails before anything is subscribed), and enter this runner
-    /// in its bus's list (readiness, depth metrics).
-    async fn watch(&self) -> Result<Watched> {
-        #[cfg(feature = "http")]
-        crate::serve::from_env(&self.bus).await?;
-        Ok(Runners::watch(&self.bus, &self.subscription))
     }
 
     /// Subscribe (so the consumer group exists when this returns), then run
     /// in a background task. Stop it with [`RunHandle::shutdown`].
     pub async fn start<H: Handler<T>>(self, handler: H) -> Result<RunHandle> {
-        let watched = self.watch().await?;
-        let stream = self.bus.subscribe_raw(self.subscription.clone()).await?;
+        let (shutdown, counters, driven) = self.begin(handler).await?;
+        Ok(RunHandle {
+            shutdown,
+            counters,
+            task: tokio::spawn(driven),
+        })
+    }
+
+    /// What `run` and `start` share: serve the endpoints if
+    /// `OONA_METRICS_ADDR` asks for them (a bad address fails before
+    /// anything is subscribed), enter this runner in its bus's list
+    /// (readiness, depth metrics), subscribe, and make the loop.
+    async fn begin<H: Handler<T>>(
+        self,
+        handler: H,
+    ) -> Result<(
+        Shutdown,
+        Arc<Counters>,
+        impl std::future::Future<Output = StopReason> + Send + 'static,
+    )> {
+        let subscription = self.subscription?;
+        #[cfg(feature = "http")]
+        crate::serve::from_env(&self.bus).await?;
+        let watched = Runners::watch(&self.bus, &subscription);
+        let stream = self.bus.subscribe_raw(subscription).await?;
         let counters = Arc::new(Counters::default());
+        // The bus's layers first, then the runner's own.
+        let layers: Arc<[Arc<dyn ConsumeLayer>]> = (self.bus.consume_layers().iter().cloned())
+            .chain(self.layers)
+            .collect();
+        let ctx = Ctx {
+            layers,
+            codec: Arc::new(self.codec),
+            handler: Arc::new(handler),
+            policy: self.policy,
+            counters: counters.clone(),
+            _t: PhantomData,
+        };
         let driven = drive(
-            self.bus.clone(),
+            self.bus,
             stream,
-            Arc::new(self.codec),
-            Arc::new(handler),
+            ctx,
             self.concurrency,
-            self.policy,
-            counters.clone(),
             self.shutdown.clone(),
         );
-        let task = tokio::spawn(async move {
+        let driven = async move {
             let stop = driven.await;
             watched.finish(stop);
             stop
-        });
-        Ok(RunHandle {
-            shutdown: self.shutdown,
-            counters,
-            task,
-        })
+        };
+        Ok((self.shutdown, counters, driven))
     }
 }
 
@@ -571,15 +630,11 @@ impl<T, C, H> Clone for Ctx<T, C, H> {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // private; one call per entry point
 async fn drive<T, C, H>(
     bus: Bus,
     mut stream: DeliveryStream,
-    codec: Arc<C>,
-    handler: Arc<H>,
+    ctx: Ctx<T, C, H>,
     concurrency: usize,
-    policy: Policy,
-    counters: Arc<Counters>,
     shutdown: Shutdown,
 ) -> StopReason
 where
@@ -587,14 +642,7 @@ where
     C: Codec<T>,
     H: Handler<T>,
 {
-    let ctx: Ctx<T, C, H> = Ctx {
-        layers: bus.consume_layers().clone(),
-        codec,
-        handler,
-        policy,
-        counters: counters.clone(),
-        _t: PhantomData,
-    };
+    let counters = ctx.counters.clone();
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
     let keys = KeyQueues::default();

@@ -47,7 +47,8 @@ type Seen = Arc<Mutex<Vec<Vec<u8>>>>;
 /// A runner of group `karn` on `t` that notes the digest of each payload
 /// it is handed.
 async fn digests(bus: &Bus, t: &Topic, seen: Seen) -> oona::RunHandle {
-    bus.runner_with(Raw, sub(t, "karn").start(StartPosition::Earliest))
+    bus.runner(sub(t, "karn").start(StartPosition::Earliest))
+        .codec(Raw)
         .start(move |msg: Incoming<Bytes>| {
             let seen = seen.clone();
             async move {
@@ -85,8 +86,8 @@ async fn round_trip_and_dead_letters(url: &str) {
     let small = payload(1000, 2);
     let seen: Seen = Arc::default();
     let handle = digests(&bus, &t, seen.clone()).await;
-    bus.message_with(&Raw, &t, &large).send().await.unwrap();
-    bus.message_with(&Raw, &t, &small).send().await.unwrap();
+    bus.message(&t, &large).codec(&Raw).send().await.unwrap();
+    bus.message(&t, &small).codec(&Raw).send().await.unwrap();
     let both = tokio::time::timeout(LARGE_GUARD, async {
         while seen.lock().unwrap().len() < 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -120,7 +121,8 @@ async fn dead_letters(bus: &Bus, claims: &ClaimCheck) {
         .await
         .unwrap();
     for seed in [3, 4] {
-        bus.message_with(&Raw, &t, &payload(300_000, seed))
+        bus.message(&t, &payload(300_000, seed))
+            .codec(&Raw)
             .send()
             .await
             .unwrap();

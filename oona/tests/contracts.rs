@@ -37,15 +37,21 @@ async fn json_protobuf_and_avro_arrive_typed_on_the_contracts_topic() {
     let bus = bus().await;
     let mut sub = bus.subscribe_contract::<FieldReport>("karn").await.unwrap();
     bus.publish_contract(&report(1)).await.unwrap();
-    bus.publish_contract_with(&AnyCodec::protobuf(), &report(2))
+    bus.message_contract(&report(2))
+        .codec(&AnyCodec::protobuf())
+        .send()
         .await
         .unwrap();
-    bus.publish_contract_with(&AnyCodec::avro(), &report(3))
+    bus.message_contract(&report(3))
+        .codec(&AnyCodec::avro())
+        .send()
         .await
         .unwrap();
     // A codec that is not an AnyCodec works too (the reader still picks by
     // content type).
-    bus.publish_contract_with(&Protobuf, &report(4))
+    bus.message_contract(&report(4))
+        .codec(&Protobuf)
+        .send()
         .await
         .unwrap();
 
@@ -103,7 +109,6 @@ async fn runner_decodes_every_format_and_dead_letters_what_does_not_decode() {
     let handle = {
         let got = got.clone();
         bus.runner_contract::<BlueprintSubmitted>("tezzeret")
-            .unwrap()
             .start(move |msg: Incoming<BlueprintSubmitted>| {
                 let got = got.clone();
                 async move {
@@ -133,10 +138,14 @@ async fn runner_decodes_every_format_and_dead_letters_what_does_not_decode() {
         ..Default::default()
     };
     bus.publish_contract(&bp("json")).await.unwrap();
-    bus.publish_contract_with(&AnyCodec::protobuf(), &bp("proto"))
+    bus.message_contract(&bp("proto"))
+        .codec(&AnyCodec::protobuf())
+        .send()
         .await
         .unwrap();
-    bus.publish_contract_with(&AnyCodec::avro(), &bp("avro"))
+    bus.message_contract(&bp("avro"))
+        .codec(&AnyCodec::avro())
+        .send()
         .await
         .unwrap();
 
@@ -247,7 +256,9 @@ async fn typed_subscription_skips_and_dead_letters_a_wrong_type() {
         blueprint_id: "bp-1".into(),
         ..Default::default()
     };
-    bus.publish_contract_with(&AnyCodec::avro(), &good)
+    bus.message_contract(&good)
+        .codec(&AnyCodec::avro())
+        .send()
         .await
         .unwrap();
     let d = tokio::time::timeout(GUARD, sub.next())
@@ -273,6 +284,8 @@ async fn a_subscription_on_another_topic_or_a_bad_group_is_refused() {
     let other = Subscription::new(LayerHealthReport::topic(), Name::new("tamiyo").unwrap());
     let e = bus
         .runner_contract::<FieldReport>(other.clone())
+        .start(|_: Incoming<FieldReport>| async { Ok(()) })
+        .await
         .map(|_| ())
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
@@ -285,6 +298,8 @@ async fn a_subscription_on_another_topic_or_a_bad_group_is_refused() {
     assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
     let e = bus
         .runner_contract::<FieldReport>("not a group")
+        .start(|_: Incoming<FieldReport>| async { Ok(()) })
+        .await
         .map(|_| ())
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidName, "{e}");

@@ -375,7 +375,8 @@ async fn runners_stop_when_the_transport_closes() {
     assert_eq!(summary.acked, 1);
     // run() on a closed transport reports the subscribe error.
     let e = bus
-        .run(sub(&t, "tamiyo"), |_m: Incoming<Cmd>| async { Ok(()) })
+        .runner(sub(&t, "tamiyo"))
+        .run(|_m: Incoming<Cmd>| async { Ok(()) })
         .await
         .unwrap_err();
     assert_eq!(e.kind(), oona::ErrorKind::Closed, "{e}");

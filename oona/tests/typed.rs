@@ -95,13 +95,11 @@ async fn typed_round_trip_with_builder_options() {
         .send()
         .await
         .unwrap();
-    bus.publish_with(
-        &Json,
-        "telemetry.seed.health",
-        &Health { seed: 4, loss: 2.0 },
-    )
-    .await
-    .unwrap();
+    bus.message("telemetry.seed.health", &Health { seed: 4, loss: 2.0 })
+        .codec(&Json)
+        .send()
+        .await
+        .unwrap();
     let d = tokio::time::timeout(GUARD, s.next())
         .await
         .unwrap()

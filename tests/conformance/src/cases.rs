@@ -1120,21 +1120,31 @@ async fn earliest_replays_history_in(cx: &Cx<'_>) -> CaseResult {
 }
 
 /// Case 8b: A new group starting from `Latest` does not see history: only the
-/// three messages published after it subscribed.
+/// three messages published after it subscribed. The group already reads
+/// another topic (one service, two routes), and goes on reading it.
 pub async fn latest_skips_history(fx: &dyn Fixture) -> CaseResult {
     with_cx!(fx, latest_skips_history_in)
 }
 
 async fn latest_skips_history_in(cx: &Cx<'_>) -> CaseResult {
     let topic = cx.topic("innovation")?;
+    let other = cx.topic("control")?;
     let c = cx.client().await?;
     for i in 0..5 {
         publish(&c, simple(&topic, i)).await?;
     }
     let reader = cx.client().await?;
+    let latest = group("latest");
+    let mut on_other = subscribe(
+        &reader,
+        Subscription::new(other.clone(), latest.clone())
+            .start(StartPosition::Latest)
+            .ack_deadline(LONG_DEADLINE),
+    )
+    .await?;
     let mut s = subscribe(
         &reader,
-        Subscription::new(topic.clone(), group("latest"))
+        Subscription::new(topic.clone(), latest)
             .start(StartPosition::Latest)
             .ack_deadline(LONG_DEADLINE),
     )
@@ -1151,7 +1161,11 @@ async fn latest_skips_history_in(cx: &Cx<'_>) -> CaseResult {
         cx.t.quiet_for(),
         "history replayed to a Latest group",
     )
-    .await
+    .await?;
+    let later = simple(&other, 9);
+    publish(&c, later.clone()).await?;
+    let got = take_acking(&mut on_other, 1, cx.t.wait(), "the group's other topic").await?;
+    exactly_once(&[later], &Received::from_one(got), "the other topic")
 }
 
 /// Case 8c: A new group starting `At(t)` gets exactly the messages published
