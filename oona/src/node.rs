@@ -233,9 +233,11 @@ impl Node {
     pub async fn serve<S: Send + Sync + 'static>(self, router: Router<S>) -> Result<NodeSummary> {
         match router.shutdown_on(self.shutdown_token()).start().await {
             Ok(service) => {
+                let routes: Vec<String> = service.route_stats().into_iter().map(|r| r.0).collect();
                 for h in service.into_handles() {
                     self.attach(h);
                 }
+                tracing::info!(node = %self.event.node_name, id = %self.event.node_id, ?routes, "node serving");
                 self.run_until_signal().await
             }
             Err(e) => {
