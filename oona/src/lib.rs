@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod bus;
+pub mod command;
 pub mod context;
 #[cfg(feature = "contracts")]
 pub mod contract;

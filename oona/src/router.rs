@@ -56,7 +56,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use oona_core::layer::ConsumeLayer;
-use oona_core::{Codec, Error, Json, Name, Result, Subscription};
+use oona_core::{Codec, Error, Json, Name, Result, Subscription, Topic};
 
 use crate::bus::IntoTopic;
 use crate::handler::{Handler, HandlerResult, Incoming};
@@ -234,6 +234,11 @@ impl<S: Send + Sync + 'static> Router<S> {
         &self.state
     }
 
+    /// The bus the routes consume from.
+    pub(crate) fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
     /// The consumer group of the routes.
     pub fn group(&self) -> &str {
         &self.group
@@ -267,7 +272,24 @@ impl<S: Send + Sync + 'static> Router<S> {
         H: RouteHandler<S, T, M>,
         M: 'static,
     {
-        let topic = topic.into_topic();
+        self.route_topic(topic.into_topic(), options, handler)
+    }
+
+    /// [`Router::route_with`] for a topic already validated (or the error
+    /// of validating it, returned by [`Router::start`]).
+    pub(crate) fn route_topic<T, C, H, M>(
+        self,
+        topic: Result<Topic>,
+        options: impl FnOnce(Runner<T, Json>) -> Runner<T, C> + Send + 'static,
+        handler: H,
+    ) -> Self
+    where
+        T: Send + 'static,
+        Json: Codec<T>,
+        C: Codec<T>,
+        H: RouteHandler<S, T, M>,
+        M: 'static,
+    {
         let label = match &topic {
             Ok(t) => t.to_string(),
             Err(_) => "(invalid topic)".to_string(),

@@ -107,17 +107,7 @@ async fn one_service_many_topics(url: &str) {
         .await
         .unwrap();
 
-    let ok = tokio::time::timeout(common::GUARD, async {
-        loop {
-            let s = service.stats();
-            if s.acked >= 5 && s.dead_lettered >= 1 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    assert!(ok.is_ok(), "{:?}", service.route_stats());
+    common::wait_stats_of(|| service.stats(), |s| s.acked >= 5 && s.dead_lettered >= 1).await;
     let dead = common::read_dead_letters(&mut dlq, 1).await;
     assert!(
         dead[0].reason.starts_with("reading n: "),

@@ -28,13 +28,19 @@ pub const GUARD: Duration = Duration::from_secs(20);
 
 /// Wait until `f` holds for the runner's counters.
 pub async fn wait_stats(h: &RunHandle, f: impl Fn(&RunSummary) -> bool) {
+    wait_stats_of(|| h.stats(), f).await
+}
+
+/// Wait until `f` holds for the counters `stats` gives (a runner's, a
+/// router's).
+pub async fn wait_stats_of(stats: impl Fn() -> RunSummary, f: impl Fn(&RunSummary) -> bool) {
     let ok = tokio::time::timeout(GUARD, async {
-        while !f(&h.stats()) {
+        while !f(&stats()) {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     })
     .await;
-    assert!(ok.is_ok(), "condition never held; stats: {}", h.stats());
+    assert!(ok.is_ok(), "condition never held; stats: {}", stats());
 }
 
 /// Read `n` dead letters from `dlq` (a stream subscribed before they were
