@@ -382,16 +382,33 @@ impl Admin {
 
     async fn delete_local(&self, local: &str) -> Result<()> {
         let what = format!("delete {local}");
-        let rb = self
-            .http
-            .delete(self.topic_url(local))
-            .query(&[("force", "true")]);
-        let resp = self.send(&what, rb).await?;
-        if resp.status().as_u16() == 404 {
+        // A forced delete racing the broker's own work on the topic (a
+        // compaction reading its last message id) fails with a 5xx that
+        // the next try does not meet: try up to three times.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let rb = self
+                .http
+                .delete(self.topic_url(local))
+                .query(&[("force", "true")]);
+            let resp = self.send(&what, rb).await?;
+            let status = resp.status().as_u16();
+            if status == 404 {
+                return Ok(());
+            }
+            if status >= 500 && tries < 3 {
+                tracing::debug!(
+                    topic = local,
+                    status,
+                    "pulsar: delete refused by the broker; trying again"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(250 * tries)).await;
+                continue;
+            }
+            Self::check(&what, resp).await?;
             return Ok(());
         }
-        Self::check(&what, resp).await?;
-        Ok(())
     }
 }
 
