@@ -295,23 +295,14 @@ impl Reader {
         if let Some(s) = self.stream.take() {
             s.close().await;
         }
-        let t = self.bus.transport();
-        let until = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            match t.delete_group(&self.topic, &self.group).await {
-                Ok(()) => return,
-                Err(e) if e.kind() == oona::ErrorKind::NotFound => return,
-                Err(e) if e.is_temporary() && tokio::time::Instant::now() < until => {
-                    tokio::time::sleep(Duration::from_millis(250)).await
-                }
-                Err(e) => {
-                    eprintln!(
-                        "oona: could not delete the reading group {} on {}: {e}",
-                        self.group, self.topic
-                    );
-                    return;
-                }
-            }
+        let t = self.bus.transport().as_ref();
+        let within = Duration::from_secs(15);
+        if let Err(e) = oona::admin::delete_group_within(t, &self.topic, &self.group, within).await
+        {
+            eprintln!(
+                "oona: could not delete the reading group {} on {}: {e}",
+                self.group, self.topic
+            );
         }
     }
 }

@@ -162,6 +162,30 @@ pub fn group_busy(group: &Name, live: usize) -> Error {
     .set_temporary(true)
 }
 
+/// Delete `group`'s subscription to `topic` once its consumers have let
+/// go: a temporary error (a consumer just closed, the broker not yet
+/// told) is tried again every 250 ms for up to `within`. A group that is
+/// already gone is not an error. For groups a process made for itself (a
+/// CLI reader, a reducer's run), so the broker keeps nothing for them.
+pub async fn delete_group_within(
+    transport: &dyn crate::Transport,
+    topic: &Topic,
+    group: &Name,
+    within: std::time::Duration,
+) -> crate::Result<()> {
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        match transport.delete_group(topic, group).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.is_temporary() && tokio::time::Instant::now() < until => {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The `Unsupported` error of a transport without the admin calls.
 pub(crate) fn unsupported(transport: &str, what: &str) -> Error {
     Error::new(

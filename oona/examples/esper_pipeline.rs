@@ -9,6 +9,9 @@
 //! DLQ auditor ◀── compilation.blueprint.submitted.dlq
 //! ```
 //!
+//! Each service is a [`Router`]: its group, its state shared by its
+//! handlers (`Arc<S>`, no cloning per message), a route per contract.
+//!
 //! The payloads are the platform's typed contracts (`oona-contracts`): each
 //! type knows its topic and schema, so nothing here names a topic. The
 //! blueprints travel as JSON and the telemetry (the hot path) as protobuf;
@@ -34,6 +37,7 @@ use futures::StreamExt as _;
 use oona::oona_contracts::{
     AnyCodec, BlueprintCompiled, BlueprintSubmitted, HealthSignal, LayerHealthReport, Message,
 };
+use oona::router::{Router, Service};
 use oona::rules::DeadLetterInfo;
 use oona::{
     Bus, Codec, Envelope, HandlerError, HandlerResult, Incoming, Name, RunSummary, Shutdown,
@@ -121,15 +125,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A subscription of `group` to `T`'s topic.
-fn sub<T: Message>(group: &str, consumer: Option<String>) -> oona::Result<Subscription> {
-    let mut s = oona::contract_subscription::<T>(group)?.max_attempts(3);
-    if let Some(c) = consumer {
-        s = s.consumer(Name::new(c)?);
-    }
-    Ok(s)
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -168,69 +163,57 @@ async fn run() -> oona::Result<bool> {
     // --- Consumers first: fresh groups start at "latest", so they must
     // exist before anything is published.
 
-    // Tezzeret: several workers in one group; each blueprint goes to one.
+    // Tezzeret: three workers, each a service of its own, in one group;
+    // each blueprint goes to one. What a handler needs is the router's
+    // state, shared as an Arc.
     let tezzeret_seen = Arc::new(Seen::default());
     let per_worker: Arc<Vec<AtomicU64>> =
         Arc::new((0..TEZZERET_WORKERS).map(|_| AtomicU64::new(0)).collect());
     let mut tezzeret = Vec::new();
     for w in 0..TEZZERET_WORKERS {
-        let worker_bus = bus.clone().with_sender_id(format!("tezzeret-{w}"));
-        let (seen, per_worker, run) = (tezzeret_seen.clone(), per_worker.clone(), run_id.clone());
-        let handle = bus
-            .runner_contract::<BlueprintSubmitted>(sub::<BlueprintSubmitted>(
-                &group("tezzeret"),
-                Some(format!("tezzeret-{run_id}-{w}")),
-            )?)
+        let worker = Worker {
+            bus: bus.clone().with_sender_id(format!("tezzeret-{w}")),
+            seen: tezzeret_seen.clone(),
+            per_worker: per_worker.clone(),
+            index: w,
+            run: run_id.clone(),
+        };
+        let service = Router::new(&worker.bus.clone(), group("tezzeret"))
+            .with_state(worker)
             .concurrency(2)
             .shutdown_on(shutdown.clone())
-            .start(move |msg: Incoming<BlueprintSubmitted>| {
-                let (seen, per_worker, run) = (seen.clone(), per_worker.clone(), run.clone());
-                let bus = worker_bus.clone();
-                async move { compile(msg, &bus, &seen, &per_worker[w], &run).await }
-            })
+            .contract(compile)
+            .start()
             .await?;
-        tezzeret.push(handle);
+        tezzeret.push(service);
     }
 
-    // Urza: collects compiled kernels.
-    let urza_seen = Arc::new(Seen::default());
-    let urza = {
-        let (seen, run) = (urza_seen.clone(), run_id.clone());
-        bus.runner_contract::<BlueprintCompiled>(sub::<BlueprintCompiled>(&group("urza"), None)?)
-            .shutdown_on(shutdown.clone())
-            .start(move |msg: Incoming<BlueprintCompiled>| {
-                let (seen, run) = (seen.clone(), run.clone());
-                async move {
-                    seen.record(msg.envelope(), &run);
-                    Ok(())
-                }
-            })
-            .await?
+    // Urza collects compiled kernels; Tamiyo and Nissa are two groups that
+    // each see every health report. Tamiyo runs 4 handlers at once and
+    // still sees each seed's reports in order.
+    let observer = |seen: &Arc<Seen>| Observer {
+        seen: seen.clone(),
+        run: run_id.clone(),
     };
-
-    // Tamiyo and Nissa: two groups, each sees every health report. Tamiyo
-    // runs 4 handlers at once and still sees each seed's reports in order.
+    let urza_seen = Arc::new(Seen::default());
+    let urza = Router::new(&bus, group("urza"))
+        .with_state(observer(&urza_seen))
+        .shutdown_on(shutdown.clone())
+        .contract(on_compiled)
+        .start()
+        .await?;
     let tamiyo_seen = Arc::new(Seen::default());
     let nissa_seen = Arc::new(Seen::default());
     let mut observers = Vec::new();
     for (name, seen, concurrency) in [("tamiyo", &tamiyo_seen, 4), ("nissa", &nissa_seen, 1)] {
-        let (seen, run) = (seen.clone(), run_id.clone());
-        let handle = bus
-            .runner_contract::<LayerHealthReport>(sub::<LayerHealthReport>(&group(name), None)?)
+        let service = Router::new(&bus, group(name))
+            .with_state(observer(seen))
             .concurrency(concurrency)
             .shutdown_on(shutdown.clone())
-            .start(move |msg: Incoming<LayerHealthReport>| {
-                let (seen, run) = (seen.clone(), run.clone());
-                async move {
-                    if seen.record(msg.envelope(), &run) {
-                        let key = msg.envelope().key.clone().unwrap_or_default();
-                        seen.check_order(&key, msg.value().sequence);
-                    }
-                    Ok(())
-                }
-            })
+            .contract(on_health)
+            .start()
             .await?;
-        observers.push((name, handle));
+        observers.push((name, service));
     }
 
     // The dead-letter auditor reads the DLQ directly.
@@ -294,7 +277,7 @@ async fn run() -> oona::Result<bool> {
     // --- Wait for every consumer to catch up, then shut down gracefully.
     let total_reports = reports;
     let caught_up = || {
-        let tz: RunSummary = tezzeret.iter().map(|h| h.stats()).sum();
+        let tz: RunSummary = tezzeret.iter().map(|s| s.stats()).sum();
         tz.acked >= valid
             && tz.rejected >= expected_dead
             && urza_seen.unique() >= valid
@@ -307,14 +290,14 @@ async fn run() -> oona::Result<bool> {
     let wall = started.elapsed();
     shutdown.trigger();
     let mut tz_summaries = Vec::new();
-    for h in tezzeret {
-        tz_summaries.push(h.join().await?);
+    for service in tezzeret {
+        tz_summaries.push(total(service).await?);
     }
     let tz: RunSummary = tz_summaries.into_iter().sum();
-    let urza_summary = urza.join().await?;
+    let urza_summary = total(urza).await?;
     let mut obs = Vec::new();
-    for (name, h) in observers {
-        obs.push((name, h.join().await?));
+    for (name, service) in observers {
+        obs.push((name, total(service).await?));
     }
     drop(dead_letters);
     // Writes out anything the transport still queues, then disconnects.
@@ -565,14 +548,44 @@ async fn run() -> oona::Result<bool> {
     }
 }
 
+/// A Tezzeret worker's state: its bus (its sender id) and what it counts.
+struct Worker {
+    bus: Bus,
+    seen: Arc<Seen>,
+    per_worker: Arc<Vec<AtomicU64>>,
+    index: usize,
+    run: String,
+}
+
+/// An observer's state: what it saw of this run.
+struct Observer {
+    seen: Arc<Seen>,
+    run: String,
+}
+
+/// Urza's handler: note a compiled kernel.
+async fn on_compiled(o: Arc<Observer>, msg: Incoming<BlueprintCompiled>) -> HandlerResult {
+    o.seen.record(msg.envelope(), &o.run);
+    Ok(())
+}
+
+/// Tamiyo's and Nissa's handler: note a report and check its seed's order.
+async fn on_health(o: Arc<Observer>, msg: Incoming<LayerHealthReport>) -> HandlerResult {
+    if o.seen.record(msg.envelope(), &o.run) {
+        let key = msg.envelope().key.clone().unwrap_or_default();
+        o.seen.check_order(&key, msg.value().sequence);
+    }
+    Ok(())
+}
+
+/// Stop a service and add up its routes' counts.
+async fn total(service: Service) -> oona::Result<RunSummary> {
+    Ok(service.shutdown().await?.into_iter().map(|(_, s)| s).sum())
+}
+
 /// Tezzeret's handler: "compile" a blueprint and announce the kernel.
-async fn compile(
-    msg: Incoming<BlueprintSubmitted>,
-    bus: &Bus,
-    seen: &Seen,
-    worker_count: &AtomicU64,
-    run: &str,
-) -> HandlerResult {
+async fn compile(w: Arc<Worker>, msg: Incoming<BlueprintSubmitted>) -> HandlerResult {
+    let (bus, seen, run) = (&w.bus, &w.seen, w.run.as_str());
     if msg.envelope().header(RUN_HEADER) != Some(run) {
         seen.foreign.fetch_add(1, Ordering::Relaxed);
         return Ok(());
@@ -615,7 +628,7 @@ async fn compile(
         .send()
         .await?;
     seen.record(msg.envelope(), run);
-    worker_count.fetch_add(1, Ordering::Relaxed);
+    w.per_worker[w.index].fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 

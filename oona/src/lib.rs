@@ -16,6 +16,7 @@ pub mod health;
 pub mod node;
 #[cfg(feature = "otlp")]
 pub mod otlp;
+pub mod reducer;
 pub mod registry;
 pub mod request;
 pub mod router;
