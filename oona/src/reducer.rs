@@ -6,8 +6,15 @@
 //! the topics from the earliest retained message (event sourcing), so a
 //! reducer killed and started again comes back to the same state, then
 //! follows the topics live. Once it has caught up with what the topics held
-//! at its start ([`ReducerHandle::rebuilt`]), it publishes its state when it
-//! changed, at most once per aggregation window.
+//! at its start ([`ReducerHandle::rebuilt`]), it publishes its state when
+//! events changed it, at most once per aggregation window; nothing is
+//! published before (no partial state of a replay goes out).
+//!
+//! "The same state" holds as far as the topics retain their events: a
+//! reducer's topics want a retention that keeps all of them (the
+//! `innovation` plane's, [`oona_core::Retention::Indefinite`]),
+//! not `telemetry`'s 72 hours. A start replays the whole history; there are
+//! no snapshots yet.
 //!
 //! ```
 //! use std::collections::BTreeMap;
@@ -35,7 +42,7 @@
 //!     .publish_to("telemetry.nissa.fleet")
 //!     .start()
 //!     .await?;
-//! fleet.rebuilt().await; // history replayed: the event published above is in
+//! assert!(fleet.rebuilt().await); // the event published above is in
 //! assert_eq!(fleet.state().health.get(&7), Some(&0.9));
 //! let stats = fleet.shutdown().await?;
 //! assert_eq!(stats.applied, 1);
@@ -51,20 +58,27 @@
 //! **Groups.** Each run reads through groups of its own, one per topic,
 //! named `<name>.reducer-<run>-<i>`, deleted at [`ReducerHandle::shutdown`].
 //! A run that was killed leaves its groups; the next start of the same
-//! reducer deletes those that have no consumer left. Run one instance per
-//! reducer name (replicas take names of their own: each holds the whole
-//! state).
+//! reducer deletes those that have no consumer left, before it subscribes
+//! (on Kafka a killed member stays until its session times out: a later
+//! start deletes its group). Run one instance per reducer name (replicas
+//! take names of their own: each holds the whole state).
+//!
+//! **Each event once.** A run remembers the event ids it applied (10
+//! minutes, in the process): a redelivery within the run (a lost ack, a
+//! lease run out) or a copy published again is not folded in twice.
 //!
 //! **Bad events.** An event that does not decode, or whose reduce function
 //! panics, is skipped: logged at `warn` with its id and reason and counted in
 //! [`ReducerStats::skipped`]. It stays in the topic (the topic's own groups
-//! dead-letter it), so a replay meets it again and skips it again.
+//! dead-letter it), so a replay meets it again and skips it again. A
+//! function that panics half-way leaves what it changed before the panic:
+//! check an event before changing the state.
 //!
 //! **Wire form.** The state goes out as JSON [`StateUpdate`] (schema id
 //! [`STATE_SCHEMA`], key: the reducer's name):
-//! `{"reducer": "nissa-fleet", "state": {...}, "events": 1042, "at_unix_ms": 1764000000000}`,
-//! where `events` counts the events applied since this run started from the
-//! earliest (so equal states of two runs carry equal counts).
+//! `{"reducer": "nissa-fleet", "run": "3f2a...", "state": {...}, "events": 1042, "at_unix_ms": 1764000000000}`,
+//! where `events` counts the events this run applied since it started from
+//! the earliest (so equal states of two runs carry equal counts).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +100,7 @@ use crate::bus::IntoTopic;
 use crate::handler::Incoming;
 use crate::runner::{RunHandle, Runner, Shutdown};
 use crate::Bus;
+use oona_core::dedup::DedupLayer;
 
 /// The schema id of the state a reducer publishes.
 pub const STATE_SCHEMA: &str = "oona.v1.ReducerState/1";
@@ -95,6 +110,9 @@ pub const STATE_SCHEMA: &str = "oona.v1.ReducerState/1";
 pub struct StateUpdate<S> {
     /// The reducer's name.
     pub reducer: String,
+    /// The run that published it (each start is a new run, its `events`
+    /// counted from 0).
+    pub run: String,
     /// The state.
     pub state: S,
     /// Events applied since this run began replaying from the earliest.
@@ -200,7 +218,9 @@ impl<S: Serialize + Send + 'static> Reducer<S> {
         self
     }
 
-    /// Stop on `shutdown` (shared with the rest of the service).
+    /// Stop reading when `shutdown` (the service's token) is triggered;
+    /// [`ReducerHandle::shutdown`] still finishes (the last publish, the
+    /// groups deleted). A reducer that fails to start does not trigger it.
     pub fn shutdown_on(mut self, shutdown: Shutdown) -> Self {
         self.shutdown = shutdown;
         self
@@ -211,30 +231,42 @@ impl<S: Serialize + Send + 'static> Reducer<S> {
     pub async fn start(self) -> Result<ReducerHandle<S>> {
         let base = Name::new(self.name.as_str())?;
         let output = self.output.transpose()?;
-        if self.topics.is_empty() {
-            return Err(Error::new(
-                ErrorKind::ConfigInvalid,
-                format!("reducer {base}: no topics (add them with .on)"),
-            ));
-        }
+        let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let mut topics = Vec::with_capacity(self.topics.len());
-        for (t, apply) in self.topics {
-            topics.push((t?, apply));
+        for (i, (t, apply)) in self.topics.into_iter().enumerate() {
+            let t = t?;
+            if topics.iter().any(|(seen, _, _)| seen == &t) {
+                return Err(config_error(&base, format!("{t} is given twice")));
+            }
+            let group = Name::new(format!("{base}.reducer-{run}-{i}"))?;
+            topics.push((t, group, apply));
         }
-        let run = uuid::Uuid::new_v4().simple().to_string();
-        let shared = Arc::new(Shared::new(&base, self.initial, topics.len()));
+        if topics.is_empty() {
+            return Err(config_error(&base, "no topics (add them with .on)".into()));
+        }
+        // Before this run subscribes anywhere: its own groups cannot be
+        // taken for leftovers.
+        for (t, _, _) in &topics {
+            remove_leftovers(&self.bus, &base, t).await;
+        }
+        let stop = Shutdown::new();
+        let forward = tokio::spawn(forward(self.shutdown, stop.clone()));
+        let shared = Arc::new(Shared::new(&base, &run, self.initial, topics.len()));
+        // One record of the event ids this run applied: a redelivery (a
+        // lost ack, a lease run out) is not folded in twice.
+        let dedup = DedupLayer::new(DEDUP_KEEP);
         let mut reads = Vec::with_capacity(topics.len());
-        for (i, (topic, apply)) in topics.into_iter().enumerate() {
-            remove_leftovers(&self.bus, &base, &topic).await;
-            let group = Name::new(format!("{base}.reducer-{}-{i}", &run[..12]))?;
-            match subscribe(&self.bus, &shared, i, &topic, &group, apply, &self.shutdown).await {
-                Ok(h) => reads.push(Read {
-                    topic,
-                    group,
-                    handle: h,
-                }),
+        for (i, (topic, group, apply)) in topics.into_iter().enumerate() {
+            let read = Read { topic, group };
+            match read
+                .subscribe(&self.bus, &shared, i, apply, &dedup, &stop)
+                .await
+            {
+                Ok(h) => reads.push((read, h)),
                 Err(e) => {
-                    self.shutdown.trigger();
+                    // Only this reducer's reads stop, not the service.
+                    stop.trigger();
+                    forward.abort();
                     if let Err(left) = finish(&self.bus, reads).await {
                         tracing::warn!(reducer = %base, error = %left, "oona: a reducer that failed to start left a group");
                     }
@@ -249,7 +281,7 @@ impl<S: Serialize + Send + 'static> Reducer<S> {
             progress,
             self.window,
             output.clone(),
-            self.shutdown.clone(),
+            stop.clone(),
         ));
         Ok(ReducerHandle {
             bus: self.bus,
@@ -257,20 +289,38 @@ impl<S: Serialize + Send + 'static> Reducer<S> {
             reads,
             output,
             ticker,
-            shutdown: self.shutdown,
+            forward,
+            stop,
         })
     }
 }
 
-/// A started [`Reducer`].
+/// How long a run remembers the event ids it applied (redeliveries come
+/// within an ack deadline or a few).
+const DEDUP_KEEP: Duration = Duration::from_secs(600);
+
+fn config_error(base: &Name, what: String) -> Error {
+    Error::new(ErrorKind::ConfigInvalid, format!("reducer {base}: {what}"))
+}
+
+/// Stop the reducer's reads when the service's token is triggered.
+async fn forward(service: Shutdown, reducer: Shutdown) {
+    service.triggered().await;
+    reducer.trigger();
+}
+
+/// A started [`Reducer`]. Dropping it leaves the reads running: stop it
+/// with [`ReducerHandle::shutdown`].
 #[derive(Debug)]
+#[must_use = "a reducer runs until .shutdown()"]
 pub struct ReducerHandle<S> {
     bus: Bus,
     shared: Arc<Shared<S>>,
-    reads: Vec<Read>,
+    reads: Vec<(Read, RunHandle)>,
     output: Option<Topic>,
     ticker: tokio::task::JoinHandle<()>,
-    shutdown: Shutdown,
+    forward: tokio::task::JoinHandle<()>,
+    stop: Shutdown,
 }
 
 impl<S: Serialize + Send + 'static> ReducerHandle<S> {
@@ -292,10 +342,14 @@ impl<S: Serialize + Send + 'static> ReducerHandle<S> {
         self.shared.stats()
     }
 
-    /// Wait until the history the topics held at start has been replayed.
-    pub async fn rebuilt(&self) {
+    /// Wait until the history the topics held at start has been replayed:
+    /// `true` then, `false` if the reducer stopped first.
+    pub async fn rebuilt(&self) -> bool {
         let mut rx = self.shared.rebuilt.subscribe();
-        let _ = rx.wait_for(|done| *done).await;
+        tokio::select! {
+            done = rx.wait_for(|done| *done) => done.is_ok(),
+            _ = self.stop.triggered() => self.is_rebuilt(),
+        }
     }
 
     /// Has the history the topics held at start been replayed?
@@ -303,45 +357,47 @@ impl<S: Serialize + Send + 'static> ReducerHandle<S> {
         *self.shared.rebuilt.borrow()
     }
 
-    /// The token the reducer stops on.
-    pub fn shutdown_token(&self) -> Shutdown {
-        self.shutdown.clone()
-    }
-
     /// Stop: the reads finish what they hold, the state is published one
-    /// last time if it changed, and this run's groups are deleted.
+    /// last time if events were applied since the last update, and this
+    /// run's groups are deleted. The first error is returned after all
+    /// of that has been tried.
     pub async fn shutdown(self) -> Result<ReducerStats> {
-        self.shutdown.trigger();
-        let _ = self.ticker.await;
-        let joined = finish(&self.bus, self.reads).await;
-        if let Some(out) = &self.output {
-            if self.shared.is_rebuilt() {
-                self.shared.publish_if_changed(&self.bus, out).await?;
-            }
+        self.stop.trigger();
+        self.forward.abort();
+        if let Err(e) = self.ticker.await {
+            tracing::error!(reducer = %self.shared.name, error = %e, "oona: the reducer's ticker panicked");
         }
-        joined?;
+        let finished = finish(&self.bus, self.reads).await;
+        let published = match &self.output {
+            Some(out) if self.shared.is_rebuilt() => {
+                self.shared.publish_if_changed(&self.bus, out).await
+            }
+            _ => Ok(()),
+        };
+        finished.and(published)?;
         Ok(self.shared.stats())
     }
 }
 
-/// One topic's read: its group and runner.
+/// One topic's read: the topic and this run's group on it.
 #[derive(Debug)]
 struct Read {
     topic: Topic,
     group: Name,
-    handle: RunHandle,
 }
 
 /// What the reads, the ticker and the handle share.
 struct Shared<S> {
     name: Name,
+    run: String,
     state: Mutex<S>,
     /// Events taken (applied or skipped), per topic.
     taken: Vec<AtomicU64>,
     applied: AtomicU64,
     skipped: AtomicU64,
     published: AtomicU64,
-    last_published: Mutex<Option<serde_json::Value>>,
+    /// The state and event count last published.
+    last_published: Mutex<Option<(serde_json::Value, u64)>>,
     rebuilt: watch::Sender<bool>,
 }
 
@@ -352,9 +408,10 @@ impl<S> std::fmt::Debug for Shared<S> {
 }
 
 impl<S: Serialize> Shared<S> {
-    fn new(name: &Name, initial: S, topics: usize) -> Self {
+    fn new(name: &Name, run: &str, initial: S, topics: usize) -> Self {
         Shared {
             name: name.clone(),
+            run: run.to_string(),
             state: Mutex::new(initial),
             taken: (0..topics).map(|_| AtomicU64::new(0)).collect(),
             applied: AtomicU64::new(0),
@@ -378,12 +435,17 @@ impl<S: Serialize> Shared<S> {
         *self.rebuilt.borrow()
     }
 
-    /// Fold one event of topic `i` in, or skip it with its reason.
+    /// Fold one event of topic `i` in, or skip it with its reason. The
+    /// counts change under the state's lock, so a snapshot sees both
+    /// together.
     fn take(&self, i: usize, apply: &Apply<S>, env: &Envelope) {
-        let outcome = apply(&mut lock(&self.state), env);
-        match outcome {
-            Ok(()) => self.applied.fetch_add(1, Ordering::Relaxed),
+        let mut state = lock(&self.state);
+        match apply(&mut state, env) {
+            Ok(()) => {
+                self.applied.fetch_add(1, Ordering::Relaxed);
+            }
             Err(e) => {
+                self.skipped.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     reducer = %self.name,
                     topic = %env.topic,
@@ -391,27 +453,28 @@ impl<S: Serialize> Shared<S> {
                     error = %e,
                     "oona: reducer skipped an event"
                 );
-                self.skipped.fetch_add(1, Ordering::Relaxed)
             }
-        };
+        }
         self.taken[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Publish the state to `out` if it differs from the last one sent.
+    /// Publish the state to `out` if events were applied since the last
+    /// one sent and the state or its count differ.
     async fn publish_if_changed(&self, bus: &Bus, out: &Topic) -> Result<()> {
-        let (state, events) = {
+        let snapshot = {
             let s = lock(&self.state);
             let v = serde_json::to_value(&*s)
                 .map_err(|e| Error::new(ErrorKind::Encode, format!("reducer state: {e}")))?;
             (v, self.applied.load(Ordering::Relaxed))
         };
-        if lock(&self.last_published).as_ref() == Some(&state) {
+        if lock(&self.last_published).as_ref() == Some(&snapshot) {
             return Ok(());
         }
         let update = StateUpdate {
             reducer: self.name.to_string(),
-            state,
-            events,
+            run: self.run.clone(),
+            state: snapshot.0,
+            events: snapshot.1,
             at_unix_ms: Timestamp::now().unix_millis(),
         };
         bus.message(out.clone(), &update)
@@ -420,7 +483,7 @@ impl<S: Serialize> Shared<S> {
             .send()
             .await?;
         self.published.fetch_add(1, Ordering::Relaxed);
-        *lock(&self.last_published) = Some(update.state);
+        *lock(&self.last_published) = Some((update.state, update.events));
         Ok(())
     }
 }
@@ -483,41 +546,40 @@ async fn remove_leftovers(bus: &Bus, base: &Name, topic: &Topic) {
     }
 }
 
-/// Read topic `i` from the earliest through `group`, folding into `shared`.
-async fn subscribe<S: Serialize + Send + 'static>(
-    bus: &Bus,
-    shared: &Arc<Shared<S>>,
-    i: usize,
-    topic: &Topic,
-    group: &Name,
-    apply: Apply<S>,
-    shutdown: &Shutdown,
-) -> Result<RunHandle> {
-    let subscription =
-        Subscription::new(topic.clone(), group.clone()).start(StartPosition::Earliest);
-    let shared = shared.clone();
-    Runner::new(bus.clone(), Ok(subscription), Raw)
-        .shutdown_on(shutdown.clone())
-        .start(move |msg: Incoming<Bytes>| {
-            shared.take(i, &apply, msg.envelope());
-            std::future::ready(Ok(()))
-        })
-        .await
+impl Read {
+    /// Read topic `i` from the earliest, folding into `shared`.
+    async fn subscribe<S: Serialize + Send + 'static>(
+        &self,
+        bus: &Bus,
+        shared: &Arc<Shared<S>>,
+        i: usize,
+        apply: Apply<S>,
+        dedup: &DedupLayer,
+        stop: &Shutdown,
+    ) -> Result<RunHandle> {
+        let subscription = Subscription::new(self.topic.clone(), self.group.clone())
+            .start(StartPosition::Earliest);
+        let shared = shared.clone();
+        Runner::new(bus.clone(), Ok(subscription), Raw)
+            .layer(dedup.clone())
+            .shutdown_on(stop.clone())
+            .start(move |msg: Incoming<Bytes>| {
+                shared.take(i, &apply, msg.envelope());
+                std::future::ready(Ok(()))
+            })
+            .await
+    }
 }
 
 /// Stop the reads and delete their groups; the first error is returned
 /// after every group has been tried.
-async fn finish(bus: &Bus, reads: Vec<Read>) -> Result<()> {
+async fn finish(bus: &Bus, reads: Vec<(Read, RunHandle)>) -> Result<()> {
     let mut first = Ok(());
-    for r in reads {
-        let joined = r.handle.shutdown().await.map(|_| ());
-        let deleted = delete_group_within(
-            bus.transport().as_ref(),
-            &r.topic,
-            &r.group,
-            Duration::from_secs(15),
-        )
-        .await;
+    for (r, handle) in reads {
+        let joined = handle.shutdown().await.map(|_| ());
+        let within = Duration::from_secs(15);
+        let deleted =
+            delete_group_within(bus.transport().as_ref(), &r.topic, &r.group, within).await;
         if first.is_ok() {
             first = joined.and(deleted);
         }
@@ -529,55 +591,87 @@ async fn finish(bus: &Bus, reads: Vec<Read>) -> Result<()> {
 struct Progress {
     topic: Topic,
     group: Name,
-    /// Caught up once `taken` reaches this: the depth right after start
-    /// plus what had been taken by the time it was read. It errs late
-    /// (what was taken but not yet acked counts twice), never early.
-    /// `None` where the broker cannot tell a depth.
-    target: Option<u64>,
+    target: Target,
+    /// `taken` when the depth was last read.
+    last_taken: u64,
     done: bool,
+}
+
+enum Target {
+    /// Caught up once `taken` reaches this: the first depth read plus
+    /// what had been taken when it was read. It errs late (what was taken
+    /// but not yet acked counts twice), and early only where a broker caps
+    /// its count (Redis without a group lag: 10,000 past the group).
+    Taken(u64),
+    /// No depth read yet (the last read failed): read again.
+    Retry,
+    /// The broker tells no depth: a quiet spell tells.
+    Unknown,
+}
+
+/// The shortest quiet spell that tells a read without depth caught up.
+const QUIET_MIN: Duration = Duration::from_secs(2);
+
+impl Progress {
+    async fn new(bus: &Bus, read: &Read, taken: &AtomicU64) -> Progress {
+        let mut p = Progress {
+            topic: read.topic.clone(),
+            group: read.group.clone(),
+            target: Target::Retry,
+            last_taken: 0,
+            done: false,
+        };
+        p.measure(bus, taken).await;
+        p
+    }
+
+    /// Read the group's depth: done when nothing is left unsettled; the
+    /// first depth read sets the target.
+    async fn measure(&mut self, bus: &Bus, taken: &AtomicU64) {
+        let depth = bus.transport().depth(&self.topic, &self.group).await;
+        let now = taken.load(Ordering::Relaxed);
+        self.last_taken = now;
+        match depth {
+            Ok(d) => {
+                self.done = d.total() == 0;
+                if !matches!(self.target, Target::Taken(_)) {
+                    self.target = Target::Taken(now + d.total());
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Unsupported => self.target = Target::Unknown,
+            Err(e) => {
+                tracing::debug!(topic = %self.topic, error = %e, "oona: reducer: reading a depth failed; trying again");
+            }
+        }
+    }
+
+    /// Look again (each check while rebuilding): done once the target is
+    /// reached; the depth is read again when nothing was taken since the
+    /// last look (a quiet topic: is it all settled?) or after a failed read.
+    async fn check(&mut self, bus: &Bus, taken: &AtomicU64, quiet_for: Duration) {
+        if self.done {
+            return;
+        }
+        let now = taken.load(Ordering::Relaxed);
+        match self.target {
+            Target::Unknown => self.done = quiet_for >= QUIET_MIN,
+            Target::Taken(n) if now >= n => self.done = true,
+            Target::Taken(_) if now != self.last_taken => self.last_taken = now,
+            _ => self.measure(bus, taken).await,
+        }
+    }
 }
 
 async fn start_depths<S: Serialize>(
     bus: &Bus,
     shared: &Shared<S>,
-    reads: &[Read],
+    reads: &[(Read, RunHandle)],
 ) -> Vec<Progress> {
     let mut out = Vec::with_capacity(reads.len());
-    for (i, r) in reads.iter().enumerate() {
-        let depth = bus.transport().depth(&r.topic, &r.group).await;
-        let taken = shared.taken[i].load(Ordering::Relaxed);
-        out.push(Progress {
-            topic: r.topic.clone(),
-            group: r.group.clone(),
-            target: depth.ok().map(|d| taken + d.total()),
-            done: false,
-        });
+    for (i, (r, _)) in reads.iter().enumerate() {
+        out.push(Progress::new(bus, r, &shared.taken[i]).await);
     }
     out
-}
-
-/// Has every read caught up? A read is, once it took its target, or when
-/// its group has nothing left unsettled (exact, for topics gone quiet);
-/// where the broker tells no depth, after a window without events.
-async fn caught_up<S: Serialize>(
-    bus: &Bus,
-    shared: &Shared<S>,
-    progress: &mut [Progress],
-    quiet: bool,
-) -> bool {
-    for (i, p) in progress.iter_mut().enumerate() {
-        if p.done {
-            continue;
-        }
-        let taken = shared.taken[i].load(Ordering::Relaxed);
-        p.done = match p.target {
-            Some(n) if taken >= n => true,
-            Some(_) => matches!(bus.transport().depth(&p.topic, &p.group).await,
-                Ok(d) if d.total() == 0),
-            None => quiet,
-        };
-    }
-    progress.iter().all(|p| p.done)
 }
 
 /// Mark the reducer rebuilt once it caught up, then publish the state
@@ -604,8 +698,11 @@ async fn tick<S: Serialize + Send + 'static>(
             if total != last_taken {
                 (last_taken, quiet_since) = (total, tokio::time::Instant::now());
             }
-            let quiet = quiet_since.elapsed() >= window;
-            if !caught_up(&bus, &shared, &mut progress, quiet).await {
+            let quiet_for = quiet_since.elapsed();
+            for (i, p) in progress.iter_mut().enumerate() {
+                p.check(&bus, &shared.taken[i], quiet_for).await;
+            }
+            if !progress.iter().all(|p| p.done) {
                 continue;
             }
             shared.rebuilt.send_replace(true);

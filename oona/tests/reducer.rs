@@ -146,9 +146,21 @@ async fn publish(bus: &Bus, events: Vec<Envelope>) {
 
 /// A reader of the state topic from its earliest message.
 async fn watch_state(bus: &Bus, t: &Topics) -> TypedSubscription<StateUpdate<Fleet>> {
-    let s = Subscription::new(t.state.clone(), Name::new("fleet-watcher").unwrap())
-        .start(StartPosition::Earliest);
+    let s = Subscription::new(t.state.clone(), watcher(t)).start(StartPosition::Earliest);
     bus.subscribe::<StateUpdate<Fleet>>(s).await.unwrap()
+}
+
+/// The next update on the state topic.
+async fn next_update(states: &mut TypedSubscription<StateUpdate<Fleet>>) -> StateUpdate<Fleet> {
+    let d = tokio::time::timeout(GUARD, states.next())
+        .await
+        .expect("no state update")
+        .expect("state stream ended")
+        .unwrap();
+    assert_eq!(d.envelope().schema_id.as_deref(), Some(STATE_SCHEMA));
+    let u = d.value().clone();
+    d.ack().await.unwrap();
+    u
 }
 
 /// Read updates until one carries `want` after `events` events.
@@ -157,21 +169,43 @@ async fn wait_for_state(
     want: &Fleet,
     events: u64,
 ) -> StateUpdate<Fleet> {
-    let mut last = None;
-    let found = tokio::time::timeout(GUARD, async {
-        loop {
-            let d = states.next().await.expect("state stream ended").unwrap();
-            assert_eq!(d.envelope().schema_id.as_deref(), Some(STATE_SCHEMA));
-            let u = d.value().clone();
-            d.ack().await.unwrap();
-            if &u.state == want && u.events == events {
-                return u;
-            }
-            last = Some(u);
+    loop {
+        let u = next_update(states).await;
+        if &u.state == want && u.events == events {
+            return u;
         }
-    })
-    .await;
-    found.unwrap_or_else(|_| panic!("no state {want:?} after {events} events; last {last:?}"))
+    }
+}
+
+/// The first update of a run other than `after` (skipping those of
+/// `after`): a run publishes nothing before its replay is done, so its
+/// first update carries the whole history.
+async fn first_of_next_run(
+    states: &mut TypedSubscription<StateUpdate<Fleet>>,
+    after: Option<&str>,
+) -> StateUpdate<Fleet> {
+    loop {
+        let u = next_update(states).await;
+        if Some(u.run.as_str()) != after {
+            return u;
+        }
+    }
+}
+
+/// The watcher's group: a run's own (Kafka deletes a group whole, with
+/// every topic it reads).
+fn watcher(t: &Topics) -> Name {
+    Name::new(format!("watcher-{}", t.state.as_str().replace('.', "-"))).unwrap()
+}
+
+/// Delete the watcher's group.
+async fn close_watcher(bus: &Bus, t: &Topics, states: TypedSubscription<StateUpdate<Fleet>>) {
+    drop(states);
+    let group = watcher(t);
+    let within = Duration::from_secs(15);
+    oona::admin::delete_group_within(bus.transport().as_ref(), &t.state, &group, within)
+        .await
+        .unwrap();
 }
 
 /// The groups on `t`'s topics that belong to runs of reducer `name`.
@@ -228,6 +262,14 @@ async fn in_process(url: &str) {
     history.insert(40, undecodable(&t));
     publish(&bus, history).await;
 
+    // The same topic twice is refused.
+    let twice = reducer(&bus, "fleet", &t)
+        .on(t.loss.clone(), |_: &mut Fleet, _: Loss, _| {})
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(twice.kind(), oona::ErrorKind::ConfigInvalid, "{twice}");
+
     let first = reducer(&bus, "fleet", &t).start().await.unwrap();
     rebuilt(&first).await;
     assert_eq!(first.state(), script.expect, "state after the replay");
@@ -238,7 +280,9 @@ async fn in_process(url: &str) {
         "the leftover is gone, this run's three remain: {mine:?}"
     );
     assert!(!mine.contains(&left.to_string()));
-    wait_for_state(&mut states, &script.expect, 150).await;
+    // Its first update is the whole history: no partial state went out.
+    let update = first_of_next_run(&mut states, None).await;
+    assert_eq!((&update.state, update.events), (&script.expect, 150));
 
     // Live events change the state, and it is published again.
     publish(&bus, script.events(&t, 150, 240)).await;
@@ -250,12 +294,30 @@ async fn in_process(url: &str) {
         "shutdown deletes the run's groups"
     );
 
-    // Started again: the same state, from the earliest.
-    let second = reducer(&bus, "fleet", &t).start().await.unwrap();
+    // Started again: the same state, from the earliest. With a window of
+    // an hour, what it applies after its first update goes out at
+    // shutdown.
+    let second = reducer(&bus, "fleet", &t)
+        .window(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap();
     rebuilt(&second).await;
     assert_eq!(second.state(), script.expect, "state after the restart");
+    let update = first_of_next_run(&mut states, Some(&update.run)).await;
+    assert_eq!((&update.state, update.events), (&script.expect, 240));
+    publish(&bus, script.events(&t, 240, 270)).await;
+    let applied = tokio::time::timeout(GUARD, async {
+        while second.stats().applied < 270 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    applied.await.expect("the live events were not applied");
     let stats = stop(second).await;
-    assert_eq!((stats.applied, stats.skipped), (240, 1));
+    assert_eq!((stats.applied, stats.skipped), (270, 1));
+    let last = next_update(&mut states).await;
+    assert_eq!((&last.state, last.events), (&script.expect, 270));
+    close_watcher(&bus, &t, states).await;
     bus.close().await.unwrap();
 }
 
@@ -373,7 +435,8 @@ async fn killed_and_restarted(url: &str) {
 
     let mut first = Process::start(url, run).await;
     first.line("rebuilt").await;
-    wait_for_state(&mut states, &script.expect, 300).await;
+    let update = first_of_next_run(&mut states, None).await;
+    assert_eq!((&update.state, update.events), (&script.expect, 300));
 
     // Events arrive while it folds them; SIGKILL half-way.
     for from in (300..600).step_by(30) {
@@ -384,13 +447,15 @@ async fn killed_and_restarted(url: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Started again, it replays everything: the same state as the events
-    // say, each of the 600 counted once, the bad one skipped once.
+    // Started again, it replays everything: its first update is the state
+    // the events say, each of the 600 counted once, the bad one skipped.
     let second = Process::start(url, run).await;
-    let update = wait_for_state(&mut states, &script.expect, 600).await;
+    let update = first_of_next_run(&mut states, Some(&update.run)).await;
     assert_eq!(update.reducer, "fleet");
+    assert_eq!((&update.state, update.events), (&script.expect, 600));
     let stats = second.stop().await;
     assert_eq!(stats, "stats applied=600 skipped=1");
+    close_watcher(&bus, &t, states).await;
     bus.close().await.unwrap();
 }
 
