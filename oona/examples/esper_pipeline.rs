@@ -178,7 +178,7 @@ async fn run() -> oona::Result<bool> {
             index: w,
             run: run_id.clone(),
         };
-        let service = Router::new(&worker.bus.clone(), group("tezzeret"))
+        let service = Router::new(&worker.bus, group("tezzeret"))
             .with_state(worker)
             .concurrency(2)
             .shutdown_on(shutdown.clone())

@@ -197,8 +197,13 @@ impl<S: Serialize + Send + 'static> Reducer<S> {
     {
         let apply: Apply<S> = Arc::new(move |state: &mut S, env: &Envelope| {
             let event = codec.decode(env)?;
-            std::panic::catch_unwind(AssertUnwindSafe(|| apply(state, event, env)))
-                .map_err(|p| Error::new(ErrorKind::Internal, panic_message(&p)))
+            std::panic::catch_unwind(AssertUnwindSafe(|| apply(state, event, env))).map_err(|p| {
+                let what = crate::runner::panic_message(p.as_ref());
+                Error::new(
+                    ErrorKind::Internal,
+                    format!("reduce function panicked: {what}"),
+                )
+            })
         });
         self.topics.push((topic.into_topic(), apply));
         self
@@ -486,15 +491,6 @@ impl<S: Serialize> Shared<S> {
         *lock(&self.last_published) = Some((update.state, update.events));
         Ok(())
     }
-}
-
-fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    let what = p
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".to_string());
-    format!("reduce function panicked: {what}")
 }
 
 /// Is `group` one of `base`'s run groups (`<base>.reducer-<12 hex>-<i>`)?

@@ -830,7 +830,8 @@ fn outcome_of(e: &HandlerError, attempt: u32, backoff: Option<Backoff>) -> Outco
     }
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+/// The text of a panic's payload.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {
