@@ -20,6 +20,8 @@
 #   OONA_TEST_PULSAR_CUT_UPSTREAM, _CUT_LISTEN      (scripts/maven/pulsar) and its cut listener
 #   OONA_TEST_PULSAR_TLS_URL='pulsar+ssl://...&tls_ca_file=...'   its TLS ports (binary and admin)
 #   OONA_TEST_PULSAR_TOKEN_URL='pulsar://...&token=...'   a token of the role oona-telemetry
+#   OONA_TEST_PULSAR_OFFLOADERS_DIR=...   its offloader NARs (tiered storage: driver `filesystem`,
+#   OONA_TEST_PULSAR_OFFLOAD_DIR=...      scripts/maven/pulsar-offload) and where offloaded ledgers go
 #   OONA_TEST_S3_URL='s3://oona-claims/claims?endpoint=http://127.0.0.1:PORT&...'   an S3 server
 #                                                   (SeaweedFS from the Go module proxy), with
 #                                                   credentials; `up s3` (not in the default four)
@@ -240,7 +242,7 @@ need_java() {
 # maven_libs NAME: the directory of NAME's jars (scripts/maven/NAME/pom.xml),
 # fetched when missing.
 maven_libs() {
-    local name="$1" pom sum dir
+    local name="$1" goal="${2:-dependency:copy-dependencies}" pom sum dir
     pom="$SCRIPTS/maven/$name/pom.xml"
     need_java
     sum="$(cat "$pom" "$SCRIPTS/maven/settings.xml" | sha256sum | cut -c1-12)"
@@ -251,7 +253,7 @@ maven_libs() {
         mkdir -p "$dir"
         mvn -q -B -s "$SCRIPTS/maven/settings.xml" -f "$pom" \
             -Dmaven.repo.local="$OONA_CACHE/m2" \
-            dependency:copy-dependencies -DoutputDirectory="$dir/libs" >"$dir/mvn.log" 2>&1 \
+            "$goal" -DoutputDirectory="$dir/libs" >"$dir/mvn.log" 2>&1 \
             || { tail -n 30 "$dir/mvn.log" >&2; die "$name: mvn could not fetch the jars (log: $dir/mvn.log)"; }
         touch "$dir/complete"
     fi
@@ -466,7 +468,11 @@ pulsar_healthy() {
 }
 
 # pulsar_answers PORT WEB_PORT ...: the health check, given a ports file.
-pulsar_answers() { pulsar_healthy "$2"; }
+# A broker whose config lacks the offloader (started by an older
+# brokers.sh) is started anew.
+pulsar_answers() {
+    pulsar_healthy "$2" && grep -q '^offloadersDirectory=' "$BROKERS/pulsar/standalone.conf" 2>/dev/null
+}
 
 # admin_put PORT PATH JSON: create through the admin API (409: exists).
 admin_put() {
@@ -497,16 +503,48 @@ pulsar_warm_up() {
     esac
 }
 
+# pulsar_offloaders: the directory of the tiered-storage offloader NARs
+# (scripts/maven/pulsar-offload/pom.xml copies its one artifact).
+pulsar_offloaders() {
+    local dir
+    dir="$(maven_libs pulsar-offload dependency:copy)"
+    ls "$dir"/*.nar >/dev/null 2>&1 || die "pulsar: no offloader .nar in $dir"
+    echo "$dir"
+}
+
+# pulsar_offload_profile FILE TARGET TMP: the Hadoop configuration of the
+# filesystem offloader: the local file system with offloaded ledgers under
+# TARGET, Hadoop's scratch space in TMP. The 4.0 offloader's base path is
+# fs.defaultFS (not hadoop.tmp.dir, as older docs say): with a bare
+# file:/// the ledgers land in /<tenant>/<namespace>/... at the root.
+pulsar_offload_profile() {
+    cat >"$1" <<EOF
+<?xml version="1.0"?>
+<configuration>
+  <property><name>fs.defaultFS</name><value>file://$2</value></property>
+  <property><name>hadoop.tmp.dir</name><value>$3</value></property>
+</configuration>
+EOF
+}
+
 up_pulsar() {
-    local dir="$BROKERS/pulsar" pidfile="$BROKERS/pulsar/pulsar.pid" libs ports port wport cut_up cut_listen tport wtport
+    local dir="$BROKERS/pulsar" pidfile="$BROKERS/pulsar/pulsar.pid" libs offloaders ports port wport cut_up cut_listen tport wtport
     mkdir -p "$dir"
     reuse_jvm pulsar PulsarStandaloneStarter pulsar_answers pulsar_env && return 0
     libs="$(maven_libs pulsar)"
+    offloaders="$(pulsar_offloaders)"
     ports="$(new_ports pulsar 6)"
     read -r port wport cut_up cut_listen tport wtport <<<"$ports"
-    rm -rf "$dir/data"
+    rm -rf "$dir/data" "$dir/nar"
     tls_material "$dir/tls"
     pulsar_token_key "$dir/token.key"
+    # Offloaded ledgers go to data/offload (wiped with the metadata that
+    # points at them). ./offloaders in the broker's working directory is
+    # the offloadersDirectory every offload policy set without one carries
+    # (OffloadPoliciesImpl's default, which wins over the broker's key).
+    mkdir -p "$dir/data/offload"
+    ln -sfn "$offloaders" "$dir/offloaders"
+    pulsar_offload_profile "$dir/offload-core-site.xml" "$dir/data/offload" "$dir/data/hadoop-tmp"
     # The same file configures the broker and the embedded bookie
     # (listeningInterface=lo keeps the bookie on loopback). The `cut`
     # listener binds cut_up and is advertised at cut_listen: a client that
@@ -517,6 +555,10 @@ up_pulsar() {
     # anonymous role, a super user, so every other test runs as before.
     # The bookie goes read-only only on a 99% full disk (not 95%: shared
     # machines run fuller, and the tests write little).
+    # Tiered storage: no broker-wide driver (no topic gets an offloader
+    # unless its namespace's offload policies name one); a policy with
+    # driver `filesystem` takes the file-system keys below (null in the
+    # policy falls back to the broker's), and NARs unpack under dir/nar.
     cat >"$dir/standalone.conf" <<EOF
 clusterName=standalone
 bindAddress=127.0.0.1
@@ -553,6 +595,10 @@ dbStorage_readAheadCacheMaxSizeMb=64
 diskUsageThreshold=0.99
 diskUsageWarnThreshold=0.98
 diskUsageLwmThreshold=0.98
+offloadersDirectory=$dir/offloaders
+narExtractionDirectory=$dir/nar
+fileSystemProfilePath=$dir/offload-core-site.xml
+fileSystemURI=file://$dir/data/offload
 EOF
     local jvm=(-Xms256m -Xmx1g -XX:MaxDirectMemorySize=512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20
         -Djava.awt.headless=true -Dlog4j2.configurationFile="$SCRIPTS/maven/log4j2.properties"
@@ -562,9 +608,9 @@ EOF
         --add-opens jdk.management/com.sun.management.internal=ALL-UNNAMED
         --add-opens java.base/jdk.internal.platform=ALL-UNNAMED
         -cp "$libs/*")
-    jvm_start pulsar "$dir/pulsar.log" "${jvm[@]}" org.apache.pulsar.PulsarStandaloneStarter \
+    (cd "$dir" && jvm_start pulsar "$dir/pulsar.log" "${jvm[@]}" org.apache.pulsar.PulsarStandaloneStarter \
         --config "$dir/standalone.conf" --no-functions-worker --no-stream-storage \
-        --metadata-dir "$dir/data/metadata" --bookkeeper-dir "$dir/data/bookkeeper"
+        --metadata-dir "$dir/data/metadata" --bookkeeper-dir "$dir/data/bookkeeper")
     local until=$((SECONDS + 180))
     while [ "$SECONDS" -lt "$until" ]; do
         if pulsar_healthy "$wport"; then
@@ -614,6 +660,8 @@ pulsar_env() {
     set_env OONA_TEST_PULSAR_CUT_LISTEN "127.0.0.1:$4"
     set_env OONA_TEST_PULSAR_TLS_URL "'pulsar+ssl://127.0.0.1:$5?tenant=$PULSAR_TENANT&namespace=$PULSAR_NAMESPACE&admin_url=https://127.0.0.1:$6&tls_ca_file=$dir/tls/ca.pem'"
     set_env OONA_TEST_PULSAR_TOKEN_URL "'pulsar://127.0.0.1:$1?tenant=$PULSAR_TENANT&namespace=$PULSAR_NAMESPACE&token=$token'"
+    set_env OONA_TEST_PULSAR_OFFLOADERS_DIR "$dir/offloaders"
+    set_env OONA_TEST_PULSAR_OFFLOAD_DIR "$dir/data/offload"
 }
 
 down_pulsar() {
@@ -624,6 +672,8 @@ down_pulsar() {
     unset_env OONA_TEST_PULSAR_TOKEN_URL
     unset_env OONA_TEST_PULSAR_CUT_UPSTREAM
     unset_env OONA_TEST_PULSAR_CUT_LISTEN
+    unset_env OONA_TEST_PULSAR_OFFLOADERS_DIR
+    unset_env OONA_TEST_PULSAR_OFFLOAD_DIR
 }
 # --- end JVM brokers -------------------------------------------------------
 

@@ -44,8 +44,6 @@ fn main() {
 struct Ctx {
     oona: PulsarTransport,
     raw: Pulsar<TokioExecutor>,
-    tenant: String,
-    namespace: String,
 }
 
 async fn run(url: &str) -> Res<()> {
@@ -53,12 +51,7 @@ async fn run(url: &str) -> Res<()> {
     let raw = Pulsar::builder(oona.config().service_url.clone(), TokioExecutor)
         .build()
         .await?;
-    let cx = Ctx {
-        tenant: oona.config().tenant.clone(),
-        namespace: oona.config().namespace.clone(),
-        oona,
-        raw,
-    };
+    let cx = Ctx { oona, raw };
     println!("Oona vs raw pulsar-rs on the Pulsar broker at {url}: {PAYLOAD}-byte payloads, median of {ROUNDS} interleaved rounds");
     println!();
     println!("| scenario | Oona | raw | Oona/raw | target |");
@@ -140,7 +133,7 @@ impl RawRecord {
 
 impl Ctx {
     fn full(&self, t: &Topic) -> String {
-        format!("persistent://{}/{}/{t}", self.tenant, self.namespace)
+        self.oona.pulsar_topic(t)
     }
 
     async fn raw_producer(&self, t: &Topic) -> Res<pulsar::Producer<TokioExecutor>> {

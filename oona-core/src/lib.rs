@@ -37,5 +37,5 @@ pub use envelope::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use subscription::{StartPosition, Subscription};
-pub use topic::{Name, PolicySet, Retention, Topic, TopicPattern, TopicPolicy};
+pub use topic::{Name, PolicySet, Retention, Tenant, Topic, TopicPattern, TopicPolicy};
 pub use transport::{Capabilities, Depth, Health, HealthStatus, Receipt, Transport};

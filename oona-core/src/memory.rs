@@ -9,11 +9,11 @@
 //!
 //! # URL
 //!
-//! `memory://[name]?capacity=N&max_payload_bytes=N`
+//! `memory://[name]?capacity=N&max_payload_bytes=N&tenant=T`
 //!
 //! Connections to the same `name` in one process share one broker
 //! (`memory://` is the broker named `default`); the broker lives while any
-//! handle to it does. `capacity` (default 100 000) bounds the entries kept
+//! handle to it does. Each [`Tenant`] of a name is a broker of its own. `capacity` (default 100 000) bounds the entries kept
 //! per topic: when a topic is full, entries every group has settled are
 //! dropped first; if that frees nothing, publish fails with
 //! [`ErrorKind::ResourceExhausted`] (temporary) — never a silent drop.
@@ -44,7 +44,7 @@ use crate::engine::{self, Fetched, Poison, Source};
 use crate::envelope::{ContentType, Envelope};
 use crate::error::{Error, ErrorKind, Result};
 use crate::subscription::{StartPosition, Subscription};
-use crate::topic::{Name, PolicySet, Retention, Topic, TopicPolicy};
+use crate::topic::{Name, PolicySet, Retention, Tenant, Topic, TopicPolicy};
 use crate::transport::{Capabilities, Depth, Health, HealthStatus, Receipt, Transport};
 use crate::{rules, wire};
 
@@ -61,11 +61,16 @@ fn connect_url(mut url: ConnectUrl) -> BoxFuture<'static, Result<Arc<dyn Transpo
     async move {
         let capacity = url.take::<usize>("capacity")?;
         let max_payload = url.take::<usize>("max_payload_bytes")?;
+        let tenant = url.take::<Tenant>("tenant")?;
         url.finish()?;
-        let name = match url.url().host_str() {
+        let mut name = match url.url().host_str() {
             Some(h) if !h.is_empty() => h.to_string(),
             _ => "default".to_string(),
         };
+        // A tenant is a broker of its own: nothing is shared with another.
+        if let Some(t) = tenant {
+            name = format!("{name}/{t}");
+        }
         let mut config = MemoryConfig::default();
         if let Some(c) = capacity {
             config = config.capacity(c)?;

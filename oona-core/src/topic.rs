@@ -380,6 +380,92 @@ impl Retention {
     }
 }
 
+/// A validated tenant name: the isolation unit of a shared cluster (a
+/// training run, a team, a test). Topics, consumer groups and dead letters
+/// of one tenant never meet another's, though the topic names are the same.
+///
+/// 1 to [`Tenant::MAX_LEN`] bytes of `a-z`, `0-9`, `-` and `_`, starting
+/// with a letter or digit: legal in a Pulsar tenant, a Kafka topic and a
+/// Redis key. Each transport maps it onto its broker (the `tenant` URL key):
+///
+/// | transport | a tenant `run-42` holds |
+/// |---|---|
+/// | memory | a broker of its own (`memory://name?tenant=run-42`) |
+/// | Redis | keys under `<prefix>run-42:` (`oona:run-42:telemetry.seed.health`) |
+/// | Kafka | topics and group ids prefixed `run-42.` (`run-42.telemetry.seed.health`) |
+/// | Pulsar | the Pulsar tenant `run-42`, one namespace per plane (`persistent://run-42/telemetry/telemetry.seed.health`) |
+///
+/// Envelopes carry the topic without the tenant, so a handler reads the
+/// same topic names in every tenant.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Tenant(Arc<str>);
+
+impl Tenant {
+    /// Longest accepted tenant name: room for it in front of a topic
+    /// ([`Topic::MAX_LEN`]) within Kafka's 249 bytes.
+    pub const MAX_LEN: usize = 40;
+
+    /// Validate a tenant name.
+    pub fn new(name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        let first_ok = name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let rest_ok = name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'));
+        if !(first_ok && rest_ok && name.len() <= Self::MAX_LEN) {
+            return Err(Error::new(
+                ErrorKind::InvalidName,
+                format!(
+                    "invalid tenant {name:?}: 1 to {} of a-z 0-9 - _, starting with a letter or digit",
+                    Self::MAX_LEN
+                ),
+            ));
+        }
+        Ok(Tenant(name.into()))
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Tenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tenant({})", self.0)
+    }
+}
+
+impl FromStr for Tenant {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Tenant::new(s)
+    }
+}
+
+impl TryFrom<String> for Tenant {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        Tenant::new(s)
+    }
+}
+
+impl From<Tenant> for String {
+    fn from(t: Tenant) -> String {
+        t.0.to_string()
+    }
+}
+
 /// What a topic promises: how long it keeps messages and how large one may be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -391,6 +477,13 @@ pub struct TopicPolicy {
     /// Whether high and emergency messages travel in lanes of their own
     /// that consumers read first ([`crate::priority`]); off unless set.
     pub priority_lanes: bool,
+    /// Most bytes a topic's unsettled backlog may hold before publishes are
+    /// refused with [`ErrorKind::ResourceExhausted`] (temporary): a slow
+    /// tenant fills its own quota, never the cluster's disk. `None` (the
+    /// default): no limit but retention. Pulsar enforces it (a backlog
+    /// quota, policy `producer_exception`); Kafka and Redis bound a topic
+    /// by retention only.
+    pub backlog_limit_bytes: Option<u64>,
 }
 
 impl TopicPolicy {
@@ -404,7 +497,14 @@ impl TopicPolicy {
             retention,
             max_payload_bytes: Self::DEFAULT_MAX_PAYLOAD,
             priority_lanes: false,
+            backlog_limit_bytes: None,
         }
+    }
+
+    /// Set [`TopicPolicy::backlog_limit_bytes`].
+    pub fn with_backlog_limit_bytes(mut self, bytes: Option<u64>) -> Self {
+        self.backlog_limit_bytes = bytes;
+        self
     }
 
     /// Turn priority lanes on or off ([`crate::priority`]). Publishers and
@@ -513,6 +613,30 @@ impl PolicySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenant_names() {
+        for ok in ["run-42", "a", "42", "team_a", &"x".repeat(Tenant::MAX_LEN)] {
+            assert_eq!(Tenant::new(ok).unwrap().as_str(), ok);
+        }
+        for bad in [
+            "",
+            "-a",
+            "_a",
+            "Run",
+            "a.b",
+            "a:b",
+            "a/b",
+            &"x".repeat(Tenant::MAX_LEN + 1),
+        ] {
+            let e = Tenant::new(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidName, "{bad:?}");
+            assert!(e.to_string().contains("tenant"), "{e}");
+        }
+        let t: Tenant = serde_json::from_str("\"run-1\"").unwrap();
+        assert_eq!(t.to_string(), "run-1");
+        assert!(serde_json::from_str::<Tenant>("\"A\"").is_err());
+    }
 
     #[test]
     fn patterns_match_what_they_name() {

@@ -22,6 +22,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::consumer::{offsets_client, retry_topic, RETRY_SEGMENT};
 use crate::depth::unsettled;
+use crate::options::KafkaOptions;
 use crate::transport::{kafka_error, Inner, NAME};
 
 /// Offset reads run this many at a time (each needs its own client, since
@@ -29,12 +30,12 @@ use crate::transport::{kafka_error, Inner, NAME};
 const PARALLEL: usize = 8;
 
 /// The Oona topics of the cluster's metadata, sorted.
-pub(crate) fn list_topics(names: Vec<String>) -> Vec<Topic> {
+pub(crate) fn list_topics(opts: &KafkaOptions, names: Vec<String>) -> Vec<Topic> {
     let retry = format!(".{RETRY_SEGMENT}.");
     let topics: BTreeSet<Topic> = names
         .iter()
         .filter(|n| !n.starts_with("__") && !n.contains(&retry))
-        .filter_map(|n| Topic::new(n).ok())
+        .filter_map(|n| Topic::new(opts.strip_tenant(n)?).ok())
         .collect();
     topics.into_iter().collect()
 }
@@ -47,14 +48,15 @@ pub(crate) fn describe(inner: &Inner, topic: &Topic) -> Result<TopicInfo> {
     let md = client
         .fetch_metadata(None, timeout)
         .map_err(|e| kafka_error("fetch metadata", e))?;
-    let Some(t) = md.topics().iter().find(|t| t.name() == topic.as_str()) else {
+    let name = inner.opts.kafka_topic(topic);
+    let Some(t) = md.topics().iter().find(|t| t.name() == name) else {
         return Err(topic_not_found(topic).with_transport(NAME));
     };
     let partitions = t.partitions().len();
     let mut messages = 0u64;
     for p in t.partitions() {
         let (low, high) = client
-            .fetch_watermarks(topic.as_str(), p.id(), timeout)
+            .fetch_watermarks(&name, p.id(), timeout)
             .map_err(|e| kafka_error("read watermarks", e))?;
         messages += u64::try_from(high - low).unwrap_or(0);
     }
@@ -68,8 +70,8 @@ pub(crate) fn describe(inner: &Inner, topic: &Topic) -> Result<TopicInfo> {
         .groups()
         .iter()
         .filter(|g| g.protocol_type() == "consumer" || g.protocol_type().is_empty())
-        .filter(|g| g.state() == "Empty" || g.members().iter().any(|m| member_reads(m, topic)))
-        .filter_map(|g| Some((Name::new(g.name()).ok()?, g)))
+        .filter(|g| g.state() == "Empty" || g.members().iter().any(|m| member_reads(m, &name)))
+        .filter_map(|g| Some((Name::new(inner.opts.strip_tenant(g.name())?).ok()?, g)))
         .collect();
     let groups = on_topic(inner, topic, &candidates)?;
     Ok(
@@ -106,7 +108,7 @@ fn on_topic(
             let live: Vec<&GroupMemberInfo> = g
                 .members()
                 .iter()
-                .filter(|m| member_reads(m, topic))
+                .filter(|m| member_reads(m, &inner.opts.kafka_topic(topic)))
                 .collect();
             if depth.is_none() && live.is_empty() {
                 continue;
@@ -133,16 +135,17 @@ fn on_topic(
 /// it committed nothing there.
 fn committed_depth(inner: &Inner, topic: &Topic, group: &Name) -> Result<Option<Depth>> {
     let c = offsets_client(inner, group)?;
-    let Some(main) = unsettled(inner, &c, topic.as_str())? else {
+    let name = inner.opts.kafka_topic(topic);
+    let Some(main) = unsettled(inner, &c, &name)? else {
         return Ok(None);
     };
-    let retry = unsettled(inner, &c, &retry_topic(topic, group))?.unwrap_or(0);
+    let retry = unsettled(inner, &c, &retry_topic(&name, group))?.unwrap_or(0);
     Ok(Some(Depth::new(main + retry, 0)))
 }
 
-fn member_reads(m: &GroupMemberInfo, topic: &Topic) -> bool {
-    m.metadata()
-        .is_some_and(|md| subscribes(md, topic.as_str()))
+/// Whether member `m` reads the Kafka topic `name`.
+fn member_reads(m: &GroupMemberInfo, name: &str) -> bool {
+    m.metadata().is_some_and(|md| subscribes(md, name))
 }
 
 /// Whether a member's subscription metadata (Kafka's
@@ -183,13 +186,14 @@ pub(crate) fn check_deletable(
 ) -> Result<()> {
     let timeout = Timeout::After(inner.opts.timeout);
     let c: BaseConsumer = offsets_client(inner, group)?;
-    if unsettled(inner, &c, topic.as_str())?.is_none() {
+    let name = inner.opts.kafka_topic(topic);
+    if unsettled(inner, &c, &name)?.is_none() {
         return Err(group_not_found(topic, group).with_transport(NAME));
     }
-    let own_retry = retry_topic(topic, group);
+    let own_retry = retry_topic(&name, group);
     let mut tpl = TopicPartitionList::new();
     for (n, partitions) in topics {
-        if n == topic.as_str() || *n == own_retry {
+        if *n == name || *n == own_retry {
             continue;
         }
         for p in 0..i32::try_from(*partitions).unwrap_or(i32::MAX) {
@@ -256,13 +260,16 @@ mod tests {
 
     #[test]
     fn retry_and_internal_topics_are_not_listed() {
-        let listed = list_topics(vec![
-            "__consumer_offsets".into(),
-            "a.b.c".into(),
-            format!("a.b.c.{RETRY_SEGMENT}.g"),
-            "Not A Topic".into(),
-            "a.b.c.dlq".into(),
-        ]);
+        let listed = list_topics(
+            &KafkaOptions::default(),
+            vec![
+                "__consumer_offsets".into(),
+                "a.b.c".into(),
+                format!("a.b.c.{RETRY_SEGMENT}.g"),
+                "Not A Topic".into(),
+                "a.b.c.dlq".into(),
+            ],
+        );
         let names: Vec<&str> = listed.iter().map(Topic::as_str).collect();
         assert_eq!(names, ["a.b.c", "a.b.c.dlq"]);
     }

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use oona_core::engine::{self, Fetched, Poison};
 use oona_core::{
     ContentType, DeliveryStream, Envelope, Error, ErrorKind, Name, Result, StartPosition,
-    Subscription, Topic,
+    Subscription,
 };
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _, OwnedHeaders};
@@ -41,8 +41,9 @@ use crate::transport::{blocking, closed_error, kafka_error, Inner, NAME};
 /// collide with user topics.
 pub(crate) const RETRY_SEGMENT: &str = "__retry";
 
-/// The retry topic of `group` on `topic`.
-pub fn retry_topic(topic: &Topic, group: &Name) -> String {
+/// The retry topic of `group` on the Kafka topic `topic` (in a tenant,
+/// the prefixed name: [`crate::KafkaOptions::kafka_topic`]).
+pub fn retry_topic(topic: &str, group: &Name) -> String {
     let name = format!("{topic}.{RETRY_SEGMENT}.{group}");
     if name.len() <= 249 {
         return name;
@@ -459,7 +460,8 @@ impl ConsumerContext for Ctx {
 /// the member commits them, and seeks there, when it is given the
 /// partitions.
 fn prepare_group(inner: &Inner, sub: &Subscription) -> Result<TopicPartitionList> {
-    let topic = sub.topic.as_str();
+    let topic = inner.opts.kafka_topic(&sub.topic);
+    let topic = topic.as_ref();
     let timeout = Timeout::After(inner.opts.timeout);
     let c = offsets_client(inner, &sub.group)?;
     let (n, committed) = committed_offsets(inner, &c, topic)?;
@@ -585,7 +587,7 @@ fn commit_starts<C: ConsumerContext>(
 /// group's offsets.
 pub(crate) fn offsets_client(inner: &Inner, group: &Name) -> Result<BaseConsumer> {
     let mut cfg = inner.opts.client_config();
-    cfg.set("group.id", group.as_str())
+    cfg.set("group.id", inner.opts.group_id(group))
         .set("enable.auto.commit", "false");
     cfg.create()
         .map_err(|e| kafka_error("create offsets client", e))
@@ -660,7 +662,8 @@ pub(crate) async fn start(
     sub: Subscription,
 ) -> Result<(DeliveryStream, tokio::task::JoinHandle<()>)> {
     inner.ensure(&sub.topic).await?;
-    let retry = retry_topic(&sub.topic, &sub.group);
+    let main_topic = inner.opts.kafka_topic(&sub.topic).into_owned();
+    let retry = retry_topic(&main_topic, &sub.group);
     let policy = inner.opts.policies.for_topic(&sub.topic).clone();
     inner.ensure_kafka_topic(&retry, &policy).await?;
     let starts = {
@@ -681,7 +684,7 @@ pub(crate) async fn start(
     let ctl = Ctl {
         inner: Arc::clone(&inner),
         shared: Arc::clone(&shared),
-        main_topic: Arc::from(sub.topic.as_str()),
+        main_topic: Arc::from(main_topic.as_str()),
         retry: Arc::from(retry.as_str()),
         sub: Arc::new(sub.clone()),
     };
@@ -753,7 +756,7 @@ fn create_consumer(
     let o = &inner.opts;
     let mut cfg = o.client_config();
     let max_poll = (sub.ack_deadline * 2).max(Duration::from_secs(300));
-    cfg.set("group.id", sub.group.as_str())
+    cfg.set("group.id", o.group_id(&sub.group))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -793,7 +796,7 @@ fn create_consumer(
         })
         .map_err(|e| kafka_error("create consumer", e))?;
     consumer
-        .subscribe(&[sub.topic.as_str(), retry])
+        .subscribe(&[&o.kafka_topic(&sub.topic), retry])
         .map_err(|e| kafka_error("subscribe", e))?;
     Ok(consumer)
 }

@@ -44,14 +44,15 @@ impl Readers {
 /// there for redelivery). Blocking: run it off the runtime.
 pub(crate) fn group_depth(inner: &Inner, topic: &Topic, group: &Name) -> Result<Depth> {
     let c = inner.depth_readers.get(inner, group)?;
-    let Some(main) = unsettled(inner, &c, topic.as_str())? else {
+    let name = inner.opts.kafka_topic(topic);
+    let Some(main) = unsettled(inner, &c, &name)? else {
         return Err(Error::new(
             ErrorKind::NotFound,
             format!("group {group} has not subscribed to {topic}"),
         )
         .with_transport(NAME));
     };
-    let retry = unsettled(inner, &c, &retry_topic(topic, group))?.unwrap_or(0);
+    let retry = unsettled(inner, &c, &retry_topic(&name, group))?.unwrap_or(0);
     Ok(Depth::new(main + retry, 0))
 }
 

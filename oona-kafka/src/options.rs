@@ -1,8 +1,9 @@
 //! `kafka://` URL options.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
-use oona_core::{ConnectUrl, Error, ErrorKind, PolicySet, Result};
+use oona_core::{ConnectUrl, Error, ErrorKind, Name, PolicySet, Result, Tenant, Topic};
 use rdkafka::ClientConfig;
 
 /// Everything the URL says, with defaults filled in. `Debug` shows secret
@@ -52,6 +53,9 @@ pub struct KafkaOptions {
     pub security: Vec<(&'static str, String)>,
     /// Retention and payload limits by plane.
     pub policies: PolicySet,
+    /// `tenant`: its topics (retry and dead-letter topics too) and group
+    /// ids are prefixed `<tenant>.`, so they never meet another tenant's.
+    pub tenant: Option<Tenant>,
 }
 
 /// The consumer group protocol of subscriptions (`group_protocol`).
@@ -110,6 +114,7 @@ impl std::fmt::Debug for KafkaOptions {
             .field("timeout", &self.timeout)
             .field("security", &security)
             .field("policies", &self.policies)
+            .field("tenant", &self.tenant)
             .finish()
     }
 }
@@ -133,6 +138,7 @@ impl Default for KafkaOptions {
             timeout: Duration::from_secs(30),
             security: Vec::new(),
             policies: PolicySet::default(),
+            tenant: None,
         }
     }
 }
@@ -142,10 +148,37 @@ fn invalid(msg: String) -> Error {
 }
 
 impl KafkaOptions {
+    /// The Kafka topic of `topic`: `<tenant>.<topic>` in a tenant, the
+    /// topic's own name otherwise.
+    pub fn kafka_topic<'a>(&self, topic: &'a Topic) -> Cow<'a, str> {
+        match &self.tenant {
+            Some(t) => Cow::Owned(format!("{t}.{topic}")),
+            None => Cow::Borrowed(topic.as_str()),
+        }
+    }
+
+    /// The group id of `group`: `<tenant>.<group>` in a tenant.
+    pub fn group_id<'a>(&self, group: &'a Name) -> Cow<'a, str> {
+        match &self.tenant {
+            Some(t) => Cow::Owned(format!("{t}.{group}")),
+            None => Cow::Borrowed(group.as_str()),
+        }
+    }
+
+    /// A Kafka topic name or group id without this tenant's prefix;
+    /// `None` when it is not this tenant's (with a tenant, only names with
+    /// its prefix are its own).
+    pub fn strip_tenant<'a>(&self, name: &'a str) -> Option<&'a str> {
+        match &self.tenant {
+            Some(t) => name.strip_prefix(t.as_str())?.strip_prefix('.'),
+            None => Some(name),
+        }
+    }
+
     /// Read a `kafka://host:port[,host:port]?key=value` URL. Unknown keys
     /// are an error naming them.
     ///
-    /// Keys: `client_id`, `partitions`, `replication`, `linger`,
+    /// Keys: `tenant`, `client_id`, `partitions`, `replication`, `linger`,
     /// `idempotence`, `batch_messages`, `group_protocol`, `session_timeout`, `heartbeat`,
     /// `static_membership`, `fetch_wait`,
     /// `commit_interval`, `timeout`, `tls`, `tls_ca`, `tls_cert`, `tls_key`,
@@ -181,6 +214,7 @@ impl KafkaOptions {
                 o.brokers.push(b.to_string());
             }
         }
+        o.tenant = url.take::<Tenant>("tenant")?;
         if let Some(v) = url.take::<String>("client_id")? {
             o.client_id = v;
         }

@@ -332,7 +332,7 @@ impl Inner {
     ) -> Result<()> {
         let res = self
             .admin
-            .delete_groups(&[group.as_str()], &self.admin_opts())
+            .delete_groups(&[&self.opts.group_id(group)], &self.admin_opts())
             .await
             .map_err(|e| kafka_error("delete group", e))?;
         for r in res {
@@ -358,7 +358,7 @@ impl Inner {
                 }
             }
         }
-        let retry = crate::consumer::retry_topic(topic, group);
+        let retry = crate::consumer::retry_topic(&self.opts.kafka_topic(topic), group);
         if topics.contains(&retry) {
             self.admin
                 .delete_topics(&[retry.as_str()], &self.admin_opts())
@@ -553,7 +553,8 @@ impl Inner {
 
     pub(crate) async fn ensure(self: &Arc<Self>, topic: &Topic) -> Result<()> {
         let policy = self.opts.policies.for_topic(topic).clone();
-        self.ensure_kafka_topic(topic.as_str(), &policy).await
+        self.ensure_kafka_topic(&self.opts.kafka_topic(topic), &policy)
+            .await
     }
 
     /// Send one record and wait for the broker's acknowledgement.
@@ -597,7 +598,8 @@ impl Inner {
     /// Publish a dead letter to its topic, creating the topic if needed.
     pub(crate) async fn publish_dead_letter(self: &Arc<Self>, dl: &Envelope) -> Result<()> {
         self.ensure(&dl.topic).await?;
-        self.publish_envelope(dl.topic.as_str(), dl, &[]).await?;
+        self.publish_envelope(&self.opts.kafka_topic(&dl.topic), dl, &[])
+            .await?;
         Ok(())
     }
 
@@ -637,10 +639,11 @@ impl Transport for KafkaTransport {
         }
         // An explicit call re-applies the policy even if this client made
         // the topic before.
+        let name = self.inner.opts.kafka_topic(topic);
         if let Ok(mut s) = self.inner.ensured.lock() {
-            s.remove(topic.as_str());
+            s.remove(name.as_ref());
         }
-        self.inner.ensure_kafka_topic(topic.as_str(), policy).await
+        self.inner.ensure_kafka_topic(&name, policy).await
     }
 
     async fn depth(&self, topic: &Topic, group: &Name) -> Result<Depth> {
@@ -661,6 +664,7 @@ impl Transport for KafkaTransport {
         }
         let all = self.inner.metadata(None, self.inner.opts.timeout).await?;
         Ok(crate::admin::list_topics(
+            &self.inner.opts,
             all.into_iter().map(|(n, _, _)| n).collect(),
         ))
     }
@@ -672,7 +676,10 @@ impl Transport for KafkaTransport {
         let inner = Arc::clone(&self.inner);
         let t = topic.clone();
         let info = blocking("describe", move || crate::admin::describe(&inner, &t)).await??;
-        let retention = self.inner.retention_ms(topic.as_str()).await?;
+        let retention = self
+            .inner
+            .retention_ms(&self.inner.opts.kafka_topic(topic))
+            .await?;
         Ok(info.with_retention(crate::admin::retention(retention)))
     }
 
@@ -701,7 +708,11 @@ impl Transport for KafkaTransport {
         self.inner.ensure(&envelope.topic).await?;
         let pos = self
             .inner
-            .publish_envelope(envelope.topic.as_str(), &envelope, &[])
+            .publish_envelope(
+                &self.inner.opts.kafka_topic(&envelope.topic),
+                &envelope,
+                &[],
+            )
             .await?;
         Ok(Receipt::new(
             envelope.event_id,
@@ -725,7 +736,11 @@ impl Transport for KafkaTransport {
         // their order per partition.
         let sends = envelopes
             .iter()
-            .map(|e| self.inner.publish_envelope(e.topic.as_str(), e, &[]));
+            .map(|e| (self.inner.opts.kafka_topic(&e.topic), e))
+            .collect::<Vec<_>>();
+        let sends = sends
+            .iter()
+            .map(|(name, e)| self.inner.publish_envelope(name, e, &[]));
         let results = futures::future::join_all(sends).await;
         let mut receipts = Vec::with_capacity(envelopes.len());
         for (e, r) in envelopes.into_iter().zip(results) {
@@ -752,15 +767,16 @@ impl Transport for KafkaTransport {
             return Err(closed_error());
         }
         // The topic, and the retry topics of its groups.
-        let prefix = format!("{}.{}", topic.as_str(), crate::consumer::RETRY_SEGMENT);
+        let name = self.inner.opts.kafka_topic(topic);
+        let prefix = format!("{name}.{}", crate::consumer::RETRY_SEGMENT);
         let all = self.inner.metadata(None, self.inner.opts.timeout).await?;
         let mut names: Vec<String> = all
             .into_iter()
             .map(|(n, _, _)| n)
-            .filter(|n| n == topic.as_str() || n.starts_with(&prefix))
+            .filter(|n| *n == name || n.starts_with(&prefix))
             .collect();
         if names.is_empty() {
-            names.push(topic.to_string());
+            names.push(name.into_owned());
         }
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let res = self

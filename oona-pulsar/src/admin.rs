@@ -1,5 +1,5 @@
-//! The Pulsar admin REST API: topic retention, subscriptions, stats,
-//! listing and deletion.
+//! The Pulsar admin REST API: tenants and namespaces with their policies,
+//! topic retention, subscriptions, stats, listing and deletion.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +7,7 @@ use std::time::Duration;
 use oona_core::admin::{group_not_found, topic_not_found};
 use oona_core::{
     Depth, Error, ErrorKind, GroupInfo, Member, Name, Result, Retention, Topic, TopicInfo,
+    TopicPolicy,
 };
 use serde::{Deserialize, Serialize};
 
@@ -88,17 +89,224 @@ impl Admin {
         Ok(Some(Admin { http, base, config }))
     }
 
-    fn namespace_url(&self) -> String {
+    /// The URL of the topics of namespace `ns` of the tenant.
+    fn namespace_url(&self, ns: &str) -> String {
         format!(
-            "{}/admin/v2/persistent/{}/{}",
-            self.base, self.config.tenant, self.config.namespace
+            "{}/admin/v2/persistent/{}/{ns}",
+            self.base,
+            self.config.pulsar_tenant()
         )
     }
 
     /// The URL of the topic with local name `local` (an Oona topic, or a
     /// marks topic of one).
     fn topic_url(&self, local: &str) -> String {
-        format!("{}/{local}", self.namespace_url())
+        format!(
+            "{}/{local}",
+            self.namespace_url(self.config.namespace_of(local))
+        )
+    }
+
+    /// The URL of namespace `ns` of the tenant (its policies).
+    fn policies_url(&self, ns: &str) -> String {
+        format!(
+            "{}/admin/v2/namespaces/{}/{ns}",
+            self.base,
+            self.config.pulsar_tenant()
+        )
+    }
+
+    /// Create the tenant unless it exists, allowed on every cluster the
+    /// broker knows. A role that may not create tenants gets an error that
+    /// says what to ask for.
+    pub(crate) async fn ensure_tenant(&self) -> Result<()> {
+        let tenant = self.config.pulsar_tenant();
+        let url = format!("{}/admin/v2/tenants/{tenant}", self.base);
+        let what = format!("read tenant {tenant}");
+        let resp = self.send(&what, self.http.get(&url)).await?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        if resp.status().as_u16() != 404 {
+            Self::check(&what, resp).await?;
+            return Ok(());
+        }
+        let what = "list the clusters";
+        let clusters: Vec<String> = Self::check(
+            what,
+            self.send(
+                what,
+                self.http.get(format!("{}/admin/v2/clusters", self.base)),
+            )
+            .await?,
+        )
+        .await?
+        .json()
+        .await
+        .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        let what = format!("create tenant {tenant}");
+        let body = serde_json::json!({ "allowedClusters": clusters, "adminRoles": [] });
+        let resp = self.send(&what, self.http.put(&url).json(&body)).await?;
+        match resp.status().as_u16() {
+            409 => Ok(()),
+            401 | 403 => Err(admin_err(
+                ErrorKind::Unauthenticated,
+                format!(
+                    "tenant {tenant} does not exist and this role may not create it:                      ask a Pulsar super user to create it (or use a `namespace` of an existing tenant)"
+                ),
+            )),
+            _ => Self::check(&what, resp).await.map(drop),
+        }
+    }
+
+    /// Create namespace `ns` of the tenant unless it exists, and give it
+    /// `policy`: retention, a time to live of the same length (Pulsar keeps
+    /// unread messages past retention otherwise; Kafka and Redis do not),
+    /// and the backlog quota.
+    pub(crate) async fn ensure_namespace(&self, ns: &str, policy: &TopicPolicy) -> Result<()> {
+        let url = self.policies_url(ns);
+        let what = format!("create namespace {}/{ns}", self.config.pulsar_tenant());
+        let resp = self
+            .send(&what, self.http.put(&url).json(&serde_json::json!({})))
+            .await?;
+        if resp.status().as_u16() != 409 {
+            Self::check(&what, resp).await?;
+        }
+        self.post_policy(ns, "retention", &RetentionPolicies::of(policy.retention))
+            .await?;
+        let ttl = match policy.retention {
+            Retention::Indefinite => 0, // no time to live
+            Retention::For(d) => d.as_secs().max(1),
+        };
+        self.post_policy(ns, "messageTTL", &ttl).await?;
+        if let Some(limit) = policy.backlog_limit_bytes {
+            let quota = serde_json::json!({
+                "limitSize": limit, "limitTime": -1, "policy": "producer_exception"
+            });
+            self.post_policy(
+                ns,
+                "backlogQuota?backlogQuotaType=destination_storage",
+                &quota,
+            )
+            .await?;
+        }
+        match &self.config.offload {
+            Some(o) if policy.retention == Retention::Indefinite => {
+                self.post_policy(ns, "offloadPolicies", &offload_document(o))
+                    .await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Offload the closed ledgers of `topic` (all but the one being
+    /// written) to its namespace's tiered storage, and wait until the
+    /// broker reports the offload done.
+    pub(crate) async fn offload(&self, topic: &Topic) -> Result<()> {
+        let url = format!("{}/offload", self.topic_url(topic.as_str()));
+        let what = format!("read the last message id of {topic}");
+        let last: serde_json::Value = Self::check(
+            &what,
+            self.send(
+                &what,
+                self.http
+                    .get(format!("{}/lastMessageId", self.topic_url(topic.as_str()))),
+            )
+            .await?,
+        )
+        .await?
+        .json()
+        .await
+        .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        let upto = serde_json::json!({
+            "ledgerId": last["ledgerId"], "entryId": last["entryId"], "partitionIndex": -1
+        });
+        let what = format!("offload {topic}");
+        Self::check(
+            &what,
+            self.send(&what, self.http.put(&url).json(&upto)).await?,
+        )
+        .await?;
+        let deadline = tokio::time::Instant::now() + self.config.operation_timeout;
+        loop {
+            let status: serde_json::Value =
+                Self::check(&what, self.send(&what, self.http.get(&url)).await?)
+                    .await?
+                    .json()
+                    .await
+                    .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+            match status["status"].as_str() {
+                Some("SUCCESS") => return Ok(()),
+                Some("ERROR") => {
+                    return Err(admin_err(
+                        ErrorKind::Broker,
+                        format!("{what}: the broker reports {}", status["lastError"]),
+                    ))
+                }
+                _ if tokio::time::Instant::now() > deadline => {
+                    return Err(admin_err(
+                        ErrorKind::Timeout,
+                        format!(
+                            "{what}: not done within {:?}: {status}",
+                            self.config.operation_timeout
+                        ),
+                    )
+                    .set_temporary(true))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// The ledgers of `topic`: (ledger id, offloaded), oldest first.
+    pub(crate) async fn ledgers(&self, topic: &Topic) -> Result<Vec<(u64, bool)>> {
+        let what = format!("internal stats of {topic}");
+        let url = format!("{}/internalStats", self.topic_url(topic.as_str()));
+        let stats: serde_json::Value =
+            Self::check(&what, self.send(&what, self.http.get(url)).await?)
+                .await?
+                .json()
+                .await
+                .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        Ok(stats["ledgers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| {
+                Some((
+                    l.get("ledgerId")?.as_u64()?,
+                    l.get("offloaded").and_then(serde_json::Value::as_bool) == Some(true),
+                ))
+            })
+            .collect())
+    }
+
+    /// POST a policy document to `<namespace>/<what>`.
+    async fn post_policy(&self, ns: &str, what: &str, body: &impl Serialize) -> Result<()> {
+        let desc = format!(
+            "set {what} of namespace {}/{ns}",
+            self.config.pulsar_tenant()
+        );
+        let rb = self
+            .http
+            .post(format!("{}/{what}", self.policies_url(ns)))
+            .json(body);
+        Self::check(&desc, self.send(&desc, rb).await?).await?;
+        Ok(())
+    }
+
+    /// The policies of namespace `ns` as the broker reads them back.
+    pub(crate) async fn namespace_policies(&self, ns: &str) -> Result<NamespacePolicies> {
+        let what = format!("read namespace {}/{ns}", self.config.pulsar_tenant());
+        let resp = self
+            .send(&what, self.http.get(self.policies_url(ns)))
+            .await?;
+        let doc: serde_json::Value = Self::check(&what, resp)
+            .await?
+            .json()
+            .await
+            .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        Ok(NamespacePolicies::of(doc))
     }
 
     fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -271,27 +479,56 @@ impl Admin {
             .collect())
     }
 
-    /// The local names of every persistent topic of the namespace.
-    async fn local_names(&self) -> Result<Vec<String>> {
-        let what = format!(
-            "list the topics of {}/{}",
-            self.config.tenant, self.config.namespace
-        );
-        let resp = Self::check(
-            &what,
-            self.send(&what, self.http.get(self.namespace_url()))
-                .await?,
-        )
-        .await?;
-        let names: Vec<String> = resp
+    /// The namespaces (without the tenant) that hold this transport's
+    /// topics: each plane's, or the one of the URL.
+    async fn namespaces(&self) -> Result<Vec<String>> {
+        if !self.config.namespace_per_plane() {
+            return Ok(vec![self.config.namespace_of("").to_string()]);
+        }
+        let tenant = self.config.pulsar_tenant();
+        let what = format!("list the namespaces of {tenant}");
+        let rb = self
+            .http
+            .get(format!("{}/admin/v2/namespaces/{tenant}", self.base));
+        let resp = self.send(&what, rb).await?;
+        if resp.status().as_u16() == 404 {
+            return Ok(Vec::new()); // no tenant yet: no topics
+        }
+        let names: Vec<String> = Self::check(&what, resp)
+            .await?
             .json()
             .await
-            .map_err(|e| admin_err(ErrorKind::Broker, format!("admin API {what}: {e}")))?;
+            .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
         Ok(names
             .iter()
             .filter_map(|n| n.rsplit('/').next())
             .map(str::to_string)
             .collect())
+    }
+
+    /// The local names of every persistent topic of the namespaces.
+    async fn local_names(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for ns in self.namespaces().await? {
+            let what = format!("list the topics of {}/{ns}", self.config.pulsar_tenant());
+            let resp = Self::check(
+                &what,
+                self.send(&what, self.http.get(self.namespace_url(&ns)))
+                    .await?,
+            )
+            .await?;
+            let names: Vec<String> = resp
+                .json()
+                .await
+                .map_err(|e| admin_err(ErrorKind::Broker, format!("admin API {what}: {e}")))?;
+            out.extend(
+                names
+                    .iter()
+                    .filter_map(|n| n.rsplit('/').next())
+                    .map(str::to_string),
+            );
+        }
+        Ok(out)
     }
 
     /// The Oona topics of the namespace, sorted (marks topics, whose names
@@ -408,6 +645,69 @@ impl Admin {
             }
             Self::check(&what, resp).await?;
             return Ok(());
+        }
+    }
+}
+
+/// Pulsar's `OffloadPolicies` document of `o` (what is not set falls back
+/// to the broker's configuration).
+fn offload_document(o: &crate::Offload) -> serde_json::Value {
+    let mut doc = serde_json::json!({ "managedLedgerOffloadDriver": o.driver });
+    if let Some(t) = o.threshold_bytes {
+        doc["managedLedgerOffloadThresholdInBytes"] = t.into();
+    }
+    if let Some(lag) = o.deletion_lag {
+        doc["managedLedgerOffloadDeletionLagInMillis"] =
+            u64::try_from(lag.as_millis()).unwrap_or(u64::MAX).into();
+    }
+    doc
+}
+
+/// A namespace's policies as the broker reads them back (the part Oona
+/// sets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NamespacePolicies {
+    /// Retention of acknowledged messages; `None` when unset.
+    pub retention: Option<Retention>,
+    /// Time to live of unread messages; `None` when unset or 0 (none).
+    pub message_ttl: Option<Duration>,
+    /// Backlog quota of the topics (bytes) and its policy, where set.
+    pub backlog_quota: Option<(u64, String)>,
+    /// The offloader of tiered storage, where one is set.
+    pub offload_driver: Option<String>,
+    /// The whole document the broker answered.
+    pub raw: serde_json::Value,
+}
+
+impl NamespacePolicies {
+    fn of(doc: serde_json::Value) -> Self {
+        let retention = doc
+            .get("retention_policies")
+            .and_then(|r| serde_json::from_value::<RetentionPolicies>(r.clone()).ok())
+            .map(RetentionPolicies::retention);
+        let message_ttl = doc
+            .get("message_ttl_in_seconds")
+            .and_then(serde_json::Value::as_u64)
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs);
+        let backlog_quota = doc
+            .pointer("/backlog_quota_map/destination_storage")
+            .and_then(|q| {
+                let size = q.get("limitSize")?.as_u64()?;
+                let policy = q.get("policy")?.as_str()?.to_string();
+                Some((size, policy))
+            });
+        let offload_driver = doc
+            .pointer("/offload_policies/managedLedgerOffloadDriver")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string);
+        NamespacePolicies {
+            retention,
+            message_ttl,
+            backlog_quota,
+            offload_driver,
+            raw: doc,
         }
     }
 }

@@ -183,6 +183,7 @@ fn closed_sub() -> Error {
 
 /// Subscribe and start the subscription's task and engine.
 pub(crate) async fn subscribe(inner: Arc<Inner>, sub: Subscription) -> Result<DeliveryStream> {
+    inner.prepare(&sub.topic).await?;
     let full = inner.full_topic(&sub.topic);
     let consumer_id = inner.next_consumer_id();
     let (out_tx, out_rx) = mpsc::unbounded_channel();

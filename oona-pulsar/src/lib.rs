@@ -16,7 +16,8 @@ use std::sync::Arc;
 use futures::FutureExt;
 use oona_core::{ConnectUrl, Driver, Result, Transport};
 
-pub use config::PulsarConfig;
+pub use admin::NamespacePolicies;
+pub use config::{Offload, PulsarConfig};
 pub use transport::{PulsarTransport, MAX_PAYLOAD_BYTES};
 
 /// The transport's name.

@@ -6,11 +6,6 @@ use bytes::Bytes;
 use oona_core::wire::fields;
 use oona_core::{Envelope, Result, Topic};
 
-/// The full Pulsar topic name of `topic`.
-pub(crate) fn full_topic(tenant: &str, namespace: &str, topic: &Topic) -> String {
-    format!("persistent://{tenant}/{namespace}/{topic}")
-}
-
 /// The Pulsar message of an envelope: metadata as properties, the payload
 /// as payload, the key as the message key, the timestamp as event time.
 pub(crate) fn to_message(env: &Envelope) -> pulsar::producer::Message {

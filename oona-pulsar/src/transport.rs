@@ -49,6 +49,10 @@ pub(crate) struct Inner {
     pub(crate) connector: Connector,
     admin: Option<Admin>,
     producers: Mutex<HashMap<Topic, Arc<OnceCell<SharedProducer>>>>,
+    /// With a namespace per plane: the tenant made sure of, and each plane
+    /// whose namespace is.
+    tenant_ready: OnceCell<()>,
+    planes: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
     closed: AtomicBool,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -177,19 +181,24 @@ impl PulsarTransport {
         };
         let admin = Admin::new(Arc::clone(&config))?;
         let (shutdown, _) = watch::channel(false);
-        Ok(PulsarTransport {
+        let t = PulsarTransport {
             inner: Arc::new(Inner {
                 config,
                 client,
                 connector,
                 admin,
                 producers: Mutex::new(HashMap::new()),
+                tenant_ready: OnceCell::new(),
+                planes: Mutex::new(HashMap::new()),
                 closed: AtomicBool::new(false),
                 shutdown,
                 tasks: Mutex::new(Vec::new()),
                 subscriptions: Mutex::new(Vec::new()),
             }),
-        })
+        };
+        // A tenant's own `oona` namespace: the health check looks up there.
+        t.inner.prepare(&health_probe()).await?;
+        Ok(t)
     }
 
     /// The error of a failed connect. The `pulsar` client reports a
@@ -238,11 +247,66 @@ impl PulsarTransport {
     pub fn pulsar_topic(&self, topic: &Topic) -> String {
         self.inner.full_topic(topic)
     }
+
+    /// Offload the closed ledgers of `topic` (all but the one being
+    /// written) to its namespace's tiered storage now, and wait until the
+    /// broker reports it done (see [`PulsarConfig::offload`]).
+    /// Subscriptions replay offloaded messages as any others.
+    pub async fn offload(&self, topic: &Topic) -> Result<()> {
+        self.admin("offload")?.offload(topic).await
+    }
+
+    /// The ledgers of `topic`, oldest first: (ledger id, whether it is
+    /// offloaded to tiered storage).
+    pub async fn ledgers(&self, topic: &Topic) -> Result<Vec<(u64, bool)>> {
+        self.admin("read ledgers")?.ledgers(topic).await
+    }
+
+    /// The policies of the namespace that holds `plane`'s topics, read
+    /// back through the admin API; [`ErrorKind::Unsupported`] without
+    /// `admin_url`.
+    pub async fn namespace_policies(&self, plane: &str) -> Result<crate::NamespacePolicies> {
+        let ns = self.inner.config.namespace_of(plane);
+        self.admin("read namespace policies")?
+            .namespace_policies(ns)
+            .await
+    }
 }
 
 impl Inner {
     pub(crate) fn full_topic(&self, topic: &Topic) -> String {
-        mapping::full_topic(&self.config.tenant, &self.config.namespace, topic)
+        self.config.full_topic(topic)
+    }
+
+    /// With a namespace per plane and an admin API: the tenant and the
+    /// namespace of `topic`'s plane, created with the plane's policies the
+    /// first time this client meets the plane.
+    pub(crate) async fn prepare(&self, topic: &Topic) -> Result<()> {
+        let Some(admin) = self
+            .admin
+            .as_ref()
+            .filter(|_| self.config.namespace_per_plane())
+        else {
+            return Ok(());
+        };
+        self.tenant_ready
+            .get_or_try_init(|| admin.ensure_tenant())
+            .await?;
+        let plane = topic.plane();
+        let cell = Arc::clone(lock(&self.planes).entry(plane.to_string()).or_default());
+        cell.get_or_try_init(|| {
+            admin.ensure_namespace(plane, self.config.policies.for_topic(topic))
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Whether `topic` needs a topic-level retention: always in one
+    /// namespace; with a namespace per plane only when it differs from the
+    /// plane's, which the namespace has.
+    fn topic_level_retention(&self, topic: &Topic, retention: oona_core::Retention) -> bool {
+        !self.config.namespace_per_plane()
+            || self.config.policies.for_topic(topic).retention != retention
     }
 
     /// The admin API client, if `admin_url` was set.
@@ -322,12 +386,15 @@ impl Inner {
         let cell = Arc::clone(lock(&self.producers).entry(topic.clone()).or_default());
         let p = cell
             .get_or_try_init(|| async {
+                self.prepare(topic).await?;
                 let producer = self.new_producer(&self.full_topic(topic)).await?;
                 if let Some(admin) = &self.admin {
                     let retention = policy
                         .map(|p| p.retention)
                         .unwrap_or_else(|| self.config.policies.for_topic(topic).retention);
-                    admin.set_retention(topic, retention).await?;
+                    if self.topic_level_retention(topic, retention) {
+                        admin.set_retention(topic, retention).await?;
+                    }
                 }
                 Ok::<_, Error>(Arc::new(tokio::sync::Mutex::new(producer)))
             })
@@ -431,7 +498,9 @@ impl Transport for PulsarTransport {
         self.inner.producer(topic, Some(policy)).await?;
         if !fresh {
             if let Some(admin) = &self.inner.admin {
-                admin.set_retention(topic, policy.retention).await?;
+                if self.inner.topic_level_retention(topic, policy.retention) {
+                    admin.set_retention(topic, policy.retention).await?;
+                }
             }
         }
         Ok(())
@@ -509,10 +578,7 @@ impl Transport for PulsarTransport {
             return Health::new(HealthStatus::Down, NAME, "closed", None);
         }
         // A lookup needs no topic to exist; the name is valid by the grammar.
-        let probe = format!(
-            "persistent://{}/{}/oona.health.probe",
-            self.inner.config.tenant, self.inner.config.namespace
-        );
+        let probe = self.inner.full_topic(&health_probe());
         let started = Instant::now();
         let r = tokio::time::timeout(
             self.inner
@@ -614,4 +680,13 @@ impl PulsarTransport {
         }
         Ok(())
     }
+}
+
+/// The topic a health check looks up (it need not exist; in a namespace
+/// per plane, the `oona` plane's namespace must).
+fn health_probe() -> Topic {
+    static PROBE: std::sync::OnceLock<Topic> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| Topic::new("oona.health.probe").expect("a valid topic name"))
+        .clone()
 }

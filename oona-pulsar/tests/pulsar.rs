@@ -96,6 +96,153 @@ async fn same_topic_in_two_tenants_is_isolated() {
     o.close().await.unwrap();
 }
 
+/// An Oona tenant without a `namespace`: the transport creates the Pulsar
+/// tenant and a namespace per plane with the plane's policies (retention,
+/// a time to live as long, the backlog quota where the policy has one),
+/// and the broker reads them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_gets_a_namespace_per_plane_with_the_planes_policies() {
+    use oona_core::{PolicySet, Retention, TopicPolicy};
+    let Some(b) = broker() else { return };
+    let tenant = format!("tp{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let month = Retention::For(Duration::from_secs(30 * 24 * 3600));
+    let policies = PolicySet::default().with_plane(
+        "control",
+        TopicPolicy::new(month).with_backlog_limit_bytes(Some(1 << 20)),
+    );
+    let config = oona_pulsar::PulsarConfig::parse(&b.tenant_url(&tenant))
+        .unwrap()
+        .with_policies(policies);
+    let t = PulsarTransport::connect(config).await.unwrap();
+    let (tele, ctl, inno) = (topic("telemetry"), topic("control"), topic("innovation"));
+    for x in [&tele, &ctl, &inno] {
+        t.publish(Envelope::builder(x.clone(), "{}").build())
+            .await
+            .unwrap();
+        let plane = x.plane();
+        assert_eq!(
+            t.pulsar_topic(x),
+            format!("persistent://{tenant}/{plane}/{x}")
+        );
+    }
+    let hours_72 = Duration::from_secs(72 * 3600);
+    let p = t.namespace_policies("telemetry").await.unwrap();
+    println!("namespace {tenant}/telemetry as the admin API reads it back: retention_policies {}, message_ttl_in_seconds {}, backlog_quota_map {}",
+        p.raw["retention_policies"], p.raw["message_ttl_in_seconds"], p.raw["backlog_quota_map"]);
+    assert_eq!(p.retention, Some(Retention::For(hours_72)));
+    assert_eq!(p.message_ttl, Some(hours_72));
+    assert_eq!(p.backlog_quota, None);
+    let c = t.namespace_policies("control").await.unwrap();
+    println!("namespace {tenant}/control: retention_policies {}, message_ttl_in_seconds {}, backlog_quota_map {}",
+        c.raw["retention_policies"], c.raw["message_ttl_in_seconds"], c.raw["backlog_quota_map"]);
+    assert_eq!(c.retention, Some(month));
+    assert_eq!(
+        c.backlog_quota,
+        Some((1 << 20, "producer_exception".to_string()))
+    );
+    let i = t.namespace_policies("innovation").await.unwrap();
+    assert_eq!(i.retention, Some(Retention::Indefinite));
+    assert_eq!(i.message_ttl, None, "innovation is kept, read or not");
+    // The topic reads its retention from the namespace (no topic policy).
+    let info = t.describe_topic(&tele).await.unwrap();
+    assert_eq!(info.retention, Some(Retention::For(hours_72)));
+    assert_eq!(t.applied_retention(&tele).await.unwrap(), None);
+    let listed = t.list_topics().await.unwrap();
+    for x in [&tele, &ctl, &inno] {
+        assert!(listed.contains(x), "{x} not in {listed:?}");
+        t.delete_topic(x).await.unwrap();
+    }
+    t.close().await.unwrap();
+}
+
+/// Tiered storage of `innovation.*`: the plane's namespace gets the offload
+/// policy (driver `filesystem`, the broker's local-disk offloader from
+/// Maven Central); a topic written over two ledgers has the closed one
+/// offloaded, and a new subscription replays every message from the
+/// earliest, the offloaded ones read back from tiered storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn innovation_offloads_to_tiered_storage_and_replays_from_the_earliest() {
+    let Some(b) = broker() else { return };
+    let offload_dir = std::env::var("OONA_TEST_PULSAR_OFFLOAD_DIR")
+        .expect("scripts/brokers.sh up pulsar sets OONA_TEST_PULSAR_OFFLOAD_DIR");
+    let tenant = format!("to{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let url = format!(
+        "{}&offload_driver=filesystem&offload_deletion_lag=0s&operation_timeout=60s",
+        b.tenant_url(&tenant)
+    );
+    let t = PulsarTransport::connect_url(&url).await.unwrap();
+    let x = topic("innovation");
+    let publish = |from: usize, n: usize| {
+        let (t, x) = (&t, &x);
+        async move {
+            let batch: Vec<Envelope> = (from..from + n)
+                .map(|i| Envelope::builder(x.clone(), format!("{{\"i\":{i}}}")).build())
+                .collect();
+            t.publish_batch(batch).await.unwrap()
+        }
+    };
+    let mut ids: Vec<_> = publish(0, 100)
+        .await
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+    let p = t.namespace_policies("innovation").await.unwrap();
+    println!(
+        "namespace {tenant}/innovation offload_policies as the admin API reads it back: {}",
+        p.raw["offload_policies"]
+    );
+    assert_eq!(p.offload_driver.as_deref(), Some("filesystem"));
+    assert_eq!(
+        p.raw["offload_policies"]["managedLedgerOffloadDeletionLagInMillis"],
+        0
+    );
+    let own = t.namespace_policies("oona").await.unwrap();
+    assert_eq!(own.offload_driver, None, "only planes kept forever offload");
+    // Unloading the topic closes its ledger: only closed ledgers offload.
+    let admin = b.admin_url().unwrap();
+    let unload = reqwest::Client::new()
+        .put(format!(
+            "{admin}/admin/v2/persistent/{tenant}/innovation/{x}/unload"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(unload.status().is_success(), "unload: {}", unload.status());
+    ids.extend(publish(100, 50).await.into_iter().map(|r| r.event_id));
+    t.offload(&x).await.unwrap();
+    let ledgers = t.ledgers(&x).await.unwrap();
+    println!("ledgers of {x} after the offload (id, offloaded): {ledgers:?}");
+    assert!(
+        ledgers.first().is_some_and(|(_, off)| *off),
+        "the first ledger is offloaded: {ledgers:?}"
+    );
+    let files = std::path::Path::new(&offload_dir).join(&tenant);
+    assert!(
+        files.is_dir(),
+        "nothing offloaded under {}",
+        files.display()
+    );
+    // A new subscription from the earliest replays all 150, in order.
+    let sub = Subscription::new(x.clone(), group("replay")).start(StartPosition::Earliest);
+    let mut s = t.subscribe(sub).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < ids.len() {
+        let d = next(&mut s, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|| panic!("replay stopped after {} of {}", got.len(), ids.len()));
+        got.push(d.envelope().event_id.clone());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(got, ids, "every message once, in publish order");
+    println!(
+        "replayed {} messages from the earliest after the offload",
+        got.len()
+    );
+    drop(s);
+    t.delete_topic(&x).await.unwrap();
+    t.close().await.unwrap();
+}
+
 /// A tenant or namespace that does not exist is a clear, permanent
 /// configuration error at the first lookup, not a connection problem.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

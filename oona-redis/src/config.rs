@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use oona_core::{ConnectUrl, Error, ErrorKind, PolicySet, Result};
+use oona_core::{ConnectUrl, Error, ErrorKind, PolicySet, Result, Tenant};
 
 /// Settings of a [`crate::RedisTransport`].
 ///
@@ -16,8 +16,13 @@ pub struct RedisConfig {
     /// db).
     pub connection: redis::ConnectionInfo,
     /// Prepended to every key this transport writes (`prefix`, default
-    /// `oona:`). The stream of topic `a.b` is `<prefix>a.b`.
+    /// `oona:`, then the tenant and `:` when there is one). The stream of
+    /// topic `a.b` is `<prefix>a.b`: `oona:a.b`, or `oona:run-42:a.b` in
+    /// tenant `run-42`.
     pub prefix: String,
+    /// The tenant (`tenant`): its keys are under a prefix of their own, so
+    /// its topics, groups and dead letters never meet another tenant's.
+    pub tenant: Option<Tenant>,
     /// Retention and payload limits by plane (not in the URL; see
     /// [`RedisConfig::with_policies`]).
     pub policies: PolicySet,
@@ -64,6 +69,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("username", &r.username)
             .field("password", &password)
             .field("prefix", &self.prefix)
+            .field("tenant", &self.tenant)
             .field("policies", &self.policies)
             .field("block", &self.block)
             .field("claim_interval", &self.claim_interval)
@@ -87,7 +93,7 @@ impl RedisConfig {
     /// `rediss://` for TLS).
     ///
     /// Query parameters: `user`, `password`, `db` (override the URL's own),
-    /// `prefix`, `block`, `claim_interval`, `read_batch`, `housekeeping`,
+    /// `prefix`, `tenant`, `block`, `claim_interval`, `read_batch`, `housekeeping`,
     /// `timeout`, `connect_timeout`, and the subscription defaults
     /// `prefetch`, `ack_deadline`, `max_attempts`. Durations are written
     /// `500ms`, `30s`, `5m`, `2h` or plain milliseconds.
@@ -108,6 +114,7 @@ impl RedisConfig {
         let password: Option<String> = url.take("password")?;
         let db: Option<i64> = url.take("db")?;
         let prefix: Option<String> = url.take("prefix")?;
+        let tenant: Option<Tenant> = url.take("tenant")?;
         let block = url.take_duration("block")?;
         let claim_interval = url.take_duration("claim_interval")?;
         let read_batch: Option<usize> = url.take("read_batch")?;
@@ -157,12 +164,17 @@ impl RedisConfig {
                 None => Ok(default),
             }
         };
-        let prefix = prefix.unwrap_or_else(|| Self::DEFAULT_PREFIX.to_string());
+        let mut prefix = prefix.unwrap_or_else(|| Self::DEFAULT_PREFIX.to_string());
         if prefix.contains(char::is_whitespace) {
             return Err(Error::new(
                 ErrorKind::ConfigInvalid,
                 format!("query parameter `prefix`: {prefix:?} contains whitespace"),
             ));
+        }
+        // `:` is not in the topic grammar, so a tenant's keys never read as
+        // topics of the prefix without a tenant.
+        if let Some(t) = &tenant {
+            prefix = format!("{prefix}{t}:");
         }
         if read_batch == Some(0) || default_prefetch == Some(0) || default_max_attempts == Some(0) {
             return Err(Error::new(
@@ -173,6 +185,7 @@ impl RedisConfig {
         Ok(RedisConfig {
             connection,
             prefix,
+            tenant,
             policies: PolicySet::default(),
             block: positive("block", block, Duration::from_millis(250))?,
             claim_interval: positive("claim_interval", claim_interval, Duration::from_millis(250))?,
@@ -241,6 +254,18 @@ mod tests {
         let c = RedisConfig::from_url("redis://127.0.0.1/3").unwrap();
         assert_eq!(c.connection.redis.db, 3);
         assert_eq!(c.prefix, "oona:");
+        assert!(c.tenant.is_none());
+    }
+
+    #[test]
+    fn a_tenant_has_keys_of_its_own() {
+        let c = RedisConfig::from_url("redis://127.0.0.1?tenant=run-42").unwrap();
+        assert_eq!(c.prefix, "oona:run-42:");
+        assert_eq!(c.tenant.as_ref().map(|t| t.as_str()), Some("run-42"));
+        let c = RedisConfig::from_url("redis://127.0.0.1?prefix=esper/&tenant=a").unwrap();
+        assert_eq!(c.prefix, "esper/a:");
+        let e = RedisConfig::from_url("redis://127.0.0.1?tenant=Run:1").unwrap_err();
+        assert!(e.to_string().contains("`tenant`"), "{e}");
     }
 
     #[test]

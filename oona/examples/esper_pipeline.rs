@@ -305,7 +305,11 @@ async fn run() -> oona::Result<bool> {
 
     // --- Report.
     println!();
-    println!("Esper pipeline over {} (run {run_id})", redact(&url));
+    println!(
+        "Esper pipeline over {} (run {run_id}, {})",
+        redact(&url),
+        tenant_of(&url).map_or("no tenant".to_string(), |t| format!("tenant {t}"))
+    );
     println!();
     let line = "-".repeat(145);
     println!(
@@ -734,6 +738,14 @@ async fn publish_health(bus: &Bus, run: &str) -> oona::Result<u64> {
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The `tenant` of the URL, if it names one.
+fn tenant_of(url: &str) -> Option<String> {
+    url::Url::parse(url)
+        .ok()?
+        .query_pairs()
+        .find_map(|(k, v)| (k == "tenant").then(|| v.into_owned()))
 }
 
 fn redact(url: &str) -> String {

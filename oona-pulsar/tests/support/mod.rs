@@ -94,6 +94,20 @@ impl Broker {
         u.to_string()
     }
 
+    /// The transport URL of Oona tenant `tenant`: the test URL without its
+    /// tenant and namespace (so a namespace per plane).
+    pub fn tenant_url(&self, tenant: &str) -> String {
+        let kept = Broker {
+            direct: self.direct.clone(),
+            cut: None,
+            query: (self.query.iter())
+                .filter(|(k, _)| k != "tenant" && k != "namespace")
+                .cloned()
+                .collect(),
+        };
+        kept.url_with(&[("tenant", tenant)])
+    }
+
     /// The transport URL.
     pub fn url(&self) -> String {
         self.url_with(&[])
