@@ -468,10 +468,10 @@ pulsar_healthy() {
 }
 
 # pulsar_answers PORT WEB_PORT ...: the health check, given a ports file.
-# A broker whose config lacks the offloader (started by an older
-# brokers.sh) is started anew.
+# A broker whose config lacks the offloader and the protobuf schema check
+# (started by an older brokers.sh) is started anew.
 pulsar_answers() {
-    pulsar_healthy "$2" && grep -q '^offloadersDirectory=' "$BROKERS/pulsar/standalone.conf" 2>/dev/null
+    pulsar_healthy "$2" && grep -q 'ProtobufSchemaCompatibilityCheck$' "$BROKERS/pulsar/standalone.conf" 2>/dev/null
 }
 
 # admin_put PORT PATH JSON: create through the admin API (409: exists).
@@ -555,6 +555,9 @@ up_pulsar() {
     # anonymous role, a super user, so every other test runs as before.
     # The bookie goes read-only only on a 99% full disk (not 95%: shared
     # machines run fuller, and the tests write little).
+    # The schema registry checks PROTOBUF schemas (whose definitions are
+    # Avro) as it checks AVRO ones: the default list has no checker for
+    # that type, which then passes every change.
     # Tiered storage: no broker-wide driver (no topic gets an offloader
     # unless its namespace's offload policies name one); a policy with
     # driver `filesystem` takes the file-system keys below (null in the
@@ -599,6 +602,7 @@ offloadersDirectory=$dir/offloaders
 narExtractionDirectory=$dir/nar
 fileSystemProfilePath=$dir/offload-core-site.xml
 fileSystemURI=file://$dir/data/offload
+schemaRegistryCompatibilityCheckers=org.apache.pulsar.broker.service.schema.JsonSchemaCompatibilityCheck,org.apache.pulsar.broker.service.schema.AvroSchemaCompatibilityCheck,org.apache.pulsar.broker.service.schema.ProtobufNativeSchemaCompatibilityCheck,org.apache.pulsar.broker.service.schema.ProtobufSchemaCompatibilityCheck
 EOF
     local jvm=(-Xms256m -Xmx1g -XX:MaxDirectMemorySize=512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20
         -Djava.awt.headless=true -Dlog4j2.configurationFile="$SCRIPTS/maven/log4j2.properties"

@@ -100,6 +100,12 @@ pub struct DeliveryInfo {
     /// The broker's position of the message (stream id, partition/offset,
     /// message id), when it has one.
     pub position: Option<String>,
+    /// The version the broker's schema registry gave the writer's schema
+    /// (Pulsar: the message's `schema_version`), where the broker keeps a
+    /// registry and the producer registered one
+    /// ([`crate::Transport::register_schema`]). The envelope's `schema_id`
+    /// is the contract's own name and version, on every transport.
+    pub schema_version: Option<u64>,
 }
 
 impl DeliveryInfo {
@@ -112,7 +118,14 @@ impl DeliveryInfo {
             group: subscription.group.clone(),
             dead_letter: subscription.dead_letter.clone(),
             position,
+            schema_version: None,
         }
+    }
+
+    /// Set [`DeliveryInfo::schema_version`].
+    pub fn with_schema_version(mut self, version: Option<u64>) -> Self {
+        self.schema_version = version;
+        self
     }
 }
 

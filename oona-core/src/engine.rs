@@ -109,6 +109,9 @@ pub struct Fetched<T> {
     pub recovered: bool,
     /// The broker's position, for dead letters and logs.
     pub position: Option<String>,
+    /// The registry version of the writer's schema
+    /// ([`DeliveryInfo::schema_version`]).
+    pub schema_version: Option<u64>,
 }
 
 impl<T> Fetched<T> {
@@ -125,7 +128,14 @@ impl<T> Fetched<T> {
             attempt: attempt.max(1),
             recovered: false,
             position,
+            schema_version: None,
         }
+    }
+
+    /// Set [`Fetched::schema_version`].
+    pub fn with_schema_version(mut self, version: Option<u64>) -> Self {
+        self.schema_version = version;
+        self
     }
 
     /// Mark it [`Fetched::recovered`].
@@ -314,6 +324,7 @@ struct Item<T> {
     envelope: Envelope,
     attempt: u32,
     position: Option<String>,
+    schema_version: Option<u64>,
     recovered: bool,
     /// When the broker's lease was last started or refreshed.
     touched: Instant,
@@ -586,6 +597,7 @@ impl<S: Source> Shared<S> {
                 envelope,
                 attempt: f.attempt,
                 position: f.position,
+                schema_version: f.schema_version,
                 recovered: f.recovered,
                 touched: Instant::now(),
             });
@@ -1128,7 +1140,8 @@ impl<S: Source> Stream for EngineStream<S> {
             },
         );
         drop(st);
-        let info = DeliveryInfo::new(&shared.sub, item.attempt, item.position);
+        let info = DeliveryInfo::new(&shared.sub, item.attempt, item.position)
+            .with_schema_version(item.schema_version);
         tracing::trace!(topic = %shared.sub.topic, event_id = %item.envelope.event_id, attempt = info.attempt, "handed out");
         let settle = EngineSettle {
             shared: Arc::clone(shared),

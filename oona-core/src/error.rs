@@ -60,6 +60,9 @@ pub enum ErrorKind {
     /// already given back for redelivery and the settlement changed nothing
     /// (see [`crate::engine`], late settlement).
     LeaseExpired,
+    /// The broker's schema registry refused a schema as incompatible with
+    /// the one its topic has (the message names the fields); permanent.
+    IncompatibleSchema,
     /// The broker answered with an error.
     Broker,
     /// A message handler failed (see [`Error::is_temporary`] for the outcome).
@@ -103,6 +106,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::AlreadySettled => "already_settled",
             ErrorKind::LeaseExpired => "lease_expired",
+            ErrorKind::IncompatibleSchema => "incompatible_schema",
             ErrorKind::Broker => "broker",
             ErrorKind::Handler => "handler",
             ErrorKind::Internal => "internal",

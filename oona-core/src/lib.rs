@@ -38,4 +38,4 @@ pub use envelope::{
 pub use error::{Error, ErrorKind, Result};
 pub use subscription::{StartPosition, Subscription};
 pub use topic::{Name, PolicySet, Retention, Tenant, Topic, TopicPattern, TopicPolicy};
-pub use transport::{Capabilities, Depth, Health, HealthStatus, Receipt, Transport};
+pub use transport::{Capabilities, Depth, Health, HealthStatus, Receipt, SchemaSpec, Transport};

@@ -117,6 +117,22 @@ pub trait Transport: fmt::Debug + Send + Sync + 'static {
         Err(admin::unsupported(self.name(), "delete groups"))
     }
 
+    /// Register `schema` as the schema of what this client publishes to
+    /// `topic`, with the broker's schema registry where it keeps one
+    /// (Pulsar), before the first publish of a typed contract (the facade
+    /// calls it once per topic, schema and codec). The registry checks it
+    /// against the topic's schema under its compatibility strategy: an
+    /// incompatible schema is [`crate::ErrorKind::IncompatibleSchema`]
+    /// naming the fields. `Ok(Some(v))`: the registry's version of it,
+    /// which consumers see in [`crate::DeliveryInfo::schema_version`].
+    /// `Ok(None)`, the default: the broker keeps no registry; the
+    /// envelope's `schema_id` and the contracts' compatibility check in CI
+    /// are the contract.
+    async fn register_schema(&self, topic: &Topic, schema: &SchemaSpec) -> Result<Option<u64>> {
+        let _ = (topic, schema);
+        Ok(None)
+    }
+
     /// A record of event ids the broker keeps for a whole consumer group
     /// (replay protection: [`crate::security::ReplayLayer`]). `None`, the
     /// default: the broker has no place for one, and each process keeps
@@ -127,6 +143,37 @@ pub trait Transport: fmt::Debug + Send + Sync + 'static {
 
     /// Stop, flush and release. Idempotent.
     async fn close(&self) -> Result<()>;
+}
+
+/// The schema of a topic's payloads, as a broker's schema registry keeps
+/// it ([`Transport::register_schema`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct SchemaSpec {
+    /// The envelope's schema id, `<name>/<version>`
+    /// (`esper.v1.FieldReport/1`).
+    pub schema_id: String,
+    /// How the payloads are encoded (JSON, protobuf, Avro).
+    pub content_type: crate::ContentType,
+    /// The schema in its Avro form (JSON): what registries compare
+    /// versions by, whatever the encoding.
+    pub avro: std::sync::Arc<str>,
+}
+
+impl SchemaSpec {
+    /// The schema `schema_id` of payloads encoded as `content_type`, whose
+    /// Avro form is `avro`.
+    pub fn new(
+        schema_id: impl Into<String>,
+        content_type: crate::ContentType,
+        avro: impl Into<std::sync::Arc<str>>,
+    ) -> Self {
+        SchemaSpec {
+            schema_id: schema_id.into(),
+            content_type,
+            avro: avro.into(),
+        }
+    }
 }
 
 /// What a transport supports; the conformance suite leaves out (and names)

@@ -179,6 +179,20 @@ impl Admin {
             Retention::For(d) => d.as_secs().max(1),
         };
         self.post_policy(ns, "messageTTL", &ttl).await?;
+        // Oona's own evolution check is full: each version reads the one
+        // before and is read by it.
+        let what = format!(
+            "set the schema compatibility of {}/{ns}",
+            self.config.pulsar_tenant()
+        );
+        let rb = self
+            .http
+            .put(format!(
+                "{}/schemaCompatibilityStrategy",
+                self.policies_url(ns)
+            ))
+            .json(&"FULL");
+        Self::check(&what, self.send(&what, rb).await?).await?;
         if let Some(limit) = policy.backlog_limit_bytes {
             let quota = serde_json::json!({
                 "limitSize": limit, "limitTime": -1, "policy": "producer_exception"
@@ -293,6 +307,35 @@ impl Admin {
             .json(body);
         Self::check(&desc, self.send(&desc, rb).await?).await?;
         Ok(())
+    }
+
+    /// The latest schema of `topic` in the registry; `None` when it has
+    /// none.
+    pub(crate) async fn latest_schema(
+        &self,
+        topic: &Topic,
+    ) -> Result<Option<crate::schema::Latest>> {
+        let what = format!("read the schema of {topic}");
+        let url = format!(
+            "{}/admin/v2/schemas/{}/{}/{topic}/schema",
+            self.base,
+            self.config.pulsar_tenant(),
+            self.config.namespace_of(topic.as_str())
+        );
+        let resp = self.send(&what, self.http.get(url)).await?;
+        if resp.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        let doc: serde_json::Value = Self::check(&what, resp)
+            .await?
+            .json()
+            .await
+            .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        Ok(Some(crate::schema::Latest {
+            version: doc["version"].as_u64().unwrap_or(0),
+            kind: doc["type"].as_str().unwrap_or("").to_string(),
+            data: doc["data"].as_str().unwrap_or("").to_string(),
+        }))
     }
 
     /// The policies of namespace `ns` as the broker reads them back.
@@ -676,6 +719,8 @@ pub struct NamespacePolicies {
     pub backlog_quota: Option<(u64, String)>,
     /// The offloader of tiered storage, where one is set.
     pub offload_driver: Option<String>,
+    /// The schema compatibility strategy (`FULL`, ...).
+    pub schema_compatibility: Option<String>,
     /// The whole document the broker answered.
     pub raw: serde_json::Value,
 }
@@ -702,11 +747,16 @@ impl NamespacePolicies {
             .pointer("/offload_policies/managedLedgerOffloadDriver")
             .and_then(serde_json::Value::as_str)
             .map(str::to_string);
+        let schema_compatibility = doc
+            .get("schema_compatibility_strategy")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string);
         NamespacePolicies {
             retention,
             message_ttl,
             backlog_quota,
             offload_driver,
+            schema_compatibility,
             raw: doc,
         }
     }

@@ -53,6 +53,7 @@ pub(crate) fn server_error_kind(code: proto::ServerError) -> ErrorKind {
         E::AuthenticationError => ErrorKind::Unauthenticated,
         E::AuthorizationError => ErrorKind::Unauthorized,
         E::ServiceNotReady | E::TooManyRequests | E::ConsumerBusy => ErrorKind::Connection,
+        E::IncompatibleSchema => ErrorKind::IncompatibleSchema,
         // A backlog quota (`TopicPolicy::backlog_limit_bytes`) is full.
         E::ProducerBlockedQuotaExceededError | E::ProducerBlockedQuotaExceededException => {
             ErrorKind::ResourceExhausted

@@ -547,6 +547,11 @@ impl Task {
                 Some(i) => format!("{}:{}:{i}", id.ledger_id, id.entry_id),
                 None => mapping::position(&id),
             };
+            let schema_version = member.decoded.as_ref().ok().and_then(|(m, _)| {
+                m.schema_version
+                    .as_deref()
+                    .and_then(crate::schema::version_of)
+            });
             let message = member
                 .decoded
                 .and_then(|(m, p)| mapping::from_message(&m, p, &self.sub.topic))
@@ -558,7 +563,10 @@ impl Task {
                 size,
                 session,
             };
-            items.push(Fetched::new(token, message, attempt, Some(position)));
+            items.push(
+                Fetched::new(token, message, attempt, Some(position))
+                    .with_schema_version(schema_version),
+            );
         }
         if items.is_empty() {
             return;

@@ -8,6 +8,7 @@ mod conn;
 mod consumer;
 mod mapping;
 mod marks;
+mod schema;
 mod tls;
 mod transport;
 

@@ -290,7 +290,7 @@ impl<T: Send + 'static> Marker<T> {
             return Ok(marker);
         }
         let marks = topic(full, group);
-        let producer = inner.new_producer(&marks).await?;
+        let producer = inner.new_producer(&marks, None).await?;
         if let Some(admin) = inner.admin() {
             let local = marks.rsplit('/').next().unwrap_or(&marks);
             if let Err(e) = admin

@@ -11,13 +11,14 @@ use tokio::sync::{watch, OnceCell};
 
 use oona_core::{
     rules, Capabilities, DeliveryStream, Depth, Envelope, Error, ErrorKind, Health, HealthStatus,
-    Name, Receipt, Result, StartPosition, Subscription, Topic, TopicInfo, TopicPolicy, Transport,
+    Name, Receipt, Result, SchemaSpec, StartPosition, Subscription, Topic, TopicInfo, TopicPolicy,
+    Transport,
 };
 
 use crate::admin::Admin;
 use crate::config::PulsarConfig;
 use crate::conn::Connector;
-use crate::{consumer, mapping, NAME};
+use crate::{consumer, mapping, schema, NAME};
 
 /// Largest payload: Pulsar's default `maxMessageSize` is 5 MiB including
 /// metadata; 64 KiB are left for the envelope's properties.
@@ -53,6 +54,9 @@ pub(crate) struct Inner {
     /// whose namespace is.
     tenant_ready: OnceCell<()>,
     planes: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+    /// The registry schema each topic's producer is created with
+    /// (`Transport::register_schema`).
+    schemas: Mutex<HashMap<Topic, pulsar::proto::Schema>>,
     closed: AtomicBool,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -190,6 +194,7 @@ impl PulsarTransport {
                 producers: Mutex::new(HashMap::new()),
                 tenant_ready: OnceCell::new(),
                 planes: Mutex::new(HashMap::new()),
+                schemas: Mutex::new(HashMap::new()),
                 closed: AtomicBool::new(false),
                 shutdown,
                 tasks: Mutex::new(Vec::new()),
@@ -246,6 +251,53 @@ impl PulsarTransport {
     /// `persistent://<tenant>/<namespace>/<topic>`.
     pub fn pulsar_topic(&self, topic: &Topic) -> String {
         self.inner.full_topic(topic)
+    }
+
+    /// Why the registry refused `spec` on `topic`: the fields that differ
+    /// from the topic's latest schema, read through the admin API.
+    async fn incompatible(&self, topic: &Topic, spec: &SchemaSpec, refusal: Error) -> Error {
+        let latest = match &self.inner.admin {
+            Some(a) => a.latest_schema(topic).await.ok().flatten(),
+            None => None,
+        };
+        let detail = match latest {
+            Some(l) if !l.kind.eq_ignore_ascii_case(schema::type_name(spec)) => format!(
+                "the topic's schema (version {}) is of type {}, this producer writes {}",
+                l.version,
+                l.kind,
+                schema::type_name(spec)
+            ),
+            Some(l) => {
+                let diff = schema::field_diff(&l.data, &spec.avro);
+                format!(
+                    "against its version {} under FULL compatibility: {}",
+                    l.version,
+                    if diff.is_empty() {
+                        "see the broker's answer".to_string()
+                    } else {
+                        diff.join("; ")
+                    }
+                )
+            }
+            None => "the topic's schema could not be read (no admin_url)".to_string(),
+        };
+        Error::new(
+            ErrorKind::IncompatibleSchema,
+            format!(
+                "the schema registry of {topic} refuses {} ({}): {detail}; the broker said: {}",
+                spec.schema_id,
+                spec.content_type,
+                // Its first line: the rest prints both schemas in full.
+                refusal
+                    .message()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_end()
+            ),
+        )
+        .with_transport(NAME)
+        .set_temporary(false)
     }
 
     /// Offload the closed ledgers of `topic` (all but the one being
@@ -352,7 +404,11 @@ impl Inner {
 
     /// A producer on the Pulsar topic `full` (unbatched: batching would
     /// delay single publishes; the producer pipelines instead).
-    pub(crate) async fn new_producer(&self, full: &str) -> Result<Producer<TokioExecutor>> {
+    pub(crate) async fn new_producer(
+        &self,
+        full: &str,
+        schema: Option<pulsar::proto::Schema>,
+    ) -> Result<Producer<TokioExecutor>> {
         let timeout = self.config.operation_timeout;
         let build = self
             .client
@@ -361,6 +417,7 @@ impl Inner {
             .with_options(pulsar::ProducerOptions {
                 batch_size: None,
                 block_queue_if_full: true,
+                schema,
                 ..Default::default()
             })
             .build();
@@ -387,7 +444,8 @@ impl Inner {
         let p = cell
             .get_or_try_init(|| async {
                 self.prepare(topic).await?;
-                let producer = self.new_producer(&self.full_topic(topic)).await?;
+                let schema = lock(&self.schemas).get(topic).cloned();
+                let producer = self.new_producer(&self.full_topic(topic), schema).await?;
                 if let Some(admin) = &self.admin {
                     let retention = policy
                         .map(|p| p.retention)
@@ -564,6 +622,57 @@ impl Transport for PulsarTransport {
     async fn describe_topic(&self, topic: &Topic) -> Result<TopicInfo> {
         self.inner.check_open()?;
         self.admin("describe topics")?.describe_topic(topic).await
+    }
+
+    async fn register_schema(&self, topic: &Topic, spec: &SchemaSpec) -> Result<Option<u64>> {
+        self.inner.check_open()?;
+        let Some(schema) = schema::pulsar_schema(spec) else {
+            return Ok(None);
+        };
+        let before = lock(&self.inner.schemas).insert(topic.clone(), schema.clone());
+        if before.as_ref() != Some(&schema) {
+            // The producer is created again with the schema: the broker
+            // checks and registers it then.
+            if let Some(p) = self.inner.forget_producer(topic) {
+                let _ = p.lock().await.close().await;
+            }
+        }
+        if let Err(e) = self.inner.producer(topic, None).await {
+            // The topic's producer keeps the schema it had, so the other
+            // publishes go on as before.
+            match before {
+                Some(b) => lock(&self.inner.schemas).insert(topic.clone(), b),
+                None => lock(&self.inner.schemas).remove(topic),
+            };
+            if e.kind() == ErrorKind::IncompatibleSchema {
+                return Err(self.incompatible(topic, spec, e).await);
+            }
+            // The broker answers a definition Avro cannot parse with an
+            // unknown error naming Avro's exception: no retry mends it.
+            if e.message().contains("org.apache.avro.") {
+                return Err(Error::new(
+                    ErrorKind::IncompatibleSchema,
+                    format!(
+                        "the schema registry of {topic} refuses {}: its definition is no valid Avro schema: {}",
+                        spec.schema_id,
+                        e.message()
+                    ),
+                )
+                .with_transport(NAME)
+                .set_temporary(false));
+            }
+            return Err(e);
+        }
+        let Some(admin) = &self.inner.admin else {
+            return Ok(None);
+        };
+        // The registry's version of this schema, when it is the latest (a
+        // producer of an older version keeps that version).
+        Ok(admin
+            .latest_schema(topic)
+            .await?
+            .filter(|l| l.data.as_bytes() == schema.schema_data)
+            .map(|l| l.version))
     }
 
     async fn delete_group(&self, topic: &Topic, group: &Name) -> Result<()> {

@@ -1,8 +1,9 @@
 //! The typed layer: [`Bus`] publishes values and yields decoded deliveries.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::BoxStream;
@@ -10,9 +11,11 @@ use futures::StreamExt as _;
 use oona_core::layer::{apply_policies, ConsumeLayer, PublishLayer, PublishNext};
 use oona_core::metrics::Metrics;
 use oona_core::priority;
+use oona_core::sync::lock;
 use oona_core::{
-    Codec, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Health,
-    HealthStatus, Json, Name, PolicySet, Priority, Receipt, Result, Subscription, Topic, Transport,
+    Codec, ContentType, Delivery, DeliveryInfo, DeliveryStream, Envelope, Error, ErrorKind, Health,
+    HealthStatus, Json, Name, PolicySet, Priority, Receipt, Result, SchemaSpec, Subscription,
+    Topic, Transport,
 };
 use tracing::Instrument as _;
 
@@ -97,7 +100,13 @@ pub struct Bus {
     consume_layers: Arc<[Arc<dyn ConsumeLayer>]>,
     metrics: Option<Metrics>,
     runners: Arc<Runners>,
+    /// The schemas (schema id, content type) of each topic registered with
+    /// the transport's schema registry by this bus and its clones.
+    schemas: Arc<Mutex<Registered>>,
 }
+
+/// The schemas (schema id, content type) registered for each topic.
+type Registered = HashMap<Topic, Vec<(String, ContentType)>>;
 
 impl fmt::Debug for Bus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -127,6 +136,7 @@ impl Bus {
             consume_layers: Arc::new([]),
             metrics: None,
             runners: Arc::default(),
+            schemas: Arc::default(),
         };
         #[cfg(feature = "http")]
         if crate::serve::addr_from_env().is_some() {
@@ -278,6 +288,36 @@ impl Bus {
         self.publish_chain().run(envelopes).instrument(span).await
     }
 
+    /// Register the schema of a contract's envelope (its schema id, content
+    /// type and `avro` form) with the transport's schema registry, once per
+    /// topic and schema for this bus and its clones
+    /// ([`Transport::register_schema`]).
+    pub(crate) async fn ensure_schema(
+        &self,
+        envelope: &Envelope,
+        avro: &'static str,
+    ) -> Result<()> {
+        let Some(id) = &envelope.schema_id else {
+            return Ok(());
+        };
+        let ct = &envelope.content_type;
+        let known = lock(&self.schemas)
+            .get(&envelope.topic)
+            .is_some_and(|s| s.iter().any(|(i, c)| i == id && c == ct));
+        if known {
+            return Ok(());
+        }
+        let spec = SchemaSpec::new(id.clone(), ct.clone(), avro);
+        self.transport
+            .register_schema(&envelope.topic, &spec)
+            .await?;
+        lock(&self.schemas)
+            .entry(envelope.topic.clone())
+            .or_default()
+            .push((spec.schema_id, spec.content_type));
+        Ok(())
+    }
+
     /// The publish layers, the topics' policies, then the transport.
     fn publish_chain(&self) -> PublishNext<'_> {
         PublishNext::new(&self.publish_layers, self.transport.as_ref())
@@ -401,6 +441,9 @@ pub struct MessageBuilder<'a, T, C> {
     schema_id: Option<String>,
     /// The schema id of a contract type, when the codec names none.
     pub(crate) contract_schema: Option<String>,
+    /// The Avro form of a contract type's schema, registered with the
+    /// transport's schema registry before the message is sent.
+    pub(crate) contract_avro: Option<&'static str>,
     headers: Vec<(String, String)>,
 }
 
@@ -417,6 +460,7 @@ impl<'a, T, C> MessageBuilder<'a, T, C> {
             priority: None,
             schema_id: None,
             contract_schema: None,
+            contract_avro: None,
             headers: Vec::new(),
         }
     }
@@ -434,6 +478,7 @@ impl<'a, T, C> MessageBuilder<'a, T, C> {
             priority: self.priority,
             schema_id: self.schema_id,
             contract_schema: self.contract_schema,
+            contract_avro: self.contract_avro,
             headers: self.headers,
         }
     }
@@ -525,10 +570,14 @@ impl<'a, T, C: Codec<T>> MessageBuilder<'a, T, C> {
         Ok(b.build())
     }
 
-    /// Encode and publish.
+    /// Encode and publish (a contract's schema registered first, where the
+    /// broker keeps a registry).
     pub async fn send(self) -> Result<Receipt> {
-        let bus = self.bus;
+        let (bus, avro) = (self.bus, self.contract_avro);
         let envelope = self.build()?;
+        if let Some(avro) = avro {
+            bus.ensure_schema(&envelope, avro).await?;
+        }
         bus.publish_envelope(envelope).await
     }
 }

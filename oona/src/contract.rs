@@ -95,6 +95,7 @@ impl Bus {
     pub fn message_contract<'a, T: Message>(&'a self, value: &'a T) -> MessageBuilder<'a, T, Json> {
         let mut builder = MessageBuilder::new(self, &Json, Ok(T::topic()), value);
         builder.contract_schema = Some(T::schema_id());
+        builder.contract_avro = Some(T::AVRO_SCHEMA);
         builder
     }
 

@@ -13,21 +13,6 @@ mod common;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// `url` with tenant `tenant` instead of its own tenant and namespace.
-fn with_tenant(url: &str, tenant: &str) -> String {
-    let mut u = url::Url::parse(url).unwrap();
-    let kept: Vec<(String, String)> = u
-        .query_pairs()
-        .filter(|(k, _)| k != "tenant" && k != "namespace")
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    u.query_pairs_mut()
-        .clear()
-        .extend_pairs(kept)
-        .append_pair("tenant", tenant);
-    u.to_string()
-}
-
 fn topic(s: &str) -> Topic {
     Topic::new(s).unwrap()
 }
@@ -80,8 +65,8 @@ async fn drain(s: &mut oona::DeliveryStream, n: usize, reject: Option<u64>) -> V
 async fn isolated(url: &str) {
     let run = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let (ta, tb) = (format!("ta{run}"), format!("tb{run}"));
-    let a: Arc<dyn Transport> = oona::connect(&with_tenant(url, &ta)).await.unwrap();
-    let b: Arc<dyn Transport> = oona::connect(&with_tenant(url, &tb)).await.unwrap();
+    let a: Arc<dyn Transport> = oona::connect(&common::with_tenant(url, &ta)).await.unwrap();
+    let b: Arc<dyn Transport> = oona::connect(&common::with_tenant(url, &tb)).await.unwrap();
     let t = topic("telemetry.tenancy.reading");
     let only_a = topic("telemetry.tenancy.only-a");
     let policy = oona::PolicySet::default();

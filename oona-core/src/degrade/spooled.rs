@@ -442,6 +442,19 @@ impl Transport for Spooled {
         self.connected()?.delete_group(topic, group).await
     }
 
+    async fn register_schema(
+        &self,
+        topic: &Topic,
+        schema: &crate::SchemaSpec,
+    ) -> Result<Option<u64>> {
+        // In an outage publishes go to the spool, which registers nothing:
+        // a registry is a check the broker makes when it can.
+        match self.connected() {
+            Ok(t) => t.register_schema(topic, schema).await,
+            Err(_) => Ok(None),
+        }
+    }
+
     async fn health(&self) -> Health {
         let h = match self.inner() {
             Some(t) => t.health().await,

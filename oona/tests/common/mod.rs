@@ -14,6 +14,21 @@ pub async fn bus() -> Bus {
     Bus::new(oona::connect(&url).await.unwrap()).with_sender_id("oona-test")
 }
 
+/// `url` with tenant `tenant` instead of its own tenant and namespace.
+pub fn with_tenant(url: &str, tenant: &str) -> String {
+    let mut u = url::Url::parse(url).unwrap();
+    let kept: Vec<(String, String)> = u
+        .query_pairs()
+        .filter(|(k, _)| k != "tenant" && k != "namespace")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    u.query_pairs_mut()
+        .clear()
+        .extend_pairs(kept)
+        .append_pair("tenant", tenant);
+    u.to_string()
+}
+
 pub fn topic(s: &str) -> Topic {
     Topic::new(s).unwrap()
 }
