@@ -27,7 +27,12 @@ fn report(n: u64) -> FieldReport {
 
 /// FieldReport's Avro schema with `edit` applied to its fields.
 fn edited(edit: impl FnOnce(&mut Vec<serde_json::Value>)) -> String {
-    let mut doc: serde_json::Value = serde_json::from_str(FieldReport::AVRO_SCHEMA).unwrap();
+    edited_of::<FieldReport>(edit)
+}
+
+/// `T`'s Avro schema with `edit` applied to its fields.
+fn edited_of<T: Message>(edit: impl FnOnce(&mut Vec<serde_json::Value>)) -> String {
+    let mut doc: serde_json::Value = serde_json::from_str(T::AVRO_SCHEMA).unwrap();
     let fields = doc["fields"].as_array_mut().unwrap();
     edit(fields);
     doc.to_string()
@@ -144,6 +149,17 @@ async fn registry(url: &str) {
             .contains("is of type PROTOBUF, this producer writes JSON"),
         "{e}"
     );
+    // PROTOBUF schemas are checked as AVRO ones are (brokers.sh adds the
+    // broker's ProtobufSchemaCompatibilityCheck): a new field without a
+    // default is refused.
+    let more = edited_of::<LayerHealthReport>(|f| {
+        f.push(serde_json::json!({"name": "shard", "type": "string"}))
+    });
+    let protobuf = oona::ContentType::new(oona::ContentType::PROTOBUF);
+    let bad = SchemaSpec::new("esper.v1.LayerHealthReport/2", protobuf, more);
+    let e = transport.register_schema(&health, &bad).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::IncompatibleSchema, "{e}");
+    assert!(e.to_string().contains("`shard`"), "{e}");
     transport.delete_topic(&health).await.unwrap();
     #[cfg(feature = "pulsar")]
     {
