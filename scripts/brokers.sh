@@ -33,7 +33,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+# Absolute: the Pulsar broker starts in its own directory.
+TARGET="$(realpath -m "${CARGO_TARGET_DIR:-$ROOT/target}")"
 BROKERS="$TARGET/brokers"
 ENV_FILE="$TARGET/brokers.env"
 

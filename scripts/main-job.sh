@@ -43,7 +43,9 @@ run_tenant() {
     local name="$scheme-$tenant"
     port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     base="http://127.0.0.1:$port"
-    OONA_URL="$(tenant_url "$url" "$tenant")" OONA_METRICS_ADDR="127.0.0.1:$port" "$bin" &
+    local turl
+    turl="$(tenant_url "$url" "$tenant")" && [ -n "$turl" ] || { echo "main job: no URL for tenant $tenant" >&2; exit 1; }
+    OONA_URL="$turl" OONA_METRICS_ADDR="127.0.0.1:$port" "$bin" &
     pid=$!
     while kill -0 "$pid" 2>/dev/null; do
         if p="$(curl -sf --max-time 2 "$base/metrics")"; then page="$p"; fi

@@ -392,7 +392,7 @@ impl Retention {
 /// |---|---|
 /// | memory | a broker of its own (`memory://name?tenant=run-42`) |
 /// | Redis | keys under `<prefix>run-42:` (`oona:run-42:telemetry.seed.health`) |
-/// | Kafka | topics and group ids prefixed `run-42.` (`run-42.telemetry.seed.health`) |
+/// | Kafka | topics and group ids prefixed `run-42.__.` (`run-42.__.telemetry.seed.health`) |
 /// | Pulsar | the Pulsar tenant `run-42`, one namespace per plane (`persistent://run-42/telemetry/telemetry.seed.health`) |
 ///
 /// Envelopes carry the topic without the tenant, so a handler reads the
@@ -478,11 +478,12 @@ pub struct TopicPolicy {
     /// that consumers read first ([`crate::priority`]); off unless set.
     pub priority_lanes: bool,
     /// Most bytes a topic's unsettled backlog may hold before publishes are
-    /// refused with [`ErrorKind::ResourceExhausted`] (temporary): a slow
-    /// tenant fills its own quota, never the cluster's disk. `None` (the
-    /// default): no limit but retention. Pulsar enforces it (a backlog
-    /// quota, policy `producer_exception`); Kafka and Redis bound a topic
-    /// by retention only.
+    /// refused: a slow tenant fills its own quota, never the cluster's
+    /// disk. `None` (the default): no limit but retention. Pulsar enforces
+    /// it for a tenant with a namespace per plane (the plane's backlog
+    /// quota, policy `producer_exception`, from the plane's policy); Kafka
+    /// and Redis, and Pulsar in one namespace, bound a topic by retention
+    /// only.
     pub backlog_limit_bytes: Option<u64>,
 }
 

@@ -54,7 +54,8 @@ pub struct KafkaOptions {
     /// Retention and payload limits by plane.
     pub policies: PolicySet,
     /// `tenant`: its topics (retry and dead-letter topics too) and group
-    /// ids are prefixed `<tenant>.`, so they never meet another tenant's.
+    /// ids are prefixed `<tenant>.__.`, so they never meet another
+    /// tenant's.
     pub tenant: Option<Tenant>,
 }
 
@@ -143,24 +144,30 @@ impl Default for KafkaOptions {
     }
 }
 
+/// Between a tenant and the names of its topics and groups.
+const TENANT_SEPARATOR: &str = ".__.";
+
 fn invalid(msg: String) -> Error {
     Error::new(ErrorKind::ConfigInvalid, msg)
 }
 
 impl KafkaOptions {
-    /// The Kafka topic of `topic`: `<tenant>.<topic>` in a tenant, the
-    /// topic's own name otherwise.
+    /// The Kafka topic of `topic`: `<tenant>.__.<topic>` in a tenant, the
+    /// topic's own name otherwise. No topic has a segment `__` (segments
+    /// start with a letter), so a tenant's names never read as topics of
+    /// a client without one, nor as another tenant's (a tenant named like
+    /// a plane included).
     pub fn kafka_topic<'a>(&self, topic: &'a Topic) -> Cow<'a, str> {
         match &self.tenant {
-            Some(t) => Cow::Owned(format!("{t}.{topic}")),
+            Some(t) => Cow::Owned(format!("{t}{TENANT_SEPARATOR}{topic}")),
             None => Cow::Borrowed(topic.as_str()),
         }
     }
 
-    /// The group id of `group`: `<tenant>.<group>` in a tenant.
+    /// The group id of `group`: `<tenant>.__.<group>` in a tenant.
     pub fn group_id<'a>(&self, group: &'a Name) -> Cow<'a, str> {
         match &self.tenant {
-            Some(t) => Cow::Owned(format!("{t}.{group}")),
+            Some(t) => Cow::Owned(format!("{t}{TENANT_SEPARATOR}{group}")),
             None => Cow::Borrowed(group.as_str()),
         }
     }
@@ -170,7 +177,9 @@ impl KafkaOptions {
     /// its prefix are its own).
     pub fn strip_tenant<'a>(&self, name: &'a str) -> Option<&'a str> {
         match &self.tenant {
-            Some(t) => name.strip_prefix(t.as_str())?.strip_prefix('.'),
+            Some(t) => name
+                .strip_prefix(t.as_str())?
+                .strip_prefix(TENANT_SEPARATOR),
             None => Some(name),
         }
     }
@@ -398,6 +407,28 @@ mod tests {
 
     fn parse(s: &str) -> Result<KafkaOptions> {
         KafkaOptions::from_url(ConnectUrl::parse(s)?)
+    }
+
+    #[test]
+    fn a_tenant_has_names_of_its_own() {
+        let t = Topic::new("telemetry.seed.health").unwrap();
+        let g = Name::new("tamiyo").unwrap();
+        let root = parse("kafka://h:9092").unwrap();
+        assert_eq!(root.kafka_topic(&t), "telemetry.seed.health");
+        assert_eq!(root.strip_tenant("a.__.x.y"), Some("a.__.x.y"));
+        // A tenant named like a plane: its names still never alias the
+        // untenanted ones.
+        let o = parse("kafka://h:9092?tenant=telemetry").unwrap();
+        assert_eq!(o.kafka_topic(&t), "telemetry.__.telemetry.seed.health");
+        assert_eq!(o.group_id(&g), "telemetry.__.tamiyo");
+        assert_eq!(o.strip_tenant("telemetry.seed.health"), None);
+        assert_eq!(
+            o.strip_tenant("telemetry.__.telemetry.seed.health"),
+            Some("telemetry.seed.health")
+        );
+        // What a tenant writes is no topic to a client without one.
+        assert!(Topic::new(o.kafka_topic(&t).into_owned()).is_err());
+        assert!(parse("kafka://h:9092?tenant=A").is_err());
     }
 
     #[test]

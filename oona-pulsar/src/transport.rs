@@ -26,6 +26,11 @@ pub const MAX_PAYLOAD_BYTES: usize = 5 * 1024 * 1024 - 64 * 1024;
 
 type SharedProducer = Arc<tokio::sync::Mutex<Producer<TokioExecutor>>>;
 
+/// A topic's producers: one without a schema, and one per schema id
+/// registered on it (`Transport::register_schema`), so each message goes
+/// out under its own schema whatever else the topic carries.
+type ProducerKey = (Topic, Option<Arc<str>>);
+
 /// The Pulsar transport. Cheap to clone (one `Arc`).
 #[derive(Clone)]
 pub struct PulsarTransport {
@@ -49,14 +54,14 @@ pub(crate) struct Inner {
     pub(crate) client: Pulsar<TokioExecutor>,
     pub(crate) connector: Connector,
     admin: Option<Admin>,
-    producers: Mutex<HashMap<Topic, Arc<OnceCell<SharedProducer>>>>,
+    producers: Mutex<HashMap<ProducerKey, Arc<OnceCell<SharedProducer>>>>,
     /// With a namespace per plane: the tenant made sure of, and each plane
     /// whose namespace is.
     tenant_ready: OnceCell<()>,
     planes: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
-    /// The registry schema each topic's producer is created with
+    /// The registry schemas of each topic, by schema id
     /// (`Transport::register_schema`).
-    schemas: Mutex<HashMap<Topic, pulsar::proto::Schema>>,
+    schemas: Mutex<HashMap<Topic, HashMap<Arc<str>, pulsar::proto::Schema>>>,
     closed: AtomicBool,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -253,6 +258,28 @@ impl PulsarTransport {
         self.inner.full_topic(topic)
     }
 
+    /// The error of a producer of `spec` the broker did not create.
+    async fn refused(&self, topic: &Topic, spec: &SchemaSpec, e: Error) -> Error {
+        if e.kind() == ErrorKind::IncompatibleSchema {
+            return self.incompatible(topic, spec, e).await;
+        }
+        // The broker answers a definition Avro cannot parse with an unknown
+        // error naming Avro's exception: no retry mends it.
+        if e.message().contains("org.apache.avro.") {
+            return Error::new(
+                ErrorKind::IncompatibleSchema,
+                format!(
+                    "the schema registry of {topic} refuses {}: its definition is no valid Avro schema: {}",
+                    spec.schema_id,
+                    e.message()
+                ),
+            )
+            .with_transport(NAME)
+            .set_temporary(false);
+        }
+        e
+    }
+
     /// Why the registry refused `spec` on `topic`: the fields that differ
     /// from the topic's latest schema, read through the admin API.
     async fn incompatible(&self, topic: &Topic, spec: &SchemaSpec, refusal: Error) -> Error {
@@ -433,20 +460,48 @@ impl Inner {
             .map_err(|e| pulsar_err(&format!("create producer on {full}"), e))
     }
 
-    /// The producer of `topic`, created (and the topic's retention
-    /// applied) on first use.
+    /// The producer key of a message of `topic` with `schema_id`: the
+    /// schema's own producer when that schema is registered on the topic.
+    fn key_of(&self, topic: &Topic, schema_id: Option<&str>) -> ProducerKey {
+        let registered = schema_id.and_then(|id| {
+            let schemas = lock(&self.schemas);
+            let (k, _) = schemas.get(topic)?.get_key_value(id)?;
+            Some(Arc::clone(k))
+        });
+        (topic.clone(), registered)
+    }
+
+    /// The plain producer of `topic` (no schema), created (and the topic's
+    /// retention applied) on first use.
     async fn producer(
         &self,
         topic: &Topic,
         policy: Option<&TopicPolicy>,
     ) -> Result<SharedProducer> {
-        let cell = Arc::clone(lock(&self.producers).entry(topic.clone()).or_default());
+        self.producer_of(&(topic.clone(), None), policy).await
+    }
+
+    /// The producer of `key`, created on first use: the plain one applies
+    /// the topic's retention, a schema's one carries its schema.
+    async fn producer_of(
+        &self,
+        key: &ProducerKey,
+        policy: Option<&TopicPolicy>,
+    ) -> Result<SharedProducer> {
+        let topic = &key.0;
+        let cell = Arc::clone(lock(&self.producers).entry(key.clone()).or_default());
         let p = cell
             .get_or_try_init(|| async {
                 self.prepare(topic).await?;
-                let schema = lock(&self.schemas).get(topic).cloned();
+                let schema = key.1.as_ref().and_then(|id| {
+                    lock(&self.schemas)
+                        .get(topic)
+                        .and_then(|m| m.get(id))
+                        .cloned()
+                });
+                let with_schema = schema.is_some();
                 let producer = self.new_producer(&self.full_topic(topic), schema).await?;
-                if let Some(admin) = &self.admin {
+                if let Some(admin) = self.admin.as_ref().filter(|_| !with_schema) {
                     let retention = policy
                         .map(|p| p.retention)
                         .unwrap_or_else(|| self.config.policies.for_topic(topic).retention);
@@ -460,16 +515,26 @@ impl Inner {
         Ok(Arc::clone(p))
     }
 
-    fn forget_producer(&self, topic: &Topic) -> Option<SharedProducer> {
-        lock(&self.producers)
-            .remove(topic)
-            .and_then(|c| c.get().cloned())
+    /// Remove every producer of `topic` (and its schemas), returning them
+    /// to be closed.
+    fn forget_producers(&self, topic: &Topic) -> Vec<SharedProducer> {
+        lock(&self.schemas).remove(topic);
+        let mut producers = lock(&self.producers);
+        let keys: Vec<ProducerKey> = producers
+            .keys()
+            .filter(|k| k.0 == *topic)
+            .cloned()
+            .collect();
+        keys.iter()
+            .filter_map(|k| producers.remove(k)?.get().cloned())
+            .collect()
     }
 
     pub(crate) async fn publish(&self, envelope: Envelope) -> Result<Receipt> {
         self.check_open()?;
         rules::check_publish(&envelope, &self.config.policies, MAX_PAYLOAD_BYTES)?;
-        let producer = self.producer(&envelope.topic, None).await?;
+        let key = self.key_of(&envelope.topic, envelope.schema_id.as_deref());
+        let producer = self.producer_of(&key, None).await?;
         let msg = mapping::to_message(&envelope);
         let pending = {
             let mut p = producer.lock().await;
@@ -502,10 +567,13 @@ impl Inner {
         let mut futures = Vec::with_capacity(envelopes.len());
         let mut i = 0;
         while i < envelopes.len() {
-            let topic = envelopes[i].topic.clone();
-            let producer = self.producer(&topic, None).await?;
+            let key = self.key_of(&envelopes[i].topic, envelopes[i].schema_id.as_deref());
+            let topic = key.0.clone();
+            let producer = self.producer_of(&key, None).await?;
             let mut p = producer.lock().await;
-            while i < envelopes.len() && envelopes[i].topic == topic {
+            while i < envelopes.len()
+                && self.key_of(&envelopes[i].topic, envelopes[i].schema_id.as_deref()) == key
+            {
                 let f = p
                     .send_non_blocking(mapping::to_message(&envelopes[i]))
                     .await
@@ -551,7 +619,7 @@ impl Transport for PulsarTransport {
         // The producer creates the topic; an existing one gets the policy
         // applied again (it may have changed).
         let fresh = !lock(&self.inner.producers)
-            .get(topic)
+            .get(&(topic.clone(), None))
             .is_some_and(|c| c.initialized());
         self.inner.producer(topic, Some(policy)).await?;
         if !fresh {
@@ -589,7 +657,7 @@ impl Transport for PulsarTransport {
 
     async fn delete_topic(&self, topic: &Topic) -> Result<()> {
         self.inner.check_open()?;
-        if let Some(p) = self.inner.forget_producer(topic) {
+        for p in self.inner.forget_producers(topic) {
             let _ = p.lock().await.close().await;
         }
         match &self.inner.admin {
@@ -629,39 +697,32 @@ impl Transport for PulsarTransport {
         let Some(schema) = schema::pulsar_schema(spec) else {
             return Ok(None);
         };
-        let before = lock(&self.inner.schemas).insert(topic.clone(), schema.clone());
-        if before.as_ref() != Some(&schema) {
-            // The producer is created again with the schema: the broker
-            // checks and registers it then.
-            if let Some(p) = self.inner.forget_producer(topic) {
-                let _ = p.lock().await.close().await;
-            }
-        }
-        if let Err(e) = self.inner.producer(topic, None).await {
-            // The topic's producer keeps the schema it had, so the other
-            // publishes go on as before.
-            match before {
-                Some(b) => lock(&self.inner.schemas).insert(topic.clone(), b),
-                None => lock(&self.inner.schemas).remove(topic),
+        let id: Arc<str> = Arc::from(spec.schema_id.as_str());
+        let known = lock(&self.inner.schemas)
+            .get(topic)
+            .and_then(|m| m.get(&id))
+            .is_some_and(|s| *s == schema);
+        if !known {
+            // The topic first, with its plane's retention; then a producer
+            // of this schema's own: the broker checks and registers it, and
+            // nothing else the topic carries is touched if it refuses.
+            self.inner.producer(topic, None).await?;
+            let full = self.inner.full_topic(topic);
+            let p = match self.inner.new_producer(&full, Some(schema.clone())).await {
+                Ok(p) => p,
+                Err(e) => return Err(self.refused(topic, spec, e).await),
             };
-            if e.kind() == ErrorKind::IncompatibleSchema {
-                return Err(self.incompatible(topic, spec, e).await);
+            let cell = OnceCell::new_with(Some(Arc::new(tokio::sync::Mutex::new(p))));
+            let old = lock(&self.inner.producers)
+                .insert((topic.clone(), Some(Arc::clone(&id))), Arc::new(cell));
+            lock(&self.inner.schemas)
+                .entry(topic.clone())
+                .or_default()
+                .insert(id, schema.clone());
+            // The same schema id registered before with another definition.
+            if let Some(old) = old.and_then(|c| c.get().cloned()) {
+                let _ = old.lock().await.close().await;
             }
-            // The broker answers a definition Avro cannot parse with an
-            // unknown error naming Avro's exception: no retry mends it.
-            if e.message().contains("org.apache.avro.") {
-                return Err(Error::new(
-                    ErrorKind::IncompatibleSchema,
-                    format!(
-                        "the schema registry of {topic} refuses {}: its definition is no valid Avro schema: {}",
-                        spec.schema_id,
-                        e.message()
-                    ),
-                )
-                .with_transport(NAME)
-                .set_temporary(false));
-            }
-            return Err(e);
         }
         let Some(admin) = &self.inner.admin else {
             return Ok(None);

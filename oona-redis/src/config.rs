@@ -214,9 +214,12 @@ impl RedisConfig {
         self
     }
 
-    /// Use this key prefix.
+    /// Use this key prefix (the tenant, if any, still follows it).
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
+        if let Some(t) = &self.tenant {
+            self.prefix = format!("{}{t}:", self.prefix);
+        }
         self
     }
 
@@ -264,6 +267,7 @@ mod tests {
         assert_eq!(c.tenant.as_ref().map(|t| t.as_str()), Some("run-42"));
         let c = RedisConfig::from_url("redis://127.0.0.1?prefix=esper/&tenant=a").unwrap();
         assert_eq!(c.prefix, "esper/a:");
+        assert_eq!(c.with_prefix("x:").prefix, "x:a:", "the tenant stays");
         let e = RedisConfig::from_url("redis://127.0.0.1?tenant=Run:1").unwrap_err();
         assert!(e.to_string().contains("`tenant`"), "{e}");
     }

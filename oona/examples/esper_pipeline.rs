@@ -449,6 +449,14 @@ async fn run() -> oona::Result<bool> {
             problems.push(what);
         }
     };
+    // A tenant is this run's alone: a message of another run in it crossed
+    // tenants.
+    if let Some(t) = tenant_of(&url) {
+        check(
+            foreign == 0,
+            format!("tenant {t} saw {foreign} messages of other runs"),
+        );
+    }
     check(
         submissions == BLUEPRINTS + 1,
         format!(

@@ -311,6 +311,16 @@ impl Bus {
         self.transport
             .register_schema(&envelope.topic, &spec)
             .await?;
+        // High and emergency messages of a topic with lanes go to the lane
+        // topics: the schema is theirs too.
+        if priority::laned(&envelope.topic, &self.policies) {
+            for lane in priority::lanes(&envelope.topic) {
+                if lane == envelope.topic {
+                    continue;
+                }
+                self.transport.register_schema(&lane, &spec).await?;
+            }
+        }
         lock(&self.schemas)
             .entry(envelope.topic.clone())
             .or_default()

@@ -132,6 +132,10 @@ async fn registry(url: &str) {
     e3.schema_id = Some(v2.schema_id.clone());
     transport.publish(e3).await.unwrap();
     assert_eq!(version_of_next(&mut s, 3, &v2.schema_id).await, Some(1));
+    // Each schema keeps a producer of its own: version 1 on the topic does
+    // not change what the contract's version 1 writes.
+    bus.publish_contract(&report(4)).await.unwrap();
+    assert_eq!(version_of_next(&mut s, 4, &v1_id).await, Some(0));
     // The type follows the codec: a topic first written as protobuf is a
     // PROTOBUF topic, and a JSON producer of the same contract is refused.
     let health = LayerHealthReport::topic();

@@ -71,6 +71,9 @@ struct Shared {
     /// spool is empty, so no publish overtakes a spooled one.
     spooling: AtomicBool,
     order: RwLock<()>,
+    /// Schemas asked for while the broker was away, registered before the
+    /// spool is flushed (so spooled messages go out under them).
+    schemas: std::sync::Mutex<Vec<(Topic, crate::SchemaSpec)>>,
     direct: AtomicU64,
     spooled: AtomicU64,
     refused: AtomicU64,
@@ -137,6 +140,7 @@ impl Spooled {
             breaker: Breaker::new(breaker),
             spooling: AtomicBool::new(waiting),
             order: RwLock::new(()),
+            schemas: std::sync::Mutex::new(Vec::new()),
             direct: AtomicU64::new(0),
             spooled: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -322,7 +326,32 @@ impl Shared {
         }
     }
 
+    /// Register the schemas asked for while the broker was away; `false`
+    /// while it still is.
+    async fn register_pending(&self, inner: &Arc<dyn Transport>) -> bool {
+        let pending = std::mem::take(&mut *crate::sync::lock(&self.schemas));
+        for (i, (topic, schema)) in pending.iter().enumerate() {
+            match inner.register_schema(topic, schema).await {
+                Ok(_) => {}
+                Err(e) if e.is_temporary() => {
+                    crate::sync::lock(&self.schemas).extend(pending[i..].iter().cloned());
+                    return false;
+                }
+                // Refused for good: its messages go out without it, as
+                // the broker's registry does not stop plain producers.
+                Err(e) => {
+                    tracing::error!(%topic, schema = %schema.schema_id, error = %e, "spool: the broker's schema registry refused a schema")
+                }
+            }
+        }
+        true
+    }
+
     async fn flush_batch(&self, inner: Arc<dyn Transport>, batch: Vec<SpooledRecord>) {
+        if !self.register_pending(&inner).await {
+            self.breaker.failure();
+            return;
+        }
         let envelopes: Vec<Envelope> = batch.iter().map(|r| r.envelope.clone()).collect();
         match self.breaker.timed(inner.publish_batch(envelopes)).await {
             Ok(_) => {
@@ -447,11 +476,18 @@ impl Transport for Spooled {
         topic: &Topic,
         schema: &crate::SchemaSpec,
     ) -> Result<Option<u64>> {
-        // In an outage publishes go to the spool, which registers nothing:
-        // a registry is a check the broker makes when it can.
-        match self.connected() {
-            Ok(t) => t.register_schema(topic, schema).await,
-            Err(_) => Ok(None),
+        // In an outage the schema waits with the spool, and is registered
+        // before the spool is flushed.
+        let r = match self.inner() {
+            Some(t) => t.register_schema(topic, schema).await,
+            None => Err(Error::new(ErrorKind::Connection, "not connected yet").set_temporary(true)),
+        };
+        match r {
+            Err(e) if e.is_temporary() => {
+                crate::sync::lock(&self.shared.schemas).push((topic.clone(), schema.clone()));
+                Ok(None)
+            }
+            other => other,
         }
     }
 
