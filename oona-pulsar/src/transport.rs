@@ -62,6 +62,10 @@ pub(crate) struct Inner {
     /// The registry schemas of each topic, by schema id
     /// (`Transport::register_schema`).
     schemas: Mutex<HashMap<Topic, HashMap<Arc<str>, pulsar::proto::Schema>>>,
+    /// One registration at a time: callers racing on a new schema (the
+    /// workers of a service) find it registered after the first, instead of
+    /// each replacing the producer another is sending on.
+    registering: tokio::sync::Mutex<()>,
     closed: AtomicBool,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -200,6 +204,7 @@ impl PulsarTransport {
                 tenant_ready: OnceCell::new(),
                 planes: Mutex::new(HashMap::new()),
                 schemas: Mutex::new(HashMap::new()),
+                registering: tokio::sync::Mutex::new(()),
                 closed: AtomicBool::new(false),
                 shutdown,
                 tasks: Mutex::new(Vec::new()),
@@ -698,6 +703,7 @@ impl Transport for PulsarTransport {
             return Ok(None);
         };
         let id: Arc<str> = Arc::from(spec.schema_id.as_str());
+        let _one_at_a_time = self.inner.registering.lock().await;
         let known = lock(&self.inner.schemas)
             .get(topic)
             .and_then(|m| m.get(&id))
