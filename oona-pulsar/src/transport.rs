@@ -570,15 +570,18 @@ impl Inner {
         // Queue every message (in order, per topic producer) before
         // awaiting any receipt: one round trip's worth of waiting.
         let mut futures = Vec::with_capacity(envelopes.len());
+        // Each message's producer key, looked up once.
+        let keys: Vec<ProducerKey> = envelopes
+            .iter()
+            .map(|e| self.key_of(&e.topic, e.schema_id.as_deref()))
+            .collect();
         let mut i = 0;
         while i < envelopes.len() {
-            let key = self.key_of(&envelopes[i].topic, envelopes[i].schema_id.as_deref());
-            let topic = key.0.clone();
-            let producer = self.producer_of(&key, None).await?;
+            let key = &keys[i];
+            let topic = &key.0;
+            let producer = self.producer_of(key, None).await?;
             let mut p = producer.lock().await;
-            while i < envelopes.len()
-                && self.key_of(&envelopes[i].topic, envelopes[i].schema_id.as_deref()) == key
-            {
+            while i < envelopes.len() && keys[i] == *key {
                 let f = p
                     .send_non_blocking(mapping::to_message(&envelopes[i]))
                     .await
