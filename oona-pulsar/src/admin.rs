@@ -134,7 +134,7 @@ impl Admin {
             return Ok(());
         }
         let what = "list the clusters";
-        let clusters: Vec<String> = Self::check(
+        let clusters: Vec<String> = Self::decoded(
             what,
             self.send(
                 what,
@@ -142,10 +142,7 @@ impl Admin {
             )
             .await?,
         )
-        .await?
-        .json()
-        .await
-        .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        .await?;
         let what = format!("create tenant {tenant}");
         let body = serde_json::json!({ "allowedClusters": clusters, "adminRoles": [] });
         let resp = self.send(&what, self.http.put(&url).json(&body)).await?;
@@ -239,7 +236,7 @@ impl Admin {
     pub(crate) async fn offload(&self, topic: &Topic) -> Result<()> {
         let url = format!("{}/offload", self.topic_url(topic.as_str()));
         let what = format!("read the last message id of {topic}");
-        let last: serde_json::Value = Self::check(
+        let last: serde_json::Value = Self::decoded(
             &what,
             self.send(
                 &what,
@@ -248,10 +245,7 @@ impl Admin {
             )
             .await?,
         )
-        .await?
-        .json()
-        .await
-        .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        .await?;
         let upto = serde_json::json!({
             "ledgerId": last["ledgerId"], "entryId": last["entryId"], "partitionIndex": -1
         });
@@ -264,11 +258,7 @@ impl Admin {
         let deadline = tokio::time::Instant::now() + self.config.operation_timeout;
         loop {
             let status: serde_json::Value =
-                Self::check(&what, self.send(&what, self.http.get(&url)).await?)
-                    .await?
-                    .json()
-                    .await
-                    .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+                Self::decoded(&what, self.send(&what, self.http.get(&url)).await?).await?;
             match status["status"].as_str() {
                 Some("SUCCESS") => return Ok(()),
                 Some("ERROR") => {
@@ -297,11 +287,7 @@ impl Admin {
         let what = format!("internal stats of {topic}");
         let url = format!("{}/internalStats", self.topic_url(topic.as_str()));
         let stats: serde_json::Value =
-            Self::check(&what, self.send(&what, self.http.get(url)).await?)
-                .await?
-                .json()
-                .await
-                .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+            Self::decoded(&what, self.send(&what, self.http.get(url)).await?).await?;
         Ok(stats["ledgers"]
             .as_array()
             .into_iter()
@@ -359,11 +345,7 @@ impl Admin {
         if resp.status().as_u16() == 404 {
             return Ok(None);
         }
-        let doc: serde_json::Value = Self::check(&what, resp)
-            .await?
-            .json()
-            .await
-            .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        let doc: serde_json::Value = Self::decoded(&what, resp).await?;
         Ok(Some(crate::schema::Latest {
             version: doc["version"].as_u64().unwrap_or(0),
             kind: doc["type"].as_str().unwrap_or("").to_string(),
@@ -377,11 +359,7 @@ impl Admin {
         let resp = self
             .send(&what, self.http.get(self.policies_url(ns)))
             .await?;
-        let doc: serde_json::Value = Self::check(&what, resp)
-            .await?
-            .json()
-            .await
-            .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        let doc: serde_json::Value = Self::decoded(&what, resp).await?;
         Ok(NamespacePolicies::of(doc))
     }
 
@@ -419,6 +397,18 @@ impl Admin {
             kind,
             format!("admin API {what}: HTTP {status}: {body}"),
         ))
+    }
+
+    /// The JSON of a successful answer ([`Admin::check`], then decoded).
+    async fn decoded<T: serde::de::DeserializeOwned>(
+        what: &str,
+        resp: reqwest::Response,
+    ) -> Result<T> {
+        Self::check(what, resp)
+            .await?
+            .json()
+            .await
+            .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))
     }
 
     /// Apply `retention` to `topic` (a topic-level policy).
@@ -570,11 +560,7 @@ impl Admin {
         if resp.status().as_u16() == 404 {
             return Ok(Vec::new()); // no tenant yet: no topics
         }
-        let names: Vec<String> = Self::check(&what, resp)
-            .await?
-            .json()
-            .await
-            .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        let names: Vec<String> = Self::decoded(&what, resp).await?;
         Ok(names
             .iter()
             .filter_map(|n| n.rsplit('/').next())
@@ -685,11 +671,7 @@ impl Admin {
         if resp.status().as_u16() == 404 {
             return Ok(None);
         }
-        let stats = Self::check(&what, resp)
-            .await?
-            .json()
-            .await
-            .map_err(|e| admin_err(ErrorKind::Decode, format!("admin API {what}: {e}")))?;
+        let stats = Self::decoded(&what, resp).await?;
         Ok(Some(stats))
     }
 
